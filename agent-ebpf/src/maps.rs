@@ -1,0 +1,49 @@
+//! Every map the programs use, declared once. All are pinned by name under the agent's bpffs
+//! directory so that an agent restart finds the same maps (and the sockets' state in them).
+
+use agent_common::{
+    BackendKey, BackendValue, CohortKey, CounterKey, FrontendKey, FrontendValue, Settings,
+    SideCounters, SocketEntry, MAX_BACKEND_SLOTS, MAX_COHORT_ENTRIES, MAX_FRONTENDS,
+    MAX_SERVICES, MAX_STEERED_SOCKETS,
+};
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{Array, HashMap, PerCpuHashMap},
+};
+
+/// Frontend ip:port -> split and backend revision. Writer: agent. Readers: connect4/6,
+/// sendmsg4/6. Sized for MAX_SERVICES services with a few frontends each; not preallocated, so
+/// an idle node pays only for what it holds.
+#[map(name = "FRONTENDS_V1")]
+pub static FRONTENDS: HashMap<FrontendKey, FrontendValue> =
+    HashMap::pinned(MAX_FRONTENDS, BPF_F_NO_PREALLOC);
+
+/// (revision, side, family, index) -> backend. Writer: agent (a revision is written whole before
+/// any frontend points at it, and deleted only after no frontend has pointed at it for a grace
+/// period). Readers: connect4/6, sendmsg4/6.
+#[map(name = "BACKENDS_V1")]
+pub static BACKENDS: HashMap<BackendKey, BackendValue> =
+    HashMap::pinned(MAX_BACKEND_SLOTS, BPF_F_NO_PREALLOC);
+
+/// Socket cookie -> translation of a steered socket. Writers: connect4/6 and sendmsg4/6 insert,
+/// sock_release deletes, so entries are bounded by the steered sockets that are open. Readers:
+/// recvmsg4/6, getpeername4/6, sock_ops.
+#[map(name = "SOCKETS_V1")]
+pub static SOCKETS: HashMap<u64, SocketEntry> =
+    HashMap::pinned(MAX_STEERED_SOCKETS, BPF_F_NO_PREALLOC);
+
+/// (service, side) -> counters, per CPU so the hot path takes no lock. Entries are created by the
+/// agent when it adds a service (the programs never insert), so a side has exactly one entry.
+#[map(name = "COUNTERS_V1")]
+pub static COUNTERS: PerCpuHashMap<CounterKey, SideCounters> =
+    PerCpuHashMap::pinned(2 * MAX_SERVICES, BPF_F_NO_PREALLOC);
+
+/// (client cgroup id, service) -> COHORT_ALWAYS_CANARY / COHORT_NEVER_CANARY. Writer: agent.
+/// Reader: connect4/6 and sendmsg4/6, only for services flagged FLAG_HAS_COHORTS.
+#[map(name = "COHORTS_V1")]
+pub static COHORTS: HashMap<CohortKey, u32> = HashMap::pinned(MAX_COHORT_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// Node settings, one slot. Writer: agent at start. Reader: client-affinity hashing.
+#[map(name = "SETTINGS_V1")]
+pub static SETTINGS: Array<Settings> = Array::pinned(1, 0);

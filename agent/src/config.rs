@@ -1,0 +1,492 @@
+//! The agent's TOML config and the validation every service goes through, whether it comes from
+//! the file or (later) from the API. Validation names the offending field and changes nothing.
+
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use agent_common::{percent_to_ppm, MAX_BACKENDS_PER_SIDE, MAX_SERVICES};
+use serde::{Deserialize, Serialize};
+
+use crate::paths;
+
+/// A config or API input problem, naming the field it is about.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("{field}: {message}")]
+pub struct InvalidField {
+    /// Path of the field, e.g. `service[0] "web".canary_percent`.
+    pub field: String,
+    pub message: String,
+}
+
+impl InvalidField {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { field: field.into(), message: message.into() }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config {path} is not valid: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("config {path}: {source}")]
+    Invalid { path: PathBuf, source: InvalidField },
+}
+
+/// The file as written. Unknown keys are errors: a typo must not silently do nothing.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub agent: AgentSection,
+    #[serde(default, rename = "service")]
+    pub services: Vec<ServiceConfig>,
+}
+
+/// `[agent]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentSection {
+    /// cgroup v2 directory the programs attach to; unset: the machine's cgroup v2 root.
+    pub cgroup: Option<PathBuf>,
+    /// Control API listen address: loopback, since the API changes production traffic.
+    pub api: String,
+    /// bpffs directory for the pinned maps.
+    pub bpffs: PathBuf,
+}
+
+impl Default for AgentSection {
+    fn default() -> Self {
+        Self {
+            cgroup: None,
+            api: paths::DEFAULT_API.to_string(),
+            bpffs: PathBuf::from(paths::DEFAULT_BPFFS_DIR),
+        }
+    }
+}
+
+/// How the side is chosen.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Affinity {
+    /// Each connection (socket) is hashed on its own.
+    #[default]
+    Connection,
+    /// Every connection of one client (network namespace, else cgroup) lands on the same side.
+    Client,
+}
+
+/// What a cohort's clients get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CohortCanary {
+    Always,
+    Never,
+}
+
+/// A cgroup named by path (absolute, or relative to the cgroup v2 root) or by id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum CgroupRef {
+    Id(u64),
+    Path(String),
+}
+
+/// `[[service.cohort]]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CohortConfig {
+    /// Clients of this cohort: their cgroups, or any cgroup below them.
+    pub cgroups: Vec<CgroupRef>,
+    pub canary: CohortCanary,
+}
+
+/// `[[service]]`: one service as the user writes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: String,
+    /// Addresses clients connect to (`ip:port`, `[v6]:port`).
+    pub frontends: Vec<String>,
+    #[serde(default)]
+    pub stable: Vec<String>,
+    #[serde(default)]
+    pub canary: Vec<String>,
+    #[serde(default)]
+    pub canary_percent: f64,
+    #[serde(default)]
+    pub affinity: Affinity,
+    #[serde(default, rename = "cohort", skip_serializing_if = "Vec::is_empty")]
+    pub cohorts: Vec<CohortConfig>,
+}
+
+/// A cohort with its cgroups resolved to ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cohort {
+    pub cgroup_ids: Vec<u64>,
+    pub canary: CohortCanary,
+}
+
+/// A validated service, ready for the datapath.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub frontends: Vec<SocketAddr>,
+    pub stable: Vec<SocketAddr>,
+    pub canary: Vec<SocketAddr>,
+    pub canary_ppm: u32,
+    pub affinity: Affinity,
+    pub cohorts: Vec<Cohort>,
+    /// What the user wrote, for the API to show back.
+    pub source: ServiceConfig,
+}
+
+/// The validated config.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub cgroup: PathBuf,
+    pub api: SocketAddr,
+    pub bpffs: PathBuf,
+    pub services: Vec<ServiceSpec>,
+}
+
+impl Config {
+    /// Reads and validates a config file. Nothing is touched on error.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(&text).map_err(|err| match err {
+            ParseError::Toml(source) => ConfigError::Parse { path: path.to_owned(), source },
+            ParseError::Invalid(source) => ConfigError::Invalid { path: path.to_owned(), source },
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Self, ParseError> {
+        let file: ConfigFile = toml::from_str(text).map_err(ParseError::Toml)?;
+        let cgroup = match file.agent.cgroup {
+            Some(path) => path,
+            None => paths::cgroup2_root().map_err(|err| {
+                InvalidField::new("agent.cgroup", format!("not set and cannot be detected: {err}"))
+            })?,
+        };
+        if !cgroup.is_dir() {
+            return Err(InvalidField::new(
+                "agent.cgroup",
+                format!("{} is not a directory", cgroup.display()),
+            )
+            .into());
+        }
+        let api = file.agent.api.parse().map_err(|_| {
+            InvalidField::new(
+                "agent.api",
+                format!("{:?} is not an ip:port address", file.agent.api),
+            )
+        })?;
+        if file.agent.bpffs.as_os_str().is_empty() || !file.agent.bpffs.is_absolute() {
+            return Err(InvalidField::new("agent.bpffs", "must be an absolute path").into());
+        }
+        let cgroup_root = paths::cgroup2_root().ok();
+        let services = validate_services(&file.services, cgroup_root.as_deref())?;
+        Ok(Self { cgroup, api, bpffs: file.agent.bpffs, services })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    #[error(transparent)]
+    Toml(toml::de::Error),
+    #[error(transparent)]
+    Invalid(#[from] InvalidField),
+}
+
+/// Validates a whole set of services: each on its own, then names and frontends unique.
+pub fn validate_services(
+    services: &[ServiceConfig],
+    cgroup_root: Option<&Path>,
+) -> Result<Vec<ServiceSpec>, InvalidField> {
+    if services.len() > MAX_SERVICES as usize {
+        return Err(InvalidField::new(
+            "service",
+            format!("{} services, at most {MAX_SERVICES} are supported", services.len()),
+        ));
+    }
+    let mut names = HashSet::new();
+    let mut frontends = HashSet::new();
+    let mut specs = Vec::with_capacity(services.len());
+    for (index, service) in services.iter().enumerate() {
+        let prefix = format!("service[{index}]");
+        let spec = validate_service(service, &prefix, cgroup_root)?;
+        if !names.insert(spec.name.clone()) {
+            return Err(InvalidField::new(
+                format!("{prefix}.name"),
+                format!("service {:?} is defined twice", spec.name),
+            ));
+        }
+        for frontend in &spec.frontends {
+            if !frontends.insert(*frontend) {
+                return Err(InvalidField::new(
+                    format!("{prefix}.frontends"),
+                    format!("{frontend} is already a frontend of another service"),
+                ));
+            }
+        }
+        specs.push(spec);
+    }
+    Ok(specs)
+}
+
+/// Validates one service. `prefix` names it in errors (`service[2]`, or `body` for the API).
+pub fn validate_service(
+    service: &ServiceConfig,
+    prefix: &str,
+    cgroup_root: Option<&Path>,
+) -> Result<ServiceSpec, InvalidField> {
+    let name = &service.name;
+    if !valid_name(name) {
+        return Err(InvalidField::new(
+            format!("{prefix}.name"),
+            format!("{name:?} is not a valid name: use 1 to 63 of a-z, 0-9, '-', '_', '.'"),
+        ));
+    }
+    let prefix = format!("{prefix} {name:?}");
+    let frontends = parse_addrs(&service.frontends, &format!("{prefix}.frontends"))?;
+    if frontends.is_empty() {
+        return Err(InvalidField::new(format!("{prefix}.frontends"), "at least one is required"));
+    }
+    let stable = parse_addrs(&service.stable, &format!("{prefix}.stable"))?;
+    let canary = parse_addrs(&service.canary, &format!("{prefix}.canary"))?;
+    for (side, addrs) in [("stable", &stable), ("canary", &canary)] {
+        for v4 in [true, false] {
+            let count = addrs.iter().filter(|a| a.is_ipv4() == v4).count();
+            if count > MAX_BACKENDS_PER_SIDE as usize {
+                return Err(InvalidField::new(
+                    format!("{prefix}.{side}"),
+                    format!(
+                        "{count} IPv{} backends, at most {MAX_BACKENDS_PER_SIDE} per side",
+                        if v4 { 4 } else { 6 }
+                    ),
+                ));
+            }
+        }
+    }
+    let has_backends = !(stable.is_empty() && canary.is_empty());
+    for frontend in &frontends {
+        let same_family = stable.iter().chain(&canary).any(|b| b.is_ipv4() == frontend.is_ipv4());
+        if has_backends && !same_family {
+            return Err(InvalidField::new(
+                format!("{prefix}.frontends"),
+                format!(
+                    "{frontend} is IPv{} but the service has no IPv{} backend to send it to",
+                    if frontend.is_ipv4() { 4 } else { 6 },
+                    if frontend.is_ipv4() { 4 } else { 6 }
+                ),
+            ));
+        }
+    }
+    let canary_ppm = validate_percent(service.canary_percent, &format!("{prefix}.canary_percent"))?;
+    let mut cohorts = Vec::with_capacity(service.cohorts.len());
+    for (index, cohort) in service.cohorts.iter().enumerate() {
+        let field = format!("{prefix}.cohort[{index}].cgroups");
+        if cohort.cgroups.is_empty() {
+            return Err(InvalidField::new(field, "at least one cgroup is required"));
+        }
+        let cgroup_ids = cohort
+            .cgroups
+            .iter()
+            .enumerate()
+            .map(|(i, cgroup)| resolve_cgroup(cgroup, cgroup_root, &format!("{field}[{i}]")))
+            .collect::<Result<Vec<_>, _>>()?;
+        cohorts.push(Cohort { cgroup_ids, canary: cohort.canary });
+    }
+    Ok(ServiceSpec {
+        name: name.clone(),
+        frontends,
+        stable,
+        canary,
+        canary_ppm,
+        affinity: service.affinity,
+        cohorts,
+        source: service.clone(),
+    })
+}
+
+/// A canary percent: a finite number within 0..=100, kept to 4 decimals.
+pub fn validate_percent(percent: f64, field: &str) -> Result<u32, InvalidField> {
+    if !percent.is_finite() || !(0.0..=100.0).contains(&percent) {
+        return Err(InvalidField::new(
+            field,
+            format!("must be a number from 0 to 100, got {percent}"),
+        ));
+    }
+    Ok(percent_to_ppm(percent))
+}
+
+fn valid_name(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
+}
+
+fn parse_addrs(addrs: &[String], field: &str) -> Result<Vec<SocketAddr>, InvalidField> {
+    let mut seen = HashSet::new();
+    addrs
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            let field = format!("{field}[{i}]");
+            let addr: SocketAddr = text.parse().map_err(|_| {
+                InvalidField::new(&field, format!("{text:?} is not ip:port (IPv6 as [addr]:port)"))
+            })?;
+            if addr.port() == 0 {
+                return Err(InvalidField::new(&field, format!("{text:?} has port 0")));
+            }
+            if addr.ip().is_unspecified() {
+                return Err(InvalidField::new(&field, format!("{text:?} is the unspecified address")));
+            }
+            if let SocketAddr::V6(v6) = addr {
+                if v6.ip().to_ipv4_mapped().is_some() {
+                    return Err(InvalidField::new(
+                        &field,
+                        format!("{text:?} is v4-mapped: write the IPv4 address"),
+                    ));
+                }
+            }
+            if !seen.insert(addr) {
+                return Err(InvalidField::new(&field, format!("{text:?} is listed twice")));
+            }
+            Ok(addr)
+        })
+        .collect()
+}
+
+fn resolve_cgroup(
+    cgroup: &CgroupRef,
+    cgroup_root: Option<&Path>,
+    field: &str,
+) -> Result<u64, InvalidField> {
+    match cgroup {
+        CgroupRef::Id(0) => Err(InvalidField::new(field, "cgroup id 0 is not valid")),
+        CgroupRef::Id(id) => Ok(*id),
+        CgroupRef::Path(path) => {
+            let path = Path::new(path);
+            let full = if path.is_absolute() {
+                path.to_owned()
+            } else {
+                let root = cgroup_root.ok_or_else(|| {
+                    InvalidField::new(field, "relative cgroup path but no cgroup v2 root found")
+                })?;
+                root.join(path)
+            };
+            paths::cgroup_id(&full).map_err(|err| {
+                InvalidField::new(field, format!("cgroup {}: {err}", full.display()))
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [agent]
+        cgroup = "/tmp"
+        api = "127.0.0.1:9999"
+        [[service]]
+        name = "web"
+        frontends = ["10.96.0.10:80", "[fd00::10]:80"]
+        stable = ["10.0.1.5:8080", "[fd00::1:5]:8080"]
+        canary = ["10.0.2.7:8080"]
+        canary_percent = 12.3456
+        affinity = "client"
+    "#;
+
+    fn error_of(text: &str) -> String {
+        match Config::parse(text) {
+            Ok(_) => panic!("config should be refused:\n{text}"),
+            Err(err) => err.to_string(),
+        }
+    }
+
+    fn with_service(service: &str) -> String {
+        format!("[agent]\ncgroup = \"/tmp\"\n[[service]]\n{service}")
+    }
+
+    #[test]
+    fn good_config_parses() {
+        let config = Config::parse(GOOD).unwrap();
+        assert_eq!(config.api, "127.0.0.1:9999".parse().unwrap());
+        assert_eq!(config.bpffs, PathBuf::from(paths::DEFAULT_BPFFS_DIR));
+        let web = &config.services[0];
+        assert_eq!(web.canary_ppm, 123_456);
+        assert_eq!(web.affinity, Affinity::Client);
+        assert_eq!(web.frontends.len(), 2);
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let config = Config::parse(&with_service(
+            "name = \"a\"\nfrontends = [\"127.1.0.1:80\"]\nstable = [\"127.0.0.1:1\"]",
+        ))
+        .unwrap();
+        assert_eq!(config.api, paths::default_api());
+        assert_eq!(config.services[0].canary_ppm, 0);
+        assert_eq!(config.services[0].affinity, Affinity::Connection);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            ("name = \"a\"\nfrontends = [\"1.2.3.4:80\"]\ncanary_percent = 120.0", "service[0] \"a\".canary_percent"),
+            ("name = \"a\"\nfrontends = [\"1.2.3.4:80\"]\ncanary_percent = -1", "service[0] \"a\".canary_percent"),
+            ("name = \"a\"\nfrontends = [\"1.2.3.4\"]", "service[0] \"a\".frontends[0]"),
+            ("name = \"a\"\nfrontends = []", "service[0] \"a\".frontends"),
+            ("name = \"A b\"\nfrontends = [\"1.2.3.4:80\"]", "service[0].name"),
+            ("name = \"a\"\nfrontends = [\"1.2.3.4:80\"]\nstable = [\"1.2.3.4:0\"]", "service[0] \"a\".stable[0]"),
+            ("name = \"a\"\nfrontends = [\"[fd00::1]:80\"]\nstable = [\"1.2.3.4:8\"]", "service[0] \"a\".frontends"),
+            ("name = \"a\"\nfrontends = [\"1.2.3.4:80\"]\naffinity = \"sticky\"", "affinity"),
+            ("name = \"a\"\nfrontends = [\"1.2.3.4:80\"]\ncanary_precent = 5", "canary_precent"),
+            ("name = \"a\"\nfrontends = [\"1.2.3.4:80\"]\ncanary_percent = \"5\"", "canary_percent"),
+            ("name = \"a\"\nfrontends = [\"1.2.3.4:80\"]\n[[service.cohort]]\ncgroups = [\"/nonexistent/x\"]\ncanary = \"always\"", "service[0] \"a\".cohort[0].cgroups[0]"),
+        ];
+        for (service, field) in cases {
+            let err = error_of(&with_service(service));
+            assert!(err.contains(field), "error {err:?} should name {field}");
+        }
+    }
+
+    #[test]
+    fn duplicates_are_refused() {
+        let twice = "[agent]\ncgroup = \"/tmp\"\n\
+            [[service]]\nname = \"a\"\nfrontends = [\"1.2.3.4:80\"]\n\
+            [[service]]\nname = \"a\"\nfrontends = [\"1.2.3.5:80\"]\n";
+        assert!(error_of(twice).contains("service[1].name"));
+        let shared = "[agent]\ncgroup = \"/tmp\"\n\
+            [[service]]\nname = \"a\"\nfrontends = [\"1.2.3.4:80\"]\n\
+            [[service]]\nname = \"b\"\nfrontends = [\"1.2.3.4:80\"]\n";
+        assert!(error_of(shared).contains("service[1] \"b\".frontends"));
+    }
+
+    #[test]
+    fn agent_section_errors_name_the_field() {
+        assert!(error_of("[agent]\ncgroup = \"/nonexistent\"").contains("agent.cgroup"));
+        assert!(error_of("[agent]\ncgroup = \"/tmp\"\napi = \"localhost\"").contains("agent.api"));
+        assert!(error_of("[agent]\ncgroup = \"/tmp\"\nbpffs = \"rel\"").contains("agent.bpffs"));
+        assert!(error_of("[agent]\ncgroupp = \"/tmp\"").contains("cgroupp"));
+    }
+
+    #[test]
+    fn cohorts_resolve_ids_and_paths() {
+        let config = Config::parse(&with_service(
+            "name = \"a\"\nfrontends = [\"1.2.3.4:80\"]\n[[service.cohort]]\ncgroups = [42, \"/tmp\"]\ncanary = \"never\"",
+        ))
+        .unwrap();
+        let cohort = &config.services[0].cohorts[0];
+        assert_eq!(cohort.cgroup_ids[0], 42);
+        assert_eq!(cohort.cgroup_ids[1], paths::cgroup_id(Path::new("/tmp")).unwrap());
+        assert_eq!(cohort.canary, CohortCanary::Never);
+    }
+}

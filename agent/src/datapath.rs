@@ -1,0 +1,488 @@
+//! The one owner of the eBPF programs and map handles. HTTP handlers (and anything else) change
+//! the datapath only through the intent-level methods here.
+//!
+//! Update order is what makes changes atomic for a connecting socket: a new backend revision is
+//! written whole before any frontend points at it; each frontend value (weight, flags, revision,
+//! counts) is replaced in one map update; a revision's backends are deleted only after no
+//! frontend has pointed at it for `REVISION_GRACE`.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    fs::File,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use agent_common::{
+    service_seed, v4_mapped, BackendKey, BackendValue, CohortKey, CounterKey, FrontendKey,
+    FrontendValue, Settings, SideCounters, SocketEntry, COHORT_ALWAYS_CANARY, COHORT_NEVER_CANARY,
+    FAMILY_V4, FAMILY_V6, FLAG_AFFINITY_CLIENT, FLAG_HAS_COHORTS, MAP_BACKENDS, MAP_COHORTS,
+    MAP_COUNTERS, MAP_FRONTENDS, MAP_SETTINGS, MAP_SOCKETS, MAX_SERVICES, SIDE_CANARY, SIDE_STABLE,
+};
+use aya::{
+    maps::{Array, HashMap, MapData, MapError, PerCpuHashMap, PerCpuValues},
+    programs::{
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, SockOps,
+    },
+    Ebpf, EbpfError, EbpfLoader,
+};
+
+use crate::config::{Affinity, CohortCanary, ServiceSpec};
+
+/// The eBPF object built by build.rs from `agent-ebpf`.
+static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sockshift-ebpf"));
+
+/// How long a replaced backend revision stays readable: far longer than any program run, so a
+/// socket that read the old frontend value still finds the old backends.
+pub const REVISION_GRACE: Duration = Duration::from_secs(2);
+
+/// The programs and the hook each attaches to.
+const SOCK_ADDR_PROGRAMS: [&str; 8] = [
+    "sock4_connect",
+    "sock6_connect",
+    "sock4_sendmsg",
+    "sock6_sendmsg",
+    "sock4_recvmsg",
+    "sock6_recvmsg",
+    "sock4_getpeername",
+    "sock6_getpeername",
+];
+const SOCK_RELEASE_PROGRAM: &str = "sock_release";
+const SOCK_OPS_PROGRAM: &str = "sock_health";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("bpffs directory {path}: {source}")]
+    Bpffs { path: PathBuf, source: std::io::Error },
+    #[error("cgroup {path}: {source}")]
+    Cgroup { path: PathBuf, source: std::io::Error },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] EbpfError),
+    #[error("program {name}: {source}")]
+    Program { name: &'static str, source: ProgramError },
+    #[error("map {name} is missing from the eBPF object")]
+    MissingMap { name: &'static str },
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: MapError },
+    #[error("service {0:?} not found")]
+    UnknownService(String),
+    #[error("no free service id: at most {MAX_SERVICES} services")]
+    TooManyServices,
+    #[error("reading the host network namespace cookie: {0}")]
+    NetnsCookie(std::io::Error),
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
+    move |source| DatapathError::Map { name, source }
+}
+
+/// A service as installed in the maps.
+#[derive(Debug, Clone)]
+struct Installed {
+    id: u32,
+    spec: ServiceSpec,
+    /// The frontend value every frontend of the service carries.
+    value: FrontendValue,
+    backend_slots: Vec<BackendKey>,
+    cohort_keys: Vec<CohortKey>,
+}
+
+/// Counters of both sides of a service, summed over CPUs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ServiceCounters {
+    pub stable: SideCounters,
+    pub canary: SideCounters,
+}
+
+/// Read-only view of one installed service.
+#[derive(Debug, Clone)]
+pub struct ServiceView {
+    pub id: u32,
+    pub revision: u32,
+    pub spec: ServiceSpec,
+}
+
+pub struct Datapath {
+    // Holds the programs and their cgroup links: dropping it detaches them.
+    _ebpf: Ebpf,
+    frontends: HashMap<MapData, FrontendKey, FrontendValue>,
+    backends: HashMap<MapData, BackendKey, BackendValue>,
+    sockets: HashMap<MapData, u64, SocketEntry>,
+    counters: PerCpuHashMap<MapData, CounterKey, SideCounters>,
+    cohorts: HashMap<MapData, CohortKey, u32>,
+    services: BTreeMap<String, Installed>,
+    next_revision: u32,
+    /// Backend slots of replaced revisions, with when they stopped being referenced.
+    retired: Vec<(Instant, Vec<BackendKey>)>,
+    nr_cpus: usize,
+}
+
+impl Datapath {
+    /// Loads the programs, pins the maps under `bpffs_dir`, and attaches every program to
+    /// `cgroup`. Maps already pinned there (by an earlier run) are reused.
+    pub fn load(cgroup: &Path, bpffs_dir: &Path) -> Result<Self, DatapathError> {
+        let cgroup_file = File::open(cgroup)
+            .map_err(|source| DatapathError::Cgroup { path: cgroup.to_owned(), source })?;
+        crate::paths::ensure_bpffs_mounted()
+            .map_err(|source| DatapathError::Bpffs { path: bpffs_dir.to_owned(), source })?;
+        std::fs::create_dir_all(bpffs_dir)
+            .map_err(|source| DatapathError::Bpffs { path: bpffs_dir.to_owned(), source })?;
+
+        let mut ebpf = EbpfLoader::new().default_map_pin_directory(bpffs_dir).load(EBPF_OBJECT)?;
+
+        // Attached through bpf links, which the kernel always runs alongside other programs on
+        // the cgroup (links take no attach flags: `Single` means none).
+        for name in SOCK_ADDR_PROGRAMS {
+            let program: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
+            program.load().map_err(|source| DatapathError::Program { name, source })?;
+            program
+                .attach(&cgroup_file, CgroupAttachMode::Single)
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
+        let release: &mut CgroupSock = program_mut(&mut ebpf, SOCK_RELEASE_PROGRAM)?;
+        let name = SOCK_RELEASE_PROGRAM;
+        release.load().map_err(|source| DatapathError::Program { name, source })?;
+        release
+            .attach(&cgroup_file, CgroupAttachMode::Single)
+            .map_err(|source| DatapathError::Program { name, source })?;
+        let sock_ops: &mut SockOps = program_mut(&mut ebpf, SOCK_OPS_PROGRAM)?;
+        let name = SOCK_OPS_PROGRAM;
+        sock_ops.load().map_err(|source| DatapathError::Program { name, source })?;
+        sock_ops
+            .attach(&cgroup_file, CgroupAttachMode::Single)
+            .map_err(|source| DatapathError::Program { name, source })?;
+
+        let frontends = take_map(&mut ebpf, MAP_FRONTENDS)?;
+        let backends: HashMap<MapData, BackendKey, BackendValue> = take_map(&mut ebpf, MAP_BACKENDS)?;
+        let sockets = take_map(&mut ebpf, MAP_SOCKETS)?;
+        let counters = take_map(&mut ebpf, MAP_COUNTERS)?;
+        let cohorts = take_map(&mut ebpf, MAP_COHORTS)?;
+        let mut settings: Array<MapData, Settings> = take_map(&mut ebpf, MAP_SETTINGS)?;
+        settings
+            .set(0, Settings { host_netns_cookie: host_netns_cookie()? }, 0)
+            .map_err(map_err(MAP_SETTINGS))?;
+
+        // Revisions left by an earlier run stay readable until this run has replaced them.
+        let leftover: Vec<BackendKey> = backends.keys().filter_map(Result::ok).collect();
+        let next_revision = leftover.iter().map(|k| k.revision).max().map_or(1, |r| r.wrapping_add(1).max(1));
+        let nr_cpus = aya::util::nr_cpus().map_err(|(_, err)| DatapathError::NetnsCookie(err))?;
+        Ok(Self {
+            _ebpf: ebpf,
+            frontends,
+            backends,
+            sockets,
+            counters,
+            cohorts,
+            services: BTreeMap::new(),
+            next_revision,
+            retired: vec![(Instant::now(), leftover)],
+            nr_cpus,
+        })
+    }
+
+    /// Makes the datapath hold exactly `services`: installs or replaces each, removes the rest
+    /// (including anything an earlier run left in the pinned maps).
+    pub fn sync(&mut self, services: &[ServiceSpec]) -> Result<(), DatapathError> {
+        for spec in services {
+            self.replace_service(spec.clone())?;
+        }
+        let wanted: HashSet<&str> = services.iter().map(|s| s.name.as_str()).collect();
+        let stale: Vec<String> =
+            self.services.keys().filter(|n| !wanted.contains(n.as_str())).cloned().collect();
+        for name in stale {
+            self.remove_service(&name)?;
+        }
+        // Entries no installed service owns: left by an earlier run.
+        let owned: HashSet<FrontendKey> =
+            self.services.values().flat_map(|s| frontend_keys(&s.spec)).collect();
+        let orphans: Vec<FrontendKey> =
+            self.frontends.keys().filter_map(Result::ok).filter(|k| !owned.contains(k)).collect();
+        for key in orphans {
+            let _ = self.frontends.remove(&key);
+        }
+        let ids: HashSet<u32> = self.services.values().map(|s| s.id).collect();
+        let orphan_counters: Vec<CounterKey> =
+            self.counters.keys().filter_map(Result::ok).filter(|k| !ids.contains(&k.service_id)).collect();
+        for key in orphan_counters {
+            let _ = self.counters.remove(&key);
+        }
+        let owned_cohorts: HashSet<CohortKey> =
+            self.services.values().flat_map(|s| s.cohort_keys.iter().copied()).collect();
+        let orphan_cohorts: Vec<CohortKey> =
+            self.cohorts.keys().filter_map(Result::ok).filter(|k| !owned_cohorts.contains(k)).collect();
+        for key in orphan_cohorts {
+            let _ = self.cohorts.remove(&key);
+        }
+        Ok(())
+    }
+
+    /// Installs a service or replaces it whole (backends, weight, affinity, cohorts).
+    pub fn replace_service(&mut self, spec: ServiceSpec) -> Result<(), DatapathError> {
+        self.reap_retired();
+        let previous = self.services.get(&spec.name).cloned();
+        let id = match &previous {
+            Some(installed) => installed.id,
+            None => self.free_service_id()?,
+        };
+        if previous.is_none() {
+            for side in [SIDE_STABLE, SIDE_CANARY] {
+                let key = CounterKey { service_id: id, side: side as u32 };
+                // Keep counts a previous run left for this id: they are still this side's.
+                if self.counters.get(&key, 0).is_err() {
+                    let zero = PerCpuValues::try_from(vec![SideCounters::default(); self.nr_cpus])
+                        .map_err(|err| map_err(MAP_COUNTERS)(MapError::from(err)))?;
+                    self.counters.insert(key, zero, 0).map_err(map_err(MAP_COUNTERS))?;
+                }
+            }
+        }
+
+        // 1. The new revision's backends, complete before anything points at them.
+        let revision = self.allocate_revision();
+        let mut value = FrontendValue {
+            service_id: id,
+            revision,
+            canary_ppm: spec.canary_ppm,
+            flags: 0,
+            seed: service_seed(spec.name.as_bytes()),
+            ..Default::default()
+        };
+        let mut backend_slots = Vec::new();
+        for (side, addrs) in [(SIDE_STABLE, &spec.stable), (SIDE_CANARY, &spec.canary)] {
+            for family in [FAMILY_V4, FAMILY_V6] {
+                let family_addrs = addrs.iter().filter(|a| family_of(a) == family);
+                let mut count: u16 = 0;
+                for addr in family_addrs {
+                    let key = BackendKey { revision, side, family, index: count };
+                    if let Err(err) = self.backends.insert(key, backend_value(addr), 0) {
+                        self.delete_backends(&backend_slots);
+                        return Err(DatapathError::Map { name: MAP_BACKENDS, source: err });
+                    }
+                    backend_slots.push(key);
+                    count += 1;
+                }
+                match (side, family) {
+                    (SIDE_STABLE, FAMILY_V4) => value.stable_v4 = count,
+                    (SIDE_STABLE, _) => value.stable_v6 = count,
+                    (_, FAMILY_V4) => value.canary_v4 = count,
+                    _ => value.canary_v6 = count,
+                }
+            }
+        }
+        if spec.affinity == Affinity::Client {
+            value.flags |= FLAG_AFFINITY_CLIENT;
+        }
+
+        // 2. Cohort entries, before the flag that makes the programs look for them.
+        let mut cohort_keys = Vec::new();
+        for cohort in &spec.cohorts {
+            let mode = match cohort.canary {
+                CohortCanary::Always => COHORT_ALWAYS_CANARY,
+                CohortCanary::Never => COHORT_NEVER_CANARY,
+            };
+            for &cgroup_id in &cohort.cgroup_ids {
+                let key = CohortKey { cgroup_id, service_id: id, _pad: 0 };
+                if let Err(err) = self.cohorts.insert(key, mode, 0) {
+                    self.delete_backends(&backend_slots);
+                    return Err(DatapathError::Map { name: MAP_COHORTS, source: err });
+                }
+                cohort_keys.push(key);
+            }
+        }
+        if !cohort_keys.is_empty() {
+            value.flags |= FLAG_HAS_COHORTS;
+        }
+
+        // 3. The switch: one update per frontend.
+        let new_frontends = frontend_keys(&spec);
+        for key in &new_frontends {
+            self.frontends.insert(key, value, 0).map_err(map_err(MAP_FRONTENDS))?;
+        }
+
+        // 4. What the old revision had and the new one does not.
+        if let Some(old) = previous {
+            for key in frontend_keys(&old.spec) {
+                if !new_frontends.contains(&key) {
+                    let _ = self.frontends.remove(&key);
+                }
+            }
+            for key in &old.cohort_keys {
+                if !cohort_keys.contains(key) {
+                    let _ = self.cohorts.remove(key);
+                }
+            }
+            self.retired.push((Instant::now(), old.backend_slots));
+        }
+        self.services.insert(
+            spec.name.clone(),
+            Installed { id, spec, value, backend_slots, cohort_keys },
+        );
+        Ok(())
+    }
+
+    /// Sets a service's canary weight: one map update per frontend, nothing else changes.
+    pub fn set_weight(&mut self, name: &str, canary_ppm: u32) -> Result<(), DatapathError> {
+        let installed =
+            self.services.get_mut(name).ok_or_else(|| DatapathError::UnknownService(name.into()))?;
+        let value = FrontendValue { canary_ppm, ..installed.value };
+        for key in frontend_keys(&installed.spec) {
+            self.frontends.insert(key, value, 0).map_err(map_err(MAP_FRONTENDS))?;
+        }
+        installed.value = value;
+        installed.spec.canary_ppm = canary_ppm;
+        installed.spec.source.canary_percent = agent_common::ppm_to_percent(canary_ppm);
+        Ok(())
+    }
+
+    /// Removes a service: its frontends first, so no new socket is steered, then the rest.
+    pub fn remove_service(&mut self, name: &str) -> Result<(), DatapathError> {
+        let installed =
+            self.services.remove(name).ok_or_else(|| DatapathError::UnknownService(name.into()))?;
+        for key in frontend_keys(&installed.spec) {
+            let _ = self.frontends.remove(&key);
+        }
+        for key in &installed.cohort_keys {
+            let _ = self.cohorts.remove(key);
+        }
+        for side in [SIDE_STABLE, SIDE_CANARY] {
+            let _ = self.counters.remove(&CounterKey { service_id: installed.id, side: side as u32 });
+        }
+        self.retired.push((Instant::now(), installed.backend_slots));
+        Ok(())
+    }
+
+    pub fn service(&self, name: &str) -> Option<ServiceView> {
+        self.services.get(name).map(|s| ServiceView {
+            id: s.id,
+            revision: s.value.revision,
+            spec: s.spec.clone(),
+        })
+    }
+
+    pub fn service_names(&self) -> Vec<String> {
+        self.services.keys().cloned().collect()
+    }
+
+    /// Counters of a service, summed over CPUs.
+    pub fn counters(&self, name: &str) -> Result<ServiceCounters, DatapathError> {
+        let installed =
+            self.services.get(name).ok_or_else(|| DatapathError::UnknownService(name.into()))?;
+        let read = |side: u8| -> Result<SideCounters, DatapathError> {
+            let key = CounterKey { service_id: installed.id, side: side as u32 };
+            let per_cpu = self.counters.get(&key, 0).map_err(map_err(MAP_COUNTERS))?;
+            let mut total = SideCounters::default();
+            for cpu in per_cpu.iter() {
+                total.add(cpu);
+            }
+            Ok(total)
+        };
+        Ok(ServiceCounters { stable: read(SIDE_STABLE)?, canary: read(SIDE_CANARY)? })
+    }
+
+    /// Steered sockets currently open (entries in the socket table).
+    pub fn open_steered_sockets(&self) -> usize {
+        self.sockets.keys().count()
+    }
+
+    /// Deletes the backends of revisions that have been unreferenced for `REVISION_GRACE`.
+    pub fn reap_retired(&mut self) {
+        let now = Instant::now();
+        let (due, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retired)
+            .into_iter()
+            .partition(|(since, _)| now.duration_since(*since) >= REVISION_GRACE);
+        self.retired = keep;
+        for (_, slots) in due {
+            self.delete_backends(&slots);
+        }
+    }
+
+    fn delete_backends(&mut self, slots: &[BackendKey]) {
+        for key in slots {
+            let _ = self.backends.remove(key);
+        }
+    }
+
+    fn allocate_revision(&mut self) -> u32 {
+        let revision = self.next_revision;
+        // Revision 0 is never used, so a zeroed value cannot match a real revision.
+        self.next_revision = self.next_revision.wrapping_add(1).max(1);
+        revision
+    }
+
+    fn free_service_id(&self) -> Result<u32, DatapathError> {
+        let used: HashSet<u32> = self.services.values().map(|s| s.id).collect();
+        (0..MAX_SERVICES).find(|id| !used.contains(id)).ok_or(DatapathError::TooManyServices)
+    }
+}
+
+fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let program = ebpf.program_mut(name).ok_or(DatapathError::Program {
+        name,
+        source: ProgramError::UnexpectedProgramType,
+    })?;
+    program.try_into().map_err(|source| DatapathError::Program { name, source })
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap { name })?;
+    T::try_from(map).map_err(map_err(name))
+}
+
+fn family_of(addr: &SocketAddr) -> u8 {
+    if addr.is_ipv4() {
+        FAMILY_V4
+    } else {
+        FAMILY_V6
+    }
+}
+
+/// The map form of an address: IPv6 bytes (IPv4 v4-mapped) as native-endian words.
+pub fn addr_words(addr: &SocketAddr) -> [u32; 4] {
+    match addr {
+        SocketAddr::V4(v4) => v4_mapped(u32::from_ne_bytes(v4.ip().octets())),
+        SocketAddr::V6(v6) => {
+            let o = v6.ip().octets();
+            std::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
+        }
+    }
+}
+
+fn backend_value(addr: &SocketAddr) -> BackendValue {
+    BackendValue { addr_be: addr_words(addr), port_be: addr.port().to_be(), _pad: 0 }
+}
+
+fn frontend_keys(spec: &ServiceSpec) -> Vec<FrontendKey> {
+    spec.frontends
+        .iter()
+        .map(|addr| FrontendKey { addr_be: addr_words(addr), port_be: addr.port().to_be(), _pad: 0 })
+        .collect()
+}
+
+/// Cookie of the agent's own network namespace, which is the host's for a DaemonSet with
+/// hostNetwork.
+fn host_netns_cookie() -> Result<u64, DatapathError> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").map_err(DatapathError::NetnsCookie)?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(DatapathError::NetnsCookie(std::io::Error::last_os_error()));
+    }
+    Ok(cookie)
+}

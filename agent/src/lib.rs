@@ -1,0 +1,9 @@
+//! sockshift agent: loads the socket-layer canary programs, owns their maps, serves the control
+//! API. `main.rs` wires these modules; the CLI talks to the API through `client`.
+
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod datapath;
+pub mod paths;

@@ -1,0 +1,96 @@
+//! Every filesystem path and default address the agent uses, in one place.
+
+use std::{
+    fs,
+    io,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+/// Control API listen address when the config does not set one.
+pub const DEFAULT_API: &str = "127.0.0.1:9477";
+/// bpffs directory where the maps are pinned.
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/sockshift";
+/// Where bpffs is mounted when the machine has not mounted it.
+pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
+
+pub fn default_api() -> SocketAddr {
+    DEFAULT_API.parse().expect("DEFAULT_API is a valid address")
+}
+
+/// The machine's cgroup v2 mount point, read from /proc/self/mountinfo: `/sys/fs/cgroup` on a
+/// unified layout, `/sys/fs/cgroup/unified` on a hybrid one.
+pub fn cgroup2_root() -> io::Result<PathBuf> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
+    find_mount(&mountinfo, "cgroup2").ok_or_else(|| {
+        io::Error::new(io::ErrorKind::NotFound, "no cgroup2 filesystem in /proc/self/mountinfo")
+    })
+}
+
+/// First mount point of a filesystem type in mountinfo text.
+pub fn find_mount(mountinfo: &str, fs_type: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mount_point = left.split_whitespace().nth(4)?;
+        (right.split_whitespace().next()? == fs_type).then(|| PathBuf::from(mount_point))
+    })
+}
+
+/// Whether `path` is on a bpffs (a pin directory's parent must be).
+pub fn is_bpffs(path: &Path) -> io::Result<bool> {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stat.f_type as i64 == BPF_FS_MAGIC)
+}
+
+/// Mounts bpffs at /sys/fs/bpf if nothing is mounted there yet.
+pub fn ensure_bpffs_mounted() -> io::Result<()> {
+    let mount_point = Path::new(BPFFS_MOUNT);
+    if is_bpffs(mount_point).unwrap_or(false) {
+        return Ok(());
+    }
+    fs::create_dir_all(mount_point)?;
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            c"/sys/fs/bpf".as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// cgroup v2 id of a cgroup directory: its inode number.
+pub fn cgroup_id(path: &Path) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(path)?;
+    if !meta.is_dir() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a directory"));
+    }
+    Ok(meta.ino())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_in_hybrid_and_unified_layouts() {
+        let hybrid = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
+                      41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
+        assert_eq!(find_mount(hybrid, "cgroup2"), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        let unified = "30 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(find_mount(unified, "cgroup2"), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(find_mount("", "cgroup2"), None);
+    }
+}
