@@ -169,15 +169,15 @@ fn print_services(services: &[Value], output: Output) {
     );
     for s in services {
         let side = |side: &str, key: &str| s["sides"][side][key].as_u64().unwrap_or(0);
-        let health = |side: &str, key: &str| s["sides"][side]["health"][key].clone();
-        let srtt = |side: &str| match health(side, "srtt_avg_us").as_u64() {
+        let health = |side: &str, key: &str| s["sides"][side]["health"][key].to_string();
+        let srtt = |side: &str| match s["sides"][side]["health"]["srtt_avg_us"].as_u64() {
             Some(us) => format!("{:.2}ms", us as f64 / 1000.0),
             None => "-".to_string(),
         };
         println!(
             "{:<20} {:>9}  {:>12} {:>12}  {:>8} {:>8}  {:>10} {:>10}",
             s["name"].as_str().unwrap_or("?"),
-            s["canary_percent"],
+            s["canary_percent"].to_string(),
             side("stable", "connections_steered") + side("stable", "datagrams_steered"),
             side("canary", "connections_steered") + side("canary", "datagrams_steered"),
             health("stable", "failed_attempts"),

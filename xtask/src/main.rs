@@ -1,1 +1,79 @@
-fn main(){}
+//! `cargo xtask`: set-up, build, test and demo commands. Each performs every missing set-up
+//! step first, idempotently, so that it works as the first command run on a fresh machine.
+
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Xtask {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing (bpf-linker, rust-src, test tools) and build the eBPF programs.
+    BuildEbpf,
+    /// Run every test: unit tests and the end-to-end tests against the real kernel (root).
+    Test {
+        /// Extra arguments for `cargo test` (for example a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run the demo: a namespace, a stable and a canary backend, the agent, a live split.
+    Demo,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Xtask::parse().command {
+        Task::BuildEbpf => {
+            setup::ensure_toolchain()?;
+            cargo(&["build", "--package", "agent"]).context("building the agent and its eBPF programs")?;
+            println!("eBPF programs built and embedded in target/debug/sockshift");
+        }
+        Task::Test { args } => {
+            require_root("cargo xtask test")?;
+            setup::ensure_toolchain()?;
+            setup::ensure_test_tools()?;
+            setup::ensure_bpffs()?;
+            cargo(&["build", "--package", "agent", "--package", "e2e", "--bins"])
+                .context("building sockshift and the test probe")?;
+            let mut test_args = vec!["test", "--no-fail-fast"];
+            test_args.extend(args.iter().map(String::as_str));
+            cargo(&test_args).context("tests failed")?;
+        }
+        Task::Demo => {
+            require_root("cargo xtask demo")?;
+            setup::ensure_toolchain()?;
+            setup::ensure_test_tools()?;
+            setup::ensure_bpffs()?;
+            cargo(&["build", "--package", "agent", "--package", "e2e", "--bins"])
+                .context("building sockshift and the demo")?;
+            cargo(&["run", "--quiet", "--package", "e2e", "--bin", "sockshift-demo"])?;
+        }
+    }
+    Ok(())
+}
+
+fn require_root(what: &str) -> anyhow::Result<()> {
+    let uid = Command::new("id").arg("-u").output().context("running id -u")?;
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        bail!("{what} loads eBPF programs and creates network namespaces: run it as root");
+    }
+    Ok(())
+}
+
+/// Runs cargo with the stable toolchain of this workspace, inheriting output.
+pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo).args(args).status().with_context(|| format!("running {cargo}"))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}

@@ -1,0 +1,71 @@
+//! The lab most tests use: a network namespace with stable and canary TCP backends, a cgroup
+//! whose processes are steered, and an agent attached to that cgroup.
+
+#![allow(dead_code)]
+
+use e2e::{require_root, serve, Agent, Cgroup, NetNs, Placement, Spawned};
+
+pub const FRONTEND4: &str = "127.1.0.1:80";
+pub const FRONTEND6: &str = "[fd00:5eed::1]:80";
+pub const FRONTEND_MAPPED: &str = "[::ffff:127.1.0.1]:80";
+
+/// Fields drop in order: the agent detaches first, the namespace goes last.
+pub struct Lab {
+    pub agent: Agent,
+    pub servers: Spawned,
+    pub cgroup: Cgroup,
+    pub netns: NetNs,
+}
+
+impl Lab {
+    /// One service "web": IPv4 and IPv6 frontends, a stable and a canary backend per family.
+    pub fn new(canary_percent: f64) -> Self {
+        Self::with_service(&format!(
+            r#"[[service]]
+name = "web"
+frontends = ["{FRONTEND4}", "{FRONTEND6}"]
+stable = ["127.0.0.1:8001", "[::1]:8001"]
+canary = ["127.0.0.1:8002", "[::1]:8002"]
+canary_percent = {canary_percent}
+"#
+        ))
+    }
+
+    /// Backends tagged `stable`/`canary` (IPv4) and `stable6`/`canary6` (IPv6) on ports 8001 and
+    /// 8002, plus `services` as the config's service tables.
+    pub fn with_service(services: &str) -> Self {
+        require_root();
+        let netns = NetNs::new();
+        let cgroup = Cgroup::new();
+        let servers = serve(
+            Placement { netns: Some(&netns), cgroup: None },
+            &[
+                "serve-tcp",
+                "--listen", "127.0.0.1:8001=stable",
+                "--listen", "127.0.0.1:8002=canary",
+                "--listen", "[::1]:8001=stable6",
+                "--listen", "[::1]:8002=canary6",
+            ],
+        );
+        let agent = Agent::start(&cgroup, services);
+        Self { agent, servers, cgroup, netns }
+    }
+
+    /// Processes in the namespace and in the steered cgroup.
+    pub fn inside(&self) -> Placement<'_> {
+        Placement { netns: Some(&self.netns), cgroup: Some(&self.cgroup) }
+    }
+
+    /// Processes in the namespace but not in the steered cgroup.
+    pub fn outside(&self) -> Placement<'_> {
+        Placement { netns: Some(&self.netns), cgroup: None }
+    }
+}
+
+/// Asserts an observed share is within `tolerance` points of `target`.
+pub fn assert_share(what: &str, observed: f64, target: f64, tolerance: f64) {
+    assert!(
+        (observed - target).abs() <= tolerance,
+        "{what}: canary share {observed:.2} %, wanted {target} ± {tolerance}"
+    );
+}

@@ -1,0 +1,237 @@
+//! sockshift-probe: the servers and clients the end-to-end tests and the demo run inside their
+//! network namespaces and cgroups. Clients print one JSON object with what they saw.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    path::PathBuf,
+    thread,
+    time::{Duration, Instant},
+};
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+#[derive(Parser)]
+struct Probe {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// TCP servers: each accepted connection is sent TAG and a newline, then held until the
+    /// client closes. `--listen ADDR=TAG`, repeatable. With `--netns`, one set per namespace.
+    ServeTcp {
+        #[arg(long, required = true)]
+        listen: Vec<String>,
+        #[arg(long)]
+        netns: Vec<PathBuf>,
+    },
+    /// UDP servers: every datagram is answered with TAG. `--listen ADDR=TAG`, repeatable.
+    ServeUdp {
+        #[arg(long, required = true)]
+        listen: Vec<String>,
+    },
+    /// COUNT sequential TCP connections to TARGET; counts the tags read and whether
+    /// getpeername() reported TARGET.
+    Tcp {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        count: u32,
+        /// Stop after this many seconds even if COUNT is not reached.
+        #[arg(long, default_value_t = 120)]
+        max_seconds: u64,
+    },
+    /// COUNT UDP exchanges with TARGET, each on a new unconnected socket (or, with
+    /// `--one-socket`, all on one); counts tags and whether replies came from TARGET.
+    Udp {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        count: u32,
+        #[arg(long)]
+        one_socket: bool,
+    },
+    /// Opens and closes COUNT UDP sockets that each send one datagram to TARGET, BATCH open at
+    /// a time; pauses (printing `paused`) with a batch open every PAUSE_EVERY sockets until a
+    /// line arrives on stdin.
+    Churn {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        count: u32,
+        #[arg(long, default_value_t = 1000)]
+        batch: u32,
+        #[arg(long, default_value_t = 0)]
+        pause_every: u32,
+    },
+}
+
+fn parse_listen(spec: &str) -> (SocketAddr, String) {
+    let (addr, tag) = spec.rsplit_once('=').expect("--listen ADDR=TAG");
+    (addr.parse().expect("--listen address"), tag.to_string())
+}
+
+fn enter_netns(path: &PathBuf) {
+    let file = std::fs::File::open(path).expect("open netns");
+    let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns {}: {}", path.display(), std::io::Error::last_os_error());
+}
+
+fn serve_tcp(listener: TcpListener, tag: String) {
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        let tag = tag.clone();
+        thread::spawn(move || {
+            let _ = stream.write_all(format!("{tag}\n").as_bytes());
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(300)));
+            let mut sink = [0u8; 256];
+            while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
+        });
+    }
+}
+
+fn bind_tcp(addr: SocketAddr) -> TcpListener {
+    TcpListener::bind(addr).unwrap_or_else(|err| panic!("bind {addr}: {err}"))
+}
+
+fn main() {
+    match Probe::parse().command {
+        Command::ServeTcp { listen, netns } => {
+            let specs: Vec<_> = listen.iter().map(|s| parse_listen(s)).collect();
+            let mut threads = Vec::new();
+            if netns.is_empty() {
+                for (addr, tag) in specs {
+                    let listener = bind_tcp(addr);
+                    threads.push(thread::spawn(move || serve_tcp(listener, tag)));
+                }
+            } else {
+                let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+                for ns in netns {
+                    for (addr, tag) in specs.clone() {
+                        let (ns, ready) = (ns.clone(), ready_tx.clone());
+                        threads.push(thread::spawn(move || {
+                            enter_netns(&ns); // per thread: sockets made here live in `ns`
+                            let listener = bind_tcp(addr);
+                            ready.send(()).unwrap();
+                            serve_tcp(listener, tag)
+                        }));
+                    }
+                }
+                drop(ready_tx);
+                for _ in ready_rx.iter() {}
+            }
+            println!("ready");
+            for t in threads {
+                let _ = t.join();
+            }
+        }
+        Command::ServeUdp { listen } => {
+            let mut threads = Vec::new();
+            for (addr, tag) in listen.iter().map(|s| parse_listen(s)) {
+                let socket = UdpSocket::bind(addr).unwrap_or_else(|err| panic!("bind {addr}: {err}"));
+                threads.push(thread::spawn(move || {
+                    let mut buf = [0u8; 1500];
+                    while let Ok((_, from)) = socket.recv_from(&mut buf) {
+                        let _ = socket.send_to(tag.as_bytes(), from);
+                    }
+                }));
+            }
+            println!("ready");
+            for t in threads {
+                let _ = t.join();
+            }
+        }
+        Command::Tcp { target, count, max_seconds } => {
+            let deadline = Instant::now() + Duration::from_secs(max_seconds);
+            let mut tags: BTreeMap<String, u32> = BTreeMap::new();
+            let mut errors: BTreeMap<String, u32> = BTreeMap::new();
+            let (mut peer_is_target, mut peer_other) = (0u32, BTreeMap::<String, u32>::new());
+            for _ in 0..count {
+                if Instant::now() > deadline {
+                    break;
+                }
+                match tcp_once(target) {
+                    Ok((tag, peer)) => {
+                        *tags.entry(tag).or_default() += 1;
+                        if peer == target {
+                            peer_is_target += 1;
+                        } else {
+                            *peer_other.entry(peer.to_string()).or_default() += 1;
+                        }
+                    }
+                    Err(err) => *errors.entry(format!("{:?}", err.kind())).or_default() += 1,
+                }
+            }
+            println!("{}", json!({ "tags": tags, "errors": errors, "peer_is_target": peer_is_target, "peer_other": peer_other }));
+        }
+        Command::Udp { target, count, one_socket } => {
+            let bind: SocketAddr = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
+            let mut tags: BTreeMap<String, u32> = BTreeMap::new();
+            let mut errors: BTreeMap<String, u32> = BTreeMap::new();
+            let (mut from_target, mut from_other) = (0u32, 0u32);
+            let shared = one_socket.then(|| UdpSocket::bind(bind).expect("bind"));
+            for _ in 0..count {
+                let fresh;
+                let socket = match &shared {
+                    Some(s) => s,
+                    None => {
+                        fresh = UdpSocket::bind(bind).expect("bind");
+                        &fresh
+                    }
+                };
+                socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                let mut buf = [0u8; 1500];
+                let result = socket.send_to(b"q", target).and_then(|_| socket.recv_from(&mut buf));
+                match result {
+                    Ok((n, from)) => {
+                        *tags.entry(String::from_utf8_lossy(&buf[..n]).into_owned()).or_default() += 1;
+                        if from == target { from_target += 1 } else { from_other += 1 }
+                    }
+                    Err(err) => *errors.entry(format!("{:?}", err.kind())).or_default() += 1,
+                }
+            }
+            println!("{}", json!({ "tags": tags, "errors": errors, "from_target": from_target, "from_other": from_other }));
+        }
+        Command::Churn { target, count, batch, pause_every } => {
+            let bind: SocketAddr = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
+            let mut done = 0u32;
+            let mut send_errors = 0u32;
+            while done < count {
+                let n = batch.min(count - done);
+                let sockets: Vec<UdpSocket> = (0..n)
+                    .map(|_| {
+                        let s = UdpSocket::bind(bind).expect("bind");
+                        if s.send_to(b"x", target).is_err() {
+                            send_errors += 1;
+                        }
+                        s
+                    })
+                    .collect();
+                done += n;
+                if pause_every > 0 && done % pause_every == 0 && done < count {
+                    println!("paused {done} {}", sockets.len());
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line).unwrap();
+                }
+                drop(sockets);
+            }
+            println!("{}", json!({ "sockets": done, "send_errors": send_errors }));
+        }
+    }
+}
+
+fn tcp_once(target: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
+    let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(3))?;
+    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let peer = stream.peer_addr()?;
+    let mut tag = Vec::new();
+    let mut byte = [0u8; 1];
+    while stream.read(&mut byte)? == 1 && byte[0] != b'\n' {
+        tag.push(byte[0]);
+    }
+    Ok((String::from_utf8_lossy(&tag).into_owned(), peer))
+}
