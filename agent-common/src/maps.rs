@@ -134,9 +134,14 @@ pub struct SocketEntry {
     pub service_id: u32,
     pub side: u8,
     pub family: u8,
-    pub _pad: u16,
+    /// SOCKET_* bits, set by sock_ops as the connection progresses.
+    pub flags: u16,
 }
 const _: () = assert!(core::mem::size_of::<SocketEntry>() == 44);
+
+/// `SocketEntry::flags`: the TCP connection reached ESTABLISHED, so a reset from now on is a
+/// reset of an established connection (not a refused attempt).
+pub const SOCKET_ESTABLISHED: u16 = 1 << 0;
 
 /// Key of COUNTERS.
 #[repr(C)]

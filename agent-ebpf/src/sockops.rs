@@ -1,14 +1,16 @@
-//! Kernel health signals per service and side, from TCP's own state machine.
+//! Kernel health signals per service and side, from TCP's own state machine and its reset
+//! tracepoint.
 
+use agent_common::SOCKET_ESTABLISHED;
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTO_CB, BPF_SOCK_OPS_RTO_CB_FLAG,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE, BPF_TCP_ESTABLISHED, BPF_TCP_SYN_SENT,
+        BPF_TCP_CLOSE, BPF_TCP_SYN_SENT,
     },
     helpers::bpf_get_socket_cookie,
-    macros::sock_ops,
-    programs::SockOpsContext,
+    macros::{btf_tracepoint, sock_ops},
+    programs::{BtfTracePointContext, SockOpsContext},
     EbpfContext,
 };
 
@@ -26,10 +28,10 @@ pub fn sock_health(ctx: SockOpsContext) -> u32 {
         return 1;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(entry) = (unsafe { SOCKETS.get(cookie) }) else {
+    let Some(entry) = SOCKETS.get_ptr_mut(cookie) else {
         return 1; // not a steered socket
     };
-    let (service_id, side) = (entry.service_id, entry.side);
+    let (service_id, side) = unsafe { ((*entry).service_id, (*entry).side) };
     match op {
         BPF_SOCK_OPS_TCP_CONNECT_CB => {
             // Ask for state and RTO callbacks on steered sockets only. If the kernel refuses,
@@ -37,6 +39,7 @@ pub fn sock_health(ctx: SockOpsContext) -> u32 {
             let _ = ctx.set_cb_flags((BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG) as i32);
         }
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            unsafe { (*entry).flags |= SOCKET_ESTABLISHED };
             let srtt_us = srtt_us(&ctx);
             bump(service_id, side, |c| {
                 c.established += 1;
@@ -45,20 +48,30 @@ pub fn sock_health(ctx: SockOpsContext) -> u32 {
             });
         }
         BPF_SOCK_OPS_STATE_CB => {
-            let (old, new) = (ctx.arg(0), ctx.arg(1));
-            if old == BPF_TCP_SYN_SENT && new == BPF_TCP_CLOSE {
+            // Refused, timed out or reset before ESTABLISHED.
+            if ctx.arg(0) == BPF_TCP_SYN_SENT && ctx.arg(1) == BPF_TCP_CLOSE {
                 bump(service_id, side, |c| c.failed_attempts += 1);
-            } else if old == BPF_TCP_ESTABLISHED && new == BPF_TCP_CLOSE {
-                // Straight from ESTABLISHED to CLOSE is a reset: an orderly close passes
-                // through FIN_WAIT or CLOSE_WAIT, and a local abort happens after sock_release
-                // has already forgotten the socket.
-                bump(service_id, side, |c| c.resets += 1);
             }
         }
         BPF_SOCK_OPS_RTO_CB => bump(service_id, side, |c| c.rto += 1),
         _ => {}
     }
     1
+}
+
+/// A reset received by any socket (`tcp_reset()`): counted for steered sockets that had
+/// reached ESTABLISHED. The tracepoint is the only place that tells a reset from an orderly
+/// close in every TCP state; a reset in SYN_SENT is a failed attempt, counted above.
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
+    let sk: *mut core::ffi::c_void = ctx.arg(0);
+    let cookie = unsafe { bpf_get_socket_cookie(sk) };
+    if let Some(entry) = unsafe { SOCKETS.get(cookie) } {
+        if entry.flags & SOCKET_ESTABLISHED != 0 {
+            bump(entry.service_id, entry.side, |c| c.resets += 1);
+        }
+    }
+    0
 }
 
 /// The kernel keeps srtt scaled by 8.

@@ -137,7 +137,7 @@ pub fn steer(
         service_id: frontend.service_id,
         side,
         family,
-        _pad: 0,
+        flags: 0,
     };
     // Record before rewriting: a socket we cannot translate back must not be steered.
     if SOCKETS.insert(cookie, entry, 0).is_err() {

@@ -1,7 +1,10 @@
 //! The local control API (JSON over HTTP). Every handler validates fully before it touches the
 //! datapath, so a refused request changes nothing.
 
-use std::sync::{Arc, Mutex};
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
 
 use agent_common::{ppm_to_percent, SideCounters};
 use axum::{
@@ -9,13 +12,13 @@ use axum::{
     extract::{rejection::BytesRejection, DefaultBodyLimit, Path, State},
     http::StatusCode,
     response::{IntoResponse, Response},
-    routing::{get, put},
+    routing::{get, post, put},
     Json, Router,
 };
 use serde_json::{json, Map, Value};
 
 use crate::{
-    config::validate_percent,
+    config::{validate_percent, validate_service, ServiceConfig},
     datapath::{Datapath, DatapathError, ServiceCounters, ServiceView},
 };
 
@@ -24,14 +27,19 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 pub struct AppState {
     pub datapath: Mutex<Datapath>,
+    /// cgroup v2 root, for cohort cgroups given as relative paths.
+    pub cgroup_root: Option<PathBuf>,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/v1/services", get(list_services))
-        .route("/v1/services/{name}", get(get_service))
+        .route("/v1/services/{name}", get(get_service).put(put_service).delete(delete_service))
         .route("/v1/services/{name}/canary", put(put_canary))
+        .route("/v1/services/{name}/rollback", post(rollback))
+        .route("/v1/services/{name}/promote", post(promote))
+        .route("/v1/datapath", get(datapath_status))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -138,10 +146,106 @@ async fn put_canary(
     };
     let ppm = validate_percent(percent, "percent")
         .map_err(|err| ApiError::invalid("out_of_range", "percent", format!("`percent` {}", err.message)))?;
+    set_weight(&state, &name, ppm)
+}
+
+/// Creates or replaces a service; the body has the fields of a `[[service]]` table (`name` may be
+/// left out; if given it must match the path). 201 when created, 200 when replaced.
+async fn put_service(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let mut body = read_json_object(body)?;
+    match body.get("name") {
+        None => {
+            body.insert("name".into(), Value::String(name.clone()));
+        }
+        Some(Value::String(given)) if *given == name => {}
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "invalid_field",
+                "name",
+                format!("`name` in the body ({other}) differs from the service in the path ({name:?})"),
+            ))
+        }
+    }
+    let config: ServiceConfig = serde_path_to_error::deserialize(Value::Object(body)).map_err(|err| {
+        let field = err.path().to_string();
+        let message = err.inner().to_string();
+        let code = if message.starts_with("unknown field") {
+            "unknown_field"
+        } else if message.starts_with("missing field") {
+            "missing_field"
+        } else if message.starts_with("invalid type") {
+            "invalid_type"
+        } else {
+            "invalid_field"
+        };
+        ApiError::invalid(code, &field, format!("`{field}`: {message}"))
+    })?;
+    let spec = validate_service(&config, "", state.cgroup_root.as_deref())
+        .map_err(|err| ApiError::invalid("invalid_field", &err.field, err.to_string()))?;
+
     let mut datapath = state.datapath.lock().expect("datapath lock");
-    datapath.set_weight(&name, ppm)?;
+    for frontend in &spec.frontends {
+        if let Some(owner) = datapath.frontend_owner(frontend).filter(|owner| *owner != name) {
+            return Err(ApiError {
+                status: StatusCode::CONFLICT,
+                code: "frontend_in_use",
+                message: format!("frontend {frontend} already belongs to service {owner:?}"),
+                field: Some("frontends".into()),
+            });
+        }
+    }
+    let created = datapath.service(&name).is_none();
+    datapath.replace_service(spec)?;
+    log::info!("service {name}: {}", if created { "added" } else { "replaced" });
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(service_state(&datapath, &name)?)))
+}
+
+async fn delete_service(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let mut datapath = state.datapath.lock().expect("datapath lock");
+    let before = service_state(&datapath, &name)?;
+    datapath.remove_service(&name)?;
+    log::info!("service {name}: removed");
+    Ok(Json(before))
+}
+
+/// Kill switch: canary to 0 in one map update per frontend.
+async fn rollback(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    set_weight(&state, &name, 0)
+}
+
+async fn promote(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    set_weight(&state, &name, agent_common::PPM_MAX)
+}
+
+fn set_weight(state: &AppState, name: &str, ppm: u32) -> Result<Json<Value>, ApiError> {
+    let mut datapath = state.datapath.lock().expect("datapath lock");
+    datapath.set_weight(name, ppm)?;
     log::info!("service {name}: canary weight set to {} %", ppm_to_percent(ppm));
-    Ok(Json(service_state(&datapath, &name)?))
+    Ok(Json(service_state(&datapath, name)?))
+}
+
+/// Datapath-wide figures: services and the socket table's use.
+async fn datapath_status(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let datapath = state.datapath.lock().expect("datapath lock");
+    Json(json!({
+        "services": datapath.service_names().len(),
+        "open_steered_sockets": datapath.open_steered_sockets(),
+        "steered_socket_capacity": agent_common::MAX_STEERED_SOCKETS,
+    }))
 }
 
 /// Parses a request body that must be a JSON object.

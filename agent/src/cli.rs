@@ -127,7 +127,10 @@ fn run_agent(config_path: &std::path::Path, check_only: bool) -> anyhow::Result<
             config.services.len(),
             config.api
         );
-        let state = Arc::new(AppState { datapath: Mutex::new(datapath) });
+        let state = Arc::new(AppState {
+            datapath: Mutex::new(datapath),
+            cgroup_root: paths::cgroup2_root().ok(),
+        });
 
         let reaper_state = state.clone();
         tokio::spawn(async move {

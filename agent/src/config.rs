@@ -229,7 +229,7 @@ pub fn validate_services(
         for frontend in &spec.frontends {
             if !frontends.insert(*frontend) {
                 return Err(InvalidField::new(
-                    format!("{prefix}.frontends"),
+                    format!("{prefix} {:?}.frontends", spec.name),
                     format!("{frontend} is already a frontend of another service"),
                 ));
             }
@@ -239,32 +239,37 @@ pub fn validate_services(
     Ok(specs)
 }
 
-/// Validates one service. `prefix` names it in errors (`service[2]`, or `body` for the API).
+/// Validates one service. `prefix` names it in errors (`service[2]` for the config file; empty
+/// for an API body, whose fields are then named bare: `canary_percent`, `stable[1]`).
 pub fn validate_service(
     service: &ServiceConfig,
     prefix: &str,
     cgroup_root: Option<&Path>,
 ) -> Result<ServiceSpec, InvalidField> {
     let name = &service.name;
+    let join = |prefix: &str, field: &str| {
+        if prefix.is_empty() { field.to_string() } else { format!("{prefix}.{field}") }
+    };
     if !valid_name(name) {
         return Err(InvalidField::new(
-            format!("{prefix}.name"),
+            join(prefix, "name"),
             format!("{name:?} is not a valid name: use 1 to 63 of a-z, 0-9, '-', '_', '.'"),
         ));
     }
-    let prefix = format!("{prefix} {name:?}");
-    let frontends = parse_addrs(&service.frontends, &format!("{prefix}.frontends"))?;
+    let prefix = if prefix.is_empty() { String::new() } else { format!("{prefix} {name:?}") };
+    let field = |rest: &str| join(&prefix, rest);
+    let frontends = parse_addrs(&service.frontends, &field("frontends"))?;
     if frontends.is_empty() {
-        return Err(InvalidField::new(format!("{prefix}.frontends"), "at least one is required"));
+        return Err(InvalidField::new(field("frontends"), "at least one is required"));
     }
-    let stable = parse_addrs(&service.stable, &format!("{prefix}.stable"))?;
-    let canary = parse_addrs(&service.canary, &format!("{prefix}.canary"))?;
+    let stable = parse_addrs(&service.stable, &field("stable"))?;
+    let canary = parse_addrs(&service.canary, &field("canary"))?;
     for (side, addrs) in [("stable", &stable), ("canary", &canary)] {
         for v4 in [true, false] {
             let count = addrs.iter().filter(|a| a.is_ipv4() == v4).count();
             if count > MAX_BACKENDS_PER_SIDE as usize {
                 return Err(InvalidField::new(
-                    format!("{prefix}.{side}"),
+                    field(side),
                     format!(
                         "{count} IPv{} backends, at most {MAX_BACKENDS_PER_SIDE} per side",
                         if v4 { 4 } else { 6 }
@@ -278,7 +283,7 @@ pub fn validate_service(
         let same_family = stable.iter().chain(&canary).any(|b| b.is_ipv4() == frontend.is_ipv4());
         if has_backends && !same_family {
             return Err(InvalidField::new(
-                format!("{prefix}.frontends"),
+                field("frontends"),
                 format!(
                     "{frontend} is IPv{} but the service has no IPv{} backend to send it to",
                     if frontend.is_ipv4() { 4 } else { 6 },
@@ -287,18 +292,18 @@ pub fn validate_service(
             ));
         }
     }
-    let canary_ppm = validate_percent(service.canary_percent, &format!("{prefix}.canary_percent"))?;
+    let canary_ppm = validate_percent(service.canary_percent, &field("canary_percent"))?;
     let mut cohorts = Vec::with_capacity(service.cohorts.len());
     for (index, cohort) in service.cohorts.iter().enumerate() {
-        let field = format!("{prefix}.cohort[{index}].cgroups");
+        let cgroups_field = field(&format!("cohort[{index}].cgroups"));
         if cohort.cgroups.is_empty() {
-            return Err(InvalidField::new(field, "at least one cgroup is required"));
+            return Err(InvalidField::new(cgroups_field, "at least one cgroup is required"));
         }
         let cgroup_ids = cohort
             .cgroups
             .iter()
             .enumerate()
-            .map(|(i, cgroup)| resolve_cgroup(cgroup, cgroup_root, &format!("{field}[{i}]")))
+            .map(|(i, cgroup)| resolve_cgroup(cgroup, cgroup_root, &format!("{cgroups_field}[{i}]")))
             .collect::<Result<Vec<_>, _>>()?;
         cohorts.push(Cohort { cgroup_ids, canary: cohort.canary });
     }

@@ -23,9 +23,9 @@ use agent_common::{
 use aya::{
     maps::{Array, HashMap, MapData, MapError, PerCpuHashMap, PerCpuValues},
     programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, SockOps,
+        BtfTracePoint, CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, SockOps,
     },
-    Ebpf, EbpfError, EbpfLoader,
+    Btf, BtfError, Ebpf, EbpfError, EbpfLoader,
 };
 
 use crate::config::{Affinity, CohortCanary, ServiceSpec};
@@ -51,6 +51,7 @@ const SOCK_ADDR_PROGRAMS: [&str; 8] = [
 ];
 const SOCK_RELEASE_PROGRAM: &str = "sock_release";
 const SOCK_OPS_PROGRAM: &str = "sock_health";
+const RESET_TRACEPOINT_PROGRAM: &str = "tcp_receive_reset";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -62,6 +63,8 @@ pub enum DatapathError {
     Load(#[from] EbpfError),
     #[error("program {name}: {source}")]
     Program { name: &'static str, source: ProgramError },
+    #[error("reading kernel BTF from /sys/kernel/btf/vmlinux: {0}")]
+    Btf(#[from] BtfError),
     #[error("map {name} is missing from the eBPF object")]
     MissingMap { name: &'static str },
     #[error("map {name}: {source}")]
@@ -153,6 +156,12 @@ impl Datapath {
         sock_ops
             .attach(&cgroup_file, CgroupAttachMode::Single)
             .map_err(|source| DatapathError::Program { name, source })?;
+
+        let btf = Btf::from_sys_fs()?;
+        let resets: &mut BtfTracePoint = program_mut(&mut ebpf, RESET_TRACEPOINT_PROGRAM)?;
+        let name = RESET_TRACEPOINT_PROGRAM;
+        resets.load("tcp_receive_reset", &btf).map_err(|source| DatapathError::Program { name, source })?;
+        resets.attach().map_err(|source| DatapathError::Program { name, source })?;
 
         let frontends = take_map(&mut ebpf, MAP_FRONTENDS)?;
         let backends: HashMap<MapData, BackendKey, BackendValue> = take_map(&mut ebpf, MAP_BACKENDS)?;
@@ -358,6 +367,11 @@ impl Datapath {
             revision: s.value.revision,
             spec: s.spec.clone(),
         })
+    }
+
+    /// The service that has `frontend`, if any.
+    pub fn frontend_owner(&self, frontend: &SocketAddr) -> Option<&str> {
+        self.services.values().find(|s| s.spec.frontends.contains(frontend)).map(|s| s.spec.name.as_str())
     }
 
     pub fn service_names(&self) -> Vec<String> {

@@ -69,3 +69,9 @@ pub fn assert_share(what: &str, observed: f64, target: f64, tolerance: f64) {
         "{what}: canary share {observed:.2} %, wanted {target} ± {tolerance}"
     );
 }
+
+/// A counter of one side from a service state: `key` in `sides.SIDE` or `sides.SIDE.health`.
+pub fn counter(state: &serde_json::Value, side: &str, key: &str) -> u64 {
+    let side = &state["sides"][side];
+    side[key].as_u64().or_else(|| side["health"][key].as_u64()).unwrap_or_else(|| panic!("no {key} in {side}"))
+}

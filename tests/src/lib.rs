@@ -192,7 +192,12 @@ pub fn place(cmd: &mut Command, placement: Placement<'_>) {
 
 /// Starts the probe with `args` in `placement`.
 pub fn spawn_probe(placement: Placement<'_>, args: &[&str]) -> Spawned {
-    let mut cmd = Command::new(built_binary("sockshift-probe"));
+    spawn_in(placement, &built_binary("sockshift-probe"), args)
+}
+
+/// Starts any program in `placement`, with stdin and stdout piped.
+pub fn spawn_in(placement: Placement<'_>, program: &Path, args: &[&str]) -> Spawned {
+    let mut cmd = Command::new(program);
     cmd.args(args).stdin(Stdio::piped()).stdout(Stdio::piped());
     place(&mut cmd, placement);
     let mut child = cmd.spawn().expect("spawn probe");
@@ -236,6 +241,9 @@ impl TcpReport {
     }
     pub fn error(&self, kind: &str) -> u64 {
         self.raw["errors"][kind].as_u64().unwrap_or(0)
+    }
+    pub fn reset_after_tag(&self) -> u64 {
+        self.raw["reset_after_tag"].as_u64().unwrap_or(0)
     }
     pub fn peer_is_target(&self) -> u64 {
         self.raw["peer_is_target"].as_u64().unwrap_or(0)

@@ -22,7 +22,8 @@ struct Probe {
 #[derive(Subcommand)]
 enum Command {
     /// TCP servers: each accepted connection is sent TAG and a newline, then held until the
-    /// client closes. `--listen ADDR=TAG`, repeatable. With `--netns`, one set per namespace.
+    /// client closes. `--listen ADDR=TAG`, repeatable; `ADDR=TAG!reset` resets each connection
+    /// right after the tag. With `--netns`, one set per namespace.
     ServeTcp {
         #[arg(long, required = true)]
         listen: Vec<String>,
@@ -44,6 +45,9 @@ enum Command {
         /// Stop after this many seconds even if COUNT is not reached.
         #[arg(long, default_value_t = 120)]
         max_seconds: u64,
+        /// After the tag, read until the server closes; a reset then counts as `reset_after_tag`.
+        #[arg(long)]
+        drain: bool,
     },
     /// COUNT UDP exchanges with TARGET, each on a new unconnected socket (or, with
     /// `--one-socket`, all on one); counts tags and whether replies came from TARGET.
@@ -82,11 +86,29 @@ fn enter_netns(path: &PathBuf) {
 }
 
 fn serve_tcp(listener: TcpListener, tag: String) {
+    let (tag, reset) = match tag.strip_suffix("!reset") {
+        Some(tag) => (tag.to_string(), true),
+        None => (tag, false),
+    };
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
         let tag = tag.clone();
         thread::spawn(move || {
             let _ = stream.write_all(format!("{tag}\n").as_bytes());
+            if reset {
+                // Linger 0: close sends RST instead of FIN.
+                let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+                unsafe {
+                    libc::setsockopt(
+                        std::os::fd::AsRawFd::as_raw_fd(&stream),
+                        libc::SOL_SOCKET,
+                        libc::SO_LINGER,
+                        (&linger as *const libc::linger).cast(),
+                        std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                    );
+                }
+                return;
+            }
             let _ = stream.set_read_timeout(Some(Duration::from_secs(300)));
             let mut sink = [0u8; 256];
             while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
@@ -110,6 +132,7 @@ fn main() {
                 }
             } else {
                 let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+                let expected = netns.len() * specs.len();
                 for ns in netns {
                     for (addr, tag) in specs.clone() {
                         let (ns, ready) = (ns.clone(), ready_tx.clone());
@@ -121,8 +144,9 @@ fn main() {
                         }));
                     }
                 }
-                drop(ready_tx);
-                for _ in ready_rx.iter() {}
+                for _ in 0..expected {
+                    ready_rx.recv().expect("a server thread failed to bind");
+                }
             }
             println!("ready");
             for t in threads {
@@ -145,17 +169,19 @@ fn main() {
                 let _ = t.join();
             }
         }
-        Command::Tcp { target, count, max_seconds } => {
+        Command::Tcp { target, count, max_seconds, drain } => {
             let deadline = Instant::now() + Duration::from_secs(max_seconds);
             let mut tags: BTreeMap<String, u32> = BTreeMap::new();
             let mut errors: BTreeMap<String, u32> = BTreeMap::new();
             let (mut peer_is_target, mut peer_other) = (0u32, BTreeMap::<String, u32>::new());
+            let mut reset_after_tag = 0u32;
             for _ in 0..count {
                 if Instant::now() > deadline {
                     break;
                 }
-                match tcp_once(target) {
-                    Ok((tag, peer)) => {
+                match tcp_once(target, drain) {
+                    Ok((tag, peer, reset)) => {
+                        reset_after_tag += reset as u32;
                         *tags.entry(tag).or_default() += 1;
                         if peer == target {
                             peer_is_target += 1;
@@ -166,7 +192,7 @@ fn main() {
                     Err(err) => *errors.entry(format!("{:?}", err.kind())).or_default() += 1,
                 }
             }
-            println!("{}", json!({ "tags": tags, "errors": errors, "peer_is_target": peer_is_target, "peer_other": peer_other }));
+            println!("{}", json!({ "tags": tags, "errors": errors, "peer_is_target": peer_is_target, "peer_other": peer_other, "reset_after_tag": reset_after_tag }));
         }
         Command::Udp { target, count, one_socket } => {
             let bind: SocketAddr = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
@@ -183,7 +209,7 @@ fn main() {
                         &fresh
                     }
                 };
-                socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                socket.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
                 let mut buf = [0u8; 1500];
                 let result = socket.send_to(b"q", target).and_then(|_| socket.recv_from(&mut buf));
                 match result {
@@ -224,7 +250,7 @@ fn main() {
     }
 }
 
-fn tcp_once(target: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
+fn tcp_once(target: SocketAddr, drain: bool) -> std::io::Result<(String, SocketAddr, bool)> {
     let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(3))?;
     stream.set_read_timeout(Some(Duration::from_secs(3)))?;
     let peer = stream.peer_addr()?;
@@ -233,5 +259,21 @@ fn tcp_once(target: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
     while stream.read(&mut byte)? == 1 && byte[0] != b'\n' {
         tag.push(byte[0]);
     }
-    Ok((String::from_utf8_lossy(&tag).into_owned(), peer))
+    let mut reset = false;
+    if drain {
+        // Our FIN lets a holding server close; a resetting one answers with RST.
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        let mut sink = [0u8; 256];
+        loop {
+            match stream.read(&mut sink) {
+                Ok(0) => break,
+                Ok(_) => continue,
+                Err(err) => {
+                    reset = err.kind() == std::io::ErrorKind::ConnectionReset;
+                    break;
+                }
+            }
+        }
+    }
+    Ok((String::from_utf8_lossy(&tag).into_owned(), peer, reset))
 }
