@@ -117,6 +117,9 @@ pub struct Datapath {
     cohorts: HashMap<MapData, CohortKey, u32>,
     services: BTreeMap<String, Installed>,
     next_revision: u32,
+    /// Service ids: never used yet from `next_service_id` on, and released ones.
+    next_service_id: u32,
+    released_service_ids: Vec<u32>,
     /// Backend slots of replaced revisions, with when they stopped being referenced.
     retired: Vec<(Instant, Vec<BackendKey>)>,
     nr_cpus: usize,
@@ -185,6 +188,8 @@ impl Datapath {
             counters,
             cohorts,
             services: BTreeMap::new(),
+            next_service_id: 0,
+            released_service_ids: Vec::new(),
             next_revision,
             retired: vec![(Instant::now(), leftover)],
             nr_cpus,
@@ -240,9 +245,7 @@ impl Datapath {
                 let key = CounterKey { service_id: id, side: side as u32 };
                 // Keep counts a previous run left for this id: they are still this side's.
                 if self.counters.get(&key, 0).is_err() {
-                    let zero = PerCpuValues::try_from(vec![SideCounters::default(); self.nr_cpus])
-                        .map_err(|err| map_err(MAP_COUNTERS)(MapError::from(err)))?;
-                    self.counters.insert(key, zero, 0).map_err(map_err(MAP_COUNTERS))?;
+                    self.insert_zero_counters(key)?;
                 }
             }
         }
@@ -358,6 +361,7 @@ impl Datapath {
             let _ = self.counters.remove(&CounterKey { service_id: installed.id, side: side as u32 });
         }
         self.retired.push((Instant::now(), installed.backend_slots));
+        self.released_service_ids.push(installed.id);
         Ok(())
     }
 
@@ -411,6 +415,27 @@ impl Datapath {
         }
     }
 
+    /// Creates a side's counters. Per-CPU entries come from the kernel's per-CPU allocator,
+    /// which fails with ENOMEM while it grows its pool in the background (it may not sleep in
+    /// this path), so a short retry rides that out.
+    fn insert_zero_counters(&mut self, key: CounterKey) -> Result<(), DatapathError> {
+        let mut attempt = 0;
+        loop {
+            let zero = PerCpuValues::try_from(vec![SideCounters::default(); self.nr_cpus])
+                .map_err(|err| map_err(MAP_COUNTERS)(MapError::from(err)))?;
+            match self.counters.insert(key, zero, 0) {
+                Ok(()) => return Ok(()),
+                Err(MapError::SyscallError(err))
+                    if err.io_error.raw_os_error() == Some(libc::ENOMEM) && attempt < 200 =>
+                {
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(err) => return Err(map_err(MAP_COUNTERS)(err)),
+            }
+        }
+    }
+
     fn delete_backends(&mut self, slots: &[BackendKey]) {
         for key in slots {
             let _ = self.backends.remove(key);
@@ -424,9 +449,15 @@ impl Datapath {
         revision
     }
 
-    fn free_service_id(&self) -> Result<u32, DatapathError> {
-        let used: HashSet<u32> = self.services.values().map(|s| s.id).collect();
-        (0..MAX_SERVICES).find(|id| !used.contains(id)).ok_or(DatapathError::TooManyServices)
+    fn free_service_id(&mut self) -> Result<u32, DatapathError> {
+        if let Some(id) = self.released_service_ids.pop() {
+            return Ok(id);
+        }
+        if self.next_service_id >= MAX_SERVICES {
+            return Err(DatapathError::TooManyServices);
+        }
+        self.next_service_id += 1;
+        Ok(self.next_service_id - 1)
     }
 }
 
