@@ -1,45 +1,54 @@
-//! The local control API (JSON over HTTP). Every handler validates fully before it touches the
-//! datapath, so a refused request changes nothing.
+//! The local control API (JSON over HTTP). Every handler authorizes and validates fully before it
+//! touches anything, so a refused request changes nothing; every accepted change is audited.
 
-use std::{
-    path::PathBuf,
-    sync::{Arc, Mutex},
-};
+use std::{path::PathBuf, sync::Mutex};
 
 use agent_common::{ppm_to_percent, SideCounters};
 use axum::{
     body::Bytes,
-    extract::{rejection::BytesRejection, DefaultBodyLimit, Path, State},
-    http::StatusCode,
+    extract::{rejection::BytesRejection, DefaultBodyLimit, Path, Query, State},
+    http::{header, HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     routing::{get, post, put},
     Json, Router,
 };
 use serde_json::{json, Map, Value};
+use std::sync::Arc;
 
 use crate::{
-    config::{validate_percent, validate_service, ServiceConfig},
-    datapath::{Datapath, DatapathError, ServiceCounters, ServiceView},
+    audit::AuditLog,
+    config::{Role, ServiceConfig, Token},
+    control::{ControlError, Core},
+    datapath::{Datapath, DatapathError},
 };
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
+/// The OpenAPI description of this API, served at /v1/openapi.json.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
 pub struct AppState {
-    pub datapath: Mutex<Datapath>,
-    /// cgroup v2 root, for cohort cgroups given as relative paths.
-    pub cgroup_root: Option<PathBuf>,
+    pub core: Mutex<Core>,
+    /// `None`: no authentication (the API listens on loopback).
+    pub tokens: Option<Vec<Token>>,
+    pub audit: AuditLog,
+    /// Config file, re-read on change and SIGHUP.
+    pub config_path: PathBuf,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/v1/openapi.json", get(openapi))
         .route("/v1/services", get(list_services))
         .route("/v1/services/{name}", get(get_service).put(put_service).delete(delete_service))
         .route("/v1/services/{name}/canary", put(put_canary))
         .route("/v1/services/{name}/rollback", post(rollback))
         .route("/v1/services/{name}/promote", post(promote))
         .route("/v1/datapath", get(datapath_status))
+        .route("/v1/audit", get(audit_log))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -62,12 +71,7 @@ impl ApiError {
     }
 
     fn invalid(code: &'static str, field: &str, message: impl Into<String>) -> Self {
-        Self {
-            status: StatusCode::BAD_REQUEST,
-            code,
-            message: message.into(),
-            field: Some(field.to_string()),
-        }
+        Self { status: StatusCode::BAD_REQUEST, code, message: message.into(), field: Some(field.to_string()) }
     }
 }
 
@@ -77,28 +81,93 @@ impl IntoResponse for ApiError {
         if let Some(field) = self.field {
             body["field"] = Value::String(field);
         }
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("header"));
+        }
+        response
     }
 }
 
-impl From<DatapathError> for ApiError {
-    fn from(err: DatapathError) -> Self {
+impl From<ControlError> for ApiError {
+    fn from(err: ControlError) -> Self {
         match err {
-            DatapathError::UnknownService(name) => ApiError::new(
-                StatusCode::NOT_FOUND,
-                "service_not_found",
-                format!("no service named {name:?}"),
-            ),
+            ControlError::Invalid(field) => ApiError::invalid("invalid_field", &field.field.clone(), field.to_string()),
+            ControlError::UnknownService(name) => {
+                ApiError::new(StatusCode::NOT_FOUND, "service_not_found", format!("no service named {name:?}"))
+            }
+            ControlError::FrontendInUse { .. } => ApiError {
+                status: StatusCode::CONFLICT,
+                code: "frontend_in_use",
+                message: err.to_string(),
+                field: Some("frontends".into()),
+            },
+            ControlError::Datapath(DatapathError::UnknownService(name)) => {
+                ApiError::new(StatusCode::NOT_FOUND, "service_not_found", format!("no service named {name:?}"))
+            }
             other => {
-                log::error!("datapath update failed: {other}");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "datapath_error", other.to_string())
+                log::error!("change failed: {other}");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", other.to_string())
             }
         }
     }
 }
 
+impl From<DatapathError> for ApiError {
+    fn from(err: DatapathError) -> Self {
+        ControlError::Datapath(err).into()
+    }
+}
+
+/// Who is calling, as established by `authorize`.
+pub struct Caller {
+    pub name: String,
+    pub role: Role,
+}
+
+/// Checks the bearer token against the configured ones and the role `needed`. 401 without a
+/// valid token, 403 with a token whose role is too low. Without auth everyone is `release`.
+fn authorize(state: &AppState, headers: &HeaderMap, needed: Role) -> Result<Caller, ApiError> {
+    let Some(tokens) = &state.tokens else {
+        return Ok(Caller { name: "anonymous".into(), role: Role::Release });
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a bearer token is required"))?;
+    let token = tokens
+        .iter()
+        .find(|t| constant_time_eq(t.secret.as_bytes(), presented.trim().as_bytes()))
+        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown token"))?;
+    if token.role < needed {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("token {:?} has role {}, this needs {}", token.name, role_name(token.role), role_name(needed)),
+        ));
+    }
+    Ok(Caller { name: token.name.clone(), role: token.role })
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+pub fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Viewer => "viewer",
+        Role::Operator => "operator",
+        Role::Release => "release",
+    }
+}
+
 async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
 async fn not_found() -> ApiError {
@@ -109,28 +178,42 @@ async fn method_not_allowed() -> ApiError {
     ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
 }
 
-async fn list_services(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
-    let datapath = state.datapath.lock().expect("datapath lock");
-    let mut services = Vec::new();
-    for name in datapath.service_names() {
-        services.push(service_state(&datapath, &name)?);
-    }
+async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authorize(&state, &headers, Role::Viewer)?;
+    let core = state.core.lock().expect("core lock");
+    let text = crate::metrics::render(&core)?;
+    Ok(([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response())
+}
+
+async fn list_services(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers, Role::Viewer)?;
+    let core = state.core.lock().expect("core lock");
+    let services = core
+        .datapath
+        .service_names()
+        .iter()
+        .map(|name| service_state(&core.datapath, name))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Json(json!({ "services": services })))
 }
 
 async fn get_service(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let datapath = state.datapath.lock().expect("datapath lock");
-    Ok(Json(service_state(&datapath, &name)?))
+    authorize(&state, &headers, Role::Viewer)?;
+    let core = state.core.lock().expect("core lock");
+    Ok(Json(service_state(&core.datapath, &name)?))
 }
 
 async fn put_canary(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
     Path(name): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let caller = authorize(&state, &headers, Role::Operator)?;
     let body = read_json_object(body)?;
     reject_unknown_fields(&body, &["percent"])?;
     let percent = match body.get("percent") {
@@ -144,18 +227,60 @@ async fn put_canary(
             ))
         }
     };
-    let ppm = validate_percent(percent, "percent")
+    crate::config::validate_percent(percent, "percent")
         .map_err(|err| ApiError::invalid("out_of_range", "percent", format!("`percent` {}", err.message)))?;
-    set_weight(&state, &name, ppm)
+    let path = format!("/v1/services/{name}/canary");
+    change_weight(&state, &caller, &name, percent, &path)
+}
+
+/// Kill switch: canary to 0 at once.
+async fn rollback(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let caller = authorize(&state, &headers, Role::Operator)?;
+    change_weight(&state, &caller, &name, 0.0, &format!("/v1/services/{name}/rollback"))
+}
+
+async fn promote(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let caller = authorize(&state, &headers, Role::Release)?;
+    change_weight(&state, &caller, &name, 100.0, &format!("/v1/services/{name}/promote"))
+}
+
+fn change_weight(state: &AppState, caller: &Caller, name: &str, percent: f64, route: &str) -> Result<Json<Value>, ApiError> {
+    let mut core = state.core.lock().expect("core lock");
+    let before = core.service(name)?.clone();
+    if caller.role < Role::Release && percent > before.max_operator_percent {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "token {:?} (operator) may set {name} up to {} %, not {percent} %",
+                caller.name, before.max_operator_percent
+            ),
+        ));
+    }
+    core.set_percent(name, percent)?;
+    let after = core.service(name)?.clone();
+    state.audit.record(&caller.name, role_name(caller.role), "PUT/POST", route, json!(before), json!(after));
+    log::info!("service {name}: canary weight set to {percent} % by {}", caller.name);
+    Ok(Json(service_state(&core.datapath, name)?))
 }
 
 /// Creates or replaces a service; the body has the fields of a `[[service]]` table (`name` may be
 /// left out; if given it must match the path). 201 when created, 200 when replaced.
 async fn put_service(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
     Path(name): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let caller = authorize(&state, &headers, Role::Release)?;
     let mut body = read_json_object(body)?;
     match body.get("name") {
         None => {
@@ -184,68 +309,62 @@ async fn put_service(
         };
         ApiError::invalid(code, &field, format!("`{field}`: {message}"))
     })?;
-    let spec = validate_service(&config, "", state.cgroup_root.as_deref())
+    // Validated on its own first so the error names the body's field, not the set's.
+    crate::config::validate_service(&config, "", None)
         .map_err(|err| ApiError::invalid("invalid_field", &err.field, err.to_string()))?;
 
-    let mut datapath = state.datapath.lock().expect("datapath lock");
-    for frontend in &spec.frontends {
-        if let Some(owner) = datapath.frontend_owner(frontend).filter(|owner| *owner != name) {
-            return Err(ApiError {
-                status: StatusCode::CONFLICT,
-                code: "frontend_in_use",
-                message: format!("frontend {frontend} already belongs to service {owner:?}"),
-                field: Some("frontends".into()),
-            });
-        }
-    }
-    let created = datapath.service(&name).is_none();
-    datapath.replace_service(spec)?;
-    log::info!("service {name}: {}", if created { "added" } else { "replaced" });
+    let mut core = state.core.lock().expect("core lock");
+    let before = core.service(&name).ok().cloned();
+    let created = core.put_service(config)?;
+    let after = core.service(&name)?.clone();
+    state.audit.record(&caller.name, role_name(caller.role), "PUT", &format!("/v1/services/{name}"), json!(before), json!(after));
+    log::info!("service {name}: {} by {}", if created { "added" } else { "replaced" }, caller.name);
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok((status, Json(service_state(&datapath, &name)?)))
+    Ok((status, Json(service_state(&core.datapath, &name)?)))
 }
 
 async fn delete_service(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let mut datapath = state.datapath.lock().expect("datapath lock");
-    let before = service_state(&datapath, &name)?;
-    datapath.remove_service(&name)?;
-    log::info!("service {name}: removed");
-    Ok(Json(before))
-}
-
-/// Kill switch: canary to 0 in one map update per frontend.
-async fn rollback(
-    State(state): State<Arc<AppState>>,
-    Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    set_weight(&state, &name, 0)
-}
-
-async fn promote(
-    State(state): State<Arc<AppState>>,
-    Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    set_weight(&state, &name, agent_common::PPM_MAX)
-}
-
-fn set_weight(state: &AppState, name: &str, ppm: u32) -> Result<Json<Value>, ApiError> {
-    let mut datapath = state.datapath.lock().expect("datapath lock");
-    datapath.set_weight(name, ppm)?;
-    log::info!("service {name}: canary weight set to {} %", ppm_to_percent(ppm));
-    Ok(Json(service_state(&datapath, name)?))
+    let caller = authorize(&state, &headers, Role::Release)?;
+    let mut core = state.core.lock().expect("core lock");
+    let last_state = service_state(&core.datapath, &name)?;
+    let removed = core.delete_service(&name)?;
+    state.audit.record(&caller.name, role_name(caller.role), "DELETE", &format!("/v1/services/{name}"), json!(removed), Value::Null);
+    log::info!("service {name}: removed by {}", caller.name);
+    Ok(Json(last_state))
 }
 
 /// Datapath-wide figures: services and the socket table's use.
-async fn datapath_status(State(state): State<Arc<AppState>>) -> Json<Value> {
-    let datapath = state.datapath.lock().expect("datapath lock");
-    Json(json!({
-        "services": datapath.service_names().len(),
-        "open_steered_sockets": datapath.open_steered_sockets(),
+async fn datapath_status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers, Role::Viewer)?;
+    let core = state.core.lock().expect("core lock");
+    Ok(Json(json!({
+        "services": core.datapath.service_names().len(),
+        "open_steered_sockets": core.datapath.open_steered_sockets(),
         "steered_socket_capacity": agent_common::MAX_STEERED_SOCKETS,
-    }))
+    })))
+}
+
+#[derive(serde::Deserialize)]
+struct AuditQuery {
+    limit: Option<usize>,
+}
+
+async fn audit_log(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers, Role::Viewer)?;
+    let Query(query) = query.map_err(|err| ApiError::invalid("invalid_field", "limit", err.body_text()))?;
+    let entries = state
+        .audit
+        .tail(query.limit.unwrap_or(1000))
+        .map_err(|err| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", err.to_string()))?;
+    Ok(Json(json!({ "entries": entries })))
 }
 
 /// Parses a request body that must be a JSON object.
@@ -294,20 +413,15 @@ fn json_type(value: &Value) -> &'static str {
 
 /// The JSON state of one service: its config, current weight and what the kernel counted.
 pub fn service_state(datapath: &Datapath, name: &str) -> Result<Value, ApiError> {
-    let view = datapath
-        .service(name)
-        .ok_or_else(|| DatapathError::UnknownService(name.to_string()))?;
+    let view = datapath.service(name).ok_or_else(|| DatapathError::UnknownService(name.to_string()))?;
     let counters = datapath.counters(name)?;
-    Ok(render_service(&view, &counters))
-}
-
-fn render_service(view: &ServiceView, counters: &ServiceCounters) -> Value {
     let spec = &view.spec;
-    json!({
+    Ok(json!({
         "name": spec.name,
         "canary_percent": ppm_to_percent(spec.canary_ppm),
         "canary_ppm": spec.canary_ppm,
         "affinity": spec.affinity,
+        "max_operator_percent": spec.source.max_operator_percent,
         "frontends": spec.frontends.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "stable": spec.stable.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "canary": spec.canary.iter().map(ToString::to_string).collect::<Vec<_>>(),
@@ -317,7 +431,7 @@ fn render_service(view: &ServiceView, counters: &ServiceCounters) -> Value {
             "stable": render_side(&counters.stable),
             "canary": render_side(&counters.canary),
         },
-    })
+    }))
 }
 
 fn render_side(c: &SideCounters) -> Value {

@@ -29,6 +29,7 @@ pub struct Response {
 
 pub fn request(
     addr: SocketAddr,
+    token: Option<&str>,
     method: &str,
     path: &str,
     body: Option<&Value>,
@@ -38,9 +39,10 @@ pub fn request(
         .map_err(|cause| ClientError::Connect { addr, cause })?;
     stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(io)?;
     let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
+         {auth}Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).map_err(io)?;
@@ -53,11 +55,12 @@ pub fn request(
 /// Like `request`, but an error status becomes `ClientError::Api`.
 pub fn call(
     addr: SocketAddr,
+    token: Option<&str>,
     method: &str,
     path: &str,
     body: Option<&Value>,
 ) -> Result<Value, ClientError> {
-    let response = request(addr, method, path, body)?;
+    let response = request(addr, token, method, path, body)?;
     if (200..300).contains(&response.status) {
         return Ok(response.body);
     }

@@ -55,8 +55,12 @@ pub struct AgentSection {
     pub cgroup: Option<PathBuf>,
     /// Control API listen address: loopback, since the API changes production traffic.
     pub api: String,
-    /// bpffs directory for the pinned maps.
+    /// bpffs directory for the pinned maps and links.
     pub bpffs: PathBuf,
+    /// Directory of the persisted desired state and the audit log.
+    pub state_dir: PathBuf,
+    /// Bearer tokens and their roles; unset: the API is open (it listens on loopback).
+    pub auth: Option<AuthSection>,
 }
 
 impl Default for AgentSection {
@@ -65,8 +69,48 @@ impl Default for AgentSection {
             cgroup: None,
             api: paths::DEFAULT_API.to_string(),
             bpffs: PathBuf::from(paths::DEFAULT_BPFFS_DIR),
+            state_dir: PathBuf::from(paths::DEFAULT_STATE_DIR),
+            auth: None,
         }
     }
+}
+
+/// `[agent.auth]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    pub tokens: Vec<TokenConfig>,
+}
+
+/// `[[agent.auth.tokens]]`: one bearer token. Give the secret inline or, better, in a file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Who holds it: recorded in the audit log.
+    pub name: String,
+    pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub role: Role,
+}
+
+/// What a token may do. Each role may do everything the ones before it may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Read: status, metrics, audit log.
+    Viewer,
+    /// Also: change weights up to the service's `max_operator_percent`, roll back.
+    Operator,
+    /// Also: any weight, promote, add, replace and remove services.
+    Release,
+}
+
+/// A validated token.
+#[derive(Debug, Clone)]
+pub struct Token {
+    pub name: String,
+    pub secret: String,
+    pub role: Role,
 }
 
 /// How the side is chosen.
@@ -120,8 +164,15 @@ pub struct ServiceConfig {
     pub canary_percent: f64,
     #[serde(default)]
     pub affinity: Affinity,
+    /// Highest weight an `operator` token may set (a `release` token may set any).
+    #[serde(default = "default_max_operator_percent")]
+    pub max_operator_percent: f64,
     #[serde(default, rename = "cohort", skip_serializing_if = "Vec::is_empty")]
     pub cohorts: Vec<CohortConfig>,
+}
+
+fn default_max_operator_percent() -> f64 {
+    100.0
 }
 
 /// A cohort with its cgroups resolved to ids.
@@ -151,6 +202,9 @@ pub struct Config {
     pub cgroup: PathBuf,
     pub api: SocketAddr,
     pub bpffs: PathBuf,
+    pub state_dir: PathBuf,
+    /// `None`: no authentication.
+    pub tokens: Option<Vec<Token>>,
     pub services: Vec<ServiceSpec>,
 }
 
@@ -189,9 +243,20 @@ impl Config {
         if file.agent.bpffs.as_os_str().is_empty() || !file.agent.bpffs.is_absolute() {
             return Err(InvalidField::new("agent.bpffs", "must be an absolute path").into());
         }
+        if !file.agent.state_dir.is_absolute() {
+            return Err(InvalidField::new("agent.state_dir", "must be an absolute path").into());
+        }
+        let tokens = file.agent.auth.as_ref().map(validate_tokens).transpose()?;
         let cgroup_root = paths::cgroup2_root().ok();
         let services = validate_services(&file.services, cgroup_root.as_deref())?;
-        Ok(Self { cgroup, api, bpffs: file.agent.bpffs, services })
+        Ok(Self {
+            cgroup,
+            api,
+            bpffs: file.agent.bpffs,
+            state_dir: file.agent.state_dir,
+            tokens,
+            services,
+        })
     }
 }
 
@@ -201,6 +266,33 @@ pub enum ParseError {
     Toml(toml::de::Error),
     #[error(transparent)]
     Invalid(#[from] InvalidField),
+}
+
+fn validate_tokens(auth: &AuthSection) -> Result<Vec<Token>, InvalidField> {
+    if auth.tokens.is_empty() {
+        return Err(InvalidField::new("agent.auth.tokens", "at least one token is required when [agent.auth] is set"));
+    }
+    let mut names = HashSet::new();
+    let mut tokens = Vec::new();
+    for (i, token) in auth.tokens.iter().enumerate() {
+        let field = |rest: &str| format!("agent.auth.tokens[{i}].{rest}");
+        if token.name.is_empty() || !names.insert(token.name.clone()) {
+            return Err(InvalidField::new(field("name"), format!("{:?} is empty or used twice", token.name)));
+        }
+        let secret = match (&token.token, &token.token_file) {
+            (Some(secret), None) => secret.clone(),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map_err(|err| InvalidField::new(field("token_file"), format!("{}: {err}", path.display())))?
+                .trim()
+                .to_string(),
+            _ => return Err(InvalidField::new(field("token"), "set exactly one of `token` and `token_file`")),
+        };
+        if secret.len() < 8 {
+            return Err(InvalidField::new(field("token"), "must be at least 8 characters"));
+        }
+        tokens.push(Token { name: token.name.clone(), secret, role: token.role });
+    }
+    Ok(tokens)
 }
 
 /// Validates a whole set of services: each on its own, then names and frontends unique.
@@ -293,6 +385,7 @@ pub fn validate_service(
         }
     }
     let canary_ppm = validate_percent(service.canary_percent, &field("canary_percent"))?;
+    validate_percent(service.max_operator_percent, &field("max_operator_percent"))?;
     let mut cohorts = Vec::with_capacity(service.cohorts.len());
     for (index, cohort) in service.cohorts.iter().enumerate() {
         let cgroups_field = field(&format!("cohort[{index}].cgroups"));
@@ -481,6 +574,13 @@ mod tests {
         assert!(error_of("[agent]\ncgroup = \"/tmp\"\napi = \"localhost\"").contains("agent.api"));
         assert!(error_of("[agent]\ncgroup = \"/tmp\"\nbpffs = \"rel\"").contains("agent.bpffs"));
         assert!(error_of("[agent]\ncgroupp = \"/tmp\"").contains("cgroupp"));
+        assert!(error_of("[agent]\ncgroup = \"/tmp\"\nstate_dir = \"x\"").contains("agent.state_dir"));
+        let auth = "[agent]\ncgroup = \"/tmp\"\n[[agent.auth.tokens]]\nname = \"a\"\nrole = \"operator\"\n";
+        assert!(error_of(&format!("{auth}token = \"short\"")).contains("agent.auth.tokens[0].token"));
+        assert!(error_of(auth).contains("agent.auth.tokens[0].token"));
+        assert!(error_of(&format!("{auth}token = \"longenough\"\nrole2 = 1")).contains("role2"));
+        let ok = Config::parse(&format!("{auth}token = \"longenough\"")).unwrap();
+        assert_eq!(ok.tokens.unwrap()[0].role, Role::Operator);
     }
 
     #[test]

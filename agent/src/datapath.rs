@@ -10,6 +10,7 @@ use std::{
     collections::{BTreeMap, HashSet},
     fs::File,
     net::SocketAddr,
+    os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -23,7 +24,8 @@ use agent_common::{
 use aya::{
     maps::{Array, HashMap, MapData, MapError, PerCpuHashMap, PerCpuValues},
     programs::{
-        BtfTracePoint, CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, SockOps,
+        links::FdLink, BtfTracePoint, CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError,
+        ProgramFd, SockOps,
     },
     Btf, BtfError, Ebpf, EbpfError, EbpfLoader,
 };
@@ -63,6 +65,10 @@ pub enum DatapathError {
     Load(#[from] EbpfError),
     #[error("program {name}: {source}")]
     Program { name: &'static str, source: ProgramError },
+    #[error("attaching {name}: {source}")]
+    Attach { name: &'static str, source: std::io::Error },
+    #[error("pinned link of {name}: {source}")]
+    Link { name: &'static str, source: std::io::Error },
     #[error("reading kernel BTF from /sys/kernel/btf/vmlinux: {0}")]
     Btf(#[from] BtfError),
     #[error("map {name} is missing from the eBPF object")]
@@ -138,33 +144,54 @@ impl Datapath {
 
         let mut ebpf = EbpfLoader::new().default_map_pin_directory(bpffs_dir).load(EBPF_OBJECT)?;
 
-        // Attached through bpf links, which the kernel always runs alongside other programs on
-        // the cgroup (links take no attach flags: `Single` means none).
+        // Every program is reached through a bpf link pinned under <bpffs>/links, so the
+        // datapath outlives the agent. A link pinned by an earlier run is kept and switched to
+        // the new program in one step (BPF_LINK_UPDATE): the hook is never left empty, which is
+        // what makes restarts and upgrades invisible to connecting sockets.
+        let links_dir = bpffs_dir.join("links");
+        std::fs::create_dir_all(&links_dir)
+            .map_err(|source| DatapathError::Bpffs { path: links_dir.clone(), source })?;
+        let mut link_outcomes = Vec::new();
         for name in SOCK_ADDR_PROGRAMS {
             let program: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
             program.load().map_err(|source| DatapathError::Program { name, source })?;
-            program
-                .attach(&cgroup_file, CgroupAttachMode::Single)
-                .map_err(|source| DatapathError::Program { name, source })?;
+            let outcome = install_link(&links_dir, name, program_fd(program.fd(), name)?, true, || {
+                let id = program.attach(&cgroup_file, CgroupAttachMode::Single).map_err(std::io::Error::other)?;
+                FdLink::try_from(program.take_link(id).map_err(std::io::Error::other)?).map_err(std::io::Error::other)
+            })?;
+            link_outcomes.push((name, outcome));
         }
-        let release: &mut CgroupSock = program_mut(&mut ebpf, SOCK_RELEASE_PROGRAM)?;
         let name = SOCK_RELEASE_PROGRAM;
+        let release: &mut CgroupSock = program_mut(&mut ebpf, name)?;
         release.load().map_err(|source| DatapathError::Program { name, source })?;
-        release
-            .attach(&cgroup_file, CgroupAttachMode::Single)
-            .map_err(|source| DatapathError::Program { name, source })?;
-        let sock_ops: &mut SockOps = program_mut(&mut ebpf, SOCK_OPS_PROGRAM)?;
+        let outcome = install_link(&links_dir, name, program_fd(release.fd(), name)?, true, || {
+            let id = release.attach(&cgroup_file, CgroupAttachMode::Single).map_err(std::io::Error::other)?;
+            FdLink::try_from(release.take_link(id).map_err(std::io::Error::other)?).map_err(std::io::Error::other)
+        })?;
+        link_outcomes.push((name, outcome));
         let name = SOCK_OPS_PROGRAM;
+        let sock_ops: &mut SockOps = program_mut(&mut ebpf, name)?;
         sock_ops.load().map_err(|source| DatapathError::Program { name, source })?;
-        sock_ops
-            .attach(&cgroup_file, CgroupAttachMode::Single)
-            .map_err(|source| DatapathError::Program { name, source })?;
-
+        let outcome = install_link(&links_dir, name, program_fd(sock_ops.fd(), name)?, true, || {
+            let id = sock_ops.attach(&cgroup_file, CgroupAttachMode::Single).map_err(std::io::Error::other)?;
+            FdLink::try_from(sock_ops.take_link(id).map_err(std::io::Error::other)?).map_err(std::io::Error::other)
+        })?;
+        link_outcomes.push((name, outcome));
         let btf = Btf::from_sys_fs()?;
-        let resets: &mut BtfTracePoint = program_mut(&mut ebpf, RESET_TRACEPOINT_PROGRAM)?;
         let name = RESET_TRACEPOINT_PROGRAM;
+        let resets: &mut BtfTracePoint = program_mut(&mut ebpf, name)?;
         resets.load("tcp_receive_reset", &btf).map_err(|source| DatapathError::Program { name, source })?;
-        resets.attach().map_err(|source| DatapathError::Program { name, source })?;
+        // Tracing links cannot be updated in place: the new one is attached before the old one
+        // goes, so a reset may at worst be counted twice during an upgrade, never missed.
+        let outcome = install_link(&links_dir, name, program_fd(resets.fd(), name)?, false, || {
+            let id = resets.attach().map_err(std::io::Error::other)?;
+            Ok(FdLink::from(resets.take_link(id).map_err(std::io::Error::other)?))
+        })?;
+        link_outcomes.push((name, outcome));
+        let adopted = link_outcomes.iter().filter(|(_, o)| *o == LinkOutcome::Updated).count();
+        if adopted > 0 {
+            log::info!("adopted {adopted} pinned links from {}: programs replaced in place", links_dir.display());
+        }
 
         let frontends = take_map(&mut ebpf, MAP_FRONTENDS)?;
         let backends: HashMap<MapData, BackendKey, BackendValue> = take_map(&mut ebpf, MAP_BACKENDS)?;
@@ -200,6 +227,9 @@ impl Datapath {
     /// (including anything an earlier run left in the pinned maps).
     pub fn sync(&mut self, services: &[ServiceSpec]) -> Result<(), DatapathError> {
         for spec in services {
+            if self.services.get(&spec.name).is_some_and(|installed| installed.spec == *spec) {
+                continue; // unchanged: no new revision
+            }
             self.replace_service(spec.clone())?;
         }
         let wanted: HashSet<&str> = services.iter().map(|s| s.name.as_str()).collect();
@@ -459,6 +489,52 @@ impl Datapath {
         self.next_service_id += 1;
         Ok(self.next_service_id - 1)
     }
+}
+
+/// What happened to a program's link at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkOutcome {
+    /// No link was pinned: attached and pinned now.
+    Attached,
+    /// A pinned link now runs the new program (atomic).
+    Updated,
+    /// A pinned link that cannot be updated was replaced by a new one.
+    Replaced,
+}
+
+fn program_fd(fd: Result<&ProgramFd, ProgramError>, name: &'static str) -> Result<OwnedFd, DatapathError> {
+    let fd = fd.map_err(|source| DatapathError::Program { name, source })?;
+    fd.as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| DatapathError::Link { name, source })
+}
+
+/// Makes the link pinned at `<links_dir>/<name>` run `program`: by updating a pinned link in
+/// place, or by attaching (with `attach`) and pinning a new one.
+fn install_link(
+    links_dir: &Path,
+    name: &'static str,
+    program: OwnedFd,
+    updatable: bool,
+    attach: impl FnOnce() -> Result<FdLink, std::io::Error>,
+) -> Result<LinkOutcome, DatapathError> {
+    let pin = links_dir.join(name);
+    let link_err = |source| DatapathError::Link { name, source };
+    if pin.exists() && updatable {
+        let link = crate::bpf_sys::obj_get(&pin).map_err(link_err)?;
+        crate::bpf_sys::link_update(link.as_fd(), program.as_fd()).map_err(link_err)?;
+        return Ok(LinkOutcome::Updated);
+    }
+    let link = attach().map_err(|source| DatapathError::Attach { name, source })?;
+    let outcome = if pin.exists() {
+        // Unpinning the old link detaches it; the new one is already attached.
+        std::fs::remove_file(&pin).map_err(link_err)?;
+        LinkOutcome::Replaced
+    } else {
+        LinkOutcome::Attached
+    };
+    link.pin(&pin).map_err(|err| link_err(std::io::Error::other(err.to_string())))?;
+    Ok(outcome)
 }
 
 fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>

@@ -2,8 +2,13 @@
 //! API. `main.rs` wires these modules; the CLI talks to the API through `client`.
 
 pub mod api;
+pub mod audit;
+pub mod bpf_sys;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod control;
 pub mod datapath;
+pub mod metrics;
 pub mod paths;
+pub mod state;

@@ -11,6 +11,8 @@ use std::{
 pub const DEFAULT_API: &str = "127.0.0.1:9477";
 /// bpffs directory where the maps are pinned.
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/sockshift";
+/// Persisted desired state and audit log.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/sockshift";
 /// Where bpffs is mounted when the machine has not mounted it.
 pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
 

@@ -272,6 +272,9 @@ pub struct Agent {
     pub api: SocketAddr,
     pub config_path: PathBuf,
     pub bpffs: PathBuf,
+    pub state_dir: PathBuf,
+    /// Sent as the bearer token with `call`.
+    pub token: Option<String>,
     process: Option<Child>,
     pub log_path: PathBuf,
 }
@@ -280,19 +283,26 @@ impl Agent {
     /// Writes a config (the `[agent]` section is generated; `services` is TOML for the
     /// `[[service]]` tables) and starts the agent, waiting until its API answers.
     pub fn start(cgroup: &Cgroup, services: &str) -> Self {
+        Self::start_with(cgroup, "", services)
+    }
+
+    /// Like `start`, with `agent_extra` added to the `[agent]` section (e.g. auth tables).
+    pub fn start_with(cgroup: &Cgroup, agent_extra: &str, services: &str) -> Self {
         let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let name = unique_name("agent");
         let dir = std::env::temp_dir().join(&name);
         std::fs::create_dir_all(&dir).unwrap();
         let bpffs = PathBuf::from("/sys/fs/bpf").join(&name);
         let config_path = dir.join("sockshift.toml");
+        let state_dir = dir.join("state");
         let config = format!(
-            "[agent]\ncgroup = {:?}\napi = \"{api}\"\nbpffs = {:?}\n\n{services}",
+            "[agent]\ncgroup = {:?}\napi = \"{api}\"\nbpffs = {:?}\nstate_dir = {:?}\n{agent_extra}\n\n{services}",
             cgroup.path.display().to_string(),
-            bpffs.display().to_string()
+            bpffs.display().to_string(),
+            state_dir.display().to_string(),
         );
         std::fs::write(&config_path, config).unwrap();
-        let mut agent = Self { api, config_path, bpffs, process: None, log_path: dir.join("agent.log") };
+        let mut agent = Self { api, config_path, bpffs, state_dir, token: None, process: None, log_path: dir.join("agent.log") };
         agent.spawn();
         agent
     }
@@ -310,7 +320,7 @@ impl Agent {
         self.process = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if let Ok(r) = agent::client::request(self.api, "GET", "/healthz", None) {
+            if let Ok(r) = agent::client::request(self.api, None, "GET", "/healthz", None) {
                 if r.status == 200 {
                     return;
                 }
@@ -341,15 +351,21 @@ impl Agent {
 
     /// An API call: (status, JSON body).
     pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
-        let r = agent::client::request(self.api, method, path, body).expect("API request");
+        self.call_as(self.token.as_deref(), method, path, body)
+    }
+
+    /// An API call with a given bearer token (or none).
+    pub fn call_as(&self, token: Option<&str>, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+        let r = agent::client::request(self.api, token, method, path, body).expect("API request");
         (r.status, r.body)
     }
 
     /// An API call with a raw body.
     pub fn call_raw(&self, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
         let mut stream = std::net::TcpStream::connect(self.api).expect("connect API");
+        let auth = self.token.as_ref().map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
         let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n",
             body.len()
         );
         stream.write_all(head.as_bytes()).unwrap();

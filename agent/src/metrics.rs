@@ -1,0 +1,87 @@
+//! `GET /metrics`: Prometheus (OpenMetrics) text, built per scrape from the kernel's counters.
+
+use prometheus_client::{
+    encoding::{text::encode, EncodeLabelSet},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, info::Info},
+    registry::Registry,
+};
+
+use crate::{control::Core, datapath::DatapathError};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SideLabels {
+    service: String,
+    side: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailOpenLabels {
+    service: String,
+    side: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+}
+
+pub fn render(core: &Core) -> Result<String, DatapathError> {
+    let mut registry = Registry::with_prefix("sockshift");
+    let side_counter = |registry: &mut Registry, name: &str, help: &str| {
+        let family = Family::<SideLabels, Counter>::default();
+        registry.register(name, help, family.clone());
+        family
+    };
+    let connections = side_counter(&mut registry, "connections_steered", "connect() calls steered to this side");
+    let datagrams = side_counter(&mut registry, "datagrams_steered", "UDP datagrams of unconnected sockets steered to this side");
+    let established = side_counter(&mut registry, "tcp_established", "Steered TCP connections that reached ESTABLISHED");
+    let failed = side_counter(&mut registry, "tcp_failed_attempts", "Steered TCP connection attempts that never established");
+    let resets = side_counter(&mut registry, "tcp_resets", "Established steered TCP connections reset by the peer");
+    let rto = side_counter(&mut registry, "tcp_retransmission_timeouts", "Retransmission timeouts on steered TCP connections");
+    let srtt_sum = side_counter(&mut registry, "tcp_srtt_microseconds_sum", "Sum of smoothed RTT samples, microseconds");
+    let srtt_count = side_counter(&mut registry, "tcp_srtt_samples", "Number of smoothed RTT samples");
+    let fail_open = Family::<FailOpenLabels, Counter>::default();
+    registry.register("fail_open", "Calls left untouched because of a datapath problem, by reason", fail_open.clone());
+    let weight = Family::<ServiceLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+    registry.register("canary_weight_percent", "Current canary weight, percent", weight.clone());
+    registry.register(
+        "build",
+        "Agent build information",
+        Info::new(BuildLabels { version: env!("CARGO_PKG_VERSION").to_string() }),
+    );
+
+    for name in core.datapath.service_names() {
+        let Some(view) = core.datapath.service(&name) else { continue };
+        weight
+            .get_or_create(&ServiceLabels { service: name.clone() })
+            .set(agent_common::ppm_to_percent(view.spec.canary_ppm));
+        let counters = core.datapath.counters(&name)?;
+        for (side, c) in [("stable", counters.stable), ("canary", counters.canary)] {
+            let labels = SideLabels { service: name.clone(), side: side.to_string() };
+            connections.get_or_create(&labels).inc_by(c.connections_steered);
+            datagrams.get_or_create(&labels).inc_by(c.datagrams_steered);
+            established.get_or_create(&labels).inc_by(c.established);
+            failed.get_or_create(&labels).inc_by(c.failed_attempts);
+            resets.get_or_create(&labels).inc_by(c.resets);
+            rto.get_or_create(&labels).inc_by(c.rto);
+            srtt_sum.get_or_create(&labels).inc_by(c.srtt_sum_us);
+            srtt_count.get_or_create(&labels).inc_by(c.srtt_samples);
+            for (reason, value) in [
+                ("backend_missing", c.fail_open_backend_missing),
+                ("socket_table_full", c.fail_open_socket_table_full),
+            ] {
+                let labels = FailOpenLabels { service: name.clone(), side: side.to_string(), reason: reason.to_string() };
+                fail_open.get_or_create(&labels).inc_by(value);
+            }
+        }
+    }
+    let mut text = String::new();
+    encode(&mut text, &registry).expect("writing to a String cannot fail");
+    Ok(text)
+}
