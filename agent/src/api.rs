@@ -238,8 +238,10 @@ async fn rollback(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let caller = authorize(&state, &headers, Role::Operator)?;
+    require_empty_body(body)?;
     change_weight(&state, &caller, &name, 0.0, &format!("/v1/services/{name}/rollback"))
 }
 
@@ -247,8 +249,10 @@ async fn promote(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let caller = authorize(&state, &headers, Role::Release)?;
+    require_empty_body(body)?;
     change_weight(&state, &caller, &name, 100.0, &format!("/v1/services/{name}/promote"))
 }
 
@@ -367,6 +371,16 @@ async fn audit_log(
     Ok(Json(json!({ "entries": entries })))
 }
 
+/// Routes that take no input accept an empty body or `{}`, and refuse anything else rather
+/// than act on a request they may have misunderstood.
+fn require_empty_body(body: Result<Bytes, BytesRejection>) -> Result<(), ApiError> {
+    if matches!(&body, Ok(bytes) if bytes.iter().all(u8::is_ascii_whitespace)) {
+        return Ok(());
+    }
+    let body = read_json_object(body)?;
+    reject_unknown_fields(&body, &[])
+}
+
 /// Parses a request body that must be a JSON object.
 fn read_json_object(body: Result<Bytes, BytesRejection>) -> Result<Map<String, Value>, ApiError> {
     let bytes = body.map_err(|rejection| {
@@ -394,7 +408,11 @@ fn reject_unknown_fields(body: &Map<String, Value>, known: &[&str]) -> Result<()
         Some(field) => Err(ApiError::invalid(
             "unknown_field",
             field,
-            format!("unknown field `{field}`; expected one of: {}", known.join(", ")),
+            if known.is_empty() {
+                format!("unknown field `{field}`: this route takes no fields")
+            } else {
+                format!("unknown field `{field}`; expected one of: {}", known.join(", "))
+            },
         )),
         None => Ok(()),
     }

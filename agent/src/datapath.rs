@@ -126,6 +126,10 @@ pub struct Datapath {
     /// Service ids: never used yet from `next_service_id` on, and released ones.
     next_service_id: u32,
     released_service_ids: Vec<u32>,
+    used_service_ids: HashSet<u32>,
+    /// Service ids an earlier run gave each frontend (read from the pinned map at load): a
+    /// service keeps its id, and so its counters, across restarts.
+    previous_ids: std::collections::HashMap<FrontendKey, u32>,
     /// Backend slots of replaced revisions, with when they stopped being referenced.
     retired: Vec<(Instant, Vec<BackendKey>)>,
     nr_cpus: usize,
@@ -193,7 +197,7 @@ impl Datapath {
             log::info!("adopted {adopted} pinned links from {}: programs replaced in place", links_dir.display());
         }
 
-        let frontends = take_map(&mut ebpf, MAP_FRONTENDS)?;
+        let frontends: HashMap<MapData, FrontendKey, FrontendValue> = take_map(&mut ebpf, MAP_FRONTENDS)?;
         let backends: HashMap<MapData, BackendKey, BackendValue> = take_map(&mut ebpf, MAP_BACKENDS)?;
         let sockets = take_map(&mut ebpf, MAP_SOCKETS)?;
         let counters = take_map(&mut ebpf, MAP_COUNTERS)?;
@@ -203,6 +207,11 @@ impl Datapath {
             .set(0, Settings { host_netns_cookie: host_netns_cookie()? }, 0)
             .map_err(map_err(MAP_SETTINGS))?;
 
+        let previous_ids = frontends
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(key, value): (FrontendKey, FrontendValue)| (key, value.service_id))
+            .collect();
         // Revisions left by an earlier run stay readable until this run has replaced them.
         let leftover: Vec<BackendKey> = backends.keys().filter_map(Result::ok).collect();
         let next_revision = leftover.iter().map(|k| k.revision).max().map_or(1, |r| r.wrapping_add(1).max(1));
@@ -217,6 +226,8 @@ impl Datapath {
             services: BTreeMap::new(),
             next_service_id: 0,
             released_service_ids: Vec::new(),
+            used_service_ids: HashSet::new(),
+            previous_ids,
             next_revision,
             retired: vec![(Instant::now(), leftover)],
             nr_cpus,
@@ -268,7 +279,7 @@ impl Datapath {
         let previous = self.services.get(&spec.name).cloned();
         let id = match &previous {
             Some(installed) => installed.id,
-            None => self.free_service_id()?,
+            None => self.free_service_id(&spec)?,
         };
         if previous.is_none() {
             for side in [SIDE_STABLE, SIDE_CANARY] {
@@ -392,6 +403,7 @@ impl Datapath {
         }
         self.retired.push((Instant::now(), installed.backend_slots));
         self.released_service_ids.push(installed.id);
+        self.used_service_ids.remove(&installed.id);
         Ok(())
     }
 
@@ -479,15 +491,31 @@ impl Datapath {
         revision
     }
 
-    fn free_service_id(&mut self) -> Result<u32, DatapathError> {
-        if let Some(id) = self.released_service_ids.pop() {
-            return Ok(id);
-        }
-        if self.next_service_id >= MAX_SERVICES {
-            return Err(DatapathError::TooManyServices);
-        }
-        self.next_service_id += 1;
-        Ok(self.next_service_id - 1)
+    /// An id for a new service: the one an earlier run gave its frontend if that is free, else
+    /// a released one, else the next never used.
+    fn free_service_id(&mut self, spec: &ServiceSpec) -> Result<u32, DatapathError> {
+        let earlier = frontend_keys(spec)
+            .iter()
+            .filter_map(|key| self.previous_ids.get(key).copied())
+            .find(|id| !self.used_service_ids.contains(id));
+        let id = match earlier {
+            Some(id) => id,
+            None => loop {
+                let candidate = match self.released_service_ids.pop() {
+                    Some(id) => id,
+                    None if self.next_service_id < MAX_SERVICES => {
+                        self.next_service_id += 1;
+                        self.next_service_id - 1
+                    }
+                    None => return Err(DatapathError::TooManyServices),
+                };
+                if !self.used_service_ids.contains(&candidate) {
+                    break candidate;
+                }
+            },
+        };
+        self.used_service_ids.insert(id);
+        Ok(id)
     }
 }
 

@@ -34,6 +34,11 @@ canary_percent = {canary_percent}
     /// Backends tagged `stable`/`canary` (IPv4) and `stable6`/`canary6` (IPv6) on ports 8001 and
     /// 8002, plus `services` as the config's service tables.
     pub fn with_service(services: &str) -> Self {
+        Self::with_agent("", services)
+    }
+
+    /// Like `with_service`, with `agent_extra` added to the config's `[agent]` section.
+    pub fn with_agent(agent_extra: &str, services: &str) -> Self {
         require_root();
         let netns = NetNs::new();
         let cgroup = Cgroup::new();
@@ -47,7 +52,7 @@ canary_percent = {canary_percent}
                 "--listen", "[::1]:8002=canary6",
             ],
         );
-        let agent = Agent::start(&cgroup, services);
+        let agent = Agent::start_with(&cgroup, agent_extra, services);
         Self { agent, servers, cgroup, netns }
     }
 

@@ -48,6 +48,9 @@ enum Command {
         /// After the tag, read until the server closes; a reset then counts as `reset_after_tag`.
         #[arg(long)]
         drain: bool,
+        /// Also report the tags of every SEGMENT consecutive connections.
+        #[arg(long, default_value_t = 0)]
+        segment: u32,
     },
     /// COUNT UDP exchanges with TARGET, each on a new unconnected socket (or, with
     /// `--one-socket`, all on one); counts tags and whether replies came from TARGET.
@@ -169,19 +172,26 @@ fn main() {
                 let _ = t.join();
             }
         }
-        Command::Tcp { target, count, max_seconds, drain } => {
+        Command::Tcp { target, count, max_seconds, drain, segment } => {
+            let mut segments: Vec<BTreeMap<String, u32>> = Vec::new();
             let deadline = Instant::now() + Duration::from_secs(max_seconds);
             let mut tags: BTreeMap<String, u32> = BTreeMap::new();
             let mut errors: BTreeMap<String, u32> = BTreeMap::new();
             let (mut peer_is_target, mut peer_other) = (0u32, BTreeMap::<String, u32>::new());
             let mut reset_after_tag = 0u32;
-            for _ in 0..count {
+            for i in 0..count {
                 if Instant::now() > deadline {
                     break;
+                }
+                if segment > 0 && i % segment == 0 {
+                    segments.push(BTreeMap::new());
                 }
                 match tcp_once(target, drain) {
                     Ok((tag, peer, reset)) => {
                         reset_after_tag += reset as u32;
+                        if let Some(current) = segments.last_mut() {
+                            *current.entry(tag.clone()).or_default() += 1;
+                        }
                         *tags.entry(tag).or_default() += 1;
                         if peer == target {
                             peer_is_target += 1;
@@ -192,7 +202,7 @@ fn main() {
                     Err(err) => *errors.entry(format!("{:?}", err.kind())).or_default() += 1,
                 }
             }
-            println!("{}", json!({ "tags": tags, "errors": errors, "peer_is_target": peer_is_target, "peer_other": peer_other, "reset_after_tag": reset_after_tag }));
+            println!("{}", json!({ "tags": tags, "errors": errors, "peer_is_target": peer_is_target, "peer_other": peer_other, "reset_after_tag": reset_after_tag, "segments": segments }));
         }
         Command::Udp { target, count, one_socket } => {
             let bind: SocketAddr = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
