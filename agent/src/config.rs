@@ -584,6 +584,14 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_is_valid() {
+        let example = include_str!("../../config/sockshift.toml");
+        let config = Config::parse(example).unwrap_or_else(|e| panic!("config/sockshift.toml: {e}"));
+        assert_eq!(config.services[0].name, "web");
+        assert_eq!(config.services[0].source.max_operator_percent, 25.0);
+    }
+
+    #[test]
     fn cohorts_resolve_ids_and_paths() {
         let config = Config::parse(&with_service(
             "name = \"a\"\nfrontends = [\"1.2.3.4:80\"]\n[[service.cohort]]\ncgroups = [42, \"/tmp\"]\ncanary = \"never\"",

@@ -81,7 +81,21 @@ pub fn ensure_toolchain() -> anyhow::Result<()> {
 
 /// Tools the end-to-end tests and the demo drive.
 pub fn ensure_test_tools() -> anyhow::Result<()> {
-    ensure_packages(&["iproute2", "dnsmasq-base", "bind9-dnsutils"])
+    ensure_packages(&["iproute2", "dnsmasq-base", "bind9-dnsutils"])?;
+    // kubernetes-validate (PyPI) checks config/daemonset.yaml against the Kubernetes schemas it
+    // bundles, offline (tests/e2e/manifests.rs).
+    if !succeeds("python3", &["-c", "import kubernetes_validate"]) {
+        if !succeeds("python3", &["-m", "pip", "--version"]) {
+            ensure_packages(&["python3", "python3-pip"])?;
+        }
+        step("installing the Python package kubernetes-validate (pip)");
+        run(Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "kubernetes-validate"])
+            // Debian's own python3 refuses pip installs outside a venv (PEP 668); older pips
+            // ignore this variable.
+            .env("PIP_BREAK_SYSTEM_PACKAGES", "1"))?;
+    }
+    Ok(())
 }
 
 /// bpffs at /sys/fs/bpf (the agent mounts it too; the tests pin there).
