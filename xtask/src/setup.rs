@@ -82,19 +82,11 @@ pub fn ensure_toolchain() -> anyhow::Result<()> {
 /// Tools the end-to-end tests and the demo drive.
 pub fn ensure_test_tools() -> anyhow::Result<()> {
     ensure_packages(&["iproute2", "dnsmasq-base", "bind9-dnsutils"])?;
-    // kubernetes-validate (PyPI) checks config/daemonset.yaml against the Kubernetes schemas it
-    // bundles, offline (tests/e2e/manifests.rs).
-    if !succeeds("python3", &["-c", "import kubernetes_validate"]) {
-        if !succeeds("python3", &["-m", "pip", "--version"]) {
-            ensure_packages(&["python3", "python3-pip"])?;
-        }
-        step("installing the Python package kubernetes-validate (pip)");
-        run(Command::new("python3")
-            .args(["-m", "pip", "install", "--quiet", "kubernetes-validate"])
-            // Debian's own python3 refuses pip installs outside a venv (PEP 668); older pips
-            // ignore this variable.
-            .env("PIP_BREAK_SYSTEM_PACKAGES", "1"))?;
-    }
+    // kubernetes-validate checks config/daemonset.yaml against the Kubernetes schemas it
+    // bundles, offline (tests/e2e/manifests.rs); prometheus-client's parser reads /metrics
+    // (tests/e2e/agent.rs).
+    ensure_python_package("kubernetes_validate", "kubernetes-validate")?;
+    ensure_python_package("prometheus_client", "prometheus-client")?;
     Ok(())
 }
 
@@ -107,4 +99,20 @@ pub fn ensure_bpffs() -> anyhow::Result<()> {
     step("mounting bpffs at /sys/fs/bpf");
     std::fs::create_dir_all("/sys/fs/bpf").context("creating /sys/fs/bpf")?;
     run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+}
+
+/// Installs a PyPI package with pip unless `module` already imports.
+pub fn ensure_python_package(module: &str, package: &str) -> anyhow::Result<()> {
+    if succeeds("python3", &["-c", &format!("import {module}")]) {
+        return Ok(());
+    }
+    if !succeeds("python3", &["-m", "pip", "--version"]) {
+        ensure_packages(&["python3", "python3-pip"])?;
+    }
+    step(&format!("installing the Python package {package} (pip)"));
+    run(Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", package])
+        // Debian's own python3 refuses pip installs outside a venv (PEP 668); older pips ignore
+        // this variable.
+        .env("PIP_BREAK_SYSTEM_PACKAGES", "1"))
 }
