@@ -288,3 +288,39 @@ fn uninstall_removes_programs_links_and_pins() {
     assert_eq!(report.tags_total(), 0, "still steered after uninstall: {:?}", report.raw);
     assert_eq!(report.error("ConnectionRefused"), 100);
 }
+
+/// The CLI verbs drive the API: tables by default, JSON with `--output json`, errors with the
+/// API's message and a non-zero exit.
+#[test]
+fn cli_verbs_drive_the_api() {
+    let lab = Lab::new(10.0);
+    let api = lab.agent.api.to_string();
+    let cli = |args: &[&str]| {
+        let output = std::process::Command::new(e2e::built_binary("sockshift"))
+            .args(args)
+            .args(["--api", &api])
+            .output()
+            .expect("run sockshift");
+        (output.status.success(), String::from_utf8_lossy(&output.stdout).into_owned(), String::from_utf8_lossy(&output.stderr).into_owned())
+    };
+    let (ok, out, _) = cli(&["set", "web", "12.5", "--output", "json"]);
+    assert!(ok, "{out}");
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["canary_percent"], json!(12.5));
+    let (ok, out, _) = cli(&["status"]);
+    assert!(ok && out.contains("SERVICE") && out.contains("web") && out.contains("12.5"), "{out}");
+    let (ok, out, _) = cli(&["promote", "web", "-o", "json"]);
+    assert!(ok && serde_json::from_str::<Value>(&out).unwrap()["canary_percent"] == json!(100.0), "{out}");
+    let (ok, out, _) = cli(&["rollback", "web", "-o", "json"]);
+    assert!(ok && serde_json::from_str::<Value>(&out).unwrap()["canary_percent"] == json!(0.0), "{out}");
+    let (ok, out, _) = cli(&["service", "add", "api", "--frontend", "127.1.0.88:80", "--stable", "127.0.0.1:8001", "--canary", "127.0.0.1:8002", "--percent", "100", "-o", "json"]);
+    assert!(ok, "{out}");
+    assert_eq!(tcp_connects(lab.inside(), "127.1.0.88:80", 50).tag("canary"), 50, "the added service steers");
+    let (ok, out, _) = cli(&["service", "rm", "api"]);
+    assert!(ok && out.contains("removed"), "{out}");
+    let (ok, _, err) = cli(&["set", "web", "150"]);
+    assert!(!ok && err.contains("PERCENT"), "{err}");
+    let (ok, _, err) = cli(&["set", "nope", "5"]);
+    assert!(!ok && err.contains("service_not_found"), "{err}");
+    let (ok, out, _) = cli(&["audit"]);
+    assert!(ok && out.contains("/v1/services/web/promote") && out.contains("anonymous"), "{out}");
+}
