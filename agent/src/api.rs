@@ -18,7 +18,8 @@ use std::sync::Arc;
 use crate::{
     audit::AuditLog,
     config::{Role, ServiceConfig, Token},
-    control::{ControlError, Core},
+    control::{ControlError, Core, FollowUp},
+    rollout::{Plan, Rollout},
     datapath::{Datapath, DatapathError},
 };
 
@@ -30,6 +31,9 @@ pub const OPENAPI: &str = include_str!("../openapi.json");
 
 pub struct AppState {
     pub core: Mutex<Core>,
+    /// Where rollout follow-ups (webhooks, connection termination) are sent to be carried out
+    /// outside the core's lock.
+    pub follow_ups: tokio::sync::mpsc::UnboundedSender<FollowUp>,
     /// `None`: no authentication (the API listens on loopback).
     pub tokens: Option<Vec<Token>>,
     pub audit: AuditLog,
@@ -47,6 +51,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/services/{name}/canary", put(put_canary))
         .route("/v1/services/{name}/rollback", post(rollback))
         .route("/v1/services/{name}/promote", post(promote))
+        .route("/v1/services/{name}/rollout", get(get_rollout).post(start_rollout))
+        .route("/v1/services/{name}/rollout/{action}", post(rollout_action))
         .route("/v1/datapath", get(datapath_status))
         .route("/v1/audit", get(audit_log))
         .fallback(not_found)
@@ -102,6 +108,9 @@ impl From<ControlError> for ApiError {
                 message: err.to_string(),
                 field: Some("frontends".into()),
             },
+            ControlError::RolloutActive(_) => ApiError::new(StatusCode::CONFLICT, "rollout_active", err.to_string()),
+            ControlError::NoRollout(_) => ApiError::new(StatusCode::NOT_FOUND, "rollout_not_found", err.to_string()),
+            ControlError::RolloutState { .. } => ApiError::new(StatusCode::CONFLICT, "rollout_state", err.to_string()),
             ControlError::Datapath(DatapathError::UnknownService(name)) => {
                 ApiError::new(StatusCode::NOT_FOUND, "service_not_found", format!("no service named {name:?}"))
             }
@@ -233,6 +242,121 @@ async fn put_canary(
     change_weight(&state, &caller, &name, percent, &path)
 }
 
+async fn start_rollout(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let caller = authorize(&state, &headers, Role::Operator)?;
+    let body = read_json_object(body)?;
+    let plan: Plan = serde_path_to_error::deserialize(Value::Object(body)).map_err(|err| {
+        let field = err.path().to_string();
+        let message = err.inner().to_string();
+        let code = if message.starts_with("unknown field") {
+            "unknown_field"
+        } else if message.starts_with("missing field") {
+            "missing_field"
+        } else if message.starts_with("invalid type") {
+            "invalid_type"
+        } else {
+            "invalid_field"
+        };
+        ApiError::invalid(code, &field, format!("`{field}`: {message}"))
+    })?;
+    plan.validate().map_err(|err| ApiError::invalid("invalid_field", &err.field.clone(), err.to_string()))?;
+    let mut core = state.core.lock().expect("core lock");
+    let before = core.service(&name)?.clone();
+    let follow = core.start_rollout(&name, plan.clone(), &caller.name)?;
+    let route = format!("/v1/services/{name}/rollout");
+    state.audit.record(&caller.name, role_name(caller.role), "POST", &route, json!(before), json!({ "rollout": plan }));
+    log::info!("service {name}: rollout started by {}", caller.name);
+    let view = rollout_view(&core, &name)?;
+    drop(core);
+    send_follow_ups(&state, follow);
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+async fn get_rollout(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers, Role::Viewer)?;
+    let core = state.core.lock().expect("core lock");
+    Ok(Json(rollout_view(&core, &name)?))
+}
+
+/// pause, resume, abort (operator) and approve (the role the plan names).
+async fn rollout_action(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((name, action)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let action: &'static str = match action.as_str() {
+        "pause" => "pause",
+        "resume" => "resume",
+        "abort" => "abort",
+        "approve" => "approve",
+        _ => return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no rollout action {action:?}: pause, resume, approve or abort"))),
+    };
+    let mut caller = authorize(&state, &headers, Role::Operator)?;
+    require_empty_body(body)?;
+    let mut core = state.core.lock().expect("core lock");
+    if action == "approve" {
+        if let Some(needed) = core.rollout(&name)?.approval_role() {
+            caller = authorize(&state, &headers, needed)?;
+        }
+    }
+    let before = json!(core.rollout(&name)?.state);
+    let follow = core.rollout_action(&name, action, &caller.name)?;
+    let view = rollout_view(&core, &name)?;
+    let route = format!("/v1/services/{name}/rollout/{action}");
+    state.audit.record(&caller.name, role_name(caller.role), "POST", &route, json!({ "state": before }), json!({ "state": view["state"] }));
+    log::info!("service {name}: rollout {action} by {}", caller.name);
+    drop(core);
+    send_follow_ups(&state, follow);
+    Ok(Json(view))
+}
+
+fn send_follow_ups(state: &AppState, follow: Vec<FollowUp>) {
+    for item in follow {
+        let _ = state.follow_ups.send(item);
+    }
+}
+
+/// A rollout as the API shows it: state, step, weights, the gates of the last judged window and
+/// of the window in progress, and the history.
+pub fn rollout_view(core: &Core, name: &str) -> Result<Value, ApiError> {
+    let rollout: &Rollout = core.rollout(name)?;
+    let now = crate::control::now_ms();
+    let current = core.snapshot(name).ok().map(|now_counters| {
+        crate::rollout::read_gates(&rollout.plan.gates, &rollout.window_baseline, &now_counters)
+    });
+    let elapsed = match rollout.paused_at_elapsed_ms {
+        Some(ms) => ms,
+        None => now.saturating_sub(rollout.window_started_unix_ms),
+    };
+    Ok(json!({
+        "service": name,
+        "state": rollout.state,
+        "step": rollout.step,
+        "steps": rollout.plan.steps,
+        "percent": rollout.percent,
+        "step_seconds": rollout.plan.step_seconds,
+        "window_elapsed_ms": elapsed,
+        "consecutive_failures": rollout.consecutive_failures,
+        "awaiting_role": rollout.approval_role().map(role_name),
+        "last_gates": rollout.last_gates,
+        "current_window": current,
+        "terminated_connections": rollout.terminated_connections,
+        "started_by": rollout.started_by,
+        "plan": rollout.plan,
+        "history": rollout.history,
+    }))
+}
+
 /// Kill switch: canary to 0 at once.
 async fn rollback(
     State(state): State<Arc<AppState>>,
@@ -258,6 +382,7 @@ async fn promote(
 
 fn change_weight(state: &AppState, caller: &Caller, name: &str, percent: f64, route: &str) -> Result<Json<Value>, ApiError> {
     let mut core = state.core.lock().expect("core lock");
+    let kill_switch = route.ends_with("/rollback");
     let before = core.service(name)?.clone();
     if caller.role < Role::Release && percent > before.max_operator_percent {
         return Err(ApiError::new(
@@ -269,11 +394,19 @@ fn change_weight(state: &AppState, caller: &Caller, name: &str, percent: f64, ro
             ),
         ));
     }
-    core.set_percent(name, percent)?;
+    let mut follow = Vec::new();
+    if kill_switch {
+        follow = core.kill_switch(name, &caller.name)?;
+    } else {
+        core.set_percent_by_hand(name, percent)?;
+    }
     let after = core.service(name)?.clone();
     state.audit.record(&caller.name, role_name(caller.role), "PUT/POST", route, json!(before), json!(after));
     log::info!("service {name}: canary weight set to {percent} % by {}", caller.name);
-    Ok(Json(service_state(&core.datapath, name)?))
+    let reply = service_state(&core.datapath, name)?;
+    drop(core);
+    send_follow_ups(state, follow);
+    Ok(Json(reply))
 }
 
 /// Creates or replaces a service; the body has the fields of a `[[service]]` table (`name` may be

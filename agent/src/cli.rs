@@ -71,6 +71,11 @@ pub enum Command {
         #[command(subcommand)]
         action: ServiceAction,
     },
+    /// Progressive rollouts: weight steps gated by the canary's kernel-measured health.
+    Rollout {
+        #[command(subcommand)]
+        action: RolloutAction,
+    },
     /// Show the audit log of accepted changes.
     Audit {
         #[arg(long, default_value_t = 50)]
@@ -115,6 +120,81 @@ pub enum ServiceAction {
         #[command(flatten)]
         api: ApiArgs,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutAction {
+    /// Start a rollout.
+    Start {
+        service: String,
+        /// Canary weights in percent, increasing: 1,5,25,50,100.
+        #[arg(long, value_delimiter = ',', required = true)]
+        steps: Vec<f64>,
+        /// How long each step is held: 60s, 2m, 500ms, or seconds.
+        #[arg(long, value_parser = parse_duration_seconds)]
+        every: f64,
+        #[arg(long)]
+        max_failed_attempt_ratio: Option<f64>,
+        #[arg(long)]
+        max_reset_ratio: Option<f64>,
+        #[arg(long)]
+        max_srtt_ratio: Option<f64>,
+        /// Canary connection attempts a step needs before it is judged.
+        #[arg(long, default_value_t = 0)]
+        min_connections: u64,
+        /// Failed checks in a row before rolling back.
+        #[arg(long, default_value_t = 1)]
+        failure_threshold: u32,
+        /// PERCENT:ROLE: steps at or above PERCENT wait for an approver with ROLE.
+        #[arg(long)]
+        approval: Option<String>,
+        /// http:// URL notified on each step, pause, promotion and rollback; repeatable.
+        #[arg(long = "webhook")]
+        webhooks: Vec<String>,
+        /// Close the canary's established TCP connections on rollback.
+        #[arg(long)]
+        terminate_connections: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Show a rollout: steps, gate readings, observed split.
+    Status {
+        service: String,
+        /// Redraw every second until the rollout ends.
+        #[arg(long)]
+        watch: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Approve the step a rollout waits at.
+    Approve { service: String, #[command(flatten)] api: ApiArgs },
+    /// Pause: the weight stays, the step clock stops.
+    Pause { service: String, #[command(flatten)] api: ApiArgs },
+    /// Resume a paused rollout where its clock stopped.
+    Resume { service: String, #[command(flatten)] api: ApiArgs },
+    /// Stop the rollout and return all traffic to stable.
+    Abort { service: String, #[command(flatten)] api: ApiArgs },
+}
+
+/// "60s", "2m", "500ms", "1.5" (seconds) to seconds.
+fn parse_duration_seconds(text: &str) -> Result<f64, String> {
+    let (number, scale) = if let Some(n) = text.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = text.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = text.strip_suffix('h') {
+        (n, 3600.0)
+    } else {
+        (text, 1.0)
+    };
+    number
+        .parse::<f64>()
+        .ok()
+        .filter(|n| n.is_finite() && *n > 0.0)
+        .map(|n| n * scale)
+        .ok_or_else(|| format!("{text:?} is not a duration like 60s, 2m or 500ms"))
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -202,6 +282,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Rollout { action } => run_rollout(action),
         Command::Audit { limit, api } => {
             let log = api.call("GET", &format!("/v1/audit?limit={limit}"), None)?;
             let entries = log["entries"].as_array().cloned().unwrap_or_default();
@@ -216,6 +297,132 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+fn run_rollout(action: RolloutAction) -> anyhow::Result<()> {
+    let (service, api, path_action) = match &action {
+        RolloutAction::Approve { service, api } => (service, api, "approve"),
+        RolloutAction::Pause { service, api } => (service, api, "pause"),
+        RolloutAction::Resume { service, api } => (service, api, "resume"),
+        RolloutAction::Abort { service, api } => (service, api, "abort"),
+        RolloutAction::Status { service, watch, api } => {
+            loop {
+                let rollout = api.call("GET", &format!("/v1/services/{service}/rollout"), None)?;
+                if api.output == Output::Json {
+                    println!("{}", serde_json::to_string_pretty(&rollout)?);
+                } else {
+                    if *watch {
+                        print!("\x1b[H\x1b[2J");
+                    }
+                    print_rollout(&rollout);
+                }
+                let active = matches!(rollout["state"].as_str(), Some("running" | "paused" | "awaiting_approval"));
+                if !*watch || !active {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+        RolloutAction::Start {
+            service, steps, every, max_failed_attempt_ratio, max_reset_ratio, max_srtt_ratio, min_connections,
+            failure_threshold, approval, webhooks, terminate_connections, api,
+        } => {
+            let approval = match approval {
+                None => Value::Null,
+                Some(spec) => {
+                    let (percent, role) = spec.split_once(':').context("--approval takes PERCENT:ROLE, e.g. 50:release")?;
+                    let percent: f64 = percent.parse().context("--approval PERCENT must be a number")?;
+                    json!({ "at_percent": percent, "role": role })
+                }
+            };
+            let mut plan = json!({
+                "steps": steps,
+                "step_seconds": every,
+                "gates": {
+                    "max_failed_attempt_ratio": max_failed_attempt_ratio,
+                    "max_reset_ratio": max_reset_ratio,
+                    "max_srtt_ratio": max_srtt_ratio,
+                    "min_connections": min_connections,
+                },
+                "failure_threshold": failure_threshold,
+                "webhooks": webhooks,
+                "rollback": { "terminate_connections": terminate_connections },
+            });
+            if !approval.is_null() {
+                plan["approval"] = approval;
+            }
+            let rollout = api.call("POST", &format!("/v1/services/{service}/rollout"), Some(&plan))?;
+            if api.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&rollout)?);
+            } else {
+                print_rollout(&rollout);
+            }
+            return Ok(());
+        }
+    };
+    let rollout = api.call("POST", &format!("/v1/services/{service}/rollout/{path_action}"), None)?;
+    if api.output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&rollout)?);
+    } else {
+        print_rollout(&rollout);
+    }
+    Ok(())
+}
+
+/// A rollout for people: a bar of the steps, the gate readings and the observed split.
+fn print_rollout(r: &Value) {
+    let steps: Vec<f64> = r["steps"].as_array().map(|a| a.iter().filter_map(Value::as_f64).collect()).unwrap_or_default();
+    let step = r["step"].as_u64().unwrap_or(0) as usize;
+    let state = r["state"].as_str().unwrap_or("?");
+    let done = |i: usize| i < step || state == "promoted";
+    let bar: Vec<String> = steps
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mark = if done(i) { "✓" } else if i == step && state != "rolled_back" && state != "aborted" { "▶" } else { " " };
+            format!("{mark}{p}%")
+        })
+        .collect();
+    let filled = steps.iter().enumerate().filter(|(i, _)| done(*i)).count();
+    println!(
+        "{}  rollout {state}  step {}/{}  weight {} %  window {:.1}s/{}s",
+        r["service"].as_str().unwrap_or("?"),
+        (step + 1).min(steps.len()),
+        steps.len(),
+        r["percent"],
+        r["window_elapsed_ms"].as_f64().unwrap_or(0.0) / 1000.0,
+        r["step_seconds"],
+    );
+    println!("  [{}{}]  {}", "■".repeat(filled), "□".repeat(steps.len() - filled), bar.join("  "));
+    if let Some(role) = r["awaiting_role"].as_str() {
+        println!("  waiting for approval by a {role} token: sockshift rollout approve {}", r["service"].as_str().unwrap_or(""));
+    }
+    let gates = &r["plan"]["gates"];
+    let show = |label: &str, key: &str, window: &Value| {
+        let reading = window[key].as_f64().map_or("-".to_string(), |v| format!("{v:.3}"));
+        let limit = gates[format!("max_{key}")].as_f64().map_or("none".to_string(), |v| v.to_string());
+        format!("{label} {reading} (max {limit})")
+    };
+    for (title, window) in [("this window", &r["current_window"]), ("last judged", &r["last_gates"])] {
+        if window.is_null() {
+            continue;
+        }
+        println!(
+            "  {title:<12} {}  {}  {}  canary attempts {} (min {})  observed canary {}",
+            show("failed-attempt ratio", "failed_attempt_ratio", window),
+            show("reset ratio", "reset_ratio", window),
+            show("srtt ratio", "srtt_ratio", window),
+            window["canary_attempts"],
+            gates["min_connections"],
+            window["observed_canary_percent"].as_f64().map_or("-".to_string(), |v| format!("{v:.1} %")),
+        );
+    }
+    if let Some(n) = r["terminated_connections"].as_u64() {
+        println!("  closed {n} canary connections on rollback");
+    }
+    if let Some(last) = r["history"].as_array().and_then(|h| h.last()) {
+        println!("  last event: {} {}", last["event"].as_str().unwrap_or(""), last["detail"].as_str().unwrap_or(""));
     }
 }
 
@@ -250,8 +457,10 @@ fn run_agent(config_path: &Path, check_only: bool) -> anyhow::Result<()> {
             config.api,
             if config.tokens.is_some() { " (bearer tokens required)" } else { "" }
         );
+        let (follow_tx, follow_rx) = tokio::sync::mpsc::unbounded_channel();
         let state = Arc::new(AppState {
             core: Mutex::new(core),
+            follow_ups: follow_tx,
             tokens: config.tokens.clone(),
             audit,
             config_path: config_path.to_owned(),
@@ -265,6 +474,8 @@ fn run_agent(config_path: &Path, check_only: bool) -> anyhow::Result<()> {
                 reaper.core.lock().expect("core lock").datapath.reap_retired();
             }
         });
+        tokio::spawn(drive_rollouts(state.clone()));
+        tokio::spawn(carry_out_follow_ups(state.clone(), follow_rx, config.cgroup.clone()));
         tokio::spawn(watch_config(state.clone(), config));
 
         axum::serve(listener, api::router(state))
@@ -274,6 +485,66 @@ fn run_agent(config_path: &Path, check_only: bool) -> anyhow::Result<()> {
         log::info!("stopped; the pinned datapath keeps steering with the last state");
         Ok(())
     })
+}
+
+/// Ticks every rollout's clock; the core decides, this only keeps time.
+async fn drive_rollouts(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        let follow = state.core.lock().expect("core lock").tick_rollouts();
+        for item in follow {
+            let _ = state.follow_ups.send(item);
+        }
+    }
+}
+
+/// Webhooks and connection termination, away from the core's lock and the API's threads.
+async fn carry_out_follow_ups(
+    state: Arc<AppState>,
+    mut follow_ups: tokio::sync::mpsc::UnboundedReceiver<crate::control::FollowUp>,
+    cgroup: PathBuf,
+) {
+    use crate::control::FollowUp;
+    while let Some(item) = follow_ups.recv().await {
+        match item {
+            FollowUp::Notify { service, event, webhooks, payload } => {
+                for url in webhooks {
+                    let payload = payload.clone();
+                    let service = service.clone();
+                    let event = event.clone();
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(err) = post_webhook(&url, &payload) {
+                            log::warn!("webhook {url} ({service} {event}): {err}");
+                        }
+                    });
+                }
+            }
+            FollowUp::TerminateCanary { service, backends } => {
+                let cgroup = cgroup.clone();
+                let result = tokio::task::spawn_blocking(move || crate::terminate::terminate_connections(&cgroup, &backends)).await;
+                match result {
+                    Ok(Ok(count)) => {
+                        log::info!("service {service}: closed {count} canary connections after rollback");
+                        state.core.lock().expect("core lock").note_terminated(&service, count);
+                    }
+                    Ok(Err(err)) => log::error!("service {service}: closing canary connections: {err}"),
+                    Err(err) => log::error!("service {service}: closing canary connections: {err}"),
+                }
+            }
+        }
+    }
+}
+
+fn post_webhook(url: &str, payload: &Value) -> anyhow::Result<()> {
+    use std::net::ToSocketAddrs;
+    let (authority, path) = crate::rollout::parse_http_url(url).map_err(anyhow::Error::msg)?;
+    let addr = authority.to_socket_addrs()?.next().context("webhook host did not resolve")?;
+    let response = client::request(addr, None, "POST", &path, Some(payload))?;
+    if !(200..300).contains(&response.status) {
+        bail!("answered HTTP {}", response.status);
+    }
+    Ok(())
 }
 
 /// Re-reads the config file when its content changes (a mounted ConfigMap is swapped in place)

@@ -81,7 +81,12 @@ fn parse_response(raw: &[u8]) -> Option<Response> {
         decoded = dechunk(body)?;
         body = &decoded;
     }
-    let body = if body.is_empty() { Value::Null } else { serde_json::from_slice(body).ok()? };
+    // Non-JSON bodies (a webhook receiver's "ok") are kept as a string.
+    let body = if body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()))
+    };
     Some(Response { status, body })
 }
 

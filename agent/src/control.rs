@@ -12,8 +12,23 @@ use std::{
 use crate::{
     config::{validate_percent, validate_services, InvalidField, ServiceConfig, ServiceSpec},
     datapath::{Datapath, DatapathError},
+    rollout::{Effect, Plan, Rollout, RolloutState, Snapshot},
     state::{DesiredState, StateError},
 };
+
+/// Work a rollout asks for that must happen outside the core's lock.
+#[derive(Debug, Clone)]
+pub enum FollowUp {
+    /// POST the rollout's state to its webhooks.
+    Notify { service: String, event: String, webhooks: Vec<String>, payload: serde_json::Value },
+    /// Close established TCP connections to these canary backends.
+    TerminateCanary { service: String, backends: Vec<SocketAddr> },
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -23,6 +38,12 @@ pub enum ControlError {
     UnknownService(String),
     #[error("frontend {frontend} already belongs to service {owner:?}")]
     FrontendInUse { frontend: SocketAddr, owner: String },
+    #[error("service {0:?} has an active rollout: pause or abort it first")]
+    RolloutActive(String),
+    #[error("service {0:?} has no rollout")]
+    NoRollout(String),
+    #[error("the rollout of {service:?} is {state}; {action} needs {needed}")]
+    RolloutState { service: String, state: String, action: &'static str, needed: &'static str },
     #[error(transparent)]
     Datapath(#[from] DatapathError),
     #[error(transparent)]
@@ -80,6 +101,27 @@ impl Core {
         Ok(())
     }
 
+    /// Sets a service's weight by hand; refused while a rollout drives it.
+    pub fn set_percent_by_hand(&mut self, name: &str, percent: f64) -> Result<(), ControlError> {
+        if self.desired.rollouts.get(name).is_some_and(|r| r.state.is_active()) {
+            return Err(ControlError::RolloutActive(name.into()));
+        }
+        self.set_percent(name, percent)
+    }
+
+    /// The kill switch: weight 0 now, whatever else is going on; an active rollout ends
+    /// rolled back.
+    pub fn kill_switch(&mut self, name: &str, by: &str) -> Result<Vec<FollowUp>, ControlError> {
+        self.set_percent(name, 0.0)?;
+        let mut follow = Vec::new();
+        if let Some(rollout) = self.desired.rollouts.get_mut(name).filter(|r| r.state.is_active()) {
+            let effects = rollout.roll_back(now_ms(), format!("kill switch by {by}"));
+            follow = self.apply_effects(name, effects)?;
+        }
+        self.desired.save(&self.state_dir)?;
+        Ok(follow)
+    }
+
     /// Sets a service's weight (one map update per frontend).
     pub fn set_percent(&mut self, name: &str, percent: f64) -> Result<(), ControlError> {
         let ppm = validate_percent(percent, "percent")?;
@@ -111,6 +153,129 @@ impl Core {
         self.apply(services)?;
         self.desired.save(&self.state_dir)?;
         Ok(removed)
+    }
+
+    /// Counters of both sides now.
+    pub fn snapshot(&self, name: &str) -> Result<Snapshot, ControlError> {
+        let counters = self.datapath.counters(name)?;
+        Ok(Snapshot { stable: (&counters.stable).into(), canary: (&counters.canary).into() })
+    }
+
+    pub fn rollout(&self, name: &str) -> Result<&Rollout, ControlError> {
+        self.service(name)?;
+        self.desired.rollouts.get(name).ok_or_else(|| ControlError::NoRollout(name.into()))
+    }
+
+    pub fn start_rollout(&mut self, name: &str, plan: Plan, by: &str) -> Result<Vec<FollowUp>, ControlError> {
+        self.service(name)?;
+        plan.validate()?;
+        if self.desired.rollouts.get(name).is_some_and(|r| r.state.is_active()) {
+            return Err(ControlError::RolloutActive(name.into()));
+        }
+        let (rollout, effects) = Rollout::start(plan, now_ms(), self.snapshot(name)?, by);
+        self.desired.rollouts.insert(name.to_string(), rollout);
+        let follow = self.apply_effects(name, effects)?;
+        self.desired.save(&self.state_dir)?;
+        Ok(follow)
+    }
+
+    /// pause / resume / abort / approve. `approver` is checked by the caller against
+    /// `approval_role`.
+    pub fn rollout_action(&mut self, name: &str, action: &'static str, by: &str) -> Result<Vec<FollowUp>, ControlError> {
+        let snapshot = self.snapshot(name)?;
+        let rollout = self.desired.rollouts.get_mut(name).ok_or_else(|| ControlError::NoRollout(name.into()))?;
+        let state_err = |state: RolloutState, needed: &'static str| ControlError::RolloutState {
+            service: name.into(),
+            state: serde_json::to_value(state).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+            action,
+            needed,
+        };
+        let now = now_ms();
+        let effects = match (action, rollout.state) {
+            ("pause", RolloutState::Running) => rollout.pause(now, by),
+            ("pause", s) => return Err(state_err(s, "a running rollout")),
+            ("resume", RolloutState::Paused) => rollout.resume(now, by),
+            ("resume", s) => return Err(state_err(s, "a paused rollout")),
+            ("approve", RolloutState::AwaitingApproval) => rollout.approve(now, snapshot, by),
+            ("approve", s) => return Err(state_err(s, "a rollout awaiting approval")),
+            ("abort", s) if s.is_active() => rollout.abort(now, by),
+            ("abort", s) => return Err(state_err(s, "an active rollout")),
+            (other, _) => unreachable!("unknown rollout action {other}"),
+        };
+        let follow = self.apply_effects(name, effects)?;
+        self.desired.save(&self.state_dir)?;
+        Ok(follow)
+    }
+
+    /// Advances every running rollout's clock.
+    pub fn tick_rollouts(&mut self) -> Vec<FollowUp> {
+        let now = now_ms();
+        let names: Vec<String> =
+            self.desired.rollouts.iter().filter(|(_, r)| r.state == RolloutState::Running).map(|(n, _)| n.clone()).collect();
+        let mut follow = Vec::new();
+        for name in names {
+            let Ok(snapshot) = self.snapshot(&name) else { continue };
+            let Some(rollout) = self.desired.rollouts.get_mut(&name) else { continue };
+            let before = rollout.clone();
+            let effects = rollout.tick(now, snapshot);
+            if *rollout == before {
+                continue;
+            }
+            match self.apply_effects(&name, effects) {
+                Ok(more) => follow.extend(more),
+                Err(err) => log::error!("rollout of {name}: {err}"),
+            }
+            if let Err(err) = self.desired.save(&self.state_dir) {
+                log::error!("saving rollout state: {err}");
+            }
+        }
+        follow
+    }
+
+    /// Records what terminating the canary's connections did.
+    pub fn note_terminated(&mut self, name: &str, count: usize) {
+        if let Some(rollout) = self.desired.rollouts.get_mut(name) {
+            rollout.terminated_connections = Some(count as u64);
+            let _ = self.desired.save(&self.state_dir);
+        }
+    }
+
+    /// Applies a rollout's effects to the datapath (weight first) and returns what must happen
+    /// outside the lock.
+    fn apply_effects(&mut self, name: &str, effects: Vec<Effect>) -> Result<Vec<FollowUp>, ControlError> {
+        let mut follow = Vec::new();
+        for effect in effects {
+            match effect {
+                Effect::SetPercent(percent) => self.set_percent(name, percent)?,
+                Effect::RollBack { terminate_connections } => {
+                    self.set_percent(name, 0.0)?;
+                    if terminate_connections {
+                        let backends = self.datapath.service(name).map(|v| v.spec.canary).unwrap_or_default();
+                        follow.push(FollowUp::TerminateCanary { service: name.into(), backends });
+                    }
+                }
+                Effect::Notify(event) => {
+                    let rollout = &self.desired.rollouts[name];
+                    if !rollout.plan.webhooks.is_empty() {
+                        follow.push(FollowUp::Notify {
+                            service: name.into(),
+                            event: event.clone(),
+                            webhooks: rollout.plan.webhooks.clone(),
+                            payload: serde_json::json!({
+                                "event": event,
+                                "service": name,
+                                "state": rollout.state,
+                                "step": rollout.step,
+                                "percent": rollout.percent,
+                                "gates": rollout.last_gates,
+                                "at_unix_ms": now_ms(),
+                            }),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(follow)
     }
 
     /// Validates `services` as a whole and makes the datapath hold exactly them.

@@ -11,4 +11,6 @@ pub mod control;
 pub mod datapath;
 pub mod metrics;
 pub mod paths;
+pub mod rollout;
 pub mod state;
+pub mod terminate;

@@ -19,7 +19,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ServiceConfig;
+use crate::{config::ServiceConfig, rollout::Rollout};
 
 /// File name of the state under `agent.state_dir`.
 pub const STATE_FILE: &str = "state.json";
@@ -44,6 +44,9 @@ pub struct DesiredState {
     pub services: BTreeMap<String, ServiceConfig>,
     /// The config file's services at the last reconcile, to tell file changes from API ones.
     pub file_services: BTreeMap<String, ServiceConfig>,
+    /// Rollouts by service, active and finished (the last one of each service).
+    #[serde(default)]
+    pub rollouts: BTreeMap<String, Rollout>,
 }
 
 impl DesiredState {
@@ -131,6 +134,7 @@ mod tests {
             version: 1,
             services: map(&[service("a", 37.5), service("c", 2.0)]), // a set by API, b deleted, c added
             file_services: file.clone(),
+            rollouts: BTreeMap::new(),
         };
         assert_eq!(state.merged_with_file(&file), state.services);
         let edited = map(&[service("a", 5.0), service("b", 1.0), service("d", 3.0)]);
@@ -143,7 +147,7 @@ mod tests {
     #[test]
     fn a_file_change_to_a_service_wins_over_the_api() {
         let file = map(&[service("a", 5.0)]);
-        let state = DesiredState { version: 1, services: map(&[service("a", 37.5)]), file_services: file };
+        let state = DesiredState { version: 1, services: map(&[service("a", 37.5)]), file_services: file, rollouts: BTreeMap::new() };
         let merged = state.merged_with_file(&map(&[service("a", 10.0)]));
         assert_eq!(merged["a"].canary_percent, 10.0);
         assert!(state.merged_with_file(&BTreeMap::new()).is_empty(), "removed from the file: removed");
@@ -152,7 +156,7 @@ mod tests {
     #[test]
     fn save_and_load_round_trip() {
         let dir = std::env::temp_dir().join(format!("sockshift-state-test-{}", std::process::id()));
-        let state = DesiredState { version: 1, services: map(&[service("a", 12.3456)]), file_services: BTreeMap::new() };
+        let state = DesiredState { version: 1, services: map(&[service("a", 12.3456)]), file_services: BTreeMap::new(), rollouts: BTreeMap::new() };
         state.save(&dir).unwrap();
         assert_eq!(DesiredState::load(&dir).unwrap(), Some(state));
         fs::write(dir.join(STATE_FILE), b"{not json").unwrap();

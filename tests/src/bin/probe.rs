@@ -23,7 +23,8 @@ struct Probe {
 enum Command {
     /// TCP servers: each accepted connection is sent TAG and a newline, then held until the
     /// client closes. `--listen ADDR=TAG`, repeatable; `ADDR=TAG!reset` resets each connection
-    /// right after the tag. With `--netns`, one set per namespace.
+    /// right after the tag. With `--netns`, one set per namespace. A line `close TAG` on stdin
+    /// closes that tag's listeners (new connections are refused, open ones stay).
     ServeTcp {
         #[arg(long, required = true)]
         listen: Vec<String>,
@@ -51,6 +52,14 @@ enum Command {
         /// Also report the tags of every SEGMENT consecutive connections.
         #[arg(long, default_value_t = 0)]
         segment: u32,
+    },
+    /// Opens COUNT TCP connections to TARGET and keeps them; prints `held {tags}`, waits for a
+    /// line on stdin, then reports per tag how many are still open and how many were reset.
+    Hold {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        count: u32,
     },
     /// COUNT UDP exchanges with TARGET, each on a new unconnected socket (or, with
     /// `--one-socket`, all on one); counts tags and whether replies came from TARGET.
@@ -88,13 +97,17 @@ fn enter_netns(path: &PathBuf) {
     assert_eq!(rc, 0, "setns {}: {}", path.display(), std::io::Error::last_os_error());
 }
 
+/// Listening sockets by tag, for `close TAG`.
+static LISTENERS: std::sync::Mutex<Vec<(String, i32)>> = std::sync::Mutex::new(Vec::new());
+
 fn serve_tcp(listener: TcpListener, tag: String) {
     let (tag, reset) = match tag.strip_suffix("!reset") {
         Some(tag) => (tag.to_string(), true),
         None => (tag, false),
     };
+    LISTENERS.lock().unwrap().push((tag.clone(), std::os::fd::AsRawFd::as_raw_fd(&listener)));
     for stream in listener.incoming() {
-        let Ok(mut stream) = stream else { continue };
+        let Ok(mut stream) = stream else { break };
         let tag = tag.clone();
         thread::spawn(move || {
             let _ = stream.write_all(format!("{tag}\n").as_bytes());
@@ -152,6 +165,17 @@ fn main() {
                 }
             }
             println!("ready");
+            thread::spawn(|| {
+                for line in std::io::stdin().lines().map_while(Result::ok) {
+                    if let Some(tag) = line.strip_prefix("close ") {
+                        for fd in LISTENERS.lock().unwrap().iter().filter(|(t, _)| t == tag).map(|(_, fd)| *fd) {
+                            // Wakes the accept loop with an error; it then drops the listener.
+                            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+                        }
+                        println!("closed {tag}");
+                    }
+                }
+            });
             for t in threads {
                 let _ = t.join();
             }
@@ -203,6 +227,41 @@ fn main() {
                 }
             }
             println!("{}", json!({ "tags": tags, "errors": errors, "peer_is_target": peer_is_target, "peer_other": peer_other, "reset_after_tag": reset_after_tag, "segments": segments }));
+        }
+        Command::Hold { target, count } => {
+            let mut held = Vec::new();
+            let mut tags: BTreeMap<String, u32> = BTreeMap::new();
+            for _ in 0..count {
+                let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(3)).expect("connect");
+                stream.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                let mut tag = Vec::new();
+                let mut byte = [0u8; 1];
+                while stream.read(&mut byte).expect("read tag") == 1 && byte[0] != b'\n' {
+                    tag.push(byte[0]);
+                }
+                let tag = String::from_utf8_lossy(&tag).into_owned();
+                *tags.entry(tag.clone()).or_default() += 1;
+                held.push((tag, stream));
+            }
+            println!("held {}", json!(tags));
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line).unwrap();
+            let mut report: BTreeMap<String, BTreeMap<&str, u32>> = BTreeMap::new();
+            for (tag, mut stream) in held {
+                stream.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+                let mut buf = [0u8; 16];
+                let status = match stream.read(&mut buf) {
+                    Ok(0) => "closed",
+                    Ok(_) => "data",
+                    Err(err) => match err.kind() {
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => "open",
+                        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted => "reset",
+                        _ => "error",
+                    },
+                };
+                *report.entry(tag).or_default().entry(status).or_default() += 1;
+            }
+            println!("{}", json!(report));
         }
         Command::Udp { target, count, one_socket } => {
             let bind: SocketAddr = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
