@@ -1,14 +1,17 @@
 //! `cargo xtask demo`: the whole product on one machine. In a private network namespace and a
 //! cgroup it makes, it starts a stable and a canary backend, runs the agent, drives a client,
 //! and moves the canary 0 → 10 → 50 → 100 → 0 through the HTTP API, showing live the target and
-//! the share of connections the client saw land on the canary. Cleans up on exit and on Ctrl-C.
+//! the share of connections the client saw land on the canary. Then two rollouts: a healthy
+//! canary promoted step by step, and a canary that starts failing, rolled back by itself.
+//! Cleans up on exit and on Ctrl-C.
 
 use std::{
     io::Write,
     sync::atomic::{AtomicBool, Ordering},
 };
 
-use e2e::{serve, tcp_connects, Agent, Cgroup, NetNs, Placement};
+use e2e::{serve, tcp_connects, Agent, Cgroup, NetNs, Placement, Spawned};
+use serde_json::{json, Value};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -29,7 +32,7 @@ fn main() {
     let cgroup = Cgroup::new();
     println!("  network namespace  {}", netns.name);
     println!("  client cgroup      {}", cgroup.path.display());
-    let _servers = serve(
+    let mut servers = serve(
         Placement { netns: Some(&netns), cgroup: None },
         &["serve-tcp", "--listen", "127.0.0.1:8001=stable", "--listen", "127.0.0.1:8002=canary"],
     );
@@ -76,5 +79,72 @@ fn main() {
         state["sides"]["canary"]["connections_steered"],
         state["sides"]["canary"]["health"]["srtt_avg_us"],
     );
-    println!("done: agent stopped, namespace and cgroup removed");
+
+    println!("\nrollout 1: a healthy canary, steps 10 → 50 → 100 %, 2 s each, gate: failed-attempt ratio ≤ 5 %");
+    if !rollout(&agent, client, &mut servers, false) {
+        return;
+    }
+    agent.call("PUT", "/v1/services/web/canary", Some(&json!({ "percent": 0 })));
+    println!("\nrollout 2: the same plan; at the second step the canary starts refusing connections");
+    if !rollout(&agent, client, &mut servers, true) {
+        return;
+    }
+    println!("\ndone: agent stopped, namespace and cgroup removed");
+}
+
+/// Runs one rollout with client traffic, showing it live; `fail` makes the canary refuse
+/// connections from the second step on. Returns false when interrupted.
+fn rollout(agent: &Agent, client: Placement<'_>, servers: &mut Spawned, fail: bool) -> bool {
+    let plan = json!({
+        "steps": [10, 50, 100],
+        "step_seconds": 2,
+        "gates": { "max_failed_attempt_ratio": 0.05, "min_connections": 20 },
+    });
+    let (status, body) = agent.call("POST", "/v1/services/web/rollout", Some(&plan));
+    assert_eq!(status, 201, "starting the rollout: {body}");
+    let mut failing = false;
+    let mut last_step = usize::MAX;
+    loop {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            println!("\ninterrupted: cleaning up");
+            return false;
+        }
+        let report = tcp_connects(client, FRONTEND, 100);
+        let (_, r): (u16, Value) = agent.call("GET", "/v1/services/web/rollout", None);
+        let step = r["step"].as_u64().unwrap_or(0) as usize;
+        if step != last_step {
+            if last_step != usize::MAX {
+                println!();
+            }
+            last_step = step;
+        }
+        if fail && step == 1 && !failing {
+            writeln!(servers.child.stdin.as_mut().expect("server stdin"), "close canary").expect("close canary");
+            failing = true;
+        }
+        let steps = r["steps"].as_array().map_or(0, Vec::len);
+        let ratio = r["current_window"]["failed_attempt_ratio"].as_f64().map_or("-".into(), |v| format!("{:.2}", v));
+        print!(
+            "\r  {:<17} step {}/{}  weight {:>5} %   client saw canary {:>5.1} %, refused {:>3}   canary failed-attempt ratio {ratio:<5}",
+            r["state"].as_str().unwrap_or("?"),
+            (step + 1).min(steps),
+            steps,
+            r["percent"],
+            report.share("canary"),
+            report.error("ConnectionRefused"),
+        );
+        let _ = std::io::stdout().flush();
+        match r["state"].as_str() {
+            Some("promoted") => {
+                println!("\n  promoted: every step held; the canary takes all traffic");
+                return true;
+            }
+            Some("rolled_back") => {
+                let why = r["last_gates"]["failures"][0].as_str().unwrap_or("");
+                println!("\n  rolled back by itself ({why}); weight {} %", agent.service("web")["canary_percent"]);
+                return true;
+            }
+            _ => {}
+        }
+    }
 }
