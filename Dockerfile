@@ -39,6 +39,11 @@ RUN cargo build --release --locked -p agent
 # --- runtime ---------------------------------------------------------------------------------
 # Same Debian release as the builder, so the binary's glibc matches.
 FROM debian:bookworm-slim
+# iproute2's `ss -K` (with util-linux's nsenter, already in the base) closes a rolled-back
+# canary's connections (rollback.terminate_connections).
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends iproute2 \
+ && rm -rf /var/lib/apt/lists/*
 COPY --from=builder /src/target/release/sockshift /usr/local/bin/sockshift
 # Root, as in the DaemonSet (runAsUser 0, capabilities limited there).
 ENTRYPOINT ["sockshift"]
