@@ -38,7 +38,7 @@ pub enum ControlError {
     UnknownService(String),
     #[error("frontend {frontend} already belongs to service {owner:?}")]
     FrontendInUse { frontend: SocketAddr, owner: String },
-    #[error("service {0:?} has an active rollout: pause or abort it first")]
+    #[error("service {0:?} has an active rollout driving its weight: abort it first, or use the kill switch (rollback)")]
     RolloutActive(String),
     #[error("service {0:?} has no rollout")]
     NoRollout(String),

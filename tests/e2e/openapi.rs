@@ -480,24 +480,36 @@ fn document_operations(doc: &Value) -> BTreeMap<(String, String), &Value> {
     operations
 }
 
-/// The role a handler passes to `authorize`, or "none".
+/// The role a handler passes to `authorize`, or "none". A role known only at run time (a
+/// variable, e.g. the approver role a rollout plan names) is a further check on top of the
+/// handler's fixed `Role::..` one, which is the role the document names; a handler with only
+/// run-time roles fails this test.
 fn handler_role(src: &Source, handler: &str) -> String {
     let (open, close) = src.fn_body(handler);
+    let mut run_time = Vec::new();
     let roles: BTreeSet<String> = src
         .find_all("authorize(")
         .into_iter()
         .filter(|&i| i > open && i < close && !is_identifier(&src.text(i - 1, i)))
-        .map(|i| {
+        .filter_map(|i| {
             let items = src.items(i + "authorize".len());
             let role = items.get(2).map_or("", String::as_str);
+            if is_identifier(role) {
+                run_time.push(role.to_string());
+                return None;
+            }
             let variant = role.strip_prefix("Role::").unwrap_or_else(|| {
                 panic!("{API_RS}: fn {handler}: cannot tell the role of `authorize(.., {role})`")
             });
-            variant.to_lowercase()
+            Some(variant.to_lowercase())
         })
         .collect();
     match roles.len() {
-        0 => "none".into(),
+        0 if run_time.is_empty() => "none".into(),
+        0 => panic!(
+            "{API_RS}: fn {handler} authorizes only roles known at run time {run_time:?}, \
+             no fixed `Role::..` to document"
+        ),
         1 => roles.into_iter().next().unwrap(),
         _ => panic!("{API_RS}: fn {handler} authorizes several roles {roles:?}"),
     }
