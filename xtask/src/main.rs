@@ -27,6 +27,15 @@ enum Task {
     },
     /// Run the demo: a namespace, a stable and a canary backend, the agent, a live split.
     Demo,
+    /// Benchmark sockshift against direct, iptables and haproxy (root); results in target/bench.
+    Bench {
+        /// Only check that every section works (seconds, not minutes).
+        #[arg(long)]
+        smoke: bool,
+        /// Output directory.
+        #[arg(long, default_value = "target/bench")]
+        out: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,6 +55,27 @@ fn main() -> anyhow::Result<()> {
             let mut test_args = vec!["test", "--no-fail-fast"];
             test_args.extend(args.iter().map(String::as_str));
             cargo(&test_args).context("tests failed")?;
+            if args.is_empty() {
+                // The benchmark is not a timed test: this only checks that it runs.
+                setup::ensure_bench_tools()?;
+                println!("benchmark smoke run (checks that `cargo xtask bench` works, not how fast)");
+                run_binary("target/debug/sockshift-bench", &["--smoke", "--out", "target/bench-smoke"])?;
+            }
+        }
+        Task::Bench { smoke, out } => {
+            require_root("cargo xtask bench")?;
+            setup::ensure_toolchain()?;
+            setup::ensure_test_tools()?;
+            setup::ensure_bench_tools()?;
+            setup::ensure_python_package("matplotlib", "matplotlib")?;
+            setup::ensure_bpffs()?;
+            cargo(&["build", "--release", "--package", "agent", "--package", "e2e", "--bins"])
+                .context("building sockshift and the benchmark")?;
+            let mut args = vec!["--out", out.as_str()];
+            if smoke {
+                args.push("--smoke");
+            }
+            run_binary("target/release/sockshift-bench", &args)?;
         }
         Task::Demo => {
             require_root("cargo xtask demo")?;
@@ -64,6 +94,14 @@ fn require_root(what: &str) -> anyhow::Result<()> {
     let uid = Command::new("id").arg("-u").output().context("running id -u")?;
     if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
         bail!("{what} loads eBPF programs and creates network namespaces: run it as root");
+    }
+    Ok(())
+}
+
+fn run_binary(path: &str, args: &[&str]) -> anyhow::Result<()> {
+    let status = Command::new(path).args(args).status().with_context(|| format!("running {path}"))?;
+    if !status.success() {
+        bail!("{path} {} failed ({status})", args.join(" "));
     }
     Ok(())
 }

@@ -117,3 +117,9 @@ pub fn ensure_python_package(module: &str, package: &str) -> anyhow::Result<()> 
         // this variable.
         .env("PIP_BREAK_SYSTEM_PACKAGES", "1"))
 }
+
+/// What the benchmark drives: nginx backends, haproxy and iptables as peers, wrk as the client,
+/// bpftool for the kernel's program statistics.
+pub fn ensure_bench_tools() -> anyhow::Result<()> {
+    ensure_packages(&["nginx", "haproxy", "wrk", "iptables", "bpftool"])
+}

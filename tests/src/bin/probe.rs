@@ -61,6 +61,14 @@ enum Command {
         #[arg(long)]
         count: u32,
     },
+    /// Times COUNT connect() calls to TARGET (each closed with a reset, leaving no TIME_WAIT);
+    /// reports the median and mean nanoseconds of the connect() call alone.
+    ConnectCost {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        count: u32,
+    },
     /// COUNT UDP exchanges with TARGET, each on a new unconnected socket (or, with
     /// `--one-socket`, all on one); counts tags and whether replies came from TARGET.
     Udp {
@@ -227,6 +235,27 @@ fn main() {
                 }
             }
             println!("{}", json!({ "tags": tags, "errors": errors, "peer_is_target": peer_is_target, "peer_other": peer_other, "reset_after_tag": reset_after_tag, "segments": segments }));
+        }
+        Command::ConnectCost { target, count } => {
+            let mut samples = Vec::with_capacity(count as usize);
+            for _ in 0..count {
+                let started = Instant::now();
+                let stream = TcpStream::connect(target).expect("connect");
+                samples.push(started.elapsed().as_nanos() as u64);
+                let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+                unsafe {
+                    libc::setsockopt(
+                        std::os::fd::AsRawFd::as_raw_fd(&stream),
+                        libc::SOL_SOCKET,
+                        libc::SO_LINGER,
+                        (&linger as *const libc::linger).cast(),
+                        std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                    );
+                }
+            }
+            samples.sort_unstable();
+            let mean = samples.iter().sum::<u64>() / samples.len().max(1) as u64;
+            println!("{}", json!({ "median_ns": samples[samples.len() / 2], "mean_ns": mean, "samples": samples.len() }));
         }
         Command::Hold { target, count } => {
             let mut held = Vec::new();

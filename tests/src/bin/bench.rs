@@ -1,0 +1,749 @@
+//! `cargo xtask bench`: sockshift side by side with what users would pick instead, in one run,
+//! as ratios from interleaved rounds. Every run gets a fresh network namespace (no TIME_WAIT or
+//! conntrack left over from the previous peer); all traffic stays inside it. Writes
+//! `results.json`, `results.md` and `plot.png` to the output directory and prints a summary.
+//! `--smoke` runs every section for about a second, to check that it works, not how fast.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::TcpStream,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use e2e::{place, probe, serve, spawn_in, Agent, Cgroup, NetNs, Placement, Spawned};
+use serde_json::{json, Value};
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn check_interrupted() {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        // Unwinding drops every guard: processes, agents, namespaces, cgroups.
+        panic!("interrupted: cleaning up");
+    }
+}
+
+const FRONTEND: &str = "127.1.0.1:80";
+const STABLE: &str = "127.0.0.1:8081";
+const CANARY: &str = "127.0.0.1:8082";
+const TARGET_PERCENT: f64 = 20.0;
+
+struct Settings {
+    smoke: bool,
+    rounds: usize,
+    seconds: u32,
+    out: PathBuf,
+}
+
+fn main() {
+    unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
+    e2e::require_root();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let smoke = args.iter().any(|a| a == "--smoke");
+    let out = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target/bench"));
+    std::fs::create_dir_all(&out).expect("output directory");
+    let settings = Settings { smoke, rounds: if smoke { 1 } else { 3 }, seconds: if smoke { 1 } else { 5 }, out };
+    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1");
+
+    let mut results = BTreeMap::new();
+    results.insert("machine", machine());
+    results.insert("mode", json!(if smoke { "smoke" } else { "full" }));
+    let sections: [(&str, fn(&Settings) -> Value); 6] = [
+        ("throughput", throughput),
+        ("connect_cost", connect_cost),
+        ("scale", scale),
+        ("control_plane", control_plane),
+        ("split_accuracy", split_accuracy),
+        ("footprint", footprint),
+    ];
+    for (i, (name, section)) in sections.iter().enumerate() {
+        println!("[{}/{}] {name}", i + 1, sections.len());
+        results.insert(name, section(&settings));
+    }
+    let results = json!(results);
+    std::fs::write(settings.out.join("results.json"), serde_json::to_string_pretty(&results).unwrap()).unwrap();
+    let (markdown, summary) = render(&results);
+    std::fs::write(settings.out.join("results.md"), &markdown).unwrap();
+    plot(&settings.out);
+    println!("\n{summary}");
+    println!("written: {0}/results.json, {0}/results.md, {0}/plot.png", settings.out.display());
+}
+
+fn machine() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo.lines().find_map(|l| l.strip_prefix("model name")).map(|l| l.trim_start_matches([' ', '\t', ':']).to_string());
+    let mem = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    json!({
+        "cpu": model,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "memory": mem.lines().next().unwrap_or("").replace("MemTotal:", "").trim(),
+        "kernel": kernel.trim(),
+    })
+}
+
+/// A fresh namespace with two nginx backends (stable, canary) and their request counters.
+struct Backends {
+    netns: NetNs,
+    _nginx: Vec<Spawned>,
+    dir: PathBuf,
+}
+
+impl Backends {
+    fn start() -> Self {
+        let netns = NetNs::new();
+        let dir = std::env::temp_dir().join(e2e::unique_name("bench-nginx"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut nginx = Vec::new();
+        for (name, listen, status) in [("stable", STABLE, "127.0.0.1:9081"), ("canary", CANARY, "127.0.0.1:9082")] {
+            let conf = dir.join(format!("{name}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "worker_processes 1;\ndaemon off;\npid {dir}/{name}.pid;\nerror_log {dir}/{name}.err;\n\
+                     events {{ worker_connections 8192; }}\n\
+                     http {{ access_log off; keepalive_requests 1000000;\n\
+                       client_body_temp_path {dir}/{name}-body; proxy_temp_path {dir}/{name}-proxy;\n\
+                       fastcgi_temp_path {dir}/{name}-fcgi; uwsgi_temp_path {dir}/{name}-uwsgi; scgi_temp_path {dir}/{name}-scgi;\n\
+                       server {{ listen {listen} reuseport backlog=4096; location / {{ return 200 \"{name}\\n\"; }} }}\n\
+                       server {{ listen {status}; location / {{ stub_status; }} }} }}\n",
+                    dir = dir.display()
+                ),
+            )
+            .unwrap();
+            let conf = conf.display().to_string();
+            let err = dir.join(format!("{name}.err")).display().to_string();
+            nginx.push(spawn_in(Placement { netns: Some(&netns), cgroup: None }, Path::new("nginx"), &["-c", &conf, "-e", &err]));
+        }
+        let backends = Self { netns, _nginx: nginx, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while backends.requests().is_none() {
+            assert!(Instant::now() < deadline, "nginx did not start: {}", std::fs::read_to_string(backends.dir.join("stable.err")).unwrap_or_default());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        backends
+    }
+
+    /// Requests served so far by (stable, canary), from nginx's stub_status.
+    fn requests(&self) -> Option<(u64, u64)> {
+        let read = |addr: &str| -> Option<u64> {
+            let text = in_netns(&self.netns, {
+                let addr = addr.to_string();
+                move || {
+                    let mut stream = TcpStream::connect(&addr).ok()?;
+                    stream.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+                    let mut text = String::new();
+                    stream.read_to_string(&mut text).ok()?;
+                    Some(text)
+                }
+            })?;
+            // "server accepts handled requests\n 1 1 1"
+            text.lines().find(|l| l.trim().split_whitespace().count() == 3 && l.trim().starts_with(char::is_numeric))?
+                .split_whitespace().nth(2)?.parse().ok()
+        };
+        Some((read("127.0.0.1:9081")?, read("127.0.0.1:9082")?))
+    }
+
+    fn placement(&self) -> Placement<'_> {
+        Placement { netns: Some(&self.netns), cgroup: None }
+    }
+}
+
+impl Drop for Backends {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs `f` on a thread that has entered `netns`.
+fn in_netns<T: Send + 'static>(netns: &NetNs, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = netns.path();
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("open netns");
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns");
+        f()
+    })
+    .join()
+    .expect("netns thread")
+}
+
+fn iptables_restore(netns: &NetNs, rules: &str) {
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", &netns.name, "iptables-restore"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("iptables-restore");
+    child.stdin.as_mut().unwrap().write_all(rules.as_bytes()).unwrap();
+    assert!(child.wait().unwrap().success(), "iptables-restore failed");
+}
+
+/// kube-proxy's way: a linear KUBE-SERVICES chain of `services` entries (the measured service
+/// last) and a `statistic` DNAT split.
+fn iptables_rules(services: usize) -> String {
+    let mut rules = String::from("*nat\n:OUTPUT ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-SVC-TARGET - [0:0]\n");
+    for i in 1..services {
+        rules.push_str(&format!(":KUBE-SVC-{i} - [0:0]\n"));
+    }
+    rules.push_str("-A OUTPUT -j KUBE-SERVICES\n");
+    for i in 1..services {
+        rules.push_str(&format!(
+            "-A KUBE-SERVICES -d 127.2.{}.{}/32 -p tcp --dport 80 -j KUBE-SVC-{i}\n-A KUBE-SVC-{i} -p tcp -j DNAT --to-destination {STABLE}\n",
+            i / 256,
+            i % 256
+        ));
+    }
+    rules.push_str(&format!(
+        "-A KUBE-SERVICES -d 127.1.0.1/32 -p tcp --dport 80 -j KUBE-SVC-TARGET\n\
+         -A KUBE-SVC-TARGET -p tcp -m statistic --mode random --probability {:.5} -j DNAT --to-destination {CANARY}\n\
+         -A KUBE-SVC-TARGET -p tcp -j DNAT --to-destination {STABLE}\nCOMMIT\n",
+        TARGET_PERCENT / 100.0
+    ));
+    rules
+}
+
+fn sockshift_services(services: usize) -> String {
+    let mut config = format!(
+        "[[service]]\nname = \"target\"\nfrontends = [\"{FRONTEND}\"]\nstable = [\"{STABLE}\"]\ncanary = [\"{CANARY}\"]\ncanary_percent = {TARGET_PERCENT}\n"
+    );
+    for i in 1..services {
+        config.push_str(&format!(
+            "[[service]]\nname = \"svc-{i}\"\nfrontends = [\"127.2.{}.{}:80\"]\nstable = [\"{STABLE}\"]\n",
+            i / 256,
+            i % 256
+        ));
+    }
+    config
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Peer {
+    Direct,
+    Iptables,
+    Haproxy,
+    Sockshift,
+}
+
+impl Peer {
+    fn name(self) -> &'static str {
+        match self {
+            Peer::Direct => "direct",
+            Peer::Iptables => "iptables",
+            Peer::Haproxy => "haproxy",
+            Peer::Sockshift => "sockshift",
+        }
+    }
+}
+
+/// One wrk run against a peer in a fresh namespace: req/s, p50, p99 (µs), canary share (%).
+fn run_peer(peer: Peer, services: usize, keepalive: bool, seconds: u32) -> Value {
+    check_interrupted();
+    let backends = Backends::start();
+    let cgroup = Cgroup::new();
+    let mut _keep: Vec<Spawned> = Vec::new();
+    let mut _agent = None;
+    let mut client = backends.placement();
+    let target = match peer {
+        Peer::Direct => STABLE,
+        Peer::Iptables => {
+            iptables_restore(&backends.netns, &iptables_rules(services));
+            FRONTEND
+        }
+        Peer::Haproxy => {
+            let cfg = backends.dir.join("haproxy.cfg");
+            std::fs::write(
+                &cfg,
+                format!(
+                    "global\n  maxconn 4096\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+                     frontend fe\n  bind {FRONTEND}\n  default_backend be\nbackend be\n  balance roundrobin\n\
+                     server stable {STABLE} weight {}\n  server canary {CANARY} weight {}\n",
+                    100.0 - TARGET_PERCENT,
+                    TARGET_PERCENT
+                ),
+            )
+            .unwrap();
+            let cfg = cfg.display().to_string();
+            _keep.push(spawn_in(backends.placement(), Path::new("haproxy"), &["-f", &cfg, "-db"]));
+            std::thread::sleep(Duration::from_millis(300));
+            FRONTEND
+        }
+        Peer::Sockshift => {
+            _agent = Some(Agent::start(&cgroup, &sockshift_services(services)));
+            client = Placement { netns: Some(&backends.netns), cgroup: Some(&cgroup) };
+            FRONTEND
+        }
+    };
+    let before = backends.requests().unwrap_or((0, 0));
+    // Direct: the client already knows the pods and splits its own connections 26/6 (about
+    // 80/20) between them, so it has the same backend capacity and split as the peers.
+    let jobs: Vec<(String, &str, &str)> = if peer == Peer::Direct {
+        vec![(format!("http://{STABLE}/"), "1", "26"), (format!("http://{CANARY}/"), "1", "6")]
+    } else {
+        vec![(format!("http://{target}/"), "2", "32")]
+    };
+    let duration = format!("{seconds}s");
+    let children: Vec<_> = jobs
+        .iter()
+        .map(|(url, threads, connections)| {
+            let mut args = vec!["-t", threads, "-c", connections, "-d", &duration, "--latency"];
+            if !keepalive {
+                args.extend(["-H", "Connection: close"]);
+            }
+            args.push(url);
+            let mut wrk = std::process::Command::new("wrk");
+            wrk.args(&args).stdout(std::process::Stdio::piped());
+            place(&mut wrk, client);
+            wrk.spawn().expect("run wrk")
+        })
+        .collect();
+    let outputs: Vec<String> =
+        children.into_iter().map(|c| String::from_utf8_lossy(&c.wait_with_output().expect("wrk").stdout).into_owned()).collect();
+    // Latency from the busiest wrk (the stable share for direct).
+    let text = outputs[0].clone();
+    let after = backends.requests().unwrap_or(before);
+    let (stable, canary) = (after.0 - before.0, after.1 - before.1);
+    let rps: f64 = outputs
+        .iter()
+        .map(|o| parse_after(o, "Requests/sec:").and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0))
+        .sum();
+    let errors = text.lines().find(|l| l.contains("Socket errors") || l.contains("Non-2xx")).unwrap_or("").trim().to_string();
+    json!({
+        "peer": peer.name(),
+        "services": services,
+        "keepalive": keepalive,
+        "requests_per_second": rps,
+        "p50_us": latency(&text, "50%"),
+        "p99_us": latency(&text, "99%"),
+        "canary_percent": if stable + canary > 0 { canary as f64 * 100.0 / (stable + canary) as f64 } else { 0.0 },
+        "requests": stable + canary,
+        "errors": errors,
+    })
+}
+
+fn parse_after<'a>(text: &'a str, label: &str) -> Option<&'a str> {
+    text.lines().find_map(|l| l.trim().strip_prefix(label)).map(str::trim)
+}
+
+/// wrk's "50%  123.45us" to microseconds.
+fn latency(text: &str, percentile: &str) -> Option<f64> {
+    let value = text.lines().map(str::trim).find_map(|l| l.strip_prefix(percentile))?.trim();
+    let (number, scale) = if let Some(n) = value.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = value.strip_suffix("ms") {
+        (n, 1000.0)
+    } else if let Some(n) = value.strip_suffix('s') {
+        (n, 1_000_000.0)
+    } else {
+        (value, 1.0)
+    };
+    number.trim().parse::<f64>().ok().map(|n| n * scale)
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if values.is_empty() { 0.0 } else { values[values.len() / 2] }
+}
+
+fn spread(values: &[f64]) -> (f64, f64) {
+    let min = values.iter().cloned().fold(f64::INFINITY, f64::min);
+    let max = values.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    (min, max)
+}
+
+/// Peers side by side, new connection per request and keep-alive, interleaved rounds.
+fn throughput(settings: &Settings) -> Value {
+    let peers = [Peer::Direct, Peer::Iptables, Peer::Haproxy, Peer::Sockshift];
+    let mut runs = Vec::new();
+    for round in 0..settings.rounds {
+        for keepalive in [false, true] {
+            // Rotate the order each round so no peer always runs first or last.
+            for i in 0..peers.len() {
+                let peer = peers[(i + round) % peers.len()];
+                let mode = if keepalive { "keep-alive" } else { "new connection per request" };
+                println!("  round {}/{} {mode:<27} {}", round + 1, settings.rounds, peer.name());
+                let mut run = run_peer(peer, 1, keepalive, settings.seconds);
+                run["round"] = json!(round);
+                runs.push(run);
+            }
+        }
+    }
+    let mut summary = Vec::new();
+    for keepalive in [false, true] {
+        for peer in peers {
+            let of = |p: Peer, round: usize| {
+                runs.iter()
+                    .find(|r| r["peer"] == json!(p.name()) && r["keepalive"] == json!(keepalive) && r["round"] == json!(round))
+                    .cloned()
+                    .unwrap()
+            };
+            let mut ratios: Vec<f64> = (0..settings.rounds)
+                .map(|r| of(peer, r)["requests_per_second"].as_f64().unwrap() / of(Peer::Direct, r)["requests_per_second"].as_f64().unwrap().max(1.0))
+                .collect();
+            let mut vs_haproxy: Vec<f64> = (0..settings.rounds)
+                .filter(|r| of(Peer::Haproxy, *r)["requests_per_second"].as_f64().unwrap() > 0.0)
+                .map(|r| of(peer, r)["requests_per_second"].as_f64().unwrap() / of(Peer::Haproxy, r)["requests_per_second"].as_f64().unwrap())
+                .collect();
+            let mut rps: Vec<f64> = (0..settings.rounds).map(|r| of(peer, r)["requests_per_second"].as_f64().unwrap()).collect();
+            let mut p50: Vec<f64> = (0..settings.rounds).filter_map(|r| of(peer, r)["p50_us"].as_f64()).collect();
+            let mut p99: Vec<f64> = (0..settings.rounds).filter_map(|r| of(peer, r)["p99_us"].as_f64()).collect();
+            let mut share: Vec<f64> = (0..settings.rounds).map(|r| of(peer, r)["canary_percent"].as_f64().unwrap()).collect();
+            let (lo, hi) = spread(&ratios);
+            summary.push(json!({
+                "peer": peer.name(),
+                "keepalive": keepalive,
+                "requests_per_second": median(&mut rps),
+                "p50_us": median(&mut p50),
+                "p99_us": median(&mut p99),
+                "canary_percent": median(&mut share),
+                "ratio_to_direct": median(&mut ratios),
+                "ratio_to_direct_min": lo,
+                "ratio_to_direct_max": hi,
+                "ratio_to_haproxy": if vs_haproxy.is_empty() { Value::Null } else { json!(median(&mut vs_haproxy)) },
+            }));
+        }
+    }
+    json!({ "runs": runs, "summary": summary, "rounds": settings.rounds, "seconds": settings.seconds, "connections": 32 })
+}
+
+/// Nanoseconds per connect(): no program, program attached but not matching, program steering;
+/// plus the kernel's own run time of the connect4 program.
+fn connect_cost(settings: &Settings) -> Value {
+    let rounds = if settings.smoke { 2 } else { 15 };
+    let count = if settings.smoke { "300" } else { "2000" };
+    let backends = Backends::start();
+    let cgroup = Cgroup::new();
+    let _agent = Agent::start(&cgroup, &format!("[[service]]\nname = \"target\"\nfrontends = [\"{FRONTEND}\"]\nstable = [\"{STABLE}\"]\n"));
+    let outside = backends.placement();
+    let inside = Placement { netns: Some(&backends.netns), cgroup: Some(&cgroup) };
+    let configs: [(&str, Placement<'_>, &str); 3] =
+        [("no_program", outside, STABLE), ("attached_not_matching", inside, STABLE), ("steering", inside, FRONTEND)];
+    let mut medians: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut kernel: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+    for round in 0..rounds {
+        check_interrupted();
+        for i in 0..configs.len() {
+            let (name, placement, target) = configs[(i + round) % configs.len()];
+            let before = prog_stats("sock4_connect");
+            let report = probe(placement, &["connect-cost", "--target", target, "--count", count]);
+            let after = prog_stats("sock4_connect");
+            let entry = kernel.entry(name).or_default();
+            entry.0 += after.0 - before.0;
+            entry.1 += after.1 - before.1;
+            medians.entry(name).or_default().push(report["median_ns"].as_f64().unwrap());
+        }
+    }
+    let mut out = serde_json::Map::new();
+    for (name, mut values) in medians {
+        let (time, runs) = kernel[name];
+        out.insert(name.into(), json!({
+            "connect_ns_median": median(&mut values),
+            "kernel_program_ns_per_run": if runs > 0 { Some(time as f64 / runs as f64) } else { None },
+            "kernel_program_runs": runs,
+        }));
+    }
+    let per_run = |name: &str| out[name]["kernel_program_ns_per_run"].as_f64().unwrap_or(0.0);
+    let steering_extra = per_run("steering") - per_run("attached_not_matching");
+    out.insert("kernel_steering_extra_ns".into(), json!(steering_extra));
+    out.insert("rounds".into(), json!(rounds));
+    Value::Object(out)
+}
+
+/// (run_time_ns, run_cnt) summed over loaded programs named `name` (bpf_stats_enabled on).
+fn prog_stats(name: &str) -> (u64, u64) {
+    let output = std::process::Command::new("bpftool").args(["-j", "prog", "show"]).output();
+    let Ok(output) = output else { return (0, 0) };
+    let progs: Value = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
+    progs.as_array().into_iter().flatten().filter(|p| p["name"] == json!(name)).fold((0, 0), |acc, p| {
+        (acc.0 + p["run_time_ns"].as_u64().unwrap_or(0), acc.1 + p["run_cnt"].as_u64().unwrap_or(0))
+    })
+}
+
+/// Connection rate to one service with 10, 1,000 and 10,000 services installed.
+fn scale(settings: &Settings) -> Value {
+    let sizes: &[usize] = if settings.smoke { &[10, 100] } else { &[10, 1000, 10000] };
+    let mut rows = Vec::new();
+    for &services in sizes {
+        for peer in [Peer::Iptables, Peer::Sockshift] {
+            println!("  {services:>5} services  {}", peer.name());
+            rows.push(run_peer(peer, services, false, settings.seconds));
+        }
+    }
+    let rate = |peer: &str, n: usize| {
+        rows.iter().find(|r| r["peer"] == json!(peer) && r["services"] == json!(n)).and_then(|r| r["requests_per_second"].as_f64()).unwrap_or(0.0)
+    };
+    let (small, large) = (sizes[0], *sizes.last().unwrap());
+    json!({
+        "runs": rows,
+        "sockshift_large_vs_small": rate("sockshift", large) / rate("sockshift", small).max(1.0),
+        "sockshift_vs_iptables_at_largest": rate("sockshift", large) / rate("iptables", large).max(1.0),
+        "largest": large,
+    })
+}
+
+/// Latency from `PUT .../canary` to the datapath obeying, and API requests per second.
+fn control_plane(settings: &Settings) -> Value {
+    let updates = if settings.smoke { 40 } else { 1000 };
+    let netns = NetNs::new();
+    let cgroup = Cgroup::new();
+    let _servers = serve(
+        Placement { netns: Some(&netns), cgroup: None },
+        &["serve-tcp", "--listen", &format!("{STABLE}=stable"), "--listen", &format!("{CANARY}=canary")],
+    );
+    let agent = Agent::start(&cgroup, &format!(
+        "[[service]]\nname = \"target\"\nfrontends = [\"{FRONTEND}\"]\nstable = [\"{STABLE}\"]\ncanary = [\"{CANARY}\"]\n"
+    ));
+    // This process joins the steered cgroup for the measurement (its API calls go to a
+    // non-frontend address and are untouched), and goes back afterwards.
+    let own = own_cgroup();
+    std::fs::write(cgroup.path.join("cgroup.procs"), std::process::id().to_string()).expect("join cgroup");
+    let netns_path = netns.path();
+    let (tx, rx) = std::sync::mpsc::channel::<&'static str>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let connector = std::thread::spawn(move || {
+        let file = std::fs::File::open(&netns_path).unwrap();
+        assert_eq!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) }, 0);
+        for expected in rx {
+            loop {
+                let mut stream = TcpStream::connect(FRONTEND).expect("connect");
+                let mut tag = [0u8; 6];
+                stream.read_exact(&mut tag).expect("tag");
+                if &tag == expected.as_bytes() {
+                    break;
+                }
+            }
+            done_tx.send(()).unwrap();
+        }
+    });
+    let mut latencies = Vec::with_capacity(updates);
+    for i in 0..updates {
+        check_interrupted();
+        let (percent, expected) = if i % 2 == 0 { (100.0, "canary") } else { (0.0, "stable") };
+        let started = Instant::now();
+        let (status, _) = agent.call("PUT", "/v1/services/target/canary", Some(&json!({ "percent": percent })));
+        assert_eq!(status, 200);
+        tx.send(expected).unwrap();
+        done_rx.recv().unwrap();
+        latencies.push(started.elapsed().as_secs_f64() * 1e6);
+    }
+    drop(tx);
+    connector.join().unwrap();
+    if let Some(own) = own {
+        let _ = std::fs::write(own.join("cgroup.procs"), std::process::id().to_string());
+    }
+    latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+
+    let duration = Duration::from_millis(if settings.smoke { 500 } else { 3000 });
+    let api = agent.api;
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                let mut n = 0u64;
+                while started.elapsed() < duration {
+                    let r = agent::client::request(api, None, "GET", "/v1/services/target", None).expect("GET");
+                    assert_eq!(r.status, 200);
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let total: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    json!({
+        "updates": updates,
+        "update_to_effect_p50_us": pct(0.50),
+        "update_to_effect_p99_us": pct(0.99),
+        "api_requests_per_second": total as f64 / duration.as_secs_f64(),
+        "api_clients": 4,
+    })
+}
+
+/// This process's cgroup v2 directory.
+fn own_cgroup() -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    Some(agent::paths::cgroup2_root().ok()?.join(rel.trim_start_matches('/')))
+}
+
+/// Observed canary share against the target, with a 95 % Wilson interval.
+fn split_accuracy(settings: &Settings) -> Value {
+    let count: u32 = if settings.smoke { 1000 } else { 20000 };
+    let netns = NetNs::new();
+    let cgroup = Cgroup::new();
+    let _servers = serve(
+        Placement { netns: Some(&netns), cgroup: None },
+        &["serve-tcp", "--listen", &format!("{STABLE}=stable"), "--listen", &format!("{CANARY}=canary")],
+    );
+    let agent = Agent::start(&cgroup, &format!(
+        "[[service]]\nname = \"target\"\nfrontends = [\"{FRONTEND}\"]\nstable = [\"{STABLE}\"]\ncanary = [\"{CANARY}\"]\n"
+    ));
+    let inside = Placement { netns: Some(&netns), cgroup: Some(&cgroup) };
+    let mut rows = Vec::new();
+    for target in [1.0, 5.0, 20.0, 50.0] {
+        check_interrupted();
+        agent.set_percent("target", target);
+        let report = e2e::tcp_connects(inside, FRONTEND, count);
+        let n = report.tags_total() as f64;
+        let p = report.tag("canary") as f64 / n.max(1.0);
+        let z = 1.96;
+        let center = (p + z * z / (2.0 * n)) / (1.0 + z * z / n);
+        let half = z * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt() / (1.0 + z * z / n);
+        rows.push(json!({
+            "target_percent": target,
+            "connections": n,
+            "observed_percent": p * 100.0,
+            "ci95_low": (center - half) * 100.0,
+            "ci95_high": (center + half) * 100.0,
+        }));
+    }
+    json!(rows)
+}
+
+/// Agent RSS and the kernel memory of its maps, at 10 and 10,000 services.
+fn footprint(settings: &Settings) -> Value {
+    let sizes: &[usize] = if settings.smoke { &[10, 100] } else { &[10, 10000] };
+    let mut rows = Vec::new();
+    for &services in sizes {
+        check_interrupted();
+        let cgroup = Cgroup::new();
+        let agent = Agent::start(&cgroup, &sockshift_services(services));
+        let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap_or_default();
+        let rss_kib: u64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).unwrap_or(0);
+        let mut map_bytes = 0u64;
+        if let Ok(entries) = std::fs::read_dir(&agent.bpffs) {
+            for entry in entries.filter_map(Result::ok).filter(|e| e.path().is_file()) {
+                let output = std::process::Command::new("bpftool").args(["-j", "map", "show", "pinned"]).arg(entry.path()).output();
+                if let Ok(output) = output {
+                    let info: Value = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
+                    map_bytes += info["bytes_memlock"].as_u64().unwrap_or(0);
+                }
+            }
+        }
+        rows.push(json!({ "services": services, "agent_rss_kib": rss_kib, "map_memory_bytes": map_bytes }));
+    }
+    json!(rows)
+}
+
+fn f(v: &Value, digits: usize) -> String {
+    v.as_f64().map_or("-".into(), |x| format!("{x:.digits$}"))
+}
+
+/// The Markdown report and the one-screen summary with the targets.
+fn render(r: &Value) -> (String, String) {
+    let mut md = String::new();
+    let m = &r["machine"];
+    md.push_str(&format!(
+        "Machine: {}, {} cores, {} memory, kernel {}. Mode: {}.\n\n",
+        m["cpu"].as_str().unwrap_or("?"), m["cores"], m["memory"].as_str().unwrap_or("?"), m["kernel"].as_str().unwrap_or("?"), r["mode"].as_str().unwrap_or("?")
+    ));
+    let t = &r["throughput"];
+    md.push_str(&format!(
+        "## Throughput and latency\n\nwrk, 2 threads, {} connections, {} s per run, {} interleaved rounds, each run in a fresh network namespace; nginx backends. Medians over rounds; the ratio's range is min–max over rounds. Canary share target: {TARGET_PERCENT} %.\n\n",
+        t["connections"], t["seconds"], t["rounds"]
+    ));
+    md.push_str("| mode | peer | req/s | ratio to direct (range) | ratio to haproxy | p50 µs | p99 µs | canary share % |\n|---|---|---|---|---|---|---|---|\n");
+    for s in t["summary"].as_array().into_iter().flatten() {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} ({}–{}) | {} | {} | {} | {} |\n",
+            if s["keepalive"] == json!(true) { "keep-alive" } else { "new conn/request" },
+            s["peer"].as_str().unwrap(),
+            f(&s["requests_per_second"], 0),
+            f(&s["ratio_to_direct"], 3), f(&s["ratio_to_direct_min"], 3), f(&s["ratio_to_direct_max"], 3),
+            f(&s["ratio_to_haproxy"], 2),
+            f(&s["p50_us"], 0), f(&s["p99_us"], 0),
+            f(&s["canary_percent"], 1),
+        ));
+    }
+    let c = &r["connect_cost"];
+    md.push_str(&format!("\n## connect() cost\n\nMedian of per-round medians over {} interleaved rounds; kernel run time from `kernel.bpf_stats_enabled` for `sock4_connect`.\n\n| case | connect() ns | program ns per run |\n|---|---|---|\n", c["rounds"]));
+    for name in ["no_program", "attached_not_matching", "steering"] {
+        md.push_str(&format!("| {name} | {} | {} |\n", f(&c[name]["connect_ns_median"], 0), f(&c[name]["kernel_program_ns_per_run"], 0)));
+    }
+    md.push_str(&format!("\nSteering costs {} ns more per connect() than not matching, by the kernel's statistics.\n", f(&c["kernel_steering_extra_ns"], 0)));
+    let sc = &r["scale"];
+    md.push_str("\n## Scale: new connections per second to one service\n\n| services | iptables req/s | sockshift req/s | sockshift / iptables |\n|---|---|---|---|\n");
+    let mut sizes: Vec<u64> = sc["runs"].as_array().into_iter().flatten().filter_map(|r| r["services"].as_u64()).collect();
+    sizes.dedup();
+    for n in &sizes {
+        let rate = |p: &str| sc["runs"].as_array().into_iter().flatten().find(|r| r["peer"] == json!(p) && r["services"] == json!(n)).and_then(|r| r["requests_per_second"].as_f64()).unwrap_or(0.0);
+        md.push_str(&format!("| {n} | {:.0} | {:.0} | {:.2} |\n", rate("iptables"), rate("sockshift"), rate("sockshift") / rate("iptables").max(1.0)));
+    }
+    let cp = &r["control_plane"];
+    md.push_str(&format!(
+        "\n## Control plane\n\n{} updates alternating 0 and 100 %: from sending `PUT .../canary` to the first connection that lands on the new side: p50 {} µs, p99 {} µs. API: {} requests/s (`GET /v1/services/NAME`, {} clients).\n",
+        cp["updates"], f(&cp["update_to_effect_p50_us"], 0), f(&cp["update_to_effect_p99_us"], 0), f(&cp["api_requests_per_second"], 0), cp["api_clients"]
+    ));
+    md.push_str("\n## Split accuracy\n\n| target % | connections | observed % | 95 % interval |\n|---|---|---|---|\n");
+    for row in r["split_accuracy"].as_array().into_iter().flatten() {
+        md.push_str(&format!("| {} | {} | {} | {}–{} |\n", row["target_percent"], row["connections"], f(&row["observed_percent"], 2), f(&row["ci95_low"], 2), f(&row["ci95_high"], 2)));
+    }
+    md.push_str("\n## Footprint\n\n| services | agent RSS MiB | map memory MiB |\n|---|---|---|\n");
+    for row in r["footprint"].as_array().into_iter().flatten() {
+        md.push_str(&format!(
+            "| {} | {:.1} | {:.1} |\n",
+            row["services"], row["agent_rss_kib"].as_f64().unwrap_or(0.0) / 1024.0, row["map_memory_bytes"].as_f64().unwrap_or(0.0) / 1048576.0
+        ));
+    }
+
+    // Targets.
+    let summary_of = |peer: &str, keepalive: bool| t["summary"].as_array().into_iter().flatten().find(|s| s["peer"] == json!(peer) && s["keepalive"] == json!(keepalive)).cloned().unwrap_or(Value::Null);
+    let new_conn = summary_of("sockshift", false);
+    let keep = summary_of("sockshift", true);
+    let check = |ok: bool| if ok { "met   " } else { "MISSED" };
+    let targets = [
+        (format!("new connection/request: sockshift {} of direct (≥ 0.95)", f(&new_conn["ratio_to_direct"], 3)), new_conn["ratio_to_direct"].as_f64().unwrap_or(0.0) >= 0.95),
+        (format!("new connection/request: sockshift {} × haproxy (≥ 1.8)", f(&new_conn["ratio_to_haproxy"], 2)), new_conn["ratio_to_haproxy"].as_f64().unwrap_or(0.0) >= 1.8),
+        (format!("keep-alive: sockshift {} of direct (≥ 0.98)", f(&keep["ratio_to_direct"], 3)), keep["ratio_to_direct"].as_f64().unwrap_or(0.0) >= 0.98),
+        (format!("{} services: sockshift at {} of its rate at {} (≥ 0.90)", sc["largest"], f(&sc["sockshift_large_vs_small"], 3), sizes.first().unwrap_or(&0)), sc["sockshift_large_vs_small"].as_f64().unwrap_or(0.0) >= 0.9),
+        (format!("{} services: sockshift {} × iptables (≥ 4)", sc["largest"], f(&sc["sockshift_vs_iptables_at_largest"], 2)), sc["sockshift_vs_iptables_at_largest"].as_f64().unwrap_or(0.0) >= 4.0),
+        (format!("steered connect() costs {} ns more than unsteered (≤ 150)", f(&c["kernel_steering_extra_ns"], 0)), c["kernel_steering_extra_ns"].as_f64().unwrap_or(f64::MAX) <= 150.0),
+        (format!("API request to effect p99 {} µs (< 2000)", f(&cp["update_to_effect_p99_us"], 0)), cp["update_to_effect_p99_us"].as_f64().unwrap_or(f64::MAX) < 2000.0),
+    ];
+    let mut summary = String::from("sockshift benchmark summary (ratios from interleaved rounds of this run)\n");
+    md.push_str("\n## Targets\n\n| target | result |\n|---|---|\n");
+    for (text, ok) in &targets {
+        summary.push_str(&format!("  [{}] {text}\n", check(*ok).trim()));
+        md.push_str(&format!("| {text} | {} |\n", if *ok { "met" } else { "**missed**" }));
+    }
+    (md, summary)
+}
+
+/// plot.png from results.json with matplotlib (installed by `cargo xtask bench`).
+fn plot(out: &Path) {
+    let script = r#"
+import json, sys
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+r = json.load(open(sys.argv[1] + "/results.json"))
+fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+peers = ["direct", "iptables", "haproxy", "sockshift"]
+for i, keepalive in enumerate([False, True]):
+    vals = [next(s["ratio_to_direct"] for s in r["throughput"]["summary"] if s["peer"] == p and s["keepalive"] == keepalive) for p in peers]
+    axes[0].bar([x + i * 0.4 for x in range(len(peers))], vals, width=0.4, label="keep-alive" if keepalive else "new connection per request")
+axes[0].set_xticks([x + 0.2 for x in range(len(peers))]); axes[0].set_xticklabels(peers)
+axes[0].axhline(1.0, color="grey", linewidth=0.8); axes[0].set_ylabel("requests/s relative to direct"); axes[0].legend(); axes[0].set_title("Throughput (median of rounds)")
+runs = r["scale"]["runs"]
+for peer in ["iptables", "sockshift"]:
+    pts = sorted((x["services"], x["requests_per_second"]) for x in runs if x["peer"] == peer)
+    axes[1].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=peer)
+axes[1].set_xscale("log"); axes[1].set_xlabel("services installed"); axes[1].set_ylabel("new connections/s to one service"); axes[1].legend(); axes[1].set_title("Scale")
+fig.tight_layout(); fig.savefig(sys.argv[1] + "/plot.png", dpi=110)
+"#;
+    let status = std::process::Command::new("python3").args(["-c", script]).arg(out).status();
+    if !status.is_ok_and(|s| s.success()) {
+        eprintln!("plot.png not written (python3 with matplotlib is needed)");
+    }
+}
