@@ -28,7 +28,7 @@ pub const MAX_BACKENDS_PER_SIDE: u32 = 1_024;
 /// Backend slots in the kernel: every backend of every live and retiring revision.
 pub const MAX_BACKEND_SLOTS: u32 = 1 << 20;
 /// Steered sockets open at the same time (TCP and UDP).
-pub const MAX_STEERED_SOCKETS: u32 = 1 << 20;
+pub const MAX_STEERED_SOCKETS: u32 = 1 << 18;
 /// Cohort override entries across all services.
 pub const MAX_COHORT_ENTRIES: u32 = 65_536;
 /// Deepest cgroup level at which a cohort override is looked for.

@@ -67,7 +67,11 @@ fn main() {
         ("split_accuracy", split_accuracy),
         ("footprint", footprint),
     ];
+    let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
     for (i, (name, section)) in sections.iter().enumerate() {
+        if only.as_deref().is_some_and(|o| o != *name) {
+            continue;
+        }
         println!("[{}/{}] {name}", i + 1, sections.len());
         results.insert(name, section(&settings));
     }
@@ -285,13 +289,8 @@ fn run_peer(peer: Peer, services: usize, keepalive: bool, seconds: u32) -> Value
         }
     };
     let before = backends.requests().unwrap_or((0, 0));
-    // Direct: the client already knows the pods and splits its own connections 26/6 (about
-    // 80/20) between them, so it has the same backend capacity and split as the peers.
-    let jobs: Vec<(String, &str, &str)> = if peer == Peer::Direct {
-        vec![(format!("http://{STABLE}/"), "1", "26"), (format!("http://{CANARY}/"), "1", "6")]
-    } else {
-        vec![(format!("http://{target}/"), "2", "32")]
-    };
+    // Direct is the floor: the same client straight to one backend, no translation at all.
+    let jobs: Vec<(String, &str, &str)> = vec![(format!("http://{target}/"), "2", "32")];
     let duration = format!("{seconds}s");
     let children: Vec<_> = jobs
         .iter()
@@ -473,18 +472,36 @@ fn prog_stats(name: &str) -> (u64, u64) {
 fn scale(settings: &Settings) -> Value {
     let sizes: &[usize] = if settings.smoke { &[10, 100] } else { &[10, 1000, 10000] };
     let mut rows = Vec::new();
-    for &services in sizes {
-        for peer in [Peer::Iptables, Peer::Sockshift] {
-            println!("  {services:>5} services  {}", peer.name());
-            rows.push(run_peer(peer, services, false, settings.seconds));
+    let rounds = if settings.smoke { 1 } else { 2 };
+    for round in 0..rounds {
+        for (i, &services) in sizes.iter().enumerate() {
+            for peer in [Peer::Iptables, Peer::Sockshift] {
+                let services = if round % 2 == 1 { sizes[sizes.len() - 1 - i] } else { services };
+                println!("  round {}/{rounds} {services:>5} services  {}", round + 1, peer.name());
+                let mut run = run_peer(peer, services, false, settings.seconds);
+                run["round"] = json!(round);
+                rows.push(run);
+            }
         }
     }
+    // Median over rounds per (peer, size).
     let rate = |peer: &str, n: usize| {
-        rows.iter().find(|r| r["peer"] == json!(peer) && r["services"] == json!(n)).and_then(|r| r["requests_per_second"].as_f64()).unwrap_or(0.0)
+        let mut values: Vec<f64> = rows
+            .iter()
+            .filter(|r| r["peer"] == json!(peer) && r["services"] == json!(n))
+            .filter_map(|r| r["requests_per_second"].as_f64())
+            .collect();
+        median(&mut values)
     };
+    let medians: Vec<Value> = sizes
+        .iter()
+        .flat_map(|&n| ["iptables", "sockshift"].map(|p| json!({ "peer": p, "services": n, "requests_per_second": rate(p, n) })))
+        .collect();
     let (small, large) = (sizes[0], *sizes.last().unwrap());
     json!({
         "runs": rows,
+        "medians": medians,
+        "rounds": rounds,
         "sockshift_large_vs_small": rate("sockshift", large) / rate("sockshift", small).max(1.0),
         "sockshift_vs_iptables_at_largest": rate("sockshift", large) / rate("iptables", large).max(1.0),
         "largest": large,
@@ -509,7 +526,7 @@ fn control_plane(settings: &Settings) -> Value {
     std::fs::write(cgroup.path.join("cgroup.procs"), std::process::id().to_string()).expect("join cgroup");
     let netns_path = netns.path();
     let (tx, rx) = std::sync::mpsc::channel::<&'static str>();
-    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<Instant>();
     let connector = std::thread::spawn(move || {
         let file = std::fs::File::open(&netns_path).unwrap();
         assert_eq!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) }, 0);
@@ -522,19 +539,22 @@ fn control_plane(settings: &Settings) -> Value {
                     break;
                 }
             }
-            done_tx.send(()).unwrap();
+            done_tx.send(Instant::now()).unwrap();
         }
     });
+    // The connector starts probing as the request is sent: the latency is from sending the
+    // request to the first connection the datapath steers the new way (the agent updates the
+    // map before it persists the change and answers).
     let mut latencies = Vec::with_capacity(updates);
     for i in 0..updates {
         check_interrupted();
         let (percent, expected) = if i % 2 == 0 { (100.0, "canary") } else { (0.0, "stable") };
         let started = Instant::now();
+        tx.send(expected).unwrap();
         let (status, _) = agent.call("PUT", "/v1/services/target/canary", Some(&json!({ "percent": percent })));
         assert_eq!(status, 200);
-        tx.send(expected).unwrap();
-        done_rx.recv().unwrap();
-        latencies.push(started.elapsed().as_secs_f64() * 1e6);
+        let observed = done_rx.recv().unwrap();
+        latencies.push(observed.duration_since(started).as_secs_f64() * 1e6);
     }
     drop(tx);
     connector.join().unwrap();
@@ -673,11 +693,11 @@ fn render(r: &Value) -> (String, String) {
     }
     md.push_str(&format!("\nSteering costs {} ns more per connect() than not matching, by the kernel's statistics.\n", f(&c["kernel_steering_extra_ns"], 0)));
     let sc = &r["scale"];
-    md.push_str("\n## Scale: new connections per second to one service\n\n| services | iptables req/s | sockshift req/s | sockshift / iptables |\n|---|---|---|---|\n");
-    let mut sizes: Vec<u64> = sc["runs"].as_array().into_iter().flatten().filter_map(|r| r["services"].as_u64()).collect();
+    md.push_str(&format!("\n## Scale: new connections per second to one service\n\nwrk, new connection per request, median of {} rounds (sizes run in alternating order). iptables holds the services as kube-proxy does (one KUBE-SERVICES rule each, walked in order; the measured service last).\n\n| services | iptables req/s | sockshift req/s | sockshift / iptables |\n|---|---|---|---|\n", sc["rounds"]));
+    let mut sizes: Vec<u64> = sc["medians"].as_array().into_iter().flatten().filter_map(|r| r["services"].as_u64()).collect();
     sizes.dedup();
     for n in &sizes {
-        let rate = |p: &str| sc["runs"].as_array().into_iter().flatten().find(|r| r["peer"] == json!(p) && r["services"] == json!(n)).and_then(|r| r["requests_per_second"].as_f64()).unwrap_or(0.0);
+        let rate = |p: &str| sc["medians"].as_array().into_iter().flatten().find(|r| r["peer"] == json!(p) && r["services"] == json!(n)).and_then(|r| r["requests_per_second"].as_f64()).unwrap_or(0.0);
         md.push_str(&format!("| {n} | {:.0} | {:.0} | {:.2} |\n", rate("iptables"), rate("sockshift"), rate("sockshift") / rate("iptables").max(1.0)));
     }
     let cp = &r["control_plane"];
@@ -735,7 +755,7 @@ for i, keepalive in enumerate([False, True]):
     axes[0].bar([x + i * 0.4 for x in range(len(peers))], vals, width=0.4, label="keep-alive" if keepalive else "new connection per request")
 axes[0].set_xticks([x + 0.2 for x in range(len(peers))]); axes[0].set_xticklabels(peers)
 axes[0].axhline(1.0, color="grey", linewidth=0.8); axes[0].set_ylabel("requests/s relative to direct"); axes[0].legend(); axes[0].set_title("Throughput (median of rounds)")
-runs = r["scale"]["runs"]
+runs = r["scale"]["medians"]
 for peer in ["iptables", "sockshift"]:
     pts = sorted((x["services"], x["requests_per_second"]) for x in runs if x["peer"] == peer)
     axes[1].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=peer)
