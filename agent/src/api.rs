@@ -250,20 +250,7 @@ async fn start_rollout(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let caller = authorize(&state, &headers, Role::Operator)?;
     let body = read_json_object(body)?;
-    let plan: Plan = serde_path_to_error::deserialize(Value::Object(body)).map_err(|err| {
-        let field = err.path().to_string();
-        let message = err.inner().to_string();
-        let code = if message.starts_with("unknown field") {
-            "unknown_field"
-        } else if message.starts_with("missing field") {
-            "missing_field"
-        } else if message.starts_with("invalid type") {
-            "invalid_type"
-        } else {
-            "invalid_field"
-        };
-        ApiError::invalid(code, &field, format!("`{field}`: {message}"))
-    })?;
+    let plan: Plan = deserialize_body(body)?;
     plan.validate().map_err(|err| ApiError::invalid("invalid_field", &err.field.clone(), err.to_string()))?;
     let mut core = state.core.lock().expect("core lock");
     let before = core.service(&name)?.clone();
@@ -432,20 +419,7 @@ async fn put_service(
             ))
         }
     }
-    let config: ServiceConfig = serde_path_to_error::deserialize(Value::Object(body)).map_err(|err| {
-        let field = err.path().to_string();
-        let message = err.inner().to_string();
-        let code = if message.starts_with("unknown field") {
-            "unknown_field"
-        } else if message.starts_with("missing field") {
-            "missing_field"
-        } else if message.starts_with("invalid type") {
-            "invalid_type"
-        } else {
-            "invalid_field"
-        };
-        ApiError::invalid(code, &field, format!("`{field}`: {message}"))
-    })?;
+    let config: ServiceConfig = deserialize_body(body)?;
     // Validated on its own first so the error names the body's field, not the set's.
     crate::config::validate_service(&config, "", None)
         .map_err(|err| ApiError::invalid("invalid_field", &err.field, err.to_string()))?;
@@ -512,6 +486,25 @@ fn require_empty_body(body: Result<Bytes, BytesRejection>) -> Result<(), ApiErro
     }
     let body = read_json_object(body)?;
     reject_unknown_fields(&body, &[])
+}
+
+/// Deserializes a JSON object into `T`; the error names the field (`gates.max_srtt_ratio`) and
+/// says whether it was unknown, missing or of the wrong type.
+fn deserialize_body<T: serde::de::DeserializeOwned>(body: Map<String, Value>) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(Value::Object(body)).map_err(|err| {
+        let field = err.path().to_string();
+        let message = err.inner().to_string();
+        let code = if message.starts_with("unknown field") {
+            "unknown_field"
+        } else if message.starts_with("missing field") {
+            "missing_field"
+        } else if message.starts_with("invalid type") {
+            "invalid_type"
+        } else {
+            "invalid_field"
+        };
+        ApiError::invalid(code, &field, format!("`{field}`: {message}"))
+    })
 }
 
 /// Parses a request body that must be a JSON object.

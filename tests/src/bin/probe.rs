@@ -120,17 +120,7 @@ fn serve_tcp(listener: TcpListener, tag: String) {
         thread::spawn(move || {
             let _ = stream.write_all(format!("{tag}\n").as_bytes());
             if reset {
-                // Linger 0: close sends RST instead of FIN.
-                let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-                unsafe {
-                    libc::setsockopt(
-                        std::os::fd::AsRawFd::as_raw_fd(&stream),
-                        libc::SOL_SOCKET,
-                        libc::SO_LINGER,
-                        (&linger as *const libc::linger).cast(),
-                        std::mem::size_of::<libc::linger>() as libc::socklen_t,
-                    );
-                }
+                close_with_reset(&stream);
                 return;
             }
             let _ = stream.set_read_timeout(Some(Duration::from_secs(300)));
@@ -242,16 +232,7 @@ fn main() {
                 let started = Instant::now();
                 let stream = TcpStream::connect(target).expect("connect");
                 samples.push(started.elapsed().as_nanos() as u64);
-                let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-                unsafe {
-                    libc::setsockopt(
-                        std::os::fd::AsRawFd::as_raw_fd(&stream),
-                        libc::SOL_SOCKET,
-                        libc::SO_LINGER,
-                        (&linger as *const libc::linger).cast(),
-                        std::mem::size_of::<libc::linger>() as libc::socklen_t,
-                    );
-                }
+                close_with_reset(&stream);
             }
             samples.sort_unstable();
             let mean = samples.iter().sum::<u64>() / samples.len().max(1) as u64;
@@ -345,6 +326,20 @@ fn main() {
             }
             println!("{}", json!({ "sockets": done, "send_errors": send_errors }));
         }
+    }
+}
+
+/// Linger 0: dropping the stream then sends RST instead of FIN (and leaves no TIME_WAIT).
+fn close_with_reset(stream: &TcpStream) {
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(stream),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
     }
 }
 
