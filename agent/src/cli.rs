@@ -427,6 +427,8 @@ fn print_rollout(r: &Value) {
 }
 
 fn run_agent(config_path: &Path, check_only: bool) -> anyhow::Result<()> {
+    // Read before loading: a change made after this point is always seen as a change.
+    let loaded_bytes = std::fs::read(config_path).ok();
     let config = Config::load(config_path)?;
     if check_only {
         println!("{}: valid, {} services", config_path.display(), config.services.len());
@@ -476,7 +478,7 @@ fn run_agent(config_path: &Path, check_only: bool) -> anyhow::Result<()> {
         });
         tokio::spawn(drive_rollouts(state.clone()));
         tokio::spawn(carry_out_follow_ups(state.clone(), follow_rx, config.cgroup.clone()));
-        tokio::spawn(watch_config(state.clone(), config));
+        tokio::spawn(watch_config(state.clone(), config, loaded_bytes));
 
         axum::serve(listener, api::router(state))
             .with_graceful_shutdown(shutdown_signal())
@@ -550,10 +552,10 @@ fn post_webhook(url: &str, payload: &Value) -> anyhow::Result<()> {
 /// Re-reads the config file when its content changes (a mounted ConfigMap is swapped in place)
 /// and on SIGHUP. A file that does not validate is refused with the reason logged; the running
 /// state stays.
-async fn watch_config(state: Arc<AppState>, initial: Config) {
+async fn watch_config(state: Arc<AppState>, initial: Config, loaded_bytes: Option<Vec<u8>>) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hangup = signal(SignalKind::hangup()).expect("SIGHUP handler");
-    let mut last = std::fs::read(&state.config_path).ok();
+    let mut last = loaded_bytes;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         let forced = tokio::select! {

@@ -115,7 +115,7 @@ impl Backends {
             std::fs::write(
                 &conf,
                 format!(
-                    "worker_processes 1;\ndaemon off;\npid {dir}/{name}.pid;\nerror_log {dir}/{name}.err;\n\
+                    "worker_processes 1;\nmaster_process off;\ndaemon off;\npid {dir}/{name}.pid;\nerror_log {dir}/{name}.err;\n\
                      events {{ worker_connections 8192; }}\n\
                      http {{ access_log off; keepalive_requests 1000000;\n\
                        client_body_temp_path {dir}/{name}-body; proxy_temp_path {dir}/{name}-proxy;\n\
