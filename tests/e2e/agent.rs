@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{assert_share, counter, Lab, FRONTEND4};
+use common::{assert_share, counter, web_service, Lab, FRONTEND4, TOKENS};
 use e2e::{spawn_probe, tcp_connects};
 use serde_json::{json, Value};
 
@@ -93,28 +93,12 @@ fn config_file_changes_apply_and_bad_ones_are_refused() {
     wait_for("SIGHUP reload", Duration::from_secs(2), || lab.agent.service("web")["canary_percent"] == json!(5.0));
 }
 
-const TOKENS: &str = r#"
-[[agent.auth.tokens]]
-name = "vera"
-token = "viewer-token-0001"
-role = "viewer"
-[[agent.auth.tokens]]
-name = "otto"
-token = "operator-token-01"
-role = "operator"
-[[agent.auth.tokens]]
-name = "rita"
-token = "release-token-001"
-role = "release"
-"#;
 
 /// Each role against each mutating route: refused calls get 401/403 and change nothing; the
 /// audit log holds exactly the accepted changes.
 #[test]
 fn roles_gate_changes_and_the_audit_log_records_them() {
-    let mut lab = Lab::with_agent(TOKENS, &format!(
-        "[[service]]\nname = \"web\"\nfrontends = [\"{FRONTEND4}\"]\nstable = [\"127.0.0.1:8001\"]\ncanary = [\"127.0.0.1:8002\"]\ncanary_percent = 10\nmax_operator_percent = 50\n"
-    ));
+    let mut lab = Lab::with_agent(TOKENS, &web_service("canary_percent = 10\nmax_operator_percent = 50"));
     let none = None;
     let bad = Some("not-a-valid-token");
     let viewer = Some("viewer-token-0001");

@@ -80,3 +80,26 @@ pub fn counter(state: &serde_json::Value, side: &str, key: &str) -> u64 {
     let side = &state["sides"][side];
     side[key].as_u64().or_else(|| side["health"][key].as_u64()).unwrap_or_else(|| panic!("no {key} in {side}"))
 }
+
+/// Bearer tokens of each role, as `[agent]` config tables.
+pub const TOKENS: &str = r#"
+[[agent.auth.tokens]]
+name = "vera"
+token = "viewer-token-0001"
+role = "viewer"
+[[agent.auth.tokens]]
+name = "otto"
+token = "operator-token-01"
+role = "operator"
+[[agent.auth.tokens]]
+name = "rita"
+token = "release-token-001"
+role = "release"
+"#;
+
+/// The lab's IPv4 "web" service with extra `key = value` lines.
+pub fn web_service(extra: &str) -> String {
+    format!(
+        "[[service]]\nname = \"web\"\nfrontends = [\"{FRONTEND4}\"]\nstable = [\"127.0.0.1:8001\"]\ncanary = [\"127.0.0.1:8002\"]\n{extra}\n"
+    )
+}

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{assert_share, Lab, FRONTEND4};
+use common::{assert_share, web_service, Lab, FRONTEND4, TOKENS};
 use e2e::{spawn_probe, tcp_connects};
 use serde_json::{json, Value};
 
@@ -159,22 +159,10 @@ fn failing_canary_is_rolled_back_and_its_connections_cut() {
     lab.agent.token = None;
 }
 
-const TOKENS: &str = r#"
-[[agent.auth.tokens]]
-name = "otto"
-token = "operator-token-01"
-role = "operator"
-[[agent.auth.tokens]]
-name = "rita"
-token = "release-token-001"
-role = "release"
-"#;
 
 #[test]
 fn gated_step_waits_for_an_approver_with_the_named_role() {
-    let mut lab = Lab::with_agent(TOKENS, &format!(
-        "[[service]]\nname = \"web\"\nfrontends = [\"{FRONTEND4}\"]\nstable = [\"127.0.0.1:8001\"]\ncanary = [\"127.0.0.1:8002\"]\n"
-    ));
+    let mut lab = Lab::with_agent(TOKENS, &web_service(""));
     let operator = Some("operator-token-01");
     let release = Some("release-token-001");
     let plan = json!({ "steps": [10, 50, 100], "step_seconds": 1, "approval": { "at_percent": 50, "role": "release" } });

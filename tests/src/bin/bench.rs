@@ -508,18 +508,35 @@ fn scale(settings: &Settings) -> Value {
     })
 }
 
+/// Probe backends that tag each connection `stable` or `canary`, and an agent steering the
+/// target service between them. Fields drop in order: agent, servers, cgroup, namespace.
+struct TaggedLab {
+    agent: Agent,
+    _servers: Spawned,
+    cgroup: Cgroup,
+    netns: NetNs,
+}
+
+impl TaggedLab {
+    fn start() -> Self {
+        let netns = NetNs::new();
+        let cgroup = Cgroup::new();
+        let servers = serve(
+            Placement { netns: Some(&netns), cgroup: None },
+            &["serve-tcp", "--listen", &format!("{STABLE}=stable"), "--listen", &format!("{CANARY}=canary")],
+        );
+        let agent = Agent::start(&cgroup, &format!(
+            "[[service]]\nname = \"target\"\nfrontends = [\"{FRONTEND}\"]\nstable = [\"{STABLE}\"]\ncanary = [\"{CANARY}\"]\n"
+        ));
+        Self { agent, _servers: servers, cgroup, netns }
+    }
+}
+
 /// Latency from `PUT .../canary` to the datapath obeying, and API requests per second.
 fn control_plane(settings: &Settings) -> Value {
     let updates = if settings.smoke { 40 } else { 1000 };
-    let netns = NetNs::new();
-    let cgroup = Cgroup::new();
-    let _servers = serve(
-        Placement { netns: Some(&netns), cgroup: None },
-        &["serve-tcp", "--listen", &format!("{STABLE}=stable"), "--listen", &format!("{CANARY}=canary")],
-    );
-    let agent = Agent::start(&cgroup, &format!(
-        "[[service]]\nname = \"target\"\nfrontends = [\"{FRONTEND}\"]\nstable = [\"{STABLE}\"]\ncanary = [\"{CANARY}\"]\n"
-    ));
+    let lab = TaggedLab::start();
+    let (netns, cgroup, agent) = (&lab.netns, &lab.cgroup, &lab.agent);
     // This process joins the steered cgroup for the measurement (its API calls go to a
     // non-frontend address and are untouched), and goes back afterwards.
     let own = own_cgroup();
@@ -600,16 +617,9 @@ fn own_cgroup() -> Option<PathBuf> {
 /// Observed canary share against the target, with a 95 % Wilson interval.
 fn split_accuracy(settings: &Settings) -> Value {
     let count: u32 = if settings.smoke { 1000 } else { 20000 };
-    let netns = NetNs::new();
-    let cgroup = Cgroup::new();
-    let _servers = serve(
-        Placement { netns: Some(&netns), cgroup: None },
-        &["serve-tcp", "--listen", &format!("{STABLE}=stable"), "--listen", &format!("{CANARY}=canary")],
-    );
-    let agent = Agent::start(&cgroup, &format!(
-        "[[service]]\nname = \"target\"\nfrontends = [\"{FRONTEND}\"]\nstable = [\"{STABLE}\"]\ncanary = [\"{CANARY}\"]\n"
-    ));
-    let inside = Placement { netns: Some(&netns), cgroup: Some(&cgroup) };
+    let lab = TaggedLab::start();
+    let (netns, cgroup, agent) = (&lab.netns, &lab.cgroup, &lab.agent);
+    let inside = Placement { netns: Some(netns), cgroup: Some(cgroup) };
     let mut rows = Vec::new();
     for target in [1.0, 5.0, 20.0, 50.0] {
         check_interrupted();
