@@ -562,9 +562,19 @@ async fn watch_config(state: Arc<AppState>, initial: Config, loaded_bytes: Optio
             _ = tick.tick() => false,
             _ = hangup.recv() => true,
         };
-        let current = std::fs::read(&state.config_path).ok();
+        let mut current = std::fs::read(&state.config_path).ok();
         if !forced && current == last {
             continue;
+        }
+        // An editor or `cp` writing the file in place is seen half-way (even empty, which would
+        // parse as "no services"): apply only content that holds still for a moment.
+        loop {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            let again = std::fs::read(&state.config_path).ok();
+            if again == current {
+                break;
+            }
+            current = again;
         }
         last = current;
         match Config::load(&state.config_path) {
