@@ -238,8 +238,7 @@ async fn put_canary(
     };
     crate::config::validate_percent(percent, "percent")
         .map_err(|err| ApiError::invalid("out_of_range", "percent", format!("`percent` {}", err.message)))?;
-    let path = format!("/v1/services/{name}/canary");
-    change_weight(&state, &caller, &name, percent, &path)
+    change_weight(&state, &caller, &name, WeightChange::Set(percent))
 }
 
 async fn start_rollout(
@@ -353,7 +352,7 @@ async fn rollback(
 ) -> Result<Json<Value>, ApiError> {
     let caller = authorize(&state, &headers, Role::Operator)?;
     require_empty_body(body)?;
-    change_weight(&state, &caller, &name, 0.0, &format!("/v1/services/{name}/rollback"))
+    change_weight(&state, &caller, &name, WeightChange::KillSwitch)
 }
 
 async fn promote(
@@ -364,12 +363,28 @@ async fn promote(
 ) -> Result<Json<Value>, ApiError> {
     let caller = authorize(&state, &headers, Role::Release)?;
     require_empty_body(body)?;
-    change_weight(&state, &caller, &name, 100.0, &format!("/v1/services/{name}/promote"))
+    change_weight(&state, &caller, &name, WeightChange::Promote)
 }
 
-fn change_weight(state: &AppState, caller: &Caller, name: &str, percent: f64, route: &str) -> Result<Json<Value>, ApiError> {
+/// The three ways a caller changes a weight by hand.
+#[derive(Clone, Copy)]
+enum WeightChange {
+    /// `PUT .../canary`: refused while a rollout drives the weight.
+    Set(f64),
+    /// `POST .../promote`: 100 %, likewise refused during a rollout.
+    Promote,
+    /// `POST .../rollback`: 0 % whatever else is going on; ends an active rollout.
+    KillSwitch,
+}
+
+fn change_weight(state: &AppState, caller: &Caller, name: &str, change: WeightChange) -> Result<Json<Value>, ApiError> {
+    let (percent, route) = match change {
+        WeightChange::Set(percent) => (percent, format!("/v1/services/{name}/canary")),
+        WeightChange::Promote => (100.0, format!("/v1/services/{name}/promote")),
+        WeightChange::KillSwitch => (0.0, format!("/v1/services/{name}/rollback")),
+    };
+    let route = route.as_str();
     let mut core = state.core.lock().expect("core lock");
-    let kill_switch = route.ends_with("/rollback");
     let before = core.service(name)?.clone();
     if caller.role < Role::Release && percent > before.max_operator_percent {
         return Err(ApiError::new(
@@ -381,12 +396,13 @@ fn change_weight(state: &AppState, caller: &Caller, name: &str, percent: f64, ro
             ),
         ));
     }
-    let mut follow = Vec::new();
-    if kill_switch {
-        follow = core.kill_switch(name, &caller.name)?;
-    } else {
-        core.set_percent_by_hand(name, percent)?;
-    }
+    let follow = match change {
+        WeightChange::KillSwitch => core.kill_switch(name, &caller.name)?,
+        WeightChange::Set(_) | WeightChange::Promote => {
+            core.set_percent_by_hand(name, percent)?;
+            Vec::new()
+        }
+    };
     let after = core.service(name)?.clone();
     state.audit.record(&caller.name, role_name(caller.role), "PUT/POST", route, json!(before), json!(after));
     log::info!("service {name}: canary weight set to {percent} % by {}", caller.name);

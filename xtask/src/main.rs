@@ -46,12 +46,7 @@ fn main() -> anyhow::Result<()> {
             println!("eBPF programs built and embedded in target/debug/sockshift");
         }
         Task::Test { args } => {
-            require_root("cargo xtask test")?;
-            setup::ensure_toolchain()?;
-            setup::ensure_test_tools()?;
-            setup::ensure_bpffs()?;
-            cargo(&["build", "--package", "agent", "--package", "e2e", "--bins"])
-                .context("building sockshift and the test probe")?;
+            prepare_root_run("cargo xtask test", Profile::Debug)?;
             let mut test_args = vec!["test", "--no-fail-fast"];
             test_args.extend(args.iter().map(String::as_str));
             cargo(&test_args).context("tests failed")?;
@@ -63,14 +58,9 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Task::Bench { smoke, out } => {
-            require_root("cargo xtask bench")?;
-            setup::ensure_toolchain()?;
-            setup::ensure_test_tools()?;
             setup::ensure_bench_tools()?;
             setup::ensure_python_package("matplotlib", "matplotlib")?;
-            setup::ensure_bpffs()?;
-            cargo(&["build", "--release", "--package", "agent", "--package", "e2e", "--bins"])
-                .context("building sockshift and the benchmark")?;
+            prepare_root_run("cargo xtask bench", Profile::Release)?;
             let mut args = vec!["--out", out.as_str()];
             if smoke {
                 args.push("--smoke");
@@ -78,16 +68,31 @@ fn main() -> anyhow::Result<()> {
             run_binary("target/release/sockshift-bench", &args)?;
         }
         Task::Demo => {
-            require_root("cargo xtask demo")?;
-            setup::ensure_toolchain()?;
-            setup::ensure_test_tools()?;
-            setup::ensure_bpffs()?;
-            cargo(&["build", "--package", "agent", "--package", "e2e", "--bins"])
-                .context("building sockshift and the demo")?;
+            prepare_root_run("cargo xtask demo", Profile::Debug)?;
             cargo(&["run", "--quiet", "--package", "e2e", "--bin", "sockshift-demo"])?;
         }
     }
     Ok(())
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Profile {
+    Debug,
+    Release,
+}
+
+/// What every root command needs first: root, the eBPF toolchain, the tools the tests and demo
+/// drive, bpffs, and the agent and test binaries built.
+fn prepare_root_run(what: &str, profile: Profile) -> anyhow::Result<()> {
+    require_root(what)?;
+    setup::ensure_toolchain()?;
+    setup::ensure_test_tools()?;
+    setup::ensure_bpffs()?;
+    let mut args = vec!["build", "--package", "agent", "--package", "e2e", "--bins"];
+    if profile == Profile::Release {
+        args.push("--release");
+    }
+    cargo(&args).context("building sockshift, the probe, the demo and the benchmark")
 }
 
 fn require_root(what: &str) -> anyhow::Result<()> {
