@@ -234,8 +234,8 @@ impl Datapath {
         })
     }
 
-    /// Makes the datapath hold exactly `services`: installs or replaces each, removes the rest
-    /// (including anything an earlier run left in the pinned maps).
+    /// Makes the datapath hold exactly `services`: installs or replaces each changed one and
+    /// removes the installed ones not listed.
     pub fn sync(&mut self, services: &[ServiceSpec]) -> Result<(), DatapathError> {
         for spec in services {
             if self.services.get(&spec.name).is_some_and(|installed| installed.spec == *spec) {
@@ -249,7 +249,12 @@ impl Datapath {
         for name in stale {
             self.remove_service(&name)?;
         }
-        // Entries no installed service owns: left by an earlier run.
+        Ok(())
+    }
+
+    /// Deletes pinned entries no installed service owns: left by an earlier run. Needed once,
+    /// after the first `sync` at start; every later change cleans up after itself.
+    pub fn remove_leftovers(&mut self) {
         let owned: HashSet<FrontendKey> =
             self.services.values().flat_map(|s| frontend_keys(&s.spec)).collect();
         let orphans: Vec<FrontendKey> =
@@ -270,7 +275,6 @@ impl Datapath {
         for key in orphan_cohorts {
             let _ = self.cohorts.remove(&key);
         }
-        Ok(())
     }
 
     /// Installs a service or replaces it whole (backends, weight, affinity, cohorts).
