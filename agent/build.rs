@@ -6,8 +6,5 @@ use aya_build::{Package, Toolchain};
 fn main() -> anyhow::Result<()> {
     let root_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../agent-ebpf");
     println!("cargo:rerun-if-changed={}/../agent-common/src", env!("CARGO_MANIFEST_DIR"));
-    aya_build::build_ebpf(
-        [Package { name: "agent-ebpf", root_dir, ..Default::default() }],
-        Toolchain::default(),
-    )
+    aya_build::build_ebpf([Package { name: "agent-ebpf", root_dir, ..Default::default() }], Toolchain::default())
 }

@@ -1,8 +1,6 @@
 //! The pure split decision: which side, which backend. Same code in the kernel and on the host.
 
-use crate::maps::{
-    FrontendValue, COHORT_ALWAYS_CANARY, COHORT_NEVER_CANARY, FAMILY_V4, SIDE_CANARY, SIDE_STABLE,
-};
+use crate::maps::{FrontendValue, COHORT_ALWAYS_CANARY, COHORT_NEVER_CANARY, FAMILY_V4, SIDE_CANARY, SIDE_STABLE};
 
 /// Canary weight of 100 %, in parts per million.
 pub const PPM_MAX: u32 = 1_000_000;
@@ -146,9 +144,7 @@ mod tests {
 
     fn canary_share(canary_ppm: u32, keys: u64) -> f64 {
         let svc = frontend(canary_ppm, 1, 1);
-        let canary = (0..keys)
-            .filter(|k| pick_side(&svc, FAMILY_V4, *k, 0) == Some(SIDE_CANARY))
-            .count();
+        let canary = (0..keys).filter(|k| pick_side(&svc, FAMILY_V4, *k, 0) == Some(SIDE_CANARY)).count();
         canary as f64 * 100.0 / keys as f64
     }
 
@@ -235,7 +231,7 @@ mod tests {
         let mapped = v4_mapped(ip);
         assert!(is_v4_mapped(&mapped));
         assert_eq!(family_of(&mapped), FAMILY_V4);
-        let v6 = std::net::Ipv6Addr::from(std::net::Ipv4Addr::new(127, 1, 0, 1).to_ipv6_mapped());
+        let v6 = std::net::Ipv4Addr::new(127, 1, 0, 1).to_ipv6_mapped();
         let words: Vec<u32> = v6.octets().chunks(4).map(|c| u32::from_ne_bytes(c.try_into().unwrap())).collect();
         assert_eq!(words, mapped.to_vec());
     }

@@ -2,9 +2,8 @@
 //! directory so that an agent restart finds the same maps (and the sockets' state in them).
 
 use agent_common::{
-    BackendKey, BackendValue, CohortKey, CounterKey, FrontendKey, FrontendValue, Settings,
-    SideCounters, SocketEntry, MAX_BACKEND_SLOTS, MAX_COHORT_ENTRIES, MAX_FRONTENDS,
-    MAX_SERVICES, MAX_STEERED_SOCKETS,
+    BackendKey, BackendValue, CohortKey, CounterKey, FrontendKey, FrontendValue, Settings, SideCounters, SocketEntry,
+    MAX_BACKEND_SLOTS, MAX_COHORT_ENTRIES, MAX_FRONTENDS, MAX_SERVICES, MAX_STEERED_SOCKETS,
 };
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
@@ -16,15 +15,13 @@ use aya_ebpf::{
 /// sendmsg4/6. Sized for MAX_SERVICES services with a few frontends each; not preallocated, so
 /// an idle node pays only for what it holds.
 #[map(name = "FRONTENDS_V1")]
-pub static FRONTENDS: HashMap<FrontendKey, FrontendValue> =
-    HashMap::pinned(MAX_FRONTENDS, BPF_F_NO_PREALLOC);
+pub static FRONTENDS: HashMap<FrontendKey, FrontendValue> = HashMap::pinned(MAX_FRONTENDS, BPF_F_NO_PREALLOC);
 
 /// (revision, side, family, index) -> backend. Writer: agent (a revision is written whole before
 /// any frontend points at it, and deleted only after no frontend has pointed at it for a grace
 /// period). Readers: connect4/6, sendmsg4/6.
 #[map(name = "BACKENDS_V1")]
-pub static BACKENDS: HashMap<BackendKey, BackendValue> =
-    HashMap::pinned(MAX_BACKEND_SLOTS, BPF_F_NO_PREALLOC);
+pub static BACKENDS: HashMap<BackendKey, BackendValue> = HashMap::pinned(MAX_BACKEND_SLOTS, BPF_F_NO_PREALLOC);
 
 /// Socket cookie -> translation of a steered socket. Writers: connect4/6 and sendmsg4/6 insert,
 /// sock_release deletes, so entries are bounded by the steered sockets that are open. Readers:

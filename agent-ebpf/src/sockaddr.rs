@@ -19,12 +19,7 @@ pub fn set_user_ip4(ctx: &SockAddrContext, ip4_be: u32) {
 pub fn user_ip6(ctx: &SockAddrContext) -> [u32; 4] {
     unsafe {
         let base = core::ptr::addr_of!((*ctx.sock_addr).user_ip6).cast::<u32>();
-        [
-            base.read_volatile(),
-            base.add(1).read_volatile(),
-            base.add(2).read_volatile(),
-            base.add(3).read_volatile(),
-        ]
+        [base.read_volatile(), base.add(1).read_volatile(), base.add(2).read_volatile(), base.add(3).read_volatile()]
     }
 }
 

@@ -2,14 +2,12 @@
 //! record, counters. Each returns `None` to leave the call untouched.
 
 use agent_common::{
-    backend_index, family_of, pick_side, BackendKey, BackendValue, CohortKey, CounterKey,
-    FrontendKey, FrontendValue, SideCounters, SocketEntry, FLAG_AFFINITY_CLIENT, FLAG_HAS_COHORTS,
-    MAX_COHORT_DEPTH,
+    backend_index, family_of, pick_side, BackendKey, BackendValue, CohortKey, CounterKey, FrontendKey, FrontendValue,
+    SideCounters, SocketEntry, FLAG_AFFINITY_CLIENT, FLAG_HAS_COHORTS, MAX_COHORT_DEPTH,
 };
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
-        bpf_get_socket_cookie,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
     },
     programs::SockAddrContext,
     EbpfContext,
@@ -95,12 +93,7 @@ fn cohort_lookup(frontend: &FrontendValue) -> u32 {
 
 /// Decides where a call to `dst_be:port_be` goes, records the socket and counts it.
 #[inline(always)]
-pub fn steer(
-    ctx: &SockAddrContext,
-    dst_be: &[u32; 4],
-    port_be: u16,
-    call: Call,
-) -> Option<BackendValue> {
+pub fn steer(ctx: &SockAddrContext, dst_be: &[u32; 4], port_be: u16, call: Call) -> Option<BackendValue> {
     let frontend = svc_lookup(dst_be, port_be)?;
     let family = family_of(dst_be);
     let cookie = socket_cookie(ctx);
@@ -108,11 +101,10 @@ pub fn steer(
     if call == Call::Datagram {
         if let Some(known) = unsafe { SOCKETS.get(cookie) } {
             if known.frontend_port_be == port_be && same_addr(&known.frontend_addr_be, dst_be) {
-                let (side, backend) = (known.side, BackendValue {
-                    addr_be: known.backend_addr_be,
-                    port_be: known.backend_port_be,
-                    _pad: 0,
-                });
+                let (side, backend) = (
+                    known.side,
+                    BackendValue { addr_be: known.backend_addr_be, port_be: known.backend_port_be, _pad: 0 },
+                );
                 bump(frontend.service_id, side, |c| c.datagrams_steered += 1);
                 return Some(backend);
             }

@@ -1,7 +1,10 @@
 //! The local control API (JSON over HTTP). Every handler authorizes and validates fully before it
 //! touches anything, so a refused request changes nothing; every accepted change is audited.
 
-use std::{path::PathBuf, sync::Mutex};
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
 
 use agent_common::{ppm_to_percent, SideCounters};
 use axum::{
@@ -13,14 +16,13 @@ use axum::{
     Json, Router,
 };
 use serde_json::{json, Map, Value};
-use std::sync::Arc;
 
 use crate::{
     audit::AuditLog,
     config::{Role, ServiceConfig, Token},
     control::{ControlError, Core, FollowUp},
-    rollout::{Plan, Rollout},
     datapath::{Datapath, DatapathError},
+    rollout::{Plan, Rollout},
 };
 
 /// Largest request body accepted.
@@ -285,7 +287,13 @@ async fn rollout_action(
         "resume" => "resume",
         "abort" => "abort",
         "approve" => "approve",
-        _ => return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no rollout action {action:?}: pause, resume, approve or abort"))),
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no rollout action {action:?}: pause, resume, approve or abort"),
+            ))
+        }
     };
     let mut caller = authorize(&state, &headers, Role::Operator)?;
     require_empty_body(body)?;
@@ -299,7 +307,14 @@ async fn rollout_action(
     let follow = core.rollout_action(&name, action, &caller.name)?;
     let view = rollout_view(&core, &name)?;
     let route = format!("/v1/services/{name}/rollout/{action}");
-    state.audit.record(&caller.name, role_name(caller.role), "POST", &route, json!({ "state": before }), json!({ "state": view["state"] }));
+    state.audit.record(
+        &caller.name,
+        role_name(caller.role),
+        "POST",
+        &route,
+        json!({ "state": before }),
+        json!({ "state": view["state"] }),
+    );
     log::info!("service {name}: rollout {action} by {}", caller.name);
     drop(core);
     send_follow_ups(&state, follow);
@@ -317,9 +332,10 @@ fn send_follow_ups(state: &AppState, follow: Vec<FollowUp>) {
 pub fn rollout_view(core: &Core, name: &str) -> Result<Value, ApiError> {
     let rollout: &Rollout = core.rollout(name)?;
     let now = crate::control::now_ms();
-    let current = core.snapshot(name).ok().map(|now_counters| {
-        crate::rollout::read_gates(&rollout.plan.gates, &rollout.window_baseline, &now_counters)
-    });
+    let current = core
+        .snapshot(name)
+        .ok()
+        .map(|now_counters| crate::rollout::read_gates(&rollout.plan.gates, &rollout.window_baseline, &now_counters));
     let elapsed = match rollout.paused_at_elapsed_ms {
         Some(ms) => ms,
         None => now.saturating_sub(rollout.window_started_unix_ms),
@@ -444,7 +460,14 @@ async fn put_service(
     let before = core.service(&name).ok().cloned();
     let created = core.put_service(config)?;
     let after = core.service(&name)?.clone();
-    state.audit.record(&caller.name, role_name(caller.role), "PUT", &format!("/v1/services/{name}"), json!(before), json!(after));
+    state.audit.record(
+        &caller.name,
+        role_name(caller.role),
+        "PUT",
+        &format!("/v1/services/{name}"),
+        json!(before),
+        json!(after),
+    );
     log::info!("service {name}: {} by {}", if created { "added" } else { "replaced" }, caller.name);
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(service_state(&core.datapath, &name)?)))
@@ -459,7 +482,14 @@ async fn delete_service(
     let mut core = state.core.lock().expect("core lock");
     let last_state = service_state(&core.datapath, &name)?;
     let removed = core.delete_service(&name)?;
-    state.audit.record(&caller.name, role_name(caller.role), "DELETE", &format!("/v1/services/{name}"), json!(removed), Value::Null);
+    state.audit.record(
+        &caller.name,
+        role_name(caller.role),
+        "DELETE",
+        &format!("/v1/services/{name}"),
+        json!(removed),
+        Value::Null,
+    );
     log::info!("service {name}: removed by {}", caller.name);
     Ok(Json(last_state))
 }
@@ -595,7 +625,7 @@ pub fn service_state(datapath: &Datapath, name: &str) -> Result<Value, ApiError>
 }
 
 fn render_side(c: &SideCounters) -> Value {
-    let srtt_avg_us = if c.srtt_samples == 0 { Value::Null } else { json!(c.srtt_sum_us / c.srtt_samples) };
+    let srtt_avg_us = c.srtt_sum_us.checked_div(c.srtt_samples).map_or(Value::Null, |avg| json!(avg));
     json!({
         "connections_steered": c.connections_steered,
         "datagrams_steered": c.datagrams_steered,

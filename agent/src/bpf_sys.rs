@@ -16,9 +16,7 @@ const BPF_LINK_UPDATE: libc::c_long = 29;
 struct BpfAttr([u8; 128]);
 
 fn bpf(cmd: libc::c_long, attr: &mut BpfAttr) -> io::Result<libc::c_long> {
-    let ret = unsafe {
-        libc::syscall(libc::SYS_bpf, cmd, attr as *mut BpfAttr, std::mem::size_of::<BpfAttr>())
-    };
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut BpfAttr, std::mem::size_of::<BpfAttr>()) };
     if ret < 0 {
         Err(io::Error::last_os_error())
     } else {

@@ -167,13 +167,29 @@ pub enum RolloutAction {
         api: ApiArgs,
     },
     /// Approve the step a rollout waits at.
-    Approve { service: String, #[command(flatten)] api: ApiArgs },
+    Approve {
+        service: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Pause: the weight stays, the step clock stops.
-    Pause { service: String, #[command(flatten)] api: ApiArgs },
+    Pause {
+        service: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Resume a paused rollout where its clock stopped.
-    Resume { service: String, #[command(flatten)] api: ApiArgs },
+    Resume {
+        service: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Stop the rollout and return all traffic to stable.
-    Abort { service: String, #[command(flatten)] api: ApiArgs },
+    Abort {
+        service: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
 }
 
 /// "60s", "2m", "500ms", "1.5" (seconds) to seconds.
@@ -246,7 +262,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 .ok()
                 .filter(|p: &f64| p.is_finite() && (0.0..=100.0).contains(p))
                 .with_context(|| format!("PERCENT must be a number from 0 to 100, got {percent:?}"))?;
-            let state = api.call("PUT", &format!("/v1/services/{service}/canary"), Some(&json!({ "percent": percent })))?;
+            let state =
+                api.call("PUT", &format!("/v1/services/{service}/canary"), Some(&json!({ "percent": percent })))?;
             print_services(&[state], api.output);
             Ok(())
         }
@@ -260,7 +277,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             print_services(&[state], api.output);
             Ok(())
         }
-        Command::Service { action: ServiceAction::Add { name, frontends, stable, canary, percent, affinity, max_operator_percent, api } } => {
+        Command::Service {
+            action: ServiceAction::Add { name, frontends, stable, canary, percent, affinity, max_operator_percent, api },
+        } => {
             let affinity = match affinity {
                 AffinityArg::Connection => Affinity::Connection,
                 AffinityArg::Client => Affinity::Client,
@@ -293,7 +312,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{:<25} {:<14} {:<9} {:<7} ROUTE", "TIME", "TOKEN", "ROLE", "METHOD");
             for e in entries {
                 let text = |k: &str| e[k].as_str().unwrap_or("").to_string();
-                println!("{:<25} {:<14} {:<9} {:<7} {}", text("time"), text("token"), text("role"), text("method"), text("route"));
+                println!(
+                    "{:<25} {:<14} {:<9} {:<7} {}",
+                    text("time"),
+                    text("token"),
+                    text("role"),
+                    text("method"),
+                    text("route")
+                );
             }
             Ok(())
         }
@@ -306,32 +332,41 @@ fn run_rollout(action: RolloutAction) -> anyhow::Result<()> {
         RolloutAction::Pause { service, api } => (service, api, "pause"),
         RolloutAction::Resume { service, api } => (service, api, "resume"),
         RolloutAction::Abort { service, api } => (service, api, "abort"),
-        RolloutAction::Status { service, watch, api } => {
-            loop {
-                let rollout = api.call("GET", &format!("/v1/services/{service}/rollout"), None)?;
-                if api.output == Output::Json {
-                    println!("{}", serde_json::to_string_pretty(&rollout)?);
-                } else {
-                    if *watch {
-                        print!("\x1b[H\x1b[2J");
-                    }
-                    print_rollout(&rollout);
+        RolloutAction::Status { service, watch, api } => loop {
+            let rollout = api.call("GET", &format!("/v1/services/{service}/rollout"), None)?;
+            if api.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&rollout)?);
+            } else {
+                if *watch {
+                    print!("\x1b[H\x1b[2J");
                 }
-                let active = matches!(rollout["state"].as_str(), Some("running" | "paused" | "awaiting_approval"));
-                if !*watch || !active {
-                    return Ok(());
-                }
-                std::thread::sleep(Duration::from_secs(1));
+                print_rollout(&rollout);
             }
-        }
+            let active = matches!(rollout["state"].as_str(), Some("running" | "paused" | "awaiting_approval"));
+            if !*watch || !active {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        },
         RolloutAction::Start {
-            service, steps, every, max_failed_attempt_ratio, max_reset_ratio, max_srtt_ratio, min_connections,
-            failure_threshold, approval, webhooks, terminate_connections, api,
+            service,
+            steps,
+            every,
+            max_failed_attempt_ratio,
+            max_reset_ratio,
+            max_srtt_ratio,
+            min_connections,
+            failure_threshold,
+            approval,
+            webhooks,
+            terminate_connections,
+            api,
         } => {
             let approval = match approval {
                 None => Value::Null,
                 Some(spec) => {
-                    let (percent, role) = spec.split_once(':').context("--approval takes PERCENT:ROLE, e.g. 50:release")?;
+                    let (percent, role) =
+                        spec.split_once(':').context("--approval takes PERCENT:ROLE, e.g. 50:release")?;
                     let percent: f64 = percent.parse().context("--approval PERCENT must be a number")?;
                     json!({ "at_percent": percent, "role": role })
                 }
@@ -372,7 +407,8 @@ fn run_rollout(action: RolloutAction) -> anyhow::Result<()> {
 
 /// A rollout for people: a bar of the steps, the gate readings and the observed split.
 fn print_rollout(r: &Value) {
-    let steps: Vec<f64> = r["steps"].as_array().map(|a| a.iter().filter_map(Value::as_f64).collect()).unwrap_or_default();
+    let steps: Vec<f64> =
+        r["steps"].as_array().map(|a| a.iter().filter_map(Value::as_f64).collect()).unwrap_or_default();
     let step = r["step"].as_u64().unwrap_or(0) as usize;
     let state = r["state"].as_str().unwrap_or("?");
     let done = |i: usize| i < step || state == "promoted";
@@ -380,7 +416,13 @@ fn print_rollout(r: &Value) {
         .iter()
         .enumerate()
         .map(|(i, p)| {
-            let mark = if done(i) { "✓" } else if i == step && state != "rolled_back" && state != "aborted" { "▶" } else { " " };
+            let mark = if done(i) {
+                "✓"
+            } else if i == step && state != "rolled_back" && state != "aborted" {
+                "▶"
+            } else {
+                " "
+            };
             format!("{mark}{p}%")
         })
         .collect();
@@ -396,7 +438,10 @@ fn print_rollout(r: &Value) {
     );
     println!("  [{}{}]  {}", "■".repeat(filled), "□".repeat(steps.len() - filled), bar.join("  "));
     if let Some(role) = r["awaiting_role"].as_str() {
-        println!("  waiting for approval by a {role} token: sockshift rollout approve {}", r["service"].as_str().unwrap_or(""));
+        println!(
+            "  waiting for approval by a {role} token: sockshift rollout approve {}",
+            r["service"].as_str().unwrap_or("")
+        );
     }
     let gates = &r["plan"]["gates"];
     let show = |label: &str, key: &str, window: &Value| {
@@ -524,7 +569,9 @@ async fn carry_out_follow_ups(
             }
             FollowUp::TerminateCanary { service, backends } => {
                 let cgroup = cgroup.clone();
-                let result = tokio::task::spawn_blocking(move || crate::terminate::terminate_connections(&cgroup, &backends)).await;
+                let result =
+                    tokio::task::spawn_blocking(move || crate::terminate::terminate_connections(&cgroup, &backends))
+                        .await;
                 match result {
                     Ok(Ok(count)) => {
                         log::info!("service {service}: closed {count} canary connections after rollback");
@@ -580,7 +627,11 @@ async fn watch_config(state: Arc<AppState>, initial: Config, loaded_bytes: Optio
         match Config::load(&state.config_path) {
             Err(err) => log::error!("config reload refused, keeping the running state: {err}"),
             Ok(config) => {
-                if config.api != initial.api || config.cgroup != initial.cgroup || config.bpffs != initial.bpffs || config.state_dir != initial.state_dir {
+                if config.api != initial.api
+                    || config.cgroup != initial.cgroup
+                    || config.bpffs != initial.bpffs
+                    || config.state_dir != initial.state_dir
+                {
                     log::warn!("config reload: changes to [agent] take effect at the next restart");
                 }
                 let services: Vec<_> = config.services.iter().map(|s| s.source.clone()).collect();

@@ -73,9 +73,8 @@ fn parse_response(raw: &[u8]) -> Option<Response> {
     let head = std::str::from_utf8(&raw[..split]).ok()?;
     let status = head.split_whitespace().nth(1)?.parse().ok()?;
     let mut body = &raw[split + 4..];
-    let chunked = head
-        .lines()
-        .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding:") && l.contains("chunked"));
+    let chunked =
+        head.lines().any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding:") && l.contains("chunked"));
     let decoded;
     if chunked {
         decoded = dechunk(body)?;

@@ -211,8 +211,8 @@ pub struct Config {
 impl Config {
     /// Reads and validates a config file. Nothing is touched on error.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Self::parse(&text).map_err(|err| match err {
             ParseError::Toml(source) => ConfigError::Parse { path: path.to_owned(), source },
             ParseError::Invalid(source) => ConfigError::Invalid { path: path.to_owned(), source },
@@ -223,23 +223,16 @@ impl Config {
         let file: ConfigFile = toml::from_str(text).map_err(ParseError::Toml)?;
         let cgroup = match file.agent.cgroup {
             Some(path) => path,
-            None => paths::cgroup2_root().map_err(|err| {
-                InvalidField::new("agent.cgroup", format!("not set and cannot be detected: {err}"))
-            })?,
+            None => paths::cgroup2_root()
+                .map_err(|err| InvalidField::new("agent.cgroup", format!("not set and cannot be detected: {err}")))?,
         };
         if !cgroup.is_dir() {
-            return Err(InvalidField::new(
-                "agent.cgroup",
-                format!("{} is not a directory", cgroup.display()),
-            )
-            .into());
+            return Err(InvalidField::new("agent.cgroup", format!("{} is not a directory", cgroup.display())).into());
         }
-        let api = file.agent.api.parse().map_err(|_| {
-            InvalidField::new(
-                "agent.api",
-                format!("{:?} is not an ip:port address", file.agent.api),
-            )
-        })?;
+        let api =
+            file.agent.api.parse().map_err(|_| {
+                InvalidField::new("agent.api", format!("{:?} is not an ip:port address", file.agent.api))
+            })?;
         if file.agent.bpffs.as_os_str().is_empty() || !file.agent.bpffs.is_absolute() {
             return Err(InvalidField::new("agent.bpffs", "must be an absolute path").into());
         }
@@ -249,14 +242,7 @@ impl Config {
         let tokens = file.agent.auth.as_ref().map(validate_tokens).transpose()?;
         let cgroup_root = paths::cgroup2_root().ok();
         let services = validate_services(&file.services, cgroup_root.as_deref())?;
-        Ok(Self {
-            cgroup,
-            api,
-            bpffs: file.agent.bpffs,
-            state_dir: file.agent.state_dir,
-            tokens,
-            services,
-        })
+        Ok(Self { cgroup, api, bpffs: file.agent.bpffs, state_dir: file.agent.state_dir, tokens, services })
     }
 }
 
@@ -340,7 +326,11 @@ pub fn validate_service(
 ) -> Result<ServiceSpec, InvalidField> {
     let name = &service.name;
     let join = |prefix: &str, field: &str| {
-        if prefix.is_empty() { field.to_string() } else { format!("{prefix}.{field}") }
+        if prefix.is_empty() {
+            field.to_string()
+        } else {
+            format!("{prefix}.{field}")
+        }
     };
     if !valid_name(name) {
         return Err(InvalidField::new(
@@ -362,10 +352,7 @@ pub fn validate_service(
             if count > MAX_BACKENDS_PER_SIDE as usize {
                 return Err(InvalidField::new(
                     field(side),
-                    format!(
-                        "{count} IPv{} backends, at most {MAX_BACKENDS_PER_SIDE} per side",
-                        if v4 { 4 } else { 6 }
-                    ),
+                    format!("{count} IPv{} backends, at most {MAX_BACKENDS_PER_SIDE} per side", if v4 { 4 } else { 6 }),
                 ));
             }
         }
@@ -415,10 +402,7 @@ pub fn validate_service(
 /// A canary percent: a finite number within 0..=100, kept to 4 decimals.
 pub fn validate_percent(percent: f64, field: &str) -> Result<u32, InvalidField> {
     if !percent.is_finite() || !(0.0..=100.0).contains(&percent) {
-        return Err(InvalidField::new(
-            field,
-            format!("must be a number from 0 to 100, got {percent}"),
-        ));
+        return Err(InvalidField::new(field, format!("must be a number from 0 to 100, got {percent}")));
     }
     Ok(percent_to_ppm(percent))
 }
@@ -435,9 +419,9 @@ fn parse_addrs(addrs: &[String], field: &str) -> Result<Vec<SocketAddr>, Invalid
         .enumerate()
         .map(|(i, text)| {
             let field = format!("{field}[{i}]");
-            let addr: SocketAddr = text.parse().map_err(|_| {
-                InvalidField::new(&field, format!("{text:?} is not ip:port (IPv6 as [addr]:port)"))
-            })?;
+            let addr: SocketAddr = text
+                .parse()
+                .map_err(|_| InvalidField::new(&field, format!("{text:?} is not ip:port (IPv6 as [addr]:port)")))?;
             if addr.port() == 0 {
                 return Err(InvalidField::new(&field, format!("{text:?} has port 0")));
             }
@@ -446,10 +430,7 @@ fn parse_addrs(addrs: &[String], field: &str) -> Result<Vec<SocketAddr>, Invalid
             }
             if let SocketAddr::V6(v6) = addr {
                 if v6.ip().to_ipv4_mapped().is_some() {
-                    return Err(InvalidField::new(
-                        &field,
-                        format!("{text:?} is v4-mapped: write the IPv4 address"),
-                    ));
+                    return Err(InvalidField::new(&field, format!("{text:?} is v4-mapped: write the IPv4 address")));
                 }
             }
             if !seen.insert(addr) {
@@ -460,11 +441,7 @@ fn parse_addrs(addrs: &[String], field: &str) -> Result<Vec<SocketAddr>, Invalid
         .collect()
 }
 
-fn resolve_cgroup(
-    cgroup: &CgroupRef,
-    cgroup_root: Option<&Path>,
-    field: &str,
-) -> Result<u64, InvalidField> {
+fn resolve_cgroup(cgroup: &CgroupRef, cgroup_root: Option<&Path>, field: &str) -> Result<u64, InvalidField> {
     match cgroup {
         CgroupRef::Id(0) => Err(InvalidField::new(field, "cgroup id 0 is not valid")),
         CgroupRef::Id(id) => Ok(*id),
@@ -473,14 +450,11 @@ fn resolve_cgroup(
             let full = if path.is_absolute() {
                 path.to_owned()
             } else {
-                let root = cgroup_root.ok_or_else(|| {
-                    InvalidField::new(field, "relative cgroup path but no cgroup v2 root found")
-                })?;
+                let root = cgroup_root
+                    .ok_or_else(|| InvalidField::new(field, "relative cgroup path but no cgroup v2 root found"))?;
                 root.join(path)
             };
-            paths::cgroup_id(&full).map_err(|err| {
-                InvalidField::new(field, format!("cgroup {}: {err}", full.display()))
-            })
+            paths::cgroup_id(&full).map_err(|err| InvalidField::new(field, format!("cgroup {}: {err}", full.display())))
         }
     }
 }
@@ -526,10 +500,9 @@ mod tests {
 
     #[test]
     fn defaults_apply() {
-        let config = Config::parse(&with_service(
-            "name = \"a\"\nfrontends = [\"127.1.0.1:80\"]\nstable = [\"127.0.0.1:1\"]",
-        ))
-        .unwrap();
+        let config =
+            Config::parse(&with_service("name = \"a\"\nfrontends = [\"127.1.0.1:80\"]\nstable = [\"127.0.0.1:1\"]"))
+                .unwrap();
         assert_eq!(config.api, paths::default_api());
         assert_eq!(config.services[0].canary_ppm, 0);
         assert_eq!(config.services[0].affinity, Affinity::Connection);

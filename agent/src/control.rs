@@ -38,7 +38,9 @@ pub enum ControlError {
     UnknownService(String),
     #[error("frontend {frontend} already belongs to service {owner:?}")]
     FrontendInUse { frontend: SocketAddr, owner: String },
-    #[error("service {0:?} has an active rollout driving its weight: abort it first, or use the kill switch (rollback)")]
+    #[error(
+        "service {0:?} has an active rollout driving its weight: abort it first, or use the kill switch (rollback)"
+    )]
     RolloutActive(String),
     #[error("service {0:?} has no rollout")]
     NoRollout(String),
@@ -182,7 +184,12 @@ impl Core {
 
     /// pause / resume / abort / approve. `approver` is checked by the caller against
     /// `approval_role`.
-    pub fn rollout_action(&mut self, name: &str, action: &'static str, by: &str) -> Result<Vec<FollowUp>, ControlError> {
+    pub fn rollout_action(
+        &mut self,
+        name: &str,
+        action: &'static str,
+        by: &str,
+    ) -> Result<Vec<FollowUp>, ControlError> {
         let snapshot = self.snapshot(name)?;
         let rollout = self.desired.rollouts.get_mut(name).ok_or_else(|| ControlError::NoRollout(name.into()))?;
         let state_err = |state: RolloutState, needed: &'static str| ControlError::RolloutState {
@@ -211,8 +218,13 @@ impl Core {
     /// Advances every running rollout's clock.
     pub fn tick_rollouts(&mut self) -> Vec<FollowUp> {
         let now = now_ms();
-        let names: Vec<String> =
-            self.desired.rollouts.iter().filter(|(_, r)| r.state == RolloutState::Running).map(|(n, _)| n.clone()).collect();
+        let names: Vec<String> = self
+            .desired
+            .rollouts
+            .iter()
+            .filter(|(_, r)| r.state == RolloutState::Running)
+            .map(|(n, _)| n.clone())
+            .collect();
         let mut follow = Vec::new();
         for name in names {
             let Ok(snapshot) = self.snapshot(&name) else { continue };

@@ -16,16 +16,15 @@ use std::{
 };
 
 use agent_common::{
-    service_seed, v4_mapped, BackendKey, BackendValue, CohortKey, CounterKey, FrontendKey,
-    FrontendValue, Settings, SideCounters, SocketEntry, COHORT_ALWAYS_CANARY, COHORT_NEVER_CANARY,
-    FAMILY_V4, FAMILY_V6, FLAG_AFFINITY_CLIENT, FLAG_HAS_COHORTS, MAP_BACKENDS, MAP_COHORTS,
-    MAP_COUNTERS, MAP_FRONTENDS, MAP_SETTINGS, MAP_SOCKETS, MAX_SERVICES, SIDE_CANARY, SIDE_STABLE,
+    service_seed, v4_mapped, BackendKey, BackendValue, CohortKey, CounterKey, FrontendKey, FrontendValue, Settings,
+    SideCounters, SocketEntry, COHORT_ALWAYS_CANARY, COHORT_NEVER_CANARY, FAMILY_V4, FAMILY_V6, FLAG_AFFINITY_CLIENT,
+    FLAG_HAS_COHORTS, MAP_BACKENDS, MAP_COHORTS, MAP_COUNTERS, MAP_FRONTENDS, MAP_SETTINGS, MAP_SOCKETS, MAX_SERVICES,
+    SIDE_CANARY, SIDE_STABLE,
 };
 use aya::{
     maps::{Array, HashMap, MapData, MapError, PerCpuHashMap, PerCpuValues},
     programs::{
-        links::FdLink, BtfTracePoint, CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError,
-        ProgramFd, SockOps,
+        links::FdLink, BtfTracePoint, CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, ProgramFd, SockOps,
     },
     Btf, BtfError, Ebpf, EbpfError, EbpfLoader,
 };
@@ -33,8 +32,7 @@ use aya::{
 use crate::config::{Affinity, CohortCanary, ServiceSpec};
 
 /// The eBPF object built by build.rs from `agent-ebpf`.
-static EBPF_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sockshift-ebpf"));
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sockshift-ebpf"));
 
 /// How long a replaced backend revision stays readable: far longer than any program run, so a
 /// socket that read the old frontend value still finds the old backends.
@@ -139,8 +137,8 @@ impl Datapath {
     /// Loads the programs, pins the maps under `bpffs_dir`, and attaches every program to
     /// `cgroup`. Maps already pinned there (by an earlier run) are reused.
     pub fn load(cgroup: &Path, bpffs_dir: &Path) -> Result<Self, DatapathError> {
-        let cgroup_file = File::open(cgroup)
-            .map_err(|source| DatapathError::Cgroup { path: cgroup.to_owned(), source })?;
+        let cgroup_file =
+            File::open(cgroup).map_err(|source| DatapathError::Cgroup { path: cgroup.to_owned(), source })?;
         crate::paths::ensure_bpffs_mounted()
             .map_err(|source| DatapathError::Bpffs { path: bpffs_dir.to_owned(), source })?;
         std::fs::create_dir_all(bpffs_dir)
@@ -203,9 +201,7 @@ impl Datapath {
         let counters = take_map(&mut ebpf, MAP_COUNTERS)?;
         let cohorts = take_map(&mut ebpf, MAP_COHORTS)?;
         let mut settings: Array<MapData, Settings> = take_map(&mut ebpf, MAP_SETTINGS)?;
-        settings
-            .set(0, Settings { host_netns_cookie: host_netns_cookie()? }, 0)
-            .map_err(map_err(MAP_SETTINGS))?;
+        settings.set(0, Settings { host_netns_cookie: host_netns_cookie()? }, 0).map_err(map_err(MAP_SETTINGS))?;
 
         let previous_ids = frontends
             .iter()
@@ -244,8 +240,7 @@ impl Datapath {
             self.replace_service(spec.clone())?;
         }
         let wanted: HashSet<&str> = services.iter().map(|s| s.name.as_str()).collect();
-        let stale: Vec<String> =
-            self.services.keys().filter(|n| !wanted.contains(n.as_str())).cloned().collect();
+        let stale: Vec<String> = self.services.keys().filter(|n| !wanted.contains(n.as_str())).cloned().collect();
         for name in stale {
             self.remove_service(&name)?;
         }
@@ -255,8 +250,7 @@ impl Datapath {
     /// Deletes pinned entries no installed service owns: left by an earlier run. Needed once,
     /// after the first `sync` at start; every later change cleans up after itself.
     pub fn remove_leftovers(&mut self) {
-        let owned: HashSet<FrontendKey> =
-            self.services.values().flat_map(|s| frontend_keys(&s.spec)).collect();
+        let owned: HashSet<FrontendKey> = self.services.values().flat_map(|s| frontend_keys(&s.spec)).collect();
         let orphans: Vec<FrontendKey> =
             self.frontends.keys().filter_map(Result::ok).filter(|k| !owned.contains(k)).collect();
         for key in orphans {
@@ -371,17 +365,13 @@ impl Datapath {
             }
             self.retired.push((Instant::now(), old.backend_slots));
         }
-        self.services.insert(
-            spec.name.clone(),
-            Installed { id, spec, value, backend_slots, cohort_keys },
-        );
+        self.services.insert(spec.name.clone(), Installed { id, spec, value, backend_slots, cohort_keys });
         Ok(())
     }
 
     /// Sets a service's canary weight: one map update per frontend, nothing else changes.
     pub fn set_weight(&mut self, name: &str, canary_ppm: u32) -> Result<(), DatapathError> {
-        let installed =
-            self.services.get_mut(name).ok_or_else(|| DatapathError::UnknownService(name.into()))?;
+        let installed = self.services.get_mut(name).ok_or_else(|| DatapathError::UnknownService(name.into()))?;
         let value = FrontendValue { canary_ppm, ..installed.value };
         for key in frontend_keys(&installed.spec) {
             self.frontends.insert(key, value, 0).map_err(map_err(MAP_FRONTENDS))?;
@@ -394,8 +384,7 @@ impl Datapath {
 
     /// Removes a service: its frontends first, so no new socket is steered, then the rest.
     pub fn remove_service(&mut self, name: &str) -> Result<(), DatapathError> {
-        let installed =
-            self.services.remove(name).ok_or_else(|| DatapathError::UnknownService(name.into()))?;
+        let installed = self.services.remove(name).ok_or_else(|| DatapathError::UnknownService(name.into()))?;
         for key in frontend_keys(&installed.spec) {
             let _ = self.frontends.remove(&key);
         }
@@ -412,11 +401,7 @@ impl Datapath {
     }
 
     pub fn service(&self, name: &str) -> Option<ServiceView> {
-        self.services.get(name).map(|s| ServiceView {
-            id: s.id,
-            revision: s.value.revision,
-            spec: s.spec.clone(),
-        })
+        self.services.get(name).map(|s| ServiceView { id: s.id, revision: s.value.revision, spec: s.spec.clone() })
     }
 
     /// The service that has `frontend`, if any.
@@ -430,8 +415,7 @@ impl Datapath {
 
     /// Counters of a service, summed over CPUs.
     pub fn counters(&self, name: &str) -> Result<ServiceCounters, DatapathError> {
-        let installed =
-            self.services.get(name).ok_or_else(|| DatapathError::UnknownService(name.into()))?;
+        let installed = self.services.get(name).ok_or_else(|| DatapathError::UnknownService(name.into()))?;
         let read = |side: u8| -> Result<SideCounters, DatapathError> {
             let key = CounterKey { service_id: installed.id, side: side as u32 };
             let per_cpu = self.counters.get(&key, 0).map_err(map_err(MAP_COUNTERS))?;
@@ -536,9 +520,7 @@ pub enum LinkOutcome {
 
 fn program_fd(fd: Result<&ProgramFd, ProgramError>, name: &'static str) -> Result<OwnedFd, DatapathError> {
     let fd = fd.map_err(|source| DatapathError::Program { name, source })?;
-    fd.as_fd()
-        .try_clone_to_owned()
-        .map_err(|source| DatapathError::Link { name, source })
+    fd.as_fd().try_clone_to_owned().map_err(|source| DatapathError::Link { name, source })
 }
 
 /// Makes the link pinned at `<links_dir>/<name>` run `program`: by updating a pinned link in
@@ -573,10 +555,8 @@ fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut 
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
 {
-    let program = ebpf.program_mut(name).ok_or(DatapathError::Program {
-        name,
-        source: ProgramError::UnexpectedProgramType,
-    })?;
+    let program =
+        ebpf.program_mut(name).ok_or(DatapathError::Program { name, source: ProgramError::UnexpectedProgramType })?;
     program.try_into().map_err(|source| DatapathError::Program { name, source })
 }
 

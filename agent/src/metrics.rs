@@ -39,12 +39,20 @@ pub fn render(core: &Core) -> Result<String, DatapathError> {
         family
     };
     let connections = side_counter(&mut registry, "connections_steered", "connect() calls steered to this side");
-    let datagrams = side_counter(&mut registry, "datagrams_steered", "UDP datagrams of unconnected sockets steered to this side");
-    let established = side_counter(&mut registry, "tcp_established", "Steered TCP connections that reached ESTABLISHED");
-    let failed = side_counter(&mut registry, "tcp_failed_attempts", "Steered TCP connection attempts that never established");
+    let datagrams =
+        side_counter(&mut registry, "datagrams_steered", "UDP datagrams of unconnected sockets steered to this side");
+    let established =
+        side_counter(&mut registry, "tcp_established", "Steered TCP connections that reached ESTABLISHED");
+    let failed =
+        side_counter(&mut registry, "tcp_failed_attempts", "Steered TCP connection attempts that never established");
     let resets = side_counter(&mut registry, "tcp_resets", "Established steered TCP connections reset by the peer");
-    let rto = side_counter(&mut registry, "tcp_retransmission_timeouts", "Retransmission timeouts on steered TCP connections");
-    let srtt_sum = side_counter(&mut registry, "tcp_srtt_microseconds_sum", "Sum of smoothed RTT samples, microseconds");
+    let rto = side_counter(
+        &mut registry,
+        "tcp_retransmission_timeouts",
+        "Retransmission timeouts on steered TCP connections",
+    );
+    let srtt_sum =
+        side_counter(&mut registry, "tcp_srtt_microseconds_sum", "Sum of smoothed RTT samples, microseconds");
     let srtt_count = side_counter(&mut registry, "tcp_srtt_samples", "Number of smoothed RTT samples");
     let fail_open = Family::<FailOpenLabels, Counter>::default();
     registry.register("fail_open", "Calls left untouched because of a datapath problem, by reason", fail_open.clone());
@@ -72,11 +80,11 @@ pub fn render(core: &Core) -> Result<String, DatapathError> {
             rto.get_or_create(&labels).inc_by(c.rto);
             srtt_sum.get_or_create(&labels).inc_by(c.srtt_sum_us);
             srtt_count.get_or_create(&labels).inc_by(c.srtt_samples);
-            for (reason, value) in [
-                ("backend_missing", c.fail_open_backend_missing),
-                ("socket_table_full", c.fail_open_socket_table_full),
-            ] {
-                let labels = FailOpenLabels { service: name.clone(), side: side.to_string(), reason: reason.to_string() };
+            for (reason, value) in
+                [("backend_missing", c.fail_open_backend_missing), ("socket_table_full", c.fail_open_socket_table_full)]
+            {
+                let labels =
+                    FailOpenLabels { service: name.clone(), side: side.to_string(), reason: reason.to_string() };
                 fail_open.get_or_create(&labels).inc_by(value);
             }
         }

@@ -1,8 +1,7 @@
 //! Every filesystem path and default address the agent uses, in one place.
 
 use std::{
-    fs,
-    io,
+    fs, io,
     net::SocketAddr,
     path::{Path, PathBuf},
 };
@@ -24,9 +23,8 @@ pub fn default_api() -> SocketAddr {
 /// unified layout, `/sys/fs/cgroup/unified` on a hybrid one.
 pub fn cgroup2_root() -> io::Result<PathBuf> {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
-    find_mount(&mountinfo, "cgroup2").ok_or_else(|| {
-        io::Error::new(io::ErrorKind::NotFound, "no cgroup2 filesystem in /proc/self/mountinfo")
-    })
+    find_mount(&mountinfo, "cgroup2")
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no cgroup2 filesystem in /proc/self/mountinfo"))
 }
 
 /// First mount point of a filesystem type in mountinfo text.
@@ -57,15 +55,7 @@ pub fn ensure_bpffs_mounted() -> io::Result<()> {
         return Ok(());
     }
     fs::create_dir_all(mount_point)?;
-    let rc = unsafe {
-        libc::mount(
-            c"bpf".as_ptr(),
-            c"/sys/fs/bpf".as_ptr(),
-            c"bpf".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
+    let rc = unsafe { libc::mount(c"bpf".as_ptr(), c"/sys/fs/bpf".as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }

@@ -77,7 +77,10 @@ impl Plan {
         }
         for (i, step) in self.steps.iter().enumerate() {
             if !step.is_finite() || *step <= 0.0 || *step > 100.0 {
-                return Err(InvalidField::new(format!("steps[{i}]"), format!("must be above 0 and at most 100, got {step}")));
+                return Err(InvalidField::new(
+                    format!("steps[{i}]"),
+                    format!("must be above 0 and at most 100, got {step}"),
+                ));
             }
             if i > 0 && *step <= self.steps[i - 1] {
                 return Err(InvalidField::new(
@@ -87,7 +90,10 @@ impl Plan {
             }
         }
         if !self.step_seconds.is_finite() || self.step_seconds <= 0.0 || self.step_seconds > 86_400.0 {
-            return Err(InvalidField::new("step_seconds", format!("must be above 0 and at most 86400, got {}", self.step_seconds)));
+            return Err(InvalidField::new(
+                "step_seconds",
+                format!("must be above 0 and at most 86400, got {}", self.step_seconds),
+            ));
         }
         if self.failure_threshold == 0 {
             return Err(InvalidField::new("failure_threshold", "must be at least 1"));
@@ -105,7 +111,10 @@ impl Plan {
         }
         if let Some(approval) = &self.approval {
             if !approval.at_percent.is_finite() || !(0.0..=100.0).contains(&approval.at_percent) {
-                return Err(InvalidField::new("approval.at_percent", format!("must be from 0 to 100, got {}", approval.at_percent)));
+                return Err(InvalidField::new(
+                    "approval.at_percent",
+                    format!("must be from 0 to 100, got {}", approval.at_percent),
+                ));
             }
         }
         for (i, url) in self.webhooks.iter().enumerate() {
@@ -134,11 +143,12 @@ pub fn parse_http_url(url: &str) -> Result<(String, String), String> {
     if authority.is_empty() || authority.contains('@') {
         return Err(format!("{url:?} has no usable host"));
     }
-    let authority = if authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) && !authority.ends_with(']') {
-        authority.to_string()
-    } else {
-        format!("{authority}:80")
-    };
+    let authority =
+        if authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) && !authority.ends_with(']') {
+            authority.to_string()
+        } else {
+            format!("{authority}:80")
+        };
     Ok((authority, path.to_string()))
 }
 
@@ -333,7 +343,13 @@ impl Rollout {
     }
 
     fn record(&mut self, now_ms: u64, event: &str, detail: String) {
-        self.history.push(HistoryEntry { at_unix_ms: now_ms, event: event.into(), step: self.step, percent: self.percent, detail });
+        self.history.push(HistoryEntry {
+            at_unix_ms: now_ms,
+            event: event.into(),
+            step: self.step,
+            percent: self.percent,
+            detail,
+        });
     }
 
     fn enter_step(&mut self, step: usize, now_ms: u64, counters: Snapshot) -> Vec<Effect> {

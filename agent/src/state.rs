@@ -58,7 +58,8 @@ impl DesiredState {
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(StateError::Read { path, source }),
         };
-        let state: Self = serde_json::from_slice(&text).map_err(|source| StateError::Parse { path: path.clone(), source })?;
+        let state: Self =
+            serde_json::from_slice(&text).map_err(|source| StateError::Parse { path: path.clone(), source })?;
         if state.version != STATE_VERSION {
             return Err(StateError::Version { path, found: state.version });
         }
@@ -147,7 +148,12 @@ mod tests {
     #[test]
     fn a_file_change_to_a_service_wins_over_the_api() {
         let file = map(&[service("a", 5.0)]);
-        let state = DesiredState { version: 1, services: map(&[service("a", 37.5)]), file_services: file, rollouts: BTreeMap::new() };
+        let state = DesiredState {
+            version: 1,
+            services: map(&[service("a", 37.5)]),
+            file_services: file,
+            rollouts: BTreeMap::new(),
+        };
         let merged = state.merged_with_file(&map(&[service("a", 10.0)]));
         assert_eq!(merged["a"].canary_percent, 10.0);
         assert!(state.merged_with_file(&BTreeMap::new()).is_empty(), "removed from the file: removed");
@@ -156,7 +162,12 @@ mod tests {
     #[test]
     fn save_and_load_round_trip() {
         let dir = std::env::temp_dir().join(format!("sockshift-state-test-{}", std::process::id()));
-        let state = DesiredState { version: 1, services: map(&[service("a", 12.3456)]), file_services: BTreeMap::new(), rollouts: BTreeMap::new() };
+        let state = DesiredState {
+            version: 1,
+            services: map(&[service("a", 12.3456)]),
+            file_services: BTreeMap::new(),
+            rollouts: BTreeMap::new(),
+        };
         state.save(&dir).unwrap();
         assert_eq!(DesiredState::load(&dir).unwrap(), Some(state));
         fs::write(dir.join(STATE_FILE), b"{not json").unwrap();

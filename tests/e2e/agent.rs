@@ -38,7 +38,11 @@ fn restart_under_load_is_invisible() {
         let all: u64 = segment.as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
         assert_share(&format!("connections {}..{}", i * 1000, i * 1000 + 1000), canary * 100.0 / all as f64, 20.0, 5.0);
     }
-    assert!(lab.agent.log().contains("adopted"), "the restarted agent should adopt the pinned links:\n{}", lab.agent.log());
+    assert!(
+        lab.agent.log().contains("adopted"),
+        "the restarted agent should adopt the pinned links:\n{}",
+        lab.agent.log()
+    );
 }
 
 /// A weight set through the API survives a restart, and the datapath keeps it while the agent
@@ -58,7 +62,10 @@ fn state_survives_restart() {
     assert_share("after restart", report.share("canary"), 37.5, 3.5);
     // Counters keep counting across the restart: same service id, same per-CPU entries.
     let state = lab.agent.service("web");
-    assert_eq!(counter(&state, "stable", "connections_steered") + counter(&state, "canary", "connections_steered"), 4000);
+    assert_eq!(
+        counter(&state, "stable", "connections_steered") + counter(&state, "canary", "connections_steered"),
+        4000
+    );
 }
 
 fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) -> Duration {
@@ -75,7 +82,9 @@ fn config_file_changes_apply_and_bad_ones_are_refused() {
     let lab = Lab::new(20.0);
     let original = std::fs::read_to_string(&lab.agent.config_path).unwrap();
     std::fs::write(&lab.agent.config_path, original.replace("canary_percent = 20", "canary_percent = 60")).unwrap();
-    let took = wait_for("valid change applied", Duration::from_secs(2), || lab.agent.service("web")["canary_percent"] == json!(60.0));
+    let took = wait_for("valid change applied", Duration::from_secs(2), || {
+        lab.agent.service("web")["canary_percent"] == json!(60.0)
+    });
     eprintln!("config change applied after {took:?}");
     let report = tcp_connects(lab.inside(), FRONTEND4, 1000);
     assert_share("after reload", report.share("canary"), 60.0, 4.5);
@@ -93,7 +102,6 @@ fn config_file_changes_apply_and_bad_ones_are_refused() {
     wait_for("SIGHUP reload", Duration::from_secs(2), || lab.agent.service("web")["canary_percent"] == json!(5.0));
 }
 
-
 /// Each role against each mutating route: refused calls get 401/403 and change nothing; the
 /// audit log holds exactly the accepted changes.
 #[test]
@@ -105,7 +113,9 @@ fn roles_gate_changes_and_the_audit_log_records_them() {
     let operator = Some("operator-token-01");
     let release = Some("release-token-001");
     let svc = json!({ "frontends": ["127.1.0.77:80"], "stable": ["127.0.0.1:8001"] });
-    let cases: Vec<(Option<&str>, &str, &str, Option<Value>, u16)> = vec![
+    /// Token, method, path, body, expected status.
+    type Case<'a> = (Option<&'a str>, &'a str, &'a str, Option<Value>, u16);
+    let cases: Vec<Case> = vec![
         (none, "PUT", "/v1/services/web/canary", Some(json!({"percent": 20})), 401),
         (bad, "PUT", "/v1/services/web/canary", Some(json!({"percent": 20})), 401),
         (viewer, "PUT", "/v1/services/web/canary", Some(json!({"percent": 20})), 403),
@@ -209,10 +219,17 @@ print(json.dumps(out))
         .expect("python3");
     std::io::Write::write_all(python.stdin.as_mut().unwrap(), text.as_bytes()).unwrap();
     let output = python.wait_with_output().unwrap();
-    assert!(output.status.success(), "the Prometheus parser refused /metrics: {}\n{text}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "the Prometheus parser refused /metrics: {}\n{text}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let samples: Value = serde_json::from_slice(&output.stdout).unwrap();
-    let sample = |name: &str, side: &str| samples[format!("{name}|service=web,side={side}")].as_f64()
-        .unwrap_or_else(|| panic!("no {name} for {side} in {samples}"));
+    let sample = |name: &str, side: &str| {
+        samples[format!("{name}|service=web,side={side}")]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no {name} for {side} in {samples}"))
+    };
     assert_eq!(sample("sockshift_connections_steered_total", "canary") as u64, report.tag("canary"));
     assert_eq!(sample("sockshift_connections_steered_total", "stable") as u64, report.tag("stable"));
     assert_eq!(sample("sockshift_tcp_established_total", "canary") as u64, report.tag("canary"));
@@ -229,15 +246,33 @@ fn bad_input_on_every_route_changes_nothing() {
     let before = strip_counters(&lab.agent.call("GET", "/v1/services", None).1);
     let big = format!("{{\"pad\": \"{}\"}}", "x".repeat(70_000));
     let routes: [(&str, &str, Vec<&[u8]>); 4] = [
-        ("PUT", "/v1/services/web/canary", vec![
-            b"{", b"[]", br#"{"percent": "5"}"#, br#"{"percent": true}"#, br#"{"percent": 101}"#, br#"{"percent": -0.5}"#,
-        ]),
-        ("PUT", "/v1/services/web", vec![
-            b"{\"frontends\": [", b"42", br#"{"frontends": "127.1.0.1:80"}"#, br#"{"frontends": ["127.1.0.1:80"], "canary_percent": 150}"#,
-            br#"{"frontends": ["nonsense"]}"#, br#"{"frontends": ["127.1.0.1:80"], "affinity": "sticky"}"#,
-            br#"{"frontends": ["127.1.0.1:80"], "bogus": 1}"#, br#"{"name": "other", "frontends": ["127.1.0.1:80"]}"#,
-            br#"{"frontends": ["127.1.0.1:80"], "stable": ["127.0.0.1:0"]}"#,
-        ]),
+        (
+            "PUT",
+            "/v1/services/web/canary",
+            vec![
+                b"{",
+                b"[]",
+                br#"{"percent": "5"}"#,
+                br#"{"percent": true}"#,
+                br#"{"percent": 101}"#,
+                br#"{"percent": -0.5}"#,
+            ],
+        ),
+        (
+            "PUT",
+            "/v1/services/web",
+            vec![
+                b"{\"frontends\": [",
+                b"42",
+                br#"{"frontends": "127.1.0.1:80"}"#,
+                br#"{"frontends": ["127.1.0.1:80"], "canary_percent": 150}"#,
+                br#"{"frontends": ["nonsense"]}"#,
+                br#"{"frontends": ["127.1.0.1:80"], "affinity": "sticky"}"#,
+                br#"{"frontends": ["127.1.0.1:80"], "bogus": 1}"#,
+                br#"{"name": "other", "frontends": ["127.1.0.1:80"]}"#,
+                br#"{"frontends": ["127.1.0.1:80"], "stable": ["127.0.0.1:0"]}"#,
+            ],
+        ),
         ("POST", "/v1/services/web/rollback", vec![b"{", br#"{"percent": 0}"#, b"[1]"]),
         ("POST", "/v1/services/web/promote", vec![b"{", br#"{"now": true}"#, b"\"yes\""]),
     ];
@@ -285,7 +320,11 @@ fn cli_verbs_drive_the_api() {
             .args(["--api", &api])
             .output()
             .expect("run sockshift");
-        (output.status.success(), String::from_utf8_lossy(&output.stdout).into_owned(), String::from_utf8_lossy(&output.stderr).into_owned())
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
     };
     let (ok, out, _) = cli(&["set", "web", "12.5", "--output", "json"]);
     assert!(ok, "{out}");
@@ -296,7 +335,21 @@ fn cli_verbs_drive_the_api() {
     assert!(ok && serde_json::from_str::<Value>(&out).unwrap()["canary_percent"] == json!(100.0), "{out}");
     let (ok, out, _) = cli(&["rollback", "web", "-o", "json"]);
     assert!(ok && serde_json::from_str::<Value>(&out).unwrap()["canary_percent"] == json!(0.0), "{out}");
-    let (ok, out, _) = cli(&["service", "add", "api", "--frontend", "127.1.0.88:80", "--stable", "127.0.0.1:8001", "--canary", "127.0.0.1:8002", "--percent", "100", "-o", "json"]);
+    let (ok, out, _) = cli(&[
+        "service",
+        "add",
+        "api",
+        "--frontend",
+        "127.1.0.88:80",
+        "--stable",
+        "127.0.0.1:8001",
+        "--canary",
+        "127.0.0.1:8002",
+        "--percent",
+        "100",
+        "-o",
+        "json",
+    ]);
     assert!(ok, "{out}");
     assert_eq!(tcp_connects(lab.inside(), "127.1.0.88:80", 50).tag("canary"), 50, "the added service steers");
     let (ok, out, _) = cli(&["service", "rm", "api"]);

@@ -46,10 +46,14 @@ canary_percent = {canary_percent}
             Placement { netns: Some(&netns), cgroup: None },
             &[
                 "serve-tcp",
-                "--listen", "127.0.0.1:8001=stable",
-                "--listen", "127.0.0.1:8002=canary",
-                "--listen", "[::1]:8001=stable6",
-                "--listen", "[::1]:8002=canary6",
+                "--listen",
+                "127.0.0.1:8001=stable",
+                "--listen",
+                "127.0.0.1:8002=canary",
+                "--listen",
+                "[::1]:8001=stable6",
+                "--listen",
+                "[::1]:8002=canary6",
             ],
         );
         let agent = Agent::start_with(&cgroup, agent_extra, services);

@@ -40,9 +40,18 @@ fn udp_dns_split_with_dnsmasq_and_dig() {
         servers.push(spawn_in(
             outside,
             Path::new("dnsmasq"),
-            &["--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
-              "--bind-interfaces", "--listen-address=127.0.0.1", "--user=root", "--pid-file=",
-              &port, &address],
+            &[
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                "--listen-address=127.0.0.1",
+                "--user=root",
+                "--pid-file=",
+                &port,
+                &address,
+            ],
         ));
     }
     let agent = Agent::start(
@@ -71,7 +80,8 @@ canary_percent = 20
     for line in text.lines() {
         *answers.entry(line.trim()).or_default() += 1;
     }
-    let (stable, canary) = (answers.get("192.0.2.1").copied().unwrap_or(0), answers.get("192.0.2.2").copied().unwrap_or(0));
+    let (stable, canary) =
+        (answers.get("192.0.2.1").copied().unwrap_or(0), answers.get("192.0.2.2").copied().unwrap_or(0));
     // dig accepts a reply only from the address it asked: 2000 answers mean every reply came
     // back as from the frontend.
     assert_eq!(stable + canary, 2000, "dig answers {answers:?}\nstderr: {}", String::from_utf8_lossy(&output.stderr));
@@ -94,7 +104,11 @@ fn wait_for_dns(placement: Placement<'_>, port: &str) {
         if !String::from_utf8_lossy(&output.stdout).trim().is_empty() {
             return;
         }
-        assert!(Instant::now() < deadline, "dnsmasq on port {port} does not answer: {}", String::from_utf8_lossy(&output.stdout));
+        assert!(
+            Instant::now() < deadline,
+            "dnsmasq on port {port} does not answer: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -106,8 +120,17 @@ fn unconnected_udp_socket_keeps_one_backend() {
     let cgroup = Cgroup::new();
     let _servers = serve(
         Placement { netns: Some(&netns), cgroup: None },
-        &["serve-udp", "--listen", "127.0.0.1:7001=stable", "--listen", "127.0.0.1:7002=canary",
-          "--listen", "[::1]:7001=stable6", "--listen", "[::1]:7002=canary6"],
+        &[
+            "serve-udp",
+            "--listen",
+            "127.0.0.1:7001=stable",
+            "--listen",
+            "127.0.0.1:7002=canary",
+            "--listen",
+            "[::1]:7001=stable6",
+            "--listen",
+            "[::1]:7002=canary6",
+        ],
     );
     let agent = Agent::start(
         &cgroup,
@@ -128,7 +151,13 @@ canary_percent = 50
             assert_eq!(report["from_target"], json!(40), "{report}");
         }
         let report = probe(inside, &["udp", "--target", target, "--count", "1000"]);
-        let canary = report["tags"].as_object().unwrap().iter().filter(|(k, _)| k.starts_with("canary")).map(|(_, v)| v.as_u64().unwrap()).sum::<u64>();
+        let canary = report["tags"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k.starts_with("canary"))
+            .map(|(_, v)| v.as_u64().unwrap())
+            .sum::<u64>();
         assert!((canary as f64 / 10.0 - 50.0).abs() <= 5.0, "{target}: {report}");
     }
     let state = agent.service("udp");
@@ -234,17 +263,27 @@ canary_percent = 50
     );
     let _more = serve(
         lab.outside(),
-        &["serve-tcp", "--listen", "127.0.0.1:8101=a-stable", "--listen", "127.0.0.1:8102=a-canary",
-          "--listen", "127.0.0.1:8201=b-stable", "--listen", "127.0.0.1:8202=b-canary"],
+        &[
+            "serve-tcp",
+            "--listen",
+            "127.0.0.1:8101=a-stable",
+            "--listen",
+            "127.0.0.1:8102=a-canary",
+            "--listen",
+            "127.0.0.1:8201=b-stable",
+            "--listen",
+            "127.0.0.1:8202=b-canary",
+        ],
     );
     let set_a = json!({ "frontends": ["127.1.0.9:80"], "stable": ["127.0.0.1:8101"], "canary": ["127.0.0.1:8102"], "canary_percent": 30, "affinity": "connection" });
     let set_b = json!({ "frontends": ["127.1.0.9:80"], "stable": ["127.0.0.1:8201"], "canary": ["127.0.0.1:8202"], "canary_percent": 70, "affinity": "client" });
 
-    let mut client = spawn_probe(lab.inside(), &["tcp", "--target", "127.1.0.9:80", "--count", "4000", "--max-seconds", "60"]);
+    let mut client =
+        spawn_probe(lab.inside(), &["tcp", "--target", "127.1.0.9:80", "--count", "4000", "--max-seconds", "60"]);
     let mut flips = 0u32;
     let started = Instant::now();
     while flips < 3000 || client.child.try_wait().unwrap().is_none() {
-        let body = if flips % 2 == 0 { &set_b } else { &set_a };
+        let body = if flips.is_multiple_of(2) { &set_b } else { &set_a };
         let (status, reply) = lab.agent.call("PUT", "/v1/services/flip", Some(body));
         assert_eq!(status, 200, "{reply}");
         flips += 1;
@@ -349,9 +388,8 @@ canary_percent = 30
     assert_eq!(counter(&state, "stable", "failed_attempts"), 0, "{state}");
     assert_eq!(counter(&state, "canary", "established"), 0, "{state}");
 
-    let report = e2e::TcpReport {
-        raw: probe(lab.inside(), &["tcp", "--target", "127.1.0.3:80", "--count", "500", "--drain"]),
-    };
+    let report =
+        e2e::TcpReport { raw: probe(lab.inside(), &["tcp", "--target", "127.1.0.3:80", "--count", "500", "--drain"]) };
     let resets_seen = report.reset_after_tag() + report.error("ConnectionReset");
     assert!(resets_seen > 50, "{:?}", report.raw);
     let state = lab.agent.service("resetting");
@@ -411,5 +449,8 @@ fn the_datapath_holds_65536_services() {
         assert_eq!(report.tag("stable") + report.tag("canary"), 200, "{frontend}: {:?}", report.raw);
     }
     let state = lab.agent.service("svc-65535");
-    assert_eq!(counter(&state, "stable", "connections_steered") + counter(&state, "canary", "connections_steered"), 200);
+    assert_eq!(
+        counter(&state, "stable", "connections_steered") + counter(&state, "canary", "connections_steered"),
+        200
+    );
 }

@@ -92,8 +92,7 @@ fn agent_config(docs: &[Value]) -> (String, Config) {
 /// Runs kubernetes-validate; its exit status and combined output.
 fn kubernetes_validate(file: &Path) -> (bool, String) {
     let mut cmd = Command::new("python3");
-    cmd.args(["-m", "kubernetes_validate", "--strict", "--kubernetes-version", KUBERNETES_VERSION])
-        .arg(file);
+    cmd.args(["-m", "kubernetes_validate", "--strict", "--kubernetes-version", KUBERNETES_VERSION]).arg(file);
     let out = cmd.output().unwrap_or_else(|err| {
         panic!("cannot run python3 ({err}): kubernetes-validate needs it; `cargo xtask test` installs the tools")
     });
@@ -165,11 +164,7 @@ fn daemonset_is_least_privilege_and_matches_the_config() {
         "hostNetwork must be true: the agent reads the host netns cookie and serves on node loopback"
     );
     assert_ne!(pod.get("hostPID").and_then(Value::as_bool), Some(true), "hostPID must not be true");
-    assert_eq!(
-        at(&daemonset, "spec.updateStrategy.type").as_str(),
-        Some("RollingUpdate"),
-        "updateStrategy.type"
-    );
+    assert_eq!(at(&daemonset, "spec.updateStrategy.type").as_str(), Some("RollingUpdate"), "updateStrategy.type");
 
     let containers = at(pod, "containers").as_sequence().expect("containers must be a list");
     assert_eq!(containers.len(), 1, "the DaemonSet runs exactly one container");
@@ -178,11 +173,7 @@ fn daemonset_is_least_privilege_and_matches_the_config() {
 
     // Least privilege.
     let security = at(container, "securityContext");
-    assert_ne!(
-        security.get("privileged").and_then(Value::as_bool),
-        Some(true),
-        "the container must not be privileged"
-    );
+    assert_ne!(security.get("privileged").and_then(Value::as_bool), Some(true), "the container must not be privileged");
     assert_eq!(at(security, "allowPrivilegeEscalation").as_bool(), Some(false), "allowPrivilegeEscalation");
     assert_eq!(at(security, "readOnlyRootFilesystem").as_bool(), Some(true), "readOnlyRootFilesystem");
     assert_eq!(strings_at(security, "capabilities.drop"), ["ALL"], "capabilities.drop must be exactly [ALL]");

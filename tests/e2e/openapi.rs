@@ -34,9 +34,7 @@ const REQUIRED_OPERATIONS: [(&str, &str); 12] = [
 ];
 
 /// Method names of OpenAPI path items (and of axum's method routers).
-const HTTP_METHODS: [&str; 8] = [
-    "get", "put", "post", "delete", "options", "head", "patch", "trace",
-];
+const HTTP_METHODS: [&str; 8] = ["get", "put", "post", "delete", "options", "head", "patch", "trace"];
 
 const API_RS: &str = "agent/src/api.rs";
 const CONFIG_RS: &str = "agent/src/config.rs";
@@ -48,10 +46,7 @@ const DOCUMENT: &str = "agent/openapi.json";
 
 fn repo_root() -> PathBuf {
     // CARGO_MANIFEST_DIR is tests/; the agent is its sibling.
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_owned()
 }
 
 fn read(relative: &str) -> String {
@@ -60,27 +55,22 @@ fn read(relative: &str) -> String {
 }
 
 fn document() -> Value {
-    serde_json::from_str(&read(DOCUMENT))
-        .unwrap_or_else(|err| panic!("{DOCUMENT} is not valid JSON: {err}"))
+    serde_json::from_str(&read(DOCUMENT)).unwrap_or_else(|err| panic!("{DOCUMENT} is not valid JSON: {err}"))
 }
 
 /// `value` at a JSON pointer without its leading `/` (`~1` is a `/` in a key); panics naming the
 /// path if it is missing.
 fn at<'a>(value: &'a Value, path: &str) -> &'a Value {
-    value
-        .pointer(&format!("/{path}"))
-        .unwrap_or_else(|| panic!("{DOCUMENT}: {path} is missing"))
+    value.pointer(&format!("/{path}")).unwrap_or_else(|| panic!("{DOCUMENT}: {path} is missing"))
 }
 
 /// Follows a `$ref` to `#/components/...` (repeatedly); anything else is returned as is.
 fn resolve<'a>(doc: &'a Value, mut value: &'a Value) -> &'a Value {
     while let Some(reference) = value.get("$ref").and_then(Value::as_str) {
-        let pointer = reference.strip_prefix('#').unwrap_or_else(|| {
-            panic!("{DOCUMENT}: only local $refs are expected, found {reference:?}")
-        });
-        value = doc
-            .pointer(pointer)
-            .unwrap_or_else(|| panic!("{DOCUMENT}: dangling $ref {reference:?}"));
+        let pointer = reference
+            .strip_prefix('#')
+            .unwrap_or_else(|| panic!("{DOCUMENT}: only local $refs are expected, found {reference:?}"));
+        value = doc.pointer(pointer).unwrap_or_else(|| panic!("{DOCUMENT}: dangling $ref {reference:?}"));
     }
     value
 }
@@ -94,27 +84,16 @@ fn string_set(value: &Value, what: &str) -> BTreeSet<String> {
         .as_array()
         .unwrap_or_else(|| panic!("{DOCUMENT}: {what} must be an array, got {value}"))
         .iter()
-        .map(|v| {
-            v.as_str()
-                .unwrap_or_else(|| panic!("{DOCUMENT}: {what} holds a non-string {v}"))
-                .to_owned()
-        })
+        .map(|v| v.as_str().unwrap_or_else(|| panic!("{DOCUMENT}: {what} holds a non-string {v}")).to_owned())
         .collect()
 }
 
 fn property_names(schema: &Value) -> BTreeSet<String> {
-    schema
-        .get("properties")
-        .and_then(Value::as_object)
-        .map(|p| p.keys().cloned().collect())
-        .unwrap_or_default()
+    schema.get("properties").and_then(Value::as_object).map(|p| p.keys().cloned().collect()).unwrap_or_default()
 }
 
 fn required_names(schema: &Value) -> BTreeSet<String> {
-    schema
-        .get("required")
-        .map(|r| string_set(r, "required"))
-        .unwrap_or_default()
+    schema.get("required").map(|r| string_set(r, "required")).unwrap_or_default()
 }
 
 /// Panics listing what is only on either side, when the sets differ.
@@ -131,10 +110,7 @@ fn assert_same(what: &str, code_side: &BTreeSet<String>, doc_side: &BTreeSet<Str
 /// The version of the agent crate, from agent/Cargo.toml (or the workspace's, if it inherits it).
 fn agent_version() -> String {
     let manifest = read("agent/Cargo.toml");
-    if manifest
-        .lines()
-        .any(|l| l.replace(' ', "") == "version.workspace=true")
-    {
+    if manifest.lines().any(|l| l.replace(' ', "") == "version.workspace=true") {
         toml_string(&read("Cargo.toml"), "workspace.package", "version")
     } else {
         toml_string(&manifest, "package", "version")
@@ -227,8 +203,7 @@ impl Source {
                     i += 1;
                 }
             } else if raw[i] == '/' && raw.get(i + 1) == Some(&'*') {
-                let end = (i + 2..raw.len().saturating_sub(1))
-                    .find(|&k| raw[k] == '*' && raw[k + 1] == '/');
+                let end = (i + 2..raw.len().saturating_sub(1)).find(|&k| raw[k] == '*' && raw[k + 1] == '/');
                 i = end.map_or(raw.len(), |k| k + 2);
                 chars.push(' ');
             } else {
@@ -236,10 +211,7 @@ impl Source {
                 i += 1;
             }
         }
-        Self {
-            name: relative,
-            chars,
-        }
+        Self { name: relative, chars }
     }
 
     fn text(&self, from: usize, to: usize) -> String {
@@ -277,16 +249,10 @@ impl Source {
             .into_iter()
             .filter(|&i| matches!(self.chars.get(i + 3 + name.len()), Some('(' | '<')))
             .collect();
-        assert_eq!(
-            starts.len(),
-            1,
-            "{}: expected exactly one `fn {name}`",
-            self.name
-        );
+        assert_eq!(starts.len(), 1, "{}: expected exactly one `fn {name}`", self.name);
         let params = self.find_from(starts[0], "(").expect("parameter list");
-        let open = self
-            .find_from(self.close(params), "{")
-            .unwrap_or_else(|| panic!("{}: fn {name} has no body", self.name));
+        let open =
+            self.find_from(self.close(params), "{").unwrap_or_else(|| panic!("{}: fn {name} has no body", self.name));
         (open, self.close(open))
     }
 
@@ -295,27 +261,13 @@ impl Source {
     fn item(&self, keyword: &str, name: &str) -> (String, Vec<String>) {
         let head = format!("pub {keyword} {name} {{");
         let starts = self.find_all(&head);
-        assert_eq!(
-            starts.len(),
-            1,
-            "{}: expected exactly one `{head}`",
-            self.name
-        );
+        assert_eq!(starts.len(), 1, "{}: expected exactly one `{head}`", self.name);
         let start = starts[0];
         // The attributes: back to the end of the item before.
-        let before = self.chars[..start]
-            .iter()
-            .rposition(|c| matches!(c, '}' | ';'))
-            .map_or(0, |i| i + 1);
+        let before = self.chars[..start].iter().rposition(|c| matches!(c, '}' | ';')).map_or(0, |i| i + 1);
         let open = start + head.chars().count() - 1;
         let body = self.text(open + 1, self.close(open));
-        (
-            self.text(before, start),
-            body.lines()
-                .map(|l| l.trim().to_string())
-                .filter(|l| !l.is_empty())
-                .collect(),
-        )
+        (self.text(before, start), body.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect())
     }
 }
 
@@ -364,11 +316,7 @@ fn split_top_level(s: &[char]) -> Vec<String> {
         i += 1;
     }
     items.push(s[start..].iter().collect::<String>());
-    items
-        .into_iter()
-        .map(|item| item.trim().to_string())
-        .filter(|item| !item.is_empty())
-        .collect()
+    items.into_iter().map(|item| item.trim().to_string()).filter(|item| !item.is_empty()).collect()
 }
 
 /// The contents of a plain string literal (no escapes expected in paths and codes).
@@ -401,8 +349,8 @@ fn source_routes() -> BTreeMap<(String, String), String> {
         let [path, method_router] = &items[..] else {
             panic!("{API_RS}: a `.route(..)` call does not have 2 arguments: {items:?}")
         };
-        let path = string_literal(path)
-            .unwrap_or_else(|| panic!("{API_RS}: route path {path} is not a string literal"));
+        let path =
+            string_literal(path).unwrap_or_else(|| panic!("{API_RS}: route path {path} is not a string literal"));
         for (method, handler) in method_chain(method_router) {
             let method = method.rsplit("::").next().unwrap_or(&method).to_string();
             assert!(
@@ -410,10 +358,7 @@ fn source_routes() -> BTreeMap<(String, String), String> {
                 "{API_RS}: route {path}: cannot tell the HTTP method of `{method}(..)`; teach this test"
             );
             let key = (method.to_uppercase(), path.clone());
-            assert!(
-                routes.insert(key, handler).is_none(),
-                "{API_RS}: {method} {path} is routed twice"
-            );
+            assert!(routes.insert(key, handler).is_none(), "{API_RS}: {method} {path} is routed twice");
         }
     }
     routes
@@ -429,8 +374,7 @@ fn method_chain(expr: &str) -> Vec<(String, String)> {
             i += 1;
         }
         let start = i;
-        while i < chars.len() && (chars[i].is_alphanumeric() || chars[i] == '_' || chars[i] == ':')
-        {
+        while i < chars.len() && (chars[i].is_alphanumeric() || chars[i] == '_' || chars[i] == ':') {
             i += 1;
         }
         let name: String = chars[start..i].iter().collect();
@@ -439,14 +383,7 @@ fn method_chain(expr: &str) -> Vec<(String, String)> {
             "{API_RS}: cannot read the method router `{expr}`: expected calls like `get(handler).put(handler)`"
         );
         let close = close_of(&chars, i).expect("unbalanced brackets");
-        calls.push((
-            name,
-            chars[i + 1..close]
-                .iter()
-                .collect::<String>()
-                .trim()
-                .to_string(),
-        ));
+        calls.push((name, chars[i + 1..close].iter().collect::<String>().trim().to_string()));
         i = close + 1;
         while i < chars.len() && chars[i].is_whitespace() {
             i += 1;
@@ -463,14 +400,10 @@ fn method_chain(expr: &str) -> Vec<(String, String)> {
 
 /// (METHOD, path) → operation, from the document.
 fn document_operations(doc: &Value) -> BTreeMap<(String, String), &Value> {
-    let paths = at(doc, "paths")
-        .as_object()
-        .unwrap_or_else(|| panic!("{DOCUMENT}: paths is not an object"));
+    let paths = at(doc, "paths").as_object().unwrap_or_else(|| panic!("{DOCUMENT}: paths is not an object"));
     let mut operations = BTreeMap::new();
     for (path, item) in paths {
-        for (key, operation) in item
-            .as_object()
-            .unwrap_or_else(|| panic!("{DOCUMENT}: paths.{path} is not an object"))
+        for (key, operation) in item.as_object().unwrap_or_else(|| panic!("{DOCUMENT}: paths.{path} is not an object"))
         {
             if HTTP_METHODS.contains(&key.as_str()) {
                 operations.insert((key.to_uppercase(), path.clone()), operation);
@@ -498,9 +431,9 @@ fn handler_role(src: &Source, handler: &str) -> String {
                 run_time.push(role.to_string());
                 return None;
             }
-            let variant = role.strip_prefix("Role::").unwrap_or_else(|| {
-                panic!("{API_RS}: fn {handler}: cannot tell the role of `authorize(.., {role})`")
-            });
+            let variant = role
+                .strip_prefix("Role::")
+                .unwrap_or_else(|| panic!("{API_RS}: fn {handler}: cannot tell the role of `authorize(.., {role})`"));
             Some(variant.to_lowercase())
         })
         .collect();
@@ -533,27 +466,20 @@ fn emitted_codes() -> BTreeSet<String> {
     for (call, index) in [("ApiError::new(", 1), ("ApiError::invalid(", 0)] {
         for i in src.find_all(call) {
             let items = src.items(i + call.len() - 1);
-            let arg = items
-                .get(index)
-                .unwrap_or_else(|| panic!("{API_RS}: {call}..) with too few arguments"));
+            let arg = items.get(index).unwrap_or_else(|| panic!("{API_RS}: {call}..) with too few arguments"));
             take(arg, call);
         }
     }
     for i in src.find_all("ApiError {") {
         // Not a struct literal: the definition, an impl, or a return type before a body.
         let before = src.text(i.saturating_sub(12), i);
-        if ["struct", "for", "impl", "->"]
-            .iter()
-            .any(|word| before.trim_end().ends_with(word))
-        {
+        if ["struct", "for", "impl", "->"].iter().any(|word| before.trim_end().ends_with(word)) {
             continue;
         }
         let fields = src.items(i + "ApiError ".len());
         match fields.iter().find_map(|f| f.strip_prefix("code:")) {
             Some(arg) => take(arg.trim(), "ApiError { code: .. }"),
-            None => panic!(
-                "{API_RS}: an `ApiError {{ .. }}` literal without `code: \"..\"`: {fields:?}"
-            ),
+            None => panic!("{API_RS}: an `ApiError {{ .. }}` literal without `code: \"..\"`: {fields:?}"),
         }
     }
     // `let code = if .. { "a" } else { "b" };`: the literals that are a whole block's value.
@@ -570,9 +496,7 @@ fn emitted_codes() -> BTreeSet<String> {
             let after = chars[next..].iter().find(|c| !c.is_whitespace());
             if before == Some(&'{') && after == Some(&'}') {
                 let literal: String = chars[k..next].iter().collect();
-                codes.insert(
-                    string_literal(&literal).unwrap_or_else(|| panic!("{API_RS}: code {literal}")),
-                );
+                codes.insert(string_literal(&literal).unwrap_or_else(|| panic!("{API_RS}: code {literal}")));
             }
             k = next;
         }
@@ -628,38 +552,23 @@ fn rust_struct(src: &Source, name: &str) -> RustStruct {
             .strip_prefix("pub ")
             .and_then(|l| l.split_once(':'))
             .map(|(f, _)| f.trim().to_string())
-            .unwrap_or_else(|| {
-                panic!(
-                    "{}: struct {name}: cannot read the field line {line:?}",
-                    src.name
-                )
-            });
+            .unwrap_or_else(|| panic!("{}: struct {name}: cannot read the field line {line:?}", src.name));
         let args = serde_args(&pending);
         pending.clear();
         assert!(
-            !args
-                .iter()
-                .any(|a| a == "flatten" || a.starts_with("alias")),
+            !args.iter().any(|a| a == "flatten" || a.starts_with("alias")),
             "{}: struct {name}.{field}: flatten/alias are not understood by this test",
             src.name
         );
-        if args
-            .iter()
-            .any(|a| a == "skip" || a == "skip_deserializing")
-        {
+        if args.iter().any(|a| a == "skip" || a == "skip_deserializing") {
             continue;
         }
         let serialized = serde_value(&args, "rename").unwrap_or(field);
         let defaulted = all_default
-            || args
-                .iter()
-                .any(|a| a == "default" || a.starts_with("default ") || a.starts_with("default="));
+            || args.iter().any(|a| a == "default" || a.starts_with("default ") || a.starts_with("default="));
         fields.insert(serialized, defaulted);
     }
-    RustStruct {
-        deny_unknown_fields: struct_args.iter().any(|a| a == "deny_unknown_fields"),
-        fields,
-    }
+    RustStruct { deny_unknown_fields: struct_args.iter().any(|a| a == "deny_unknown_fields"), fields }
 }
 
 /// The serialized names of a fieldless (or newtype) enum's variants.
@@ -671,18 +580,13 @@ fn rust_enum(src: &Source, name: &str) -> BTreeSet<String> {
         .filter(|l| !l.starts_with("#["))
         .map(|l| {
             let variant = l.trim_end_matches(',').split('(').next().unwrap().trim();
-            assert!(
-                is_identifier(variant),
-                "{}: enum {name}: cannot read the variant line {l:?}",
-                src.name
-            );
+            assert!(is_identifier(variant), "{}: enum {name}: cannot read the variant line {l:?}", src.name);
             match rename_all.as_deref() {
                 None => variant.to_string(),
                 Some("lowercase") => variant.to_lowercase(),
-                Some(other) => panic!(
-                    "{}: enum {name}: rename_all = {other:?} is not understood by this test",
-                    src.name
-                ),
+                Some(other) => {
+                    panic!("{}: enum {name}: rename_all = {other:?} is not understood by this test", src.name)
+                }
             }
         })
         .collect()
@@ -706,10 +610,7 @@ fn json_keys(src: &Source, name: &str) -> Keys {
         .into_iter()
         .find(|&i| i > open && i < close)
         .unwrap_or_else(|| panic!("{}: fn {name} builds no `json!({{ .. }})`", src.name));
-    object_keys(
-        &src.chars[at + "json!(".len()..],
-        &format!("{}: fn {name}", src.name),
-    )
+    object_keys(&src.chars[at + "json!(".len()..], &format!("{}: fn {name}", src.name))
 }
 
 fn object_keys(chars: &[char], site: &str) -> Keys {
@@ -719,21 +620,13 @@ fn object_keys(chars: &[char], site: &str) -> Keys {
             .into_iter()
             .map(|entry| {
                 let entry_chars: Vec<char> = entry.chars().collect();
-                let key_end = literal_end(&entry_chars, 0)
-                    .unwrap_or_else(|| panic!("{site}: json! key of {entry:?}"));
+                let key_end = literal_end(&entry_chars, 0).unwrap_or_else(|| panic!("{site}: json! key of {entry:?}"));
                 let key = string_literal(&entry_chars[..key_end].iter().collect::<String>())
-                    .unwrap_or_else(|| {
-                        panic!("{site}: json! key of {entry:?} is not a plain string")
-                    });
+                    .unwrap_or_else(|| panic!("{site}: json! key of {entry:?} is not a plain string"));
                 let value = entry_chars[key_end..].iter().collect::<String>();
-                let value = value
-                    .trim()
-                    .strip_prefix(':')
-                    .unwrap_or_else(|| panic!("{site}: json! entry {entry:?}"))
-                    .trim();
-                let nested = value
-                    .starts_with('{')
-                    .then(|| object_keys(&value.chars().collect::<Vec<_>>(), site));
+                let value =
+                    value.trim().strip_prefix(':').unwrap_or_else(|| panic!("{site}: json! entry {entry:?}")).trim();
+                let nested = value.starts_with('{').then(|| object_keys(&value.chars().collect::<Vec<_>>(), site));
                 (key, nested)
             })
             .collect(),
@@ -745,11 +638,7 @@ fn object_keys(chars: &[char], site: &str) -> Keys {
 fn assert_schema_has_keys(doc: &Value, schema: &Value, keys: &Keys, what: &str) {
     let schema = resolve(doc, schema);
     let code_keys = keys.names();
-    assert_same(
-        &format!("properties of {what}"),
-        &code_keys,
-        &property_names(schema),
-    );
+    assert_same(&format!("properties of {what}"), &code_keys, &property_names(schema));
     assert_same(
         &format!("required properties of {what} (the code always writes them)"),
         &code_keys,
@@ -773,11 +662,7 @@ fn spec_validator(file: &Path) -> (bool, String) {
              `cargo xtask test` installs the tools"
         )
     });
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     if text.contains("No module named openapi_spec_validator") {
         panic!(
             "the Python package openapi-spec-validator is not installed: `cargo xtask test` installs it \
@@ -793,13 +678,8 @@ fn spec_validator(file: &Path) -> (bool, String) {
 #[test]
 fn document_is_openapi_3_with_every_operation() {
     let doc = document();
-    let version = at(&doc, "openapi")
-        .as_str()
-        .unwrap_or_else(|| panic!("{DOCUMENT}: `openapi` is not a string"));
-    assert!(
-        version.starts_with("3."),
-        "{DOCUMENT}: openapi is {version:?}, expected 3.x"
-    );
+    let version = at(&doc, "openapi").as_str().unwrap_or_else(|| panic!("{DOCUMENT}: `openapi` is not a string"));
+    assert!(version.starts_with("3."), "{DOCUMENT}: openapi is {version:?}, expected 3.x");
     assert_eq!(
         at(&doc, "info/version").as_str(),
         Some(agent_version().as_str()),
@@ -823,11 +703,8 @@ fn documented_operations_are_exactly_the_routes_of_the_router() {
             "the router in {API_RS} has no {method} {path}"
         );
     }
-    let show = |keys: Vec<&(String, String)>| {
-        keys.into_iter()
-            .map(|(m, p)| format!("{m} {p}"))
-            .collect::<BTreeSet<_>>()
-    };
+    let show =
+        |keys: Vec<&(String, String)>| keys.into_iter().map(|(m, p)| format!("{m} {p}")).collect::<BTreeSet<_>>();
     assert_same(
         "routes (method, path)",
         &show(routes.keys().collect()),
@@ -846,54 +723,32 @@ fn each_operation_names_the_role_its_handler_authorizes() {
         let Some(operation) = operations.get(&(method.clone(), path.clone())) else {
             continue;
         };
-        assert!(
-            is_identifier(&handler),
-            "{API_RS}: {method} {path}: handler `{handler}` is not a plain fn name"
-        );
+        assert!(is_identifier(&handler), "{API_RS}: {method} {path}: handler `{handler}` is not a plain fn name");
         let role = handler_role(&src, &handler);
         let what = format!("{DOCUMENT}: {method} {path} (fn {handler})");
-        assert!(
-            role == "none" || roles.contains(&role),
-            "{what}: role {role:?} is not one of {roles:?}"
-        );
+        assert!(role == "none" || roles.contains(&role), "{what}: role {role:?} is not one of {roles:?}");
         assert_eq!(
             operation.get("x-required-role").and_then(Value::as_str),
             Some(role.as_str()),
             "{what}: x-required-role must be the role the handler authorizes (\"none\" without authorize)"
         );
-        let description = operation
-            .get("description")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        let responses = operation
-            .get("responses")
-            .and_then(Value::as_object)
-            .unwrap_or_else(|| panic!("{what}: no responses"));
+        let description = operation.get("description").and_then(Value::as_str).unwrap_or_default();
+        let responses =
+            operation.get("responses").and_then(Value::as_object).unwrap_or_else(|| panic!("{what}: no responses"));
         if role == "none" {
             assert_eq!(
                 operation.get("security"),
                 Some(&serde_json::json!([])),
                 "{what}: needs no token: `security: []`"
             );
-            assert!(
-                description.contains("No token needed"),
-                "{what}: the description must say no token is needed"
-            );
-            assert!(
-                !responses.contains_key("401") && !responses.contains_key("403"),
-                "{what}: never answers 401/403"
-            );
+            assert!(description.contains("No token needed"), "{what}: the description must say no token is needed");
+            assert!(!responses.contains_key("401") && !responses.contains_key("403"), "{what}: never answers 401/403");
         } else {
             assert!(
-                operation
-                    .get("security")
-                    .is_none_or(|s| s != &serde_json::json!([])),
+                operation.get("security").is_none_or(|s| s != &serde_json::json!([])),
                 "{what}: must not waive security"
             );
-            assert!(
-                description.contains(&format!("`{role}`")),
-                "{what}: the description must name the role `{role}`"
-            );
+            assert!(description.contains(&format!("`{role}`")), "{what}: the description must name the role `{role}`");
             assert!(
                 responses.contains_key("401") && responses.contains_key("403"),
                 "{what}: must document 401 and 403"
@@ -907,31 +762,19 @@ fn error_schema_lists_exactly_the_codes_the_api_emits() {
     let doc = document();
     let error = schema(&doc, "Error");
     let documented = string_set(at(error, "properties/code/enum"), "Error.code.enum");
-    assert_same(
-        "error codes (Error.code.enum)",
-        &emitted_codes(),
-        &documented,
-    );
+    assert_same("error codes (Error.code.enum)", &emitted_codes(), &documented);
 
     // The shape of the error body: `code` and `message` always, `field` when there is one.
     let src = Source::load(API_RS);
     let keys = json_keys(&src, "into_response");
     let (open, close) = src.fn_body("into_response");
     let mut all = keys.names();
-    for i in src
-        .find_all("body[\"")
-        .into_iter()
-        .filter(|&i| i > open && i < close)
-    {
+    for i in src.find_all("body[\"").into_iter().filter(|&i| i > open && i < close) {
         let end = src.find_from(i + 6, "\"").expect("closing quote");
         all.insert(src.text(i + 6, end));
     }
     assert_same("properties of Error", &all, &property_names(error));
-    assert_same(
-        "required properties of Error",
-        &keys.names(),
-        &required_names(error),
-    );
+    assert_same("required properties of Error", &keys.names(), &required_names(error));
 
     // Every error answer of every operation is an Error, and its example's code is one of the enum.
     for ((method, path), operation) in document_operations(&doc) {
@@ -962,35 +805,23 @@ fn request_schemas_have_the_fields_the_server_reads() {
     let doc = document();
     let config = Source::load(CONFIG_RS);
     // `name` may be left out of a PUT body: the path gives it.
-    for (struct_name, schema_name, path_fills) in [
-        ("ServiceConfig", "ServiceConfig", &["name"][..]),
-        ("CohortConfig", "Cohort", &[][..]),
-    ] {
+    for (struct_name, schema_name, path_fills) in
+        [("ServiceConfig", "ServiceConfig", &["name"][..]), ("CohortConfig", "Cohort", &[][..])]
+    {
         let rust = rust_struct(&config, struct_name);
         let schema = schema(&doc, schema_name);
         let what = format!("{schema_name} (struct {struct_name} in {CONFIG_RS})");
-        assert_same(
-            &format!("properties of {what}"),
-            &rust.fields.keys().cloned().collect(),
-            &property_names(schema),
-        );
+        assert_same(&format!("properties of {what}"), &rust.fields.keys().cloned().collect(), &property_names(schema));
         let required: BTreeSet<String> = rust
             .fields
             .iter()
             .filter(|(f, defaulted)| !**defaulted && !path_fills.contains(&f.as_str()))
             .map(|(f, _)| f.clone())
             .collect();
-        assert_same(
-            &format!("required properties of {what}"),
-            &required,
-            &required_names(schema),
-        );
+        assert_same(&format!("required properties of {what}"), &required, &required_names(schema));
         let expected = rust.deny_unknown_fields.then_some(Value::Bool(false));
         assert_eq!(
-            schema
-                .get("additionalProperties")
-                .filter(|v| **v != Value::Bool(true))
-                .cloned(),
+            schema.get("additionalProperties").filter(|v| **v != Value::Bool(true)).cloned(),
             expected,
             "{DOCUMENT}: {what}: additionalProperties: false iff the struct denies unknown fields"
         );
@@ -998,41 +829,20 @@ fn request_schemas_have_the_fields_the_server_reads() {
     // PUT /v1/services/{name} takes a ServiceConfig.
     let put = &document_operations(&doc)[&("PUT".to_string(), "/v1/services/{name}".to_string())];
     assert_eq!(
-        put.pointer("/requestBody/content/application~1json/schema/$ref")
-            .and_then(Value::as_str),
+        put.pointer("/requestBody/content/application~1json/schema/$ref").and_then(Value::as_str),
         Some("#/components/schemas/ServiceConfig"),
         "{DOCUMENT}: PUT /v1/services/{{name}} must take a ServiceConfig"
     );
 
     let affinity = rust_enum(&config, "Affinity");
-    assert_same(
-        "Affinity.enum",
-        &affinity,
-        &string_set(at(schema(&doc, "Affinity"), "enum"), "Affinity.enum"),
-    );
-    let field_enum = string_set(
-        at(schema(&doc, "ServiceConfig"), "properties/affinity/enum"),
-        "ServiceConfig.affinity.enum",
-    );
+    assert_same("Affinity.enum", &affinity, &string_set(at(schema(&doc, "Affinity"), "enum"), "Affinity.enum"));
+    let field_enum =
+        string_set(at(schema(&doc, "ServiceConfig"), "properties/affinity/enum"), "ServiceConfig.affinity.enum");
     assert_same("ServiceConfig.affinity.enum", &affinity, &field_enum);
-    let cohort_canary = string_set(
-        at(schema(&doc, "Cohort"), "properties/canary/enum"),
-        "Cohort.canary.enum",
-    );
-    assert_same(
-        "Cohort.canary.enum (enum CohortCanary)",
-        &rust_enum(&config, "CohortCanary"),
-        &cohort_canary,
-    );
-    let audit_roles = string_set(
-        at(schema(&doc, "AuditEntry"), "properties/role/enum"),
-        "AuditEntry.role.enum",
-    );
-    assert_same(
-        "AuditEntry.role.enum (enum Role)",
-        &rust_enum(&config, "Role"),
-        &audit_roles,
-    );
+    let cohort_canary = string_set(at(schema(&doc, "Cohort"), "properties/canary/enum"), "Cohort.canary.enum");
+    assert_same("Cohort.canary.enum (enum CohortCanary)", &rust_enum(&config, "CohortCanary"), &cohort_canary);
+    let audit_roles = string_set(at(schema(&doc, "AuditEntry"), "properties/role/enum"), "AuditEntry.role.enum");
+    assert_same("AuditEntry.role.enum (enum Role)", &rust_enum(&config, "Role"), &audit_roles);
 
     // PUT /v1/services/{name}/canary: the fields put_canary accepts.
     let api = Source::load(API_RS);
@@ -1041,27 +851,16 @@ fn request_schemas_have_the_fields_the_server_reads() {
         .find_all("reject_unknown_fields(")
         .into_iter()
         .find(|&i| i > open && i < close)
-        .unwrap_or_else(|| {
-            panic!("{API_RS}: put_canary no longer calls reject_unknown_fields; update this test")
-        });
+        .unwrap_or_else(|| panic!("{API_RS}: put_canary no longer calls reject_unknown_fields; update this test"));
     let items = api.items(call + "reject_unknown_fields".len());
     let list: Vec<char> = items[1].trim_start_matches('&').chars().collect();
-    let known: BTreeSet<String> =
-        split_top_level(&list[1..close_of(&list, 0).expect("field list")])
-            .iter()
-            .filter_map(|f| string_literal(f))
-            .collect();
+    let known: BTreeSet<String> = split_top_level(&list[1..close_of(&list, 0).expect("field list")])
+        .iter()
+        .filter_map(|f| string_literal(f))
+        .collect();
     let canary = schema(&doc, "CanaryUpdate");
-    assert_same(
-        "properties of CanaryUpdate (put_canary's known fields)",
-        &known,
-        &property_names(canary),
-    );
-    assert_eq!(
-        canary.get("additionalProperties"),
-        Some(&Value::Bool(false)),
-        "CanaryUpdate: additionalProperties"
-    );
+    assert_same("properties of CanaryUpdate (put_canary's known fields)", &known, &property_names(canary));
+    assert_eq!(canary.get("additionalProperties"), Some(&Value::Bool(false)), "CanaryUpdate: additionalProperties");
     let operations = document_operations(&doc);
     assert_eq!(
         operations[&("PUT".to_string(), "/v1/services/{name}/canary".to_string())]
@@ -1071,35 +870,15 @@ fn request_schemas_have_the_fields_the_server_reads() {
         "{DOCUMENT}: PUT /v1/services/{{name}}/canary must take a CanaryUpdate"
     );
     // rollback and promote: no body, or `{}`.
-    for path in [
-        "/v1/services/{name}/rollback",
-        "/v1/services/{name}/promote",
-    ] {
+    for path in ["/v1/services/{name}/rollback", "/v1/services/{name}/promote"] {
         let body = operations[&("POST".to_string(), path.to_string())]
             .get("requestBody")
-            .unwrap_or_else(|| {
-                panic!("{DOCUMENT}: POST {path} must document its optional `{{}}` body")
-            });
-        assert_eq!(
-            body.get("required").and_then(Value::as_bool),
-            Some(false),
-            "POST {path}: the body is optional"
-        );
+            .unwrap_or_else(|| panic!("{DOCUMENT}: POST {path} must document its optional `{{}}` body"));
+        assert_eq!(body.get("required").and_then(Value::as_bool), Some(false), "POST {path}: the body is optional");
         let media = resolve(&doc, at(body, "content/application~1json/schema"));
-        assert_eq!(
-            media.get("type").and_then(Value::as_str),
-            Some("object"),
-            "POST {path}: the body is an object"
-        );
-        assert_eq!(
-            media.get("additionalProperties"),
-            Some(&Value::Bool(false)),
-            "POST {path}: the body is `{{}}`"
-        );
-        assert!(
-            property_names(media).is_empty(),
-            "POST {path}: the body is `{{}}`"
-        );
+        assert_eq!(media.get("type").and_then(Value::as_str), Some("object"), "POST {path}: the body is an object");
+        assert_eq!(media.get("additionalProperties"), Some(&Value::Bool(false)), "POST {path}: the body is `{{}}`");
+        assert!(property_names(media).is_empty(), "POST {path}: the body is `{{}}`");
     }
 }
 
@@ -1133,17 +912,9 @@ fn response_schemas_have_the_keys_the_handlers_build() {
     // The handlers answer these schemas.
     let operations = document_operations(&doc);
     let answers = |method: &str, path: &str, status: &str| {
-        let response = resolve(
-            &doc,
-            at(
-                operations[&(method.to_string(), path.to_string())],
-                &format!("responses/{status}"),
-            ),
-        );
-        response
-            .pointer("/content/application~1json/schema/$ref")
-            .and_then(Value::as_str)
-            .map(str::to_owned)
+        let response =
+            resolve(&doc, at(operations[&(method.to_string(), path.to_string())], &format!("responses/{status}")));
+        response.pointer("/content/application~1json/schema/$ref").and_then(Value::as_str).map(str::to_owned)
     };
     let state = Some("#/components/schemas/ServiceState".to_string());
     for (method, path, status) in [
@@ -1155,11 +926,7 @@ fn response_schemas_have_the_keys_the_handlers_build() {
         ("POST", "/v1/services/{name}/rollback", "200"),
         ("POST", "/v1/services/{name}/promote", "200"),
     ] {
-        assert_eq!(
-            answers(method, path, status),
-            state,
-            "{DOCUMENT}: {method} {path} {status} answers a ServiceState"
-        );
+        assert_eq!(answers(method, path, status), state, "{DOCUMENT}: {method} {path} {status} answers a ServiceState");
     }
     for (path, schema_name) in [
         ("/healthz", "Health"),
@@ -1177,40 +944,16 @@ fn response_schemas_have_the_keys_the_handlers_build() {
     let limit = operations[&("GET".to_string(), "/v1/audit".to_string())]
         .get("parameters")
         .and_then(Value::as_array)
-        .and_then(|ps| {
-            ps.iter()
-                .map(|p| resolve(&doc, p))
-                .find(|p| p["name"] == "limit")
-        })
-        .unwrap_or_else(|| {
-            panic!("{DOCUMENT}: GET /v1/audit must document the `limit` query parameter")
-        });
-    assert_eq!(
-        limit["in"], "query",
-        "GET /v1/audit: `limit` is a query parameter"
-    );
-    assert_eq!(
-        limit["schema"]["type"], "integer",
-        "GET /v1/audit: `limit` is an integer"
-    );
+        .and_then(|ps| ps.iter().map(|p| resolve(&doc, p)).find(|p| p["name"] == "limit"))
+        .unwrap_or_else(|| panic!("{DOCUMENT}: GET /v1/audit must document the `limit` query parameter"));
+    assert_eq!(limit["in"], "query", "GET /v1/audit: `limit` is a query parameter");
+    assert_eq!(limit["schema"]["type"], "integer", "GET /v1/audit: `limit` is an integer");
     // GET /metrics is text.
-    let metrics = resolve(
-        &doc,
-        at(
-            operations[&("GET".to_string(), "/metrics".to_string())],
-            "responses/200",
-        ),
-    );
-    let media: Vec<&String> = metrics["content"]
-        .as_object()
-        .map(|c| c.keys().collect())
-        .unwrap_or_default();
+    let metrics = resolve(&doc, at(operations[&("GET".to_string(), "/metrics".to_string())], "responses/200"));
+    let media: Vec<&String> = metrics["content"].as_object().map(|c| c.keys().collect()).unwrap_or_default();
     assert!(
         !media.is_empty()
-            && media
-                .iter()
-                .all(|m| m.starts_with("application/openmetrics-text")
-                    || m.starts_with("text/plain")),
+            && media.iter().all(|m| m.starts_with("application/openmetrics-text") || m.starts_with("text/plain")),
         "{DOCUMENT}: GET /metrics answers OpenMetrics text, documented as {media:?}"
     );
 }
@@ -1219,33 +962,20 @@ fn response_schemas_have_the_keys_the_handlers_build() {
 fn openapi_spec_validator_accepts_the_document() {
     let path = repo_root().join(DOCUMENT);
     let (ok, output) = spec_validator(&path);
-    assert!(
-        ok && output.contains("OK"),
-        "python3 -m openapi_spec_validator rejects {}:\n{output}",
-        path.display()
-    );
+    assert!(ok && output.contains("OK"), "python3 -m openapi_spec_validator rejects {}:\n{output}", path.display());
 
     // And it really checks: a path parameter left undeclared is refused.
     let mut broken = document();
-    let item = broken["paths"]["/v1/services/{name}"]
-        .as_object_mut()
-        .expect("the path item");
+    let item = broken["paths"]["/v1/services/{name}"].as_object_mut().expect("the path item");
     item.remove("parameters");
     for operation in item.values_mut() {
         if let Some(operation) = operation.as_object_mut() {
             operation.remove("parameters");
         }
     }
-    let file = std::env::temp_dir().join(format!(
-        "sockshift-openapi-broken-{}.json",
-        std::process::id()
-    ));
-    std::fs::write(&file, serde_json::to_string_pretty(&broken).unwrap())
-        .expect("writing the broken copy");
+    let file = std::env::temp_dir().join(format!("sockshift-openapi-broken-{}.json", std::process::id()));
+    std::fs::write(&file, serde_json::to_string_pretty(&broken).unwrap()).expect("writing the broken copy");
     let (ok, output) = spec_validator(&file);
     let _ = std::fs::remove_file(&file);
-    assert!(
-        !ok,
-        "openapi-spec-validator accepts a document with an undeclared path parameter:\n{output}"
-    );
+    assert!(!ok, "openapi-spec-validator accepts a document with an undeclared path parameter:\n{output}");
 }

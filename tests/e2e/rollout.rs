@@ -86,7 +86,9 @@ fn healthy_canary_is_promoted_and_the_split_follows_each_step() {
     let (status, body) = lab.agent.call("POST", "/v1/services/web/rollout", Some(&plan));
     assert_eq!(status, 201, "{body}");
     for (step, percent) in [(0, 10.0), (1, 50.0), (2, 100.0)] {
-        let r = wait_rollout(&lab, &format!("step {step}"), Duration::from_secs(10), |r| r["step"] == json!(step) && r["state"] == json!("running"));
+        let r = wait_rollout(&lab, &format!("step {step}"), Duration::from_secs(10), |r| {
+            r["step"] == json!(step) && r["state"] == json!("running")
+        });
         assert_eq!(r["percent"], json!(percent), "{r}");
         // Well inside the 2 s step: this batch sees only this step's weight.
         let report = tcp_connects(lab.inside(), FRONTEND4, 1000);
@@ -138,13 +140,21 @@ fn failing_canary_is_rolled_back_and_its_connections_cut() {
     let report = tcp_connects(lab.inside(), FRONTEND4, 300);
     assert_eq!(report.tag("stable"), 300, "after rollback everything is stable: {:?}", report.raw);
 
-    let r = wait_rollout(&lab, "connections terminated", Duration::from_secs(5), |r| r["terminated_connections"].is_u64());
+    let r =
+        wait_rollout(&lab, "connections terminated", Duration::from_secs(5), |r| r["terminated_connections"].is_u64());
     writeln!(held.child.stdin.as_mut().unwrap()).unwrap();
     let mut line = String::new();
     held.stdout.as_mut().unwrap().read_line(&mut line).unwrap();
     let outcome: Value = serde_json::from_str(&line).unwrap();
-    let canary_held = held_line.split_once(' ').map(|(_, j)| serde_json::from_str::<Value>(j).unwrap()["canary"].as_u64().unwrap()).unwrap();
-    assert_eq!(outcome["canary"]["reset"].as_u64(), Some(canary_held), "every open canary connection is reset: {outcome}");
+    let canary_held = held_line
+        .split_once(' ')
+        .map(|(_, j)| serde_json::from_str::<Value>(j).unwrap()["canary"].as_u64().unwrap())
+        .unwrap();
+    assert_eq!(
+        outcome["canary"]["reset"].as_u64(),
+        Some(canary_held),
+        "every open canary connection is reset: {outcome}"
+    );
     assert_eq!(outcome["stable"].get("reset"), None, "stable connections stay open: {outcome}");
     assert!(outcome["stable"]["open"].as_u64().unwrap() > 0, "{outcome}");
     assert_eq!(r["terminated_connections"].as_u64(), Some(canary_held), "{r}");
@@ -159,18 +169,19 @@ fn failing_canary_is_rolled_back_and_its_connections_cut() {
     lab.agent.token = None;
 }
 
-
 #[test]
 fn gated_step_waits_for_an_approver_with_the_named_role() {
     let mut lab = Lab::with_agent(TOKENS, &web_service(""));
     let operator = Some("operator-token-01");
     let release = Some("release-token-001");
-    let plan = json!({ "steps": [10, 50, 100], "step_seconds": 1, "approval": { "at_percent": 50, "role": "release" } });
+    let plan =
+        json!({ "steps": [10, 50, 100], "step_seconds": 1, "approval": { "at_percent": 50, "role": "release" } });
     let (status, body) = lab.agent.call_as(operator, "POST", "/v1/services/web/rollout", Some(&plan));
     assert_eq!(status, 201, "an operator may start a rollout: {body}");
     let _ = tcp_connects(lab.inside(), FRONTEND4, 200);
     lab.agent.token = Some("operator-token-01".into());
-    let r = wait_rollout(&lab, "awaiting approval", Duration::from_secs(5), |r| r["state"] == json!("awaiting_approval"));
+    let r =
+        wait_rollout(&lab, "awaiting approval", Duration::from_secs(5), |r| r["state"] == json!("awaiting_approval"));
     assert_eq!(r["percent"], json!(10.0), "the weight waits below the gated step: {r}");
     assert_eq!(r["awaiting_role"], json!("release"));
     std::thread::sleep(Duration::from_millis(1500));
@@ -198,13 +209,16 @@ fn gated_step_waits_for_an_approver_with_the_named_role() {
 
     let (_, log) = lab.agent.call_as(release, "GET", "/v1/audit", None);
     let routes: Vec<&str> = log["entries"].as_array().unwrap().iter().map(|e| e["route"].as_str().unwrap()).collect();
-    assert_eq!(routes, [
-        "/v1/services/web/rollout",
-        "/v1/services/web/rollout/approve",
-        "/v1/services/web/rollout/pause",
-        "/v1/services/web/rollout/resume",
-        "/v1/services/web/rollout/abort",
-    ]);
+    assert_eq!(
+        routes,
+        [
+            "/v1/services/web/rollout",
+            "/v1/services/web/rollout/approve",
+            "/v1/services/web/rollout/pause",
+            "/v1/services/web/rollout/resume",
+            "/v1/services/web/rollout/abort",
+        ]
+    );
     lab.agent.token = None;
 }
 
@@ -215,7 +229,9 @@ fn a_restarted_agent_resumes_the_rollout_at_the_same_step() {
     let (status, body) = lab.agent.call("POST", "/v1/services/web/rollout", Some(&plan));
     assert_eq!(status, 201, "{body}");
     let _ = tcp_connects(lab.inside(), FRONTEND4, 300);
-    let r = wait_rollout(&lab, "second step", Duration::from_secs(6), |r| r["step"] == json!(1) && r["window_elapsed_ms"].as_u64().unwrap() >= 1000);
+    let r = wait_rollout(&lab, "second step", Duration::from_secs(6), |r| {
+        r["step"] == json!(1) && r["window_elapsed_ms"].as_u64().unwrap() >= 1000
+    });
     let elapsed_before = r["window_elapsed_ms"].as_u64().unwrap();
     lab.agent.stop_with(libc::SIGKILL);
     std::thread::sleep(Duration::from_millis(300));
@@ -241,7 +257,10 @@ fn bad_plans_are_refused_and_nothing_starts() {
         (json!({ "steps": [10, 50], "step_seconds": 1, "gates": { "max_error_budget": 0.1 } }), "gates"),
         (json!({ "steps": [10, 50], "step_seconds": "1" }), "step_seconds"),
         (json!({ "steps": [10, 50] }), ""),
-        (json!({ "steps": [10, 50], "step_seconds": 1, "approval": { "at_percent": 50, "role": "boss" } }), "approval.role"),
+        (
+            json!({ "steps": [10, 50], "step_seconds": 1, "approval": { "at_percent": 50, "role": "boss" } }),
+            "approval.role",
+        ),
     ];
     for (plan, field) in cases {
         let (status, body) = lab.agent.call("POST", "/v1/services/web/rollout", Some(&plan));
@@ -251,6 +270,7 @@ fn bad_plans_are_refused_and_nothing_starts() {
     let (status, body) = lab.agent.call("GET", "/v1/services/web/rollout", None);
     assert_eq!((status, body["code"].as_str()), (404, Some("rollout_not_found")), "{body}");
     assert_eq!(lab.agent.service("web")["canary_percent"], json!(0.0));
-    let (status, _) = lab.agent.call("POST", "/v1/services/nope/rollout", Some(&json!({ "steps": [10], "step_seconds": 1 })));
+    let (status, _) =
+        lab.agent.call("POST", "/v1/services/nope/rollout", Some(&json!({ "steps": [10], "step_seconds": 1 })));
     assert_eq!(status, 404);
 }

@@ -302,7 +302,8 @@ impl Agent {
             state_dir.display().to_string(),
         );
         std::fs::write(&config_path, config).unwrap();
-        let mut agent = Self { api, config_path, bpffs, state_dir, token: None, process: None, log_path: dir.join("agent.log") };
+        let mut agent =
+            Self { api, config_path, bpffs, state_dir, token: None, process: None, log_path: dir.join("agent.log") };
         agent.spawn();
         agent
     }

@@ -25,6 +25,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Check formatting (nightly rustfmt, for the import-grouping options) and clippy with
+    /// warnings denied; no root needed.
+    Lint,
     /// Run the demo: a namespace, a stable and a canary backend, the agent, a live split.
     Demo,
     /// Benchmark sockshift against direct, iptables and haproxy (root); results in target/bench.
@@ -67,12 +70,29 @@ fn main() -> anyhow::Result<()> {
             }
             run_binary("target/release/sockshift-bench", &args)?;
         }
+        Task::Lint => lint()?,
         Task::Demo => {
             prepare_root_run("cargo xtask demo", Profile::Debug)?;
             cargo(&["run", "--quiet", "--package", "e2e", "--bin", "sockshift-demo"])?;
         }
     }
     Ok(())
+}
+
+/// `cargo fmt --check` with the nightly rustfmt (rustfmt.toml's `group_imports` and
+/// `imports_granularity` are unstable options) and clippy on every host crate, warnings denied.
+fn lint() -> anyhow::Result<()> {
+    // Clippy builds the agent, whose build script builds the eBPF programs.
+    setup::ensure_toolchain()?;
+    let status = Command::new("rustup")
+        .args(["run", "nightly", "cargo", "fmt", "--all", "--check"])
+        .status()
+        .context("running rustup run nightly cargo fmt")?;
+    if !status.success() {
+        bail!("formatting differs from rustfmt.toml: run `cargo +nightly fmt --all`");
+    }
+    cargo(&["clippy", "--workspace", "--exclude", "agent-ebpf", "--all-targets", "--", "-D", "warnings"])
+        .context("clippy found warnings")
 }
 
 #[derive(Clone, Copy, PartialEq)]

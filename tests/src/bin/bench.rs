@@ -59,7 +59,8 @@ fn main() {
     let mut results = BTreeMap::new();
     results.insert("machine", machine());
     results.insert("mode", json!(if smoke { "smoke" } else { "full" }));
-    let sections: [(&str, fn(&Settings) -> Value); 6] = [
+    type Section = (&'static str, fn(&Settings) -> Value);
+    let sections: [Section; 6] = [
         ("throughput", throughput),
         ("connect_cost", connect_cost),
         ("scale", scale),
@@ -86,7 +87,10 @@ fn main() {
 
 fn machine() -> Value {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo.lines().find_map(|l| l.strip_prefix("model name")).map(|l| l.trim_start_matches([' ', '\t', ':']).to_string());
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string());
     let mem = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     json!({
@@ -128,12 +132,20 @@ impl Backends {
             .unwrap();
             let conf = conf.display().to_string();
             let err = dir.join(format!("{name}.err")).display().to_string();
-            nginx.push(spawn_in(Placement { netns: Some(&netns), cgroup: None }, Path::new("nginx"), &["-c", &conf, "-e", &err]));
+            nginx.push(spawn_in(
+                Placement { netns: Some(&netns), cgroup: None },
+                Path::new("nginx"),
+                &["-c", &conf, "-e", &err],
+            ));
         }
         let backends = Self { netns, _nginx: nginx, dir };
         let deadline = Instant::now() + Duration::from_secs(10);
         while backends.requests().is_none() {
-            assert!(Instant::now() < deadline, "nginx did not start: {}", std::fs::read_to_string(backends.dir.join("stable.err")).unwrap_or_default());
+            assert!(
+                Instant::now() < deadline,
+                "nginx did not start: {}",
+                std::fs::read_to_string(backends.dir.join("stable.err")).unwrap_or_default()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         backends
@@ -153,8 +165,12 @@ impl Backends {
                 }
             })?;
             // "server accepts handled requests\n 1 1 1"
-            text.lines().find(|l| l.trim().split_whitespace().count() == 3 && l.trim().starts_with(char::is_numeric))?
-                .split_whitespace().nth(2)?.parse().ok()
+            text.lines()
+                .find(|l| l.split_whitespace().count() == 3 && l.trim().starts_with(char::is_numeric))?
+                .split_whitespace()
+                .nth(2)?
+                .parse()
+                .ok()
         };
         Some((read("127.0.0.1:9081")?, read("127.0.0.1:9082")?))
     }
@@ -306,8 +322,10 @@ fn run_peer(peer: Peer, services: usize, keepalive: bool, seconds: u32) -> Value
             wrk.spawn().expect("run wrk")
         })
         .collect();
-    let outputs: Vec<String> =
-        children.into_iter().map(|c| String::from_utf8_lossy(&c.wait_with_output().expect("wrk").stdout).into_owned()).collect();
+    let outputs: Vec<String> = children
+        .into_iter()
+        .map(|c| String::from_utf8_lossy(&c.wait_with_output().expect("wrk").stdout).into_owned())
+        .collect();
     // Latency from the busiest wrk (the stable share for direct).
     let text = outputs[0].clone();
     let after = backends.requests().unwrap_or(before);
@@ -316,7 +334,8 @@ fn run_peer(peer: Peer, services: usize, keepalive: bool, seconds: u32) -> Value
         .iter()
         .map(|o| parse_after(o, "Requests/sec:").and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0))
         .sum();
-    let errors = text.lines().find(|l| l.contains("Socket errors") || l.contains("Non-2xx")).unwrap_or("").trim().to_string();
+    let errors =
+        text.lines().find(|l| l.contains("Socket errors") || l.contains("Non-2xx")).unwrap_or("").trim().to_string();
     json!({
         "peer": peer.name(),
         "services": services,
@@ -351,7 +370,11 @@ fn latency(text: &str, percentile: &str) -> Option<f64> {
 
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    if values.is_empty() { 0.0 } else { values[values.len() / 2] }
+    if values.is_empty() {
+        0.0
+    } else {
+        values[values.len() / 2]
+    }
 }
 
 fn spread(values: &[f64]) -> (f64, f64) {
@@ -382,21 +405,31 @@ fn throughput(settings: &Settings) -> Value {
         for peer in peers {
             let of = |p: Peer, round: usize| {
                 runs.iter()
-                    .find(|r| r["peer"] == json!(p.name()) && r["keepalive"] == json!(keepalive) && r["round"] == json!(round))
+                    .find(|r| {
+                        r["peer"] == json!(p.name()) && r["keepalive"] == json!(keepalive) && r["round"] == json!(round)
+                    })
                     .cloned()
                     .unwrap()
             };
             let mut ratios: Vec<f64> = (0..settings.rounds)
-                .map(|r| of(peer, r)["requests_per_second"].as_f64().unwrap() / of(Peer::Direct, r)["requests_per_second"].as_f64().unwrap().max(1.0))
+                .map(|r| {
+                    of(peer, r)["requests_per_second"].as_f64().unwrap()
+                        / of(Peer::Direct, r)["requests_per_second"].as_f64().unwrap().max(1.0)
+                })
                 .collect();
             let mut vs_haproxy: Vec<f64> = (0..settings.rounds)
                 .filter(|r| of(Peer::Haproxy, *r)["requests_per_second"].as_f64().unwrap() > 0.0)
-                .map(|r| of(peer, r)["requests_per_second"].as_f64().unwrap() / of(Peer::Haproxy, r)["requests_per_second"].as_f64().unwrap())
+                .map(|r| {
+                    of(peer, r)["requests_per_second"].as_f64().unwrap()
+                        / of(Peer::Haproxy, r)["requests_per_second"].as_f64().unwrap()
+                })
                 .collect();
-            let mut rps: Vec<f64> = (0..settings.rounds).map(|r| of(peer, r)["requests_per_second"].as_f64().unwrap()).collect();
+            let mut rps: Vec<f64> =
+                (0..settings.rounds).map(|r| of(peer, r)["requests_per_second"].as_f64().unwrap()).collect();
             let mut p50: Vec<f64> = (0..settings.rounds).filter_map(|r| of(peer, r)["p50_us"].as_f64()).collect();
             let mut p99: Vec<f64> = (0..settings.rounds).filter_map(|r| of(peer, r)["p99_us"].as_f64()).collect();
-            let mut share: Vec<f64> = (0..settings.rounds).map(|r| of(peer, r)["canary_percent"].as_f64().unwrap()).collect();
+            let mut share: Vec<f64> =
+                (0..settings.rounds).map(|r| of(peer, r)["canary_percent"].as_f64().unwrap()).collect();
             let (lo, hi) = spread(&ratios);
             summary.push(json!({
                 "peer": peer.name(),
@@ -422,7 +455,10 @@ fn connect_cost(settings: &Settings) -> Value {
     let count = if settings.smoke { "300" } else { "2000" };
     let backends = Backends::start();
     let cgroup = Cgroup::new();
-    let _agent = Agent::start(&cgroup, &format!("[[service]]\nname = \"target\"\nfrontends = [\"{FRONTEND}\"]\nstable = [\"{STABLE}\"]\n"));
+    let _agent = Agent::start(
+        &cgroup,
+        &format!("[[service]]\nname = \"target\"\nfrontends = [\"{FRONTEND}\"]\nstable = [\"{STABLE}\"]\n"),
+    );
     let outside = backends.placement();
     let inside = Placement { netns: Some(&backends.netns), cgroup: Some(&cgroup) };
     let configs: [(&str, Placement<'_>, &str); 3] =
@@ -445,11 +481,14 @@ fn connect_cost(settings: &Settings) -> Value {
     let mut out = serde_json::Map::new();
     for (name, mut values) in medians {
         let (time, runs) = kernel[name];
-        out.insert(name.into(), json!({
-            "connect_ns_median": median(&mut values),
-            "kernel_program_ns_per_run": if runs > 0 { Some(time as f64 / runs as f64) } else { None },
-            "kernel_program_runs": runs,
-        }));
+        out.insert(
+            name.into(),
+            json!({
+                "connect_ns_median": median(&mut values),
+                "kernel_program_ns_per_run": if runs > 0 { Some(time as f64 / runs as f64) } else { None },
+                "kernel_program_runs": runs,
+            }),
+        );
     }
     let per_run = |name: &str| out[name]["kernel_program_ns_per_run"].as_f64().unwrap_or(0.0);
     let steering_extra = per_run("steering") - per_run("attached_not_matching");
@@ -495,7 +534,9 @@ fn scale(settings: &Settings) -> Value {
     };
     let medians: Vec<Value> = sizes
         .iter()
-        .flat_map(|&n| ["iptables", "sockshift"].map(|p| json!({ "peer": p, "services": n, "requests_per_second": rate(p, n) })))
+        .flat_map(|&n| {
+            ["iptables", "sockshift"].map(|p| json!({ "peer": p, "services": n, "requests_per_second": rate(p, n) }))
+        })
         .collect();
     let (small, large) = (sizes[0], *sizes.last().unwrap());
     json!({
@@ -552,7 +593,7 @@ fn control_plane(settings: &Settings) -> Value {
                 let mut stream = TcpStream::connect(FRONTEND).expect("connect");
                 let mut tag = [0u8; 6];
                 stream.read_exact(&mut tag).expect("tag");
-                if &tag == expected.as_bytes() {
+                if tag == expected.as_bytes() {
                     break;
                 }
             }
@@ -650,11 +691,18 @@ fn footprint(settings: &Settings) -> Value {
         let cgroup = Cgroup::new();
         let agent = Agent::start(&cgroup, &sockshift_services(services));
         let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap_or_default();
-        let rss_kib: u64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).unwrap_or(0);
+        let rss_kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0);
         let mut map_bytes = 0u64;
         if let Ok(entries) = std::fs::read_dir(&agent.bpffs) {
             for entry in entries.filter_map(Result::ok).filter(|e| e.path().is_file()) {
-                let output = std::process::Command::new("bpftool").args(["-j", "map", "show", "pinned"]).arg(entry.path()).output();
+                let output = std::process::Command::new("bpftool")
+                    .args(["-j", "map", "show", "pinned"])
+                    .arg(entry.path())
+                    .output();
                 if let Ok(output) = output {
                     let info: Value = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
                     map_bytes += info["bytes_memlock"].as_u64().unwrap_or(0);
@@ -676,7 +724,11 @@ fn render(r: &Value) -> (String, String) {
     let m = &r["machine"];
     md.push_str(&format!(
         "Machine: {}, {} cores, {} memory, kernel {}. Mode: {}.\n\n",
-        m["cpu"].as_str().unwrap_or("?"), m["cores"], m["memory"].as_str().unwrap_or("?"), m["kernel"].as_str().unwrap_or("?"), r["mode"].as_str().unwrap_or("?")
+        m["cpu"].as_str().unwrap_or("?"),
+        m["cores"],
+        m["memory"].as_str().unwrap_or("?"),
+        m["kernel"].as_str().unwrap_or("?"),
+        r["mode"].as_str().unwrap_or("?")
     ));
     let t = &r["throughput"];
     md.push_str(&format!(
@@ -690,25 +742,49 @@ fn render(r: &Value) -> (String, String) {
             if s["keepalive"] == json!(true) { "keep-alive" } else { "new conn/request" },
             s["peer"].as_str().unwrap(),
             f(&s["requests_per_second"], 0),
-            f(&s["ratio_to_direct"], 3), f(&s["ratio_to_direct_min"], 3), f(&s["ratio_to_direct_max"], 3),
+            f(&s["ratio_to_direct"], 3),
+            f(&s["ratio_to_direct_min"], 3),
+            f(&s["ratio_to_direct_max"], 3),
             f(&s["ratio_to_haproxy"], 2),
-            f(&s["p50_us"], 0), f(&s["p99_us"], 0),
+            f(&s["p50_us"], 0),
+            f(&s["p99_us"], 0),
             f(&s["canary_percent"], 1),
         ));
     }
     let c = &r["connect_cost"];
     md.push_str(&format!("\n## connect() cost\n\nMedian of per-round medians over {} interleaved rounds; kernel run time from `kernel.bpf_stats_enabled` for `sock4_connect`.\n\n| case | connect() ns | program ns per run |\n|---|---|---|\n", c["rounds"]));
     for name in ["no_program", "attached_not_matching", "steering"] {
-        md.push_str(&format!("| {name} | {} | {} |\n", f(&c[name]["connect_ns_median"], 0), f(&c[name]["kernel_program_ns_per_run"], 0)));
+        md.push_str(&format!(
+            "| {name} | {} | {} |\n",
+            f(&c[name]["connect_ns_median"], 0),
+            f(&c[name]["kernel_program_ns_per_run"], 0)
+        ));
     }
-    md.push_str(&format!("\nSteering costs {} ns more per connect() than not matching, by the kernel's statistics.\n", f(&c["kernel_steering_extra_ns"], 0)));
+    md.push_str(&format!(
+        "\nSteering costs {} ns more per connect() than not matching, by the kernel's statistics.\n",
+        f(&c["kernel_steering_extra_ns"], 0)
+    ));
     let sc = &r["scale"];
     md.push_str(&format!("\n## Scale: new connections per second to one service\n\nwrk, new connection per request, median of {} rounds (sizes run in alternating order). iptables holds the services as kube-proxy does (one KUBE-SERVICES rule each, walked in order; the measured service last).\n\n| services | iptables req/s | sockshift req/s | sockshift / iptables |\n|---|---|---|---|\n", sc["rounds"]));
-    let mut sizes: Vec<u64> = sc["medians"].as_array().into_iter().flatten().filter_map(|r| r["services"].as_u64()).collect();
+    let mut sizes: Vec<u64> =
+        sc["medians"].as_array().into_iter().flatten().filter_map(|r| r["services"].as_u64()).collect();
     sizes.dedup();
     for n in &sizes {
-        let rate = |p: &str| sc["medians"].as_array().into_iter().flatten().find(|r| r["peer"] == json!(p) && r["services"] == json!(n)).and_then(|r| r["requests_per_second"].as_f64()).unwrap_or(0.0);
-        md.push_str(&format!("| {n} | {:.0} | {:.0} | {:.2} |\n", rate("iptables"), rate("sockshift"), rate("sockshift") / rate("iptables").max(1.0)));
+        let rate = |p: &str| {
+            sc["medians"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|r| r["peer"] == json!(p) && r["services"] == json!(n))
+                .and_then(|r| r["requests_per_second"].as_f64())
+                .unwrap_or(0.0)
+        };
+        md.push_str(&format!(
+            "| {n} | {:.0} | {:.0} | {:.2} |\n",
+            rate("iptables"),
+            rate("sockshift"),
+            rate("sockshift") / rate("iptables").max(1.0)
+        ));
     }
     let cp = &r["control_plane"];
     md.push_str(&format!(
@@ -717,29 +793,76 @@ fn render(r: &Value) -> (String, String) {
     ));
     md.push_str("\n## Split accuracy\n\n| target % | connections | observed % | 95 % interval |\n|---|---|---|---|\n");
     for row in r["split_accuracy"].as_array().into_iter().flatten() {
-        md.push_str(&format!("| {} | {} | {} | {}–{} |\n", row["target_percent"], row["connections"], f(&row["observed_percent"], 2), f(&row["ci95_low"], 2), f(&row["ci95_high"], 2)));
+        md.push_str(&format!(
+            "| {} | {} | {} | {}–{} |\n",
+            row["target_percent"],
+            row["connections"],
+            f(&row["observed_percent"], 2),
+            f(&row["ci95_low"], 2),
+            f(&row["ci95_high"], 2)
+        ));
     }
     md.push_str("\n## Footprint\n\n| services | agent RSS MiB | map memory MiB |\n|---|---|---|\n");
     for row in r["footprint"].as_array().into_iter().flatten() {
         md.push_str(&format!(
             "| {} | {:.1} | {:.1} |\n",
-            row["services"], row["agent_rss_kib"].as_f64().unwrap_or(0.0) / 1024.0, row["map_memory_bytes"].as_f64().unwrap_or(0.0) / 1048576.0
+            row["services"],
+            row["agent_rss_kib"].as_f64().unwrap_or(0.0) / 1024.0,
+            row["map_memory_bytes"].as_f64().unwrap_or(0.0) / 1048576.0
         ));
     }
 
     // Targets.
-    let summary_of = |peer: &str, keepalive: bool| t["summary"].as_array().into_iter().flatten().find(|s| s["peer"] == json!(peer) && s["keepalive"] == json!(keepalive)).cloned().unwrap_or(Value::Null);
+    let summary_of = |peer: &str, keepalive: bool| {
+        t["summary"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["peer"] == json!(peer) && s["keepalive"] == json!(keepalive))
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
     let new_conn = summary_of("sockshift", false);
     let keep = summary_of("sockshift", true);
     let check = |ok: bool| if ok { "met   " } else { "MISSED" };
     let targets = [
-        (format!("new connection/request: sockshift {} of direct (≥ 0.95)", f(&new_conn["ratio_to_direct"], 3)), new_conn["ratio_to_direct"].as_f64().unwrap_or(0.0) >= 0.95),
-        (format!("new connection/request: sockshift {} × haproxy (≥ 1.8)", f(&new_conn["ratio_to_haproxy"], 2)), new_conn["ratio_to_haproxy"].as_f64().unwrap_or(0.0) >= 1.8),
-        (format!("keep-alive: sockshift {} of direct (≥ 0.98)", f(&keep["ratio_to_direct"], 3)), keep["ratio_to_direct"].as_f64().unwrap_or(0.0) >= 0.98),
-        (format!("{} services: sockshift at {} of its rate at {} (≥ 0.90)", sc["largest"], f(&sc["sockshift_large_vs_small"], 3), sizes.first().unwrap_or(&0)), sc["sockshift_large_vs_small"].as_f64().unwrap_or(0.0) >= 0.9),
-        (format!("{} services: sockshift {} × iptables (≥ 4)", sc["largest"], f(&sc["sockshift_vs_iptables_at_largest"], 2)), sc["sockshift_vs_iptables_at_largest"].as_f64().unwrap_or(0.0) >= 4.0),
-        (format!("steered connect() costs {} ns more than unsteered (≤ 150)", f(&c["kernel_steering_extra_ns"], 0)), c["kernel_steering_extra_ns"].as_f64().unwrap_or(f64::MAX) <= 150.0),
-        (format!("API request to effect p99 {} µs (< 2000)", f(&cp["update_to_effect_p99_us"], 0)), cp["update_to_effect_p99_us"].as_f64().unwrap_or(f64::MAX) < 2000.0),
+        (
+            format!("new connection/request: sockshift {} of direct (≥ 0.95)", f(&new_conn["ratio_to_direct"], 3)),
+            new_conn["ratio_to_direct"].as_f64().unwrap_or(0.0) >= 0.95,
+        ),
+        (
+            format!("new connection/request: sockshift {} × haproxy (≥ 1.8)", f(&new_conn["ratio_to_haproxy"], 2)),
+            new_conn["ratio_to_haproxy"].as_f64().unwrap_or(0.0) >= 1.8,
+        ),
+        (
+            format!("keep-alive: sockshift {} of direct (≥ 0.98)", f(&keep["ratio_to_direct"], 3)),
+            keep["ratio_to_direct"].as_f64().unwrap_or(0.0) >= 0.98,
+        ),
+        (
+            format!(
+                "{} services: sockshift at {} of its rate at {} (≥ 0.90)",
+                sc["largest"],
+                f(&sc["sockshift_large_vs_small"], 3),
+                sizes.first().unwrap_or(&0)
+            ),
+            sc["sockshift_large_vs_small"].as_f64().unwrap_or(0.0) >= 0.9,
+        ),
+        (
+            format!(
+                "{} services: sockshift {} × iptables (≥ 4)",
+                sc["largest"],
+                f(&sc["sockshift_vs_iptables_at_largest"], 2)
+            ),
+            sc["sockshift_vs_iptables_at_largest"].as_f64().unwrap_or(0.0) >= 4.0,
+        ),
+        (
+            format!("steered connect() costs {} ns more than unsteered (≤ 150)", f(&c["kernel_steering_extra_ns"], 0)),
+            c["kernel_steering_extra_ns"].as_f64().unwrap_or(f64::MAX) <= 150.0,
+        ),
+        (
+            format!("API request to effect p99 {} µs (< 2000)", f(&cp["update_to_effect_p99_us"], 0)),
+            cp["update_to_effect_p99_us"].as_f64().unwrap_or(f64::MAX) < 2000.0,
+        ),
     ];
     let mut summary = String::from("sockshift benchmark summary (ratios from interleaved rounds of this run)\n");
     md.push_str("\n## Targets\n\n| target | result |\n|---|---|\n");

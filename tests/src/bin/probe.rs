@@ -224,7 +224,10 @@ fn main() {
                     Err(err) => *errors.entry(format!("{:?}", err.kind())).or_default() += 1,
                 }
             }
-            println!("{}", json!({ "tags": tags, "errors": errors, "peer_is_target": peer_is_target, "peer_other": peer_other, "reset_after_tag": reset_after_tag, "segments": segments }));
+            println!(
+                "{}",
+                json!({ "tags": tags, "errors": errors, "peer_is_target": peer_is_target, "peer_other": peer_other, "reset_after_tag": reset_after_tag, "segments": segments })
+            );
         }
         Command::ConnectCost { target, count } => {
             let mut samples = Vec::with_capacity(count as usize);
@@ -236,7 +239,10 @@ fn main() {
             }
             samples.sort_unstable();
             let mean = samples.iter().sum::<u64>() / samples.len().max(1) as u64;
-            println!("{}", json!({ "median_ns": samples[samples.len() / 2], "mean_ns": mean, "samples": samples.len() }));
+            println!(
+                "{}",
+                json!({ "median_ns": samples[samples.len() / 2], "mean_ns": mean, "samples": samples.len() })
+            );
         }
         Command::Hold { target, count } => {
             let mut held = Vec::new();
@@ -294,12 +300,19 @@ fn main() {
                 match result {
                     Ok((n, from)) => {
                         *tags.entry(String::from_utf8_lossy(&buf[..n]).into_owned()).or_default() += 1;
-                        if from == target { from_target += 1 } else { from_other += 1 }
+                        if from == target {
+                            from_target += 1
+                        } else {
+                            from_other += 1
+                        }
                     }
                     Err(err) => *errors.entry(format!("{:?}", err.kind())).or_default() += 1,
                 }
             }
-            println!("{}", json!({ "tags": tags, "errors": errors, "from_target": from_target, "from_other": from_other }));
+            println!(
+                "{}",
+                json!({ "tags": tags, "errors": errors, "from_target": from_target, "from_other": from_other })
+            );
         }
         Command::Churn { target, count, batch, pause_every } => {
             let bind: SocketAddr = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
@@ -317,7 +330,7 @@ fn main() {
                     })
                     .collect();
                 done += n;
-                if pause_every > 0 && done % pause_every == 0 && done < count {
+                if pause_every > 0 && done.is_multiple_of(pause_every) && done < count {
                     println!("paused {done} {}", sockets.len());
                     let mut line = String::new();
                     std::io::stdin().read_line(&mut line).unwrap();
