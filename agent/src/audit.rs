@@ -1,93 +1,156 @@
-//! Append-only audit log of accepted changes: one JSON object per line under `state_dir`.
+//! The audit log of accepted changes: what an entry holds, and the append-only file the file
+//! store keeps it in (one JSON object per line under `state_dir`).
 
 use std::{
     fs::{File, OpenOptions},
     io::{BufRead, BufReader, Write},
     path::{Path, PathBuf},
-    sync::Mutex,
-    time::{SystemTime, UNIX_EPOCH},
 };
 
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::config::Role;
 
 pub const AUDIT_FILE: &str = "audit.log";
 
-pub struct AuditLog {
-    path: PathBuf,
-    file: Mutex<Option<File>>,
+/// One accepted change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AuditEntry {
+    /// When the change was accepted, RFC 3339 UTC with milliseconds.
+    pub time: String,
+    /// Name of the token that made it (`anonymous` without `[agent.auth]`).
+    pub token: String,
+    pub role: Role,
+    /// HTTP method of the request.
+    pub method: String,
+    /// Path of the request, e.g. `/v1/services/web/canary`.
+    pub route: String,
+    /// The service (or rollout state) before the change; null when there was none.
+    #[schema(value_type = Object, nullable)]
+    pub before: serde_json::Value,
+    /// The service (or rollout state) after the change; null when it was removed.
+    #[schema(value_type = Object, nullable)]
+    pub after: serde_json::Value,
 }
 
-impl AuditLog {
-    pub fn open(state_dir: &Path) -> std::io::Result<Self> {
-        std::fs::create_dir_all(state_dir)?;
-        let path = state_dir.join(AUDIT_FILE);
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
-        Ok(Self { path, file: Mutex::new(Some(file)) })
-    }
-
-    /// Records one accepted change; written and synced before the API answers.
-    pub fn record(&self, who: &str, role: &str, method: &str, route: &str, before: Value, after: Value) {
-        let entry = json!({
-            "time": rfc3339_now(),
-            "token": who,
-            "role": role,
-            "method": method,
-            "route": route,
-            "before": before,
-            "after": after,
-        });
-        let mut guard = self.file.lock().expect("audit lock");
-        if let Some(file) = guard.as_mut() {
-            let line = format!("{entry}\n");
-            if let Err(err) = file.write_all(line.as_bytes()).and_then(|_| file.sync_data()) {
-                log::error!("writing the audit log {}: {err}", self.path.display());
-            }
+impl AuditEntry {
+    /// An entry stamped now.
+    pub fn now(
+        token: &str,
+        role: Role,
+        method: &str,
+        route: &str,
+        before: serde_json::Value,
+        after: serde_json::Value,
+    ) -> Self {
+        Self {
+            time: rfc3339_now(),
+            token: token.to_string(),
+            role,
+            method: method.to_string(),
+            route: route.to_string(),
+            before,
+            after,
         }
-    }
-
-    /// The last `limit` entries, oldest first.
-    pub fn tail(&self, limit: usize) -> std::io::Result<Vec<Value>> {
-        let file = File::open(&self.path)?;
-        let mut entries: Vec<Value> = BufReader::new(file)
-            .lines()
-            .map_while(Result::ok)
-            .filter_map(|line| serde_json::from_str(&line).ok())
-            .collect();
-        let skip = entries.len().saturating_sub(limit);
-        Ok(entries.split_off(skip))
     }
 }
 
 /// Now as RFC 3339 UTC with milliseconds.
-fn rfc3339_now() -> String {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = now.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        now.subsec_millis()
-    )
+pub fn rfc3339_now() -> String {
+    format!("{:.3}", jiff::Timestamp::now())
+}
+
+/// The append-only file. Only the core's thread appends; readers open the file themselves.
+pub struct AuditFile {
+    path: PathBuf,
+    file: File,
+}
+
+impl AuditFile {
+    pub fn open(state_dir: &Path) -> std::io::Result<Self> {
+        std::fs::create_dir_all(state_dir)?;
+        let path = state_dir.join(AUDIT_FILE);
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        Ok(Self { path, file })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends one entry and syncs it. Returns the file's length before the append, so that a
+    /// change that fails later can take its entry back with [`AuditFile::truncate_to`].
+    pub fn append(&mut self, entry: &AuditEntry) -> std::io::Result<u64> {
+        let before = self.file.metadata()?.len();
+        let mut line = serde_json::to_vec(entry).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        if let Err(err) = self.file.write_all(&line).and_then(|()| self.file.sync_data()) {
+            // A partial line would hide every later entry from readers that stop at it.
+            let _ = self.truncate_to(before);
+            return Err(err);
+        }
+        Ok(before)
+    }
+
+    /// Cuts the file back to `len` bytes (undoing appends after it).
+    pub fn truncate_to(&mut self, len: u64) -> std::io::Result<()> {
+        self.file.set_len(len)?;
+        self.file.sync_data()
+    }
+}
+
+/// The last `limit` entries of the audit file at `path`, oldest first. Lines that do not parse
+/// (written by hand, or cut by a crash) are skipped, not taken as the end.
+pub fn tail(path: &Path, limit: usize) -> std::io::Result<Vec<AuditEntry>> {
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(err) => return Err(err),
+    };
+    let mut entries = std::collections::VecDeque::with_capacity(limit.min(1024));
+    for line in BufReader::new(file).split(b'\n') {
+        let Ok(entry) = serde_json::from_slice::<AuditEntry>(&line?) else { continue };
+        if entries.len() == limit {
+            entries.pop_front();
+        }
+        if limit > 0 {
+            entries.push_back(entry);
+        }
+    }
+    Ok(entries.into())
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
-    fn timestamps_are_rfc3339() {
-        let t = super::rfc3339_now();
+    fn timestamps_are_rfc3339_with_milliseconds() {
+        let t = rfc3339_now();
         assert_eq!(t.len(), 24, "{t}");
         assert!(t.starts_with("20") && t.ends_with('Z') && &t[10..11] == "T", "{t}");
+        assert!(t.parse::<jiff::Timestamp>().is_ok(), "{t}");
+    }
+
+    #[test]
+    fn tail_skips_bad_lines_and_keeps_the_last() {
+        let dir = std::env::temp_dir().join(format!("sockshift-audit-test-{}", std::process::id()));
+        let mut file = AuditFile::open(&dir).unwrap();
+        let entry = |n: u32| {
+            AuditEntry::now("t", Role::Release, "PUT", &format!("/v1/services/s{n}"), serde_json::Value::Null, n.into())
+        };
+        for n in 0..3 {
+            file.append(&entry(n)).unwrap();
+        }
+        std::fs::OpenOptions::new().append(true).open(file.path()).unwrap().write_all(b"{not json\n").unwrap();
+        file.append(&entry(3)).unwrap();
+        let len = file.append(&entry(9)).unwrap();
+        file.truncate_to(len).unwrap(); // entry 9 taken back
+        file.append(&entry(4)).unwrap();
+        let last = tail(file.path(), 2).unwrap();
+        assert_eq!(last.iter().map(|e| e.after.clone()).collect::<Vec<_>>(), [serde_json::json!(3), serde_json::json!(4)]);
+        assert_eq!(tail(file.path(), 100).unwrap().len(), 5, "the bad line is skipped, later ones kept");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,32 +1,131 @@
-//! A minimal blocking HTTP/1.1 client for the CLI: one request per connection, JSON bodies.
+//! The API's client, for the CLI and the tests: ureq underneath, typed bodies on top.
 
-use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
-    time::Duration,
-};
+use std::{net::SocketAddr, time::Duration};
 
+use serde::{de::DeserializeOwned, Serialize};
 use serde_json::Value;
+use ureq::http;
+
+use crate::api::error::ErrorBody;
+
+/// Largest response body read (a full audit log is well under this).
+const MAX_RESPONSE_BYTES: u64 = 64 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach the sockshift API at {addr}: {cause} (is `sockshift agent` running? set --api)")]
-    Connect { addr: SocketAddr, cause: std::io::Error },
-    #[error("talking to the sockshift API at {addr}: {cause}")]
-    Io { addr: SocketAddr, cause: std::io::Error },
-    #[error("the sockshift API at {addr} sent a malformed response")]
-    Malformed { addr: SocketAddr },
-    /// The API answered with an error status; `message` is its own.
-    #[error("{message} (HTTP {status}, {code})")]
-    Api { status: u16, code: String, message: String },
+    #[error("cannot reach the sockshift API at {addr}: {source} (is `sockshift agent` running? set --api)")]
+    Connect { addr: SocketAddr, source: ureq::Error },
+    #[error("talking to the sockshift API at {addr}: {source}")]
+    Transport { addr: SocketAddr, source: ureq::Error },
+    #[error("the sockshift API at {addr} sent a response this client does not understand: {source}")]
+    Malformed { addr: SocketAddr, source: serde_json::Error },
+    /// The API answered with an error; `message` is its own.
+    #[error("{} (HTTP {status}, {code})", body.message, code = serde_json::to_value(body.code).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default())]
+    Api { status: u16, body: ErrorBody },
+    #[error("the sockshift API at {addr} answered HTTP {status}: {text}")]
+    Unexpected { addr: SocketAddr, status: u16, text: String },
 }
 
-/// A response: status and parsed JSON body (Null when empty).
+impl ClientError {
+    /// The API's error code, when the API answered with one.
+    pub fn code(&self) -> Option<crate::api::error::ErrorCode> {
+        match self {
+            ClientError::Api { body, .. } => Some(body.code),
+            _ => None,
+        }
+    }
+}
+
+/// A response: status and parsed JSON body (Null when empty, a string when not JSON).
+#[derive(Debug)]
 pub struct Response {
     pub status: u16,
     pub body: Value,
 }
 
+/// A client of one agent's API.
+#[derive(Debug, Clone)]
+pub struct ApiClient {
+    addr: SocketAddr,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+impl ApiClient {
+    pub fn new(addr: SocketAddr, token: Option<String>) -> Self {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(5)))
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build()
+            .new_agent();
+        Self { addr, token, agent }
+    }
+
+    /// One request with a raw body: the status and the body parsed as JSON when it is JSON.
+    pub fn raw(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<Response, ClientError> {
+        let addr = self.addr;
+        let mut request = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{addr}{path}"))
+            .header(http::header::CONTENT_TYPE, "application/json");
+        if let Some(token) = &self.token {
+            request = request.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let request = request
+            .body(body.unwrap_or_default().to_vec())
+            .map_err(|err| ClientError::Transport { addr, source: ureq::Error::from(err) })?;
+        let mut response = self.agent.run(request).map_err(|source| match source {
+            ureq::Error::Io(_) | ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => {
+                ClientError::Connect { addr, source }
+            }
+            source => ClientError::Transport { addr, source },
+        })?;
+        let status = response.status().as_u16();
+        let bytes = response
+            .body_mut()
+            .with_config()
+            .limit(MAX_RESPONSE_BYTES)
+            .read_to_vec()
+            .map_err(|source| ClientError::Transport { addr, source })?;
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+        };
+        Ok(Response { status, body })
+    }
+
+    /// One request with a JSON body (or none).
+    pub fn request(&self, method: &str, path: &str, body: Option<&impl Serialize>) -> Result<Response, ClientError> {
+        let bytes = body
+            .map(serde_json::to_vec)
+            .transpose()
+            .map_err(|source| ClientError::Malformed { addr: self.addr, source })?;
+        self.raw(method, path, bytes.as_deref())
+    }
+
+    /// A request whose success answer is a `T`; an error answer is [`ClientError::Api`].
+    pub fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<T, ClientError> {
+        let addr = self.addr;
+        let response = self.request(method, path, body)?;
+        if (200..300).contains(&response.status) {
+            return serde_json::from_value(response.body).map_err(|source| ClientError::Malformed { addr, source });
+        }
+        match serde_json::from_value::<ErrorBody>(response.body.clone()) {
+            Ok(body) => Err(ClientError::Api { status: response.status, body }),
+            Err(_) => Err(ClientError::Unexpected { addr, status: response.status, text: response.body.to_string() }),
+        }
+    }
+}
+
+/// One request with an untyped body (the test harness and benchmark use this).
 pub fn request(
     addr: SocketAddr,
     token: Option<&str>,
@@ -34,86 +133,5 @@ pub fn request(
     path: &str,
     body: Option<&Value>,
 ) -> Result<Response, ClientError> {
-    let io = |cause| ClientError::Io { addr, cause };
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .map_err(|cause| ClientError::Connect { addr, cause })?;
-    stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(io)?;
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         {auth}Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).map_err(io)?;
-    stream.write_all(body.as_bytes()).map_err(io)?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).map_err(io)?;
-    parse_response(&raw).ok_or(ClientError::Malformed { addr })
-}
-
-/// Like `request`, but an error status becomes `ClientError::Api`.
-pub fn call(
-    addr: SocketAddr,
-    token: Option<&str>,
-    method: &str,
-    path: &str,
-    body: Option<&Value>,
-) -> Result<Value, ClientError> {
-    let response = request(addr, token, method, path, body)?;
-    if (200..300).contains(&response.status) {
-        return Ok(response.body);
-    }
-    let text = |key: &str| response.body.get(key).and_then(Value::as_str).unwrap_or("").to_string();
-    Err(ClientError::Api { status: response.status, code: text("code"), message: text("message") })
-}
-
-fn parse_response(raw: &[u8]) -> Option<Response> {
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = std::str::from_utf8(&raw[..split]).ok()?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    let mut body = &raw[split + 4..];
-    let chunked =
-        head.lines().any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding:") && l.contains("chunked"));
-    let decoded;
-    if chunked {
-        decoded = dechunk(body)?;
-        body = &decoded;
-    }
-    // Non-JSON bodies (a webhook receiver's "ok") are kept as a string.
-    let body = if body.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()))
-    };
-    Some(Response { status, body })
-}
-
-fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = data.windows(2).position(|w| w == b"\r\n")?;
-        let size = usize::from_str_radix(std::str::from_utf8(&data[..line_end]).ok()?.trim(), 16).ok()?;
-        data = &data[line_end + 2..];
-        if size == 0 {
-            return Some(out);
-        }
-        out.extend_from_slice(data.get(..size)?);
-        data = data.get(size + 2..)?;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_plain_and_chunked_bodies() {
-        let plain = b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\n{\"a\": 1.5}\n";
-        let r = parse_response(plain).unwrap();
-        assert_eq!((r.status, r.body["a"].as_f64()), (200, Some(1.5)));
-        let chunked = b"HTTP/1.1 404 Not Found\r\ntransfer-encoding: chunked\r\n\r\n4\r\n{\"a\"\r\n3\r\n: 2\r\n1\r\n}\r\n0\r\n\r\n";
-        let r = parse_response(chunked).unwrap();
-        assert_eq!((r.status, r.body["a"].as_i64()), (404, Some(2)));
-    }
+    ApiClient::new(addr, token.map(String::from)).request(method, path, body)
 }

@@ -9,6 +9,7 @@ use std::{
 
 use agent_common::{percent_to_ppm, MAX_BACKENDS_PER_SIDE, MAX_SERVICES};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::paths;
 
@@ -94,7 +95,7 @@ pub struct TokenConfig {
 }
 
 /// What a token may do. Each role may do everything the ones before it may.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Read: status, metrics, audit log.
@@ -103,6 +104,16 @@ pub enum Role {
     Operator,
     /// Also: any weight, promote, add, replace and remove services.
     Release,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Release => "release",
+        })
+    }
 }
 
 /// A validated token.
@@ -114,7 +125,7 @@ pub struct Token {
 }
 
 /// How the side is chosen.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Affinity {
     /// Each connection (socket) is hashed on its own.
@@ -125,7 +136,7 @@ pub enum Affinity {
 }
 
 /// What a cohort's clients get.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum CohortCanary {
     Always,
@@ -133,7 +144,7 @@ pub enum CohortCanary {
 }
 
 /// A cgroup named by path (absolute, or relative to the cgroup v2 root) or by id.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum CgroupRef {
     Id(u64),
@@ -141,7 +152,8 @@ pub enum CgroupRef {
 }
 
 /// `[[service.cohort]]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[schema(as = Cohort)]
 #[serde(deny_unknown_fields)]
 pub struct CohortConfig {
     /// Clients of this cohort: their cgroups, or any cgroup below them.

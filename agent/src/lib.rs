@@ -1,5 +1,7 @@
 //! sockshift agent: loads the socket-layer canary programs, owns their maps, serves the control
-//! API. `main.rs` wires these modules; the CLI talks to the API through `client`.
+//! API. `main.rs` only wires: the CLI (`cli`) parses and dispatches, the daemon (`daemon`) runs
+//! the agent around its control core (`control`), which owns the desired state, its store and
+//! the datapath (`datapath`); `api` is the HTTP edge and `client` the way the CLI reaches it.
 
 pub mod api;
 pub mod audit;
@@ -8,6 +10,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod control;
+pub mod daemon;
 pub mod datapath;
 pub mod metrics;
 pub mod paths;

@@ -1,4 +1,5 @@
-//! `GET /metrics`: Prometheus (OpenMetrics) text, built per scrape from the kernel's counters.
+//! `GET /metrics`: Prometheus (OpenMetrics) text, built per scrape from the kernel's counters
+//! (read by the control core, rendered here, off the core's thread).
 
 use prometheus_client::{
     encoding::{text::encode, EncodeLabelSet},
@@ -6,7 +7,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{control::Core, datapath::DatapathError};
+use crate::control::ServiceMetrics;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SideLabels {
@@ -31,7 +32,7 @@ struct BuildLabels {
     version: String,
 }
 
-pub fn render(core: &Core) -> Result<String, DatapathError> {
+pub fn render(services: &[ServiceMetrics]) -> String {
     let mut registry = Registry::with_prefix("sockshift");
     let side_counter = |registry: &mut Registry, name: &str, help: &str| {
         let family = Family::<SideLabels, Counter>::default();
@@ -64,12 +65,10 @@ pub fn render(core: &Core) -> Result<String, DatapathError> {
         Info::new(BuildLabels { version: env!("CARGO_PKG_VERSION").to_string() }),
     );
 
-    for name in core.datapath.service_names() {
-        let Some(view) = core.datapath.service(&name) else { continue };
-        weight
-            .get_or_create(&ServiceLabels { service: name.clone() })
-            .set(agent_common::ppm_to_percent(view.spec.canary_ppm));
-        let counters = core.datapath.counters(&name)?;
+    for service in services {
+        let name = &service.name;
+        weight.get_or_create(&ServiceLabels { service: name.clone() }).set(service.canary_percent);
+        let counters = service.counters;
         for (side, c) in [("stable", counters.stable), ("canary", counters.canary)] {
             let labels = SideLabels { service: name.clone(), side: side.to_string() };
             connections.get_or_create(&labels).inc_by(c.connections_steered);
@@ -90,6 +89,8 @@ pub fn render(core: &Core) -> Result<String, DatapathError> {
         }
     }
     let mut text = String::new();
-    encode(&mut text, &registry).expect("writing to a String cannot fail");
-    Ok(text)
+    if let Err(err) = encode(&mut text, &registry) {
+        log::error!("encoding metrics: {err}");
+    }
+    text
 }

@@ -38,14 +38,8 @@ pub fn find_mount(mountinfo: &str, fs_type: &str) -> Option<PathBuf> {
 
 /// Whether `path` is on a bpffs (a pin directory's parent must be).
 pub fn is_bpffs(path: &Path) -> io::Result<bool> {
-    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(stat.f_type as i64 == BPF_FS_MAGIC)
+    let stat = nix::sys::statfs::statfs(path).map_err(io::Error::from)?;
+    Ok(stat.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
 }
 
 /// Mounts bpffs at /sys/fs/bpf if nothing is mounted there yet.
@@ -55,11 +49,8 @@ pub fn ensure_bpffs_mounted() -> io::Result<()> {
         return Ok(());
     }
     fs::create_dir_all(mount_point)?;
-    let rc = unsafe { libc::mount(c"bpf".as_ptr(), c"/sys/fs/bpf".as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    nix::mount::mount(Some("bpf"), mount_point, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+        .map_err(io::Error::from)
 }
 
 /// cgroup v2 id of a cgroup directory: its inode number.

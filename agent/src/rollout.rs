@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{InvalidField, Role};
 
 /// A rollout plan as posted to `POST /v1/services/{name}/rollout`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Plan {
     /// Canary weights in percent, strictly increasing, each in (0, 100].
@@ -39,7 +39,7 @@ fn default_failure_threshold() -> u32 {
 }
 
 /// Gates, all optional; unknown names are refused.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Gates {
     /// Canary failed attempts / canary attempts, over the step's window.
@@ -54,14 +54,14 @@ pub struct Gates {
     pub min_connections: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Approval {
     pub at_percent: f64,
     pub role: Role,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RollbackPolicy {
     /// Close the canary's established TCP connections on rollback.
@@ -152,7 +152,7 @@ pub fn parse_http_url(url: &str) -> Result<(String, String), String> {
     Ok((authority, path.to_string()))
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RolloutState {
     Running,
@@ -214,7 +214,7 @@ pub struct Snapshot {
 }
 
 /// What the gates read over a window, and the verdict.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GateReadings {
     pub canary_attempts: u64,
     pub stable_attempts: u64,
@@ -268,7 +268,7 @@ pub fn read_gates(gates: &Gates, from: &Snapshot, to: &Snapshot) -> GateReadings
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HistoryEntry {
     pub at_unix_ms: u64,
     pub event: String,

@@ -1,114 +1,109 @@
-//! Desired state: what the agent should be steering, persisted so a restart restores it.
+//! The rules that decide which services the agent runs, when two writers (the config file and
+//! the API) and a restart meet. Where the state is kept is `control::store`.
 //!
-//! Two writers change it: the config file and the API. The rule, per service, is "the last
-//! change wins": an API change holds until the config file's own entry for that service changes;
-//! a change to a service in the file replaces whatever the API did to it. Concretely, on every
-//! (re)load of the file, for each service:
+//! Per service, "the last change wins": an API change holds until the config file's own entry
+//! for that service changes; a change to a service in the file replaces whatever the API did to
+//! it. Concretely, on every (re)load of the file, for each service:
 //! - in the new file and different from the previous file (or new): the file's version is used;
 //! - in the new file and unchanged since the previous file: the desired state is kept (so API
 //!   changes, including an API delete, survive restarts and unrelated file edits);
 //! - gone from the file: removed;
 //! - never in the file (added through the API): kept.
+//!
+//! At start, a persisted service that no longer fits (its frontend now belongs to a service of
+//! the file, or it no longer validates) is dropped on its own, with the reason logged: the file's
+//! version of a service it changed comes back, and every other persisted change stays.
 
 use std::{
-    collections::BTreeMap,
-    fs::{self, File},
-    io::Write,
-    path::{Path, PathBuf},
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
 };
 
-use serde::{Deserialize, Serialize};
+use crate::config::{InvalidField, ServiceConfig, ServiceSpec};
 
-use crate::{config::ServiceConfig, rollout::Rollout};
-
-/// File name of the state under `agent.state_dir`.
-pub const STATE_FILE: &str = "state.json";
-const STATE_VERSION: u32 = 1;
-
-#[derive(Debug, thiserror::Error)]
-pub enum StateError {
-    #[error("reading state {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("state {path} is not valid JSON state: {source}")]
-    Parse { path: PathBuf, source: serde_json::Error },
-    #[error("state {path} has version {found}, this agent reads version {STATE_VERSION}")]
-    Version { path: PathBuf, found: u32 },
-    #[error("writing state {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct DesiredState {
-    pub version: u32,
-    /// What the datapath should hold.
-    pub services: BTreeMap<String, ServiceConfig>,
-    /// The config file's services at the last reconcile, to tell file changes from API ones.
-    pub file_services: BTreeMap<String, ServiceConfig>,
-    /// Rollouts by service, active and finished (the last one of each service).
-    #[serde(default)]
-    pub rollouts: BTreeMap<String, Rollout>,
-}
-
-impl DesiredState {
-    /// Loads the state from `dir`, or `None` when there is none yet.
-    pub fn load(dir: &Path) -> Result<Option<Self>, StateError> {
-        let path = dir.join(STATE_FILE);
-        let text = match fs::read(&path) {
-            Ok(text) => text,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(StateError::Read { path, source }),
-        };
-        let state: Self =
-            serde_json::from_slice(&text).map_err(|source| StateError::Parse { path: path.clone(), source })?;
-        if state.version != STATE_VERSION {
-            return Err(StateError::Version { path, found: state.version });
+/// The desired services after the config file now says `file`, given the `current` services and
+/// the file's services at the last reconcile (`previous_file`). See the module docs.
+pub fn merged_with_file(
+    current: &BTreeMap<String, ServiceConfig>,
+    previous_file: &BTreeMap<String, ServiceConfig>,
+    file: &BTreeMap<String, ServiceConfig>,
+) -> BTreeMap<String, ServiceConfig> {
+    let mut services = current.clone();
+    for (name, service) in file {
+        if previous_file.get(name) != Some(service) {
+            services.insert(name.clone(), service.clone());
         }
-        Ok(Some(state))
     }
+    for name in previous_file.keys() {
+        if !file.contains_key(name) {
+            services.remove(name);
+        }
+    }
+    services
+}
 
-    /// Writes the state atomically: a temporary file, fsync, rename over the old one, fsync of
-    /// the directory. A crash leaves the old state or the new one, never a torn file.
-    pub fn save(&self, dir: &Path) -> Result<(), StateError> {
-        let path = dir.join(STATE_FILE);
-        let write_err = |source| StateError::Write { path: path.clone(), source };
-        fs::create_dir_all(dir).map_err(write_err)?;
-        let tmp = dir.join(format!(".{STATE_FILE}.tmp"));
-        let state = Self { version: STATE_VERSION, ..self.clone() };
-        let bytes = serde_json::to_vec_pretty(&state).expect("state serializes");
-        let mut file = File::create(&tmp).map_err(write_err)?;
-        file.write_all(&bytes).map_err(write_err)?;
-        file.sync_all().map_err(write_err)?;
-        fs::rename(&tmp, &path).map_err(write_err)?;
-        File::open(dir).and_then(|d| d.sync_all()).map_err(write_err)?;
+/// Why a persisted service was dropped at start.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dropped {
+    pub service: String,
+    pub reason: String,
+}
+
+/// The services to run at start: `merged` (see [`merged_with_file`]) without the services that
+/// do not fit. The file's own versions go in first (the file validated as a whole); then every
+/// service the API made or changed, one at a time, each dropped if it does not validate
+/// (`validate`) or takes a frontend already taken. A dropped API change to a file service leaves
+/// the file's version in place.
+pub fn reconcile(
+    merged: &BTreeMap<String, ServiceConfig>,
+    file: &BTreeMap<String, ServiceConfig>,
+    validate: impl Fn(&ServiceConfig) -> Result<ServiceSpec, InvalidField>,
+) -> (BTreeMap<String, ServiceConfig>, Vec<Dropped>) {
+    let mut kept = BTreeMap::new();
+    let mut owners: HashMap<SocketAddr, String> = HashMap::new();
+    let mut dropped = Vec::new();
+    let mut admit = |service: &ServiceConfig, kept: &mut BTreeMap<String, ServiceConfig>| -> Result<(), String> {
+        let spec = validate(service).map_err(|err| err.to_string())?;
+        if let Some((frontend, owner)) = spec
+            .frontends
+            .iter()
+            .find_map(|f| owners.get(f).filter(|o| **o != service.name).map(|o| (f, o.clone())))
+        {
+            return Err(format!("frontend {frontend} belongs to service {owner:?}"));
+        }
+        owners.retain(|_, owner| *owner != service.name);
+        owners.extend(spec.frontends.iter().map(|f| (*f, service.name.clone())));
+        kept.insert(service.name.clone(), service.clone());
         Ok(())
-    }
-
-    /// The desired services after the config file now says `file` (see the module docs).
-    pub fn merged_with_file(&self, file: &BTreeMap<String, ServiceConfig>) -> BTreeMap<String, ServiceConfig> {
-        let mut services = self.services.clone();
-        for (name, service) in file {
-            if self.file_services.get(name) != Some(service) {
-                services.insert(name.clone(), service.clone());
+    };
+    for name in merged.keys() {
+        if let Some(from_file) = file.get(name) {
+            if let Err(reason) = admit(from_file, &mut kept) {
+                // The file was validated as a whole; only a vanished cohort cgroup gets here.
+                dropped.push(Dropped { service: name.clone(), reason });
             }
         }
-        for name in self.file_services.keys() {
-            if !file.contains_key(name) {
-                services.remove(name);
-            }
-        }
-        services
     }
+    for (name, service) in merged {
+        if file.get(name) == Some(service) {
+            continue;
+        }
+        if let Err(reason) = admit(service, &mut kept) {
+            dropped.push(Dropped { service: name.clone(), reason });
+        }
+    }
+    (kept, dropped)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Affinity;
+    use crate::config::{validate_service, Affinity};
 
-    fn service(name: &str, percent: f64) -> ServiceConfig {
+    fn service(name: &str, frontend: &str, percent: f64) -> ServiceConfig {
         ServiceConfig {
             name: name.into(),
-            frontends: vec!["127.1.0.1:80".into()],
+            frontends: vec![frontend.into()],
             stable: vec![],
             canary: vec![],
             canary_percent: percent,
@@ -122,24 +117,28 @@ mod tests {
         services.iter().map(|s| (s.name.clone(), s.clone())).collect()
     }
 
+    fn validate(service: &ServiceConfig) -> Result<ServiceSpec, InvalidField> {
+        validate_service(service, "", None)
+    }
+
     #[test]
     fn first_load_takes_the_file() {
-        let file = map(&[service("a", 5.0)]);
-        assert_eq!(DesiredState::default().merged_with_file(&file), file);
+        let file = map(&[service("a", "127.1.0.1:80", 5.0)]);
+        assert_eq!(merged_with_file(&BTreeMap::new(), &BTreeMap::new(), &file), file);
     }
 
     #[test]
     fn api_changes_survive_an_unchanged_file_and_unrelated_edits() {
-        let file = map(&[service("a", 5.0), service("b", 1.0)]);
-        let state = DesiredState {
-            version: 1,
-            services: map(&[service("a", 37.5), service("c", 2.0)]), // a set by API, b deleted, c added
-            file_services: file.clone(),
-            rollouts: BTreeMap::new(),
-        };
-        assert_eq!(state.merged_with_file(&file), state.services);
-        let edited = map(&[service("a", 5.0), service("b", 1.0), service("d", 3.0)]);
-        let merged = state.merged_with_file(&edited);
+        let file = map(&[service("a", "127.1.0.1:80", 5.0), service("b", "127.1.0.2:80", 1.0)]);
+        // a set by API, b deleted, c added
+        let current = map(&[service("a", "127.1.0.1:80", 37.5), service("c", "127.1.0.3:80", 2.0)]);
+        assert_eq!(merged_with_file(&current, &file, &file), current);
+        let edited = map(&[
+            service("a", "127.1.0.1:80", 5.0),
+            service("b", "127.1.0.2:80", 1.0),
+            service("d", "127.1.0.4:80", 3.0),
+        ]);
+        let merged = merged_with_file(&current, &file, &edited);
         assert_eq!(merged["a"].canary_percent, 37.5);
         assert!(!merged.contains_key("b"), "the API delete holds while b is unchanged in the file");
         assert!(merged.contains_key("c") && merged.contains_key("d"));
@@ -147,31 +146,39 @@ mod tests {
 
     #[test]
     fn a_file_change_to_a_service_wins_over_the_api() {
-        let file = map(&[service("a", 5.0)]);
-        let state = DesiredState {
-            version: 1,
-            services: map(&[service("a", 37.5)]),
-            file_services: file,
-            rollouts: BTreeMap::new(),
-        };
-        let merged = state.merged_with_file(&map(&[service("a", 10.0)]));
+        let file = map(&[service("a", "127.1.0.1:80", 5.0)]);
+        let current = map(&[service("a", "127.1.0.1:80", 37.5)]);
+        let merged = merged_with_file(&current, &file, &map(&[service("a", "127.1.0.1:80", 10.0)]));
         assert_eq!(merged["a"].canary_percent, 10.0);
-        assert!(state.merged_with_file(&BTreeMap::new()).is_empty(), "removed from the file: removed");
+        assert!(merged_with_file(&current, &file, &BTreeMap::new()).is_empty(), "removed from the file: removed");
     }
 
     #[test]
-    fn save_and_load_round_trip() {
-        let dir = std::env::temp_dir().join(format!("sockshift-state-test-{}", std::process::id()));
-        let state = DesiredState {
-            version: 1,
-            services: map(&[service("a", 12.3456)]),
-            file_services: BTreeMap::new(),
-            rollouts: BTreeMap::new(),
-        };
-        state.save(&dir).unwrap();
-        assert_eq!(DesiredState::load(&dir).unwrap(), Some(state));
-        fs::write(dir.join(STATE_FILE), b"{not json").unwrap();
-        assert!(matches!(DesiredState::load(&dir), Err(StateError::Parse { .. })));
-        fs::remove_dir_all(&dir).unwrap();
+    fn a_conflict_drops_only_the_conflicting_services() {
+        // The file now gives 127.1.0.9:80 to "new"; the API had given it to "api-made".
+        let file = map(&[service("web", "127.1.0.1:80", 5.0), service("new", "127.1.0.9:80", 0.0)]);
+        let merged = map(&[
+            service("web", "127.1.0.1:80", 40.0),      // an API weight change: kept
+            service("new", "127.1.0.9:80", 0.0),       // from the file
+            service("api-made", "127.1.0.9:80", 1.0),  // conflicts: dropped
+            service("other", "127.1.0.5:80", 2.0),     // unrelated API service: kept
+            service("broken", "not-an-address", 2.0), // no longer validates: dropped
+        ]);
+        let (kept, dropped) = reconcile(&merged, &file, validate);
+        assert_eq!(kept.keys().collect::<Vec<_>>(), ["new", "other", "web"]);
+        assert_eq!(kept["web"].canary_percent, 40.0);
+        let names: Vec<&str> = dropped.iter().map(|d| d.service.as_str()).collect();
+        assert_eq!(names, ["api-made", "broken"]);
+        assert!(dropped[0].reason.contains("\"new\""), "{:?}", dropped[0]);
+    }
+
+    #[test]
+    fn a_dropped_api_change_to_a_file_service_leaves_the_files_version() {
+        let file = map(&[service("web", "127.1.0.1:80", 5.0), service("db", "127.1.0.2:80", 0.0)]);
+        // The API moved web to db's frontend (db was API-deleted then re-added by the file).
+        let merged = map(&[service("web", "127.1.0.2:80", 5.0), service("db", "127.1.0.2:80", 0.0)]);
+        let (kept, dropped) = reconcile(&merged, &file, validate);
+        assert_eq!(kept, file);
+        assert_eq!(dropped.len(), 1);
     }
 }

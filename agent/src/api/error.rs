@@ -1,0 +1,201 @@
+//! API errors: a stable machine-readable code, a status that follows from it, a message for
+//! people and the field it is about.
+
+use axum::{
+    http::{header, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+    Json,
+};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoResponses, ToSchema};
+
+use crate::{
+    control::{store::StoreError, ControlError},
+    datapath::DatapathError,
+};
+
+/// Every error code the API answers with. The HTTP status follows from the code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// 400: the body is not JSON (includes `NaN` and numbers out of range), or is empty.
+    MalformedJson,
+    /// 400: a value (or the body) has the wrong JSON type.
+    InvalidType,
+    /// 400: a required field is missing.
+    MissingField,
+    /// 400: a field this route does not know.
+    UnknownField,
+    /// 400: a value is not valid; `field` names it.
+    InvalidField,
+    /// 400: a number outside its range.
+    OutOfRange,
+    /// 413: the body is over 64 KiB.
+    BodyTooLarge,
+    /// 401: no valid bearer token.
+    Unauthorized,
+    /// 403: the token's role does not allow this.
+    Forbidden,
+    /// 404
+    ServiceNotFound,
+    /// 404
+    RolloutNotFound,
+    /// 404: no such route.
+    NotFound,
+    /// 405
+    MethodNotAllowed,
+    /// 409: another service has this frontend.
+    FrontendInUse,
+    /// 409: a rollout drives the weight.
+    RolloutActive,
+    /// 409: the rollout is not in a state that allows this.
+    RolloutState,
+    /// 409: the state was changed concurrently; read it and try again.
+    Conflict,
+    /// 500: the change could not be persisted; nothing changed.
+    StateNotSaved,
+    /// 500: the datapath refused the change; nothing changed.
+    DatapathRefused,
+    /// 500
+    InternalError,
+    /// 503: the control core did not answer in time, or has stopped.
+    CoreUnavailable,
+    /// 503: the state store cannot be reached; nothing changed.
+    StoreUnavailable,
+}
+
+impl ErrorCode {
+    pub fn status(self) -> StatusCode {
+        use ErrorCode::*;
+        match self {
+            MalformedJson | InvalidType | MissingField | UnknownField | InvalidField | OutOfRange => {
+                StatusCode::BAD_REQUEST
+            }
+            BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Unauthorized => StatusCode::UNAUTHORIZED,
+            Forbidden => StatusCode::FORBIDDEN,
+            ServiceNotFound | RolloutNotFound | NotFound => StatusCode::NOT_FOUND,
+            MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            FrontendInUse | RolloutActive | RolloutState | Conflict => StatusCode::CONFLICT,
+            StateNotSaved | DatapathRefused | InternalError => StatusCode::INTERNAL_SERVER_ERROR,
+            CoreUnavailable | StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+/// The body of every error answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[schema(as = Error)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+    /// The field the error is about (`percent`, `gates.max_srtt_ratio`, `frontends[1]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct ApiError(pub ErrorBody);
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self(ErrorBody { code, message: message.into(), field: None })
+    }
+
+    pub fn field(code: ErrorCode, field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self(ErrorBody { code, message: message.into(), field: Some(field.into()) })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.0.code.status();
+        let mut response = (status, Json(self.0)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl From<ControlError> for ApiError {
+    fn from(err: ControlError) -> Self {
+        let message = err.to_string();
+        match err {
+            ControlError::Invalid(invalid) => ApiError::field(ErrorCode::InvalidField, invalid.field, message),
+            ControlError::UnknownService(_) | ControlError::Datapath(DatapathError::UnknownService(_)) => {
+                ApiError::new(ErrorCode::ServiceNotFound, message)
+            }
+            ControlError::FrontendInUse { .. } => ApiError::field(ErrorCode::FrontendInUse, "frontends", message),
+            ControlError::RolloutActive(_) => ApiError::new(ErrorCode::RolloutActive, message),
+            ControlError::NoRollout(_) => ApiError::new(ErrorCode::RolloutNotFound, message),
+            ControlError::RolloutState { .. } => ApiError::new(ErrorCode::RolloutState, message),
+            ControlError::Forbidden(_) => ApiError::new(ErrorCode::Forbidden, message),
+            ControlError::Store(StoreError::Conflict { .. }) => ApiError::new(ErrorCode::Conflict, message),
+            ControlError::Store(StoreError::Unavailable(_)) => ApiError::new(ErrorCode::StoreUnavailable, message),
+            ControlError::Store(err) => {
+                log::error!("change refused: {err}");
+                ApiError::new(ErrorCode::StateNotSaved, format!("the change was not made: {err}"))
+            }
+            ControlError::Datapath(err) => {
+                log::error!("change refused by the datapath: {err}");
+                ApiError::new(ErrorCode::DatapathRefused, message)
+            }
+            ControlError::CoreStuck(_) | ControlError::CoreDead => ApiError::new(ErrorCode::CoreUnavailable, message),
+        }
+    }
+}
+
+// Response sets for the OpenAPI document, by what can go wrong on a route.
+
+/// A token is required (when `[agent.auth]` is set) and its role must be high enough.
+#[derive(IntoResponses)]
+#[allow(dead_code)] // documentation only
+pub enum AuthErrors {
+    /// No valid bearer token (`unauthorized`).
+    #[response(status = 401)]
+    Unauthorized(ErrorBody),
+    /// The token's role is too low (`forbidden`).
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
+}
+
+/// The body could not be used.
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub enum BodyErrors {
+    /// `malformed_json`, `invalid_type`, `missing_field`, `unknown_field`, `invalid_field`,
+    /// `out_of_range`; `field` names the field.
+    #[response(status = 400)]
+    BadRequest(ErrorBody),
+    /// `body_too_large`.
+    #[response(status = 413)]
+    TooLarge(ErrorBody),
+}
+
+/// `service_not_found` (or `rollout_not_found` on rollout routes).
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub enum NotFoundError {
+    #[response(status = 404)]
+    NotFound(ErrorBody),
+}
+
+/// `frontend_in_use`, `rollout_active`, `rollout_state`, `conflict`: nothing changed.
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub enum ConflictError {
+    #[response(status = 409)]
+    Conflict(ErrorBody),
+}
+
+/// The agent could not do it: `state_not_saved`, `datapath_refused`, `internal_error` (500, nothing
+/// changed); `core_unavailable`, `store_unavailable` (503).
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub enum ServerErrors {
+    #[response(status = 500)]
+    Internal(ErrorBody),
+    #[response(status = 503)]
+    Unavailable(ErrorBody),
+}

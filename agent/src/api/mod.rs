@@ -1,0 +1,124 @@
+//! The local control API (JSON over HTTP). Handlers authorize through their extractors, read
+//! typed bodies and send one command each to the control core; the OpenAPI document served at
+//! `/v1/openapi.json` is generated from the same handlers and types, so it cannot drift from them.
+
+pub mod error;
+pub mod extract;
+pub mod handlers;
+pub mod types;
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex, OnceLock, PoisonError},
+};
+
+use axum::{extract::DefaultBodyLimit, Router};
+use utoipa::{
+    openapi::security::{Http, HttpAuthScheme, SecurityScheme},
+    Modify, OpenApi,
+};
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use crate::{
+    config::Token,
+    control::{store::AuditSource, ControlHandle},
+};
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+pub struct AppState {
+    pub control: ControlHandle,
+    /// `None`: no authentication (the API listens on loopback).
+    pub tokens: Option<Vec<Token>>,
+    pub audit: Arc<dyn AuditSource>,
+    /// Background tasks that died, reported by `/healthz`.
+    pub tasks: TaskHealth,
+    /// The generated OpenAPI document, as served.
+    pub openapi: OnceLock<String>,
+}
+
+/// Background tasks that stopped while the agent is not shutting down, by name, with why.
+#[derive(Debug, Clone, Default)]
+pub struct TaskHealth {
+    failed: Arc<Mutex<BTreeMap<String, String>>>,
+}
+
+impl TaskHealth {
+    pub fn record_failure(&self, task: &str, why: String) {
+        // Held only to insert or copy: never across I/O; a poisoned lock still holds the map.
+        self.failed.lock().unwrap_or_else(PoisonError::into_inner).insert(task.to_string(), why);
+    }
+
+    pub fn failed(&self) -> BTreeMap<String, String> {
+        self.failed.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "sockshift agent API",
+        description = "The node agent's control API: services, canary weights, rollouts, audit log, metrics. \
+            Errors are `{\"code\", \"message\", \"field\"}` with a stable `code` (the `Error` schema lists them \
+            all); a refused request changes nothing. With `[agent.auth]` every route but `/healthz` and \
+            `/v1/openapi.json` needs `Authorization: Bearer <token>`; each route names the role it needs \
+            (`viewer` < `operator` < `release`).",
+        license(name = "Apache-2.0"),
+    ),
+    modifiers(&BearerAuth),
+    components(schemas(error::ErrorCode)),
+    tags(
+        (name = "services", description = "Services and their canary weights"),
+        (name = "rollouts", description = "Progressive rollouts"),
+        (name = "agent", description = "Health, metrics, datapath, audit log"),
+    ),
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme("bearer", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
+    }
+}
+
+/// The routes and their description, from one list.
+fn parts() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
+    use handlers::*;
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(healthz))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi))
+        .routes(routes!(list_services))
+        .routes(routes!(get_service, put_service, delete_service))
+        .routes(routes!(put_canary))
+        .routes(routes!(rollback))
+        .routes(routes!(promote))
+        .routes(routes!(get_rollout, start_rollout))
+        .routes(routes!(rollout_action))
+        .routes(routes!(datapath_status))
+        .routes(routes!(audit_log))
+        .split_for_parts()
+}
+
+/// The generated OpenAPI document.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    parts().1
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let (router, document) = parts();
+    let json = document.to_pretty_json().unwrap_or_else(|err| {
+        log::error!("rendering the OpenAPI document: {err}");
+        String::new()
+    });
+    let _ = state.openapi.set(json);
+    router
+        .fallback(handlers::not_found)
+        .method_not_allowed_fallback(handlers::method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}

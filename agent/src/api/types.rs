@@ -1,0 +1,225 @@
+//! The API's bodies: what requests carry and what responses hold. The server builds them, the
+//! CLI and the tests deserialize them, and the OpenAPI document is generated from them.
+
+use std::collections::BTreeMap;
+
+use agent_common::SideCounters;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::{
+    audit::AuditEntry,
+    config::{Affinity, CohortConfig, Role, ServiceConfig},
+    rollout::{GateReadings, HistoryEntry, Plan, RolloutState},
+};
+
+/// `PUT /v1/services/{name}/canary`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CanaryUpdate {
+    /// The canary weight in percent, 0 to 100 (4 decimals kept).
+    #[schema(minimum = 0, maximum = 100, example = 12.5)]
+    pub percent: f64,
+}
+
+/// The body of routes that take no input: nothing, or `{}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NoFields {}
+
+/// `PUT /v1/services/{name}`: a `[[service]]` table of the config file, as JSON. `name` may be
+/// left out (the path gives it); if given it must match the path.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceBody {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Addresses clients connect to (`ip:port`, `[v6]:port`).
+    pub frontends: Vec<String>,
+    #[serde(default)]
+    pub stable: Vec<String>,
+    #[serde(default)]
+    pub canary: Vec<String>,
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 100)]
+    pub canary_percent: f64,
+    #[serde(default)]
+    pub affinity: Affinity,
+    /// Highest weight an `operator` token may set. Left out: the replaced service's cap is kept
+    /// (100 for a new service).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 100)]
+    pub max_operator_percent: Option<f64>,
+    /// Cohort overrides: `{ "cgroups": [...], "canary": "always" | "never" }`.
+    #[serde(default, rename = "cohort", skip_serializing_if = "Vec::is_empty")]
+    pub cohorts: Vec<CohortConfig>,
+}
+
+impl ServiceBody {
+    /// The service this body describes, for the service `name` of the path.
+    pub fn into_config(self, name: String, current_max_operator_percent: Option<f64>) -> ServiceConfig {
+        ServiceConfig {
+            name,
+            frontends: self.frontends,
+            stable: self.stable,
+            canary: self.canary,
+            canary_percent: self.canary_percent,
+            affinity: self.affinity,
+            max_operator_percent: self.max_operator_percent.or(current_max_operator_percent).unwrap_or(100.0),
+            cohorts: self.cohorts,
+        }
+    }
+}
+
+impl From<&ServiceConfig> for ServiceBody {
+    fn from(config: &ServiceConfig) -> Self {
+        Self {
+            name: Some(config.name.clone()),
+            frontends: config.frontends.clone(),
+            stable: config.stable.clone(),
+            canary: config.canary.clone(),
+            canary_percent: config.canary_percent,
+            affinity: config.affinity,
+            max_operator_percent: Some(config.max_operator_percent),
+            cohorts: config.cohorts.clone(),
+        }
+    }
+}
+
+/// `GET /healthz`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// `ok`, or `failing` (answered with 503).
+    pub status: String,
+    /// `ok`; `stuck` when the control core did not answer in time; `dead` when it has stopped.
+    pub core: String,
+    /// Background tasks that stopped although the agent is not shutting down, with why.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub failed_tasks: BTreeMap<String, String>,
+}
+
+/// `GET /v1/services`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ServiceList {
+    pub services: Vec<ServiceState>,
+}
+
+/// One service: its configuration, current weight and what the kernel counted per side.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ServiceState {
+    pub name: String,
+    pub canary_percent: f64,
+    /// The weight as the datapath holds it: parts per million.
+    pub canary_ppm: u32,
+    pub affinity: Affinity,
+    pub max_operator_percent: f64,
+    pub frontends: Vec<String>,
+    pub stable: Vec<String>,
+    pub canary: Vec<String>,
+    pub cohorts: Vec<CohortConfig>,
+    /// The datapath revision of the service's backend set (changes when backends, affinity or
+    /// cohorts change, not with the weight).
+    pub revision: u32,
+    pub sides: Sides,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Sides {
+    pub stable: SideState,
+    pub canary: SideState,
+}
+
+/// What the kernel counted for one side of a service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SideState {
+    pub connections_steered: u64,
+    pub datagrams_steered: u64,
+    pub health: SideHealth,
+    pub fail_open: FailOpen,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SideHealth {
+    pub established: u64,
+    pub failed_attempts: u64,
+    pub resets: u64,
+    pub retransmission_timeouts: u64,
+    /// Average smoothed RTT; null before the first sample.
+    pub srtt_avg_us: Option<u64>,
+    pub srtt_sum_us: u64,
+    pub srtt_samples: u64,
+}
+
+/// Calls left untouched because of a datapath problem, by reason.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct FailOpen {
+    pub backend_missing: u64,
+    pub socket_table_full: u64,
+}
+
+impl From<&SideCounters> for SideState {
+    fn from(c: &SideCounters) -> Self {
+        Self {
+            connections_steered: c.connections_steered,
+            datagrams_steered: c.datagrams_steered,
+            health: SideHealth {
+                established: c.established,
+                failed_attempts: c.failed_attempts,
+                resets: c.resets,
+                retransmission_timeouts: c.rto,
+                srtt_avg_us: c.srtt_sum_us.checked_div(c.srtt_samples),
+                srtt_sum_us: c.srtt_sum_us,
+                srtt_samples: c.srtt_samples,
+            },
+            fail_open: FailOpen {
+                backend_missing: c.fail_open_backend_missing,
+                socket_table_full: c.fail_open_socket_table_full,
+            },
+        }
+    }
+}
+
+/// `GET /v1/datapath`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DatapathStatus {
+    pub services: usize,
+    pub open_steered_sockets: usize,
+    pub steered_socket_capacity: u32,
+}
+
+/// `GET /v1/audit`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AuditLog {
+    pub entries: Vec<AuditEntry>,
+}
+
+/// A rollout as the API shows it: state, step, weights, the gates of the last judged window and
+/// of the window in progress, and the history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RolloutView {
+    pub service: String,
+    pub state: RolloutState,
+    /// Index of the current step in `steps`.
+    pub step: usize,
+    pub steps: Vec<f64>,
+    /// The weight the rollout has set.
+    pub percent: f64,
+    pub step_seconds: f64,
+    pub window_elapsed_ms: u64,
+    pub consecutive_failures: u32,
+    /// The role an approver of the waiting step needs, while one waits.
+    pub awaiting_role: Option<Role>,
+    pub last_gates: Option<GateReadings>,
+    /// The gates over the window in progress.
+    pub current_window: Option<GateReadings>,
+    pub terminated_connections: Option<u64>,
+    pub started_by: String,
+    pub plan: Plan,
+    pub history: Vec<HistoryEntry>,
+}
+
+impl RolloutView {
+    pub fn is_active(&self) -> bool {
+        self.state.is_active()
+    }
+}

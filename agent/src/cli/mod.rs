@@ -1,0 +1,424 @@
+//! Command-line interface: parses the command line and dispatches. `sockshift agent` runs the
+//! daemon (`crate::daemon`), `sockshift uninstall` removes what it pinned; the other verbs call
+//! the agent's API and print what it answers (`output`).
+
+mod output;
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::{
+    api::types::{AuditLog, CanaryUpdate, RolloutView, ServiceBody, ServiceList, ServiceState},
+    client::ApiClient,
+    config::{Affinity, Role},
+    paths,
+    rollout::{Approval, Gates, Plan, RollbackPolicy},
+};
+
+#[derive(Debug, Parser)]
+#[command(name = "sockshift", version, about = "Socket-layer canary steering for Kubernetes nodes")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node agent: validate the config, load and attach the programs, serve the API.
+    Agent {
+        /// TOML config file (re-read when it changes and on SIGHUP).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only validate the config and exit.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Show services: weight, backends, and what the kernel counted per side.
+    Status {
+        service: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Set a service's canary weight, in percent (0 to 100, up to 4 decimals).
+    Set {
+        service: String,
+        #[arg(allow_negative_numbers = true, value_parser = parse_percent)]
+        percent: f64,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Kill switch: canary weight to 0 at once.
+    Rollback {
+        service: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Canary weight to 100.
+    Promote {
+        service: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Add, replace or remove services at run time.
+    Service {
+        #[command(subcommand)]
+        action: ServiceAction,
+    },
+    /// Progressive rollouts: weight steps gated by the canary's kernel-measured health.
+    Rollout {
+        #[command(subcommand)]
+        action: RolloutAction,
+    },
+    /// Show the audit log of accepted changes.
+    Audit {
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Remove the programs, links and pinned maps (the datapath stops steering).
+    Uninstall {
+        /// bpffs directory the agent pinned to (agent.bpffs).
+        #[arg(long, default_value = paths::DEFAULT_BPFFS_DIR)]
+        bpffs: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceAction {
+    /// Add a service, or replace it whole.
+    Add {
+        name: String,
+        /// Frontend `ip:port`, repeatable.
+        #[arg(long = "frontend", required = true)]
+        frontends: Vec<String>,
+        /// Stable backend `ip:port`, repeatable.
+        #[arg(long = "stable")]
+        stable: Vec<String>,
+        /// Canary backend `ip:port`, repeatable.
+        #[arg(long = "canary")]
+        canary: Vec<String>,
+        #[arg(long, default_value_t = 0.0)]
+        percent: f64,
+        #[arg(long, value_enum, default_value_t = AffinityArg::Connection)]
+        affinity: AffinityArg,
+        #[arg(long, default_value_t = 100.0)]
+        max_operator_percent: f64,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Remove a service.
+    Rm {
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutAction {
+    /// Start a rollout.
+    Start {
+        service: String,
+        /// Canary weights in percent, increasing: 1,5,25,50,100.
+        #[arg(long, value_delimiter = ',', required = true)]
+        steps: Vec<f64>,
+        /// How long each step is held: 60s, 2m, 500ms, or seconds.
+        #[arg(long, value_parser = parse_duration_seconds)]
+        every: f64,
+        #[arg(long)]
+        max_failed_attempt_ratio: Option<f64>,
+        #[arg(long)]
+        max_reset_ratio: Option<f64>,
+        #[arg(long)]
+        max_srtt_ratio: Option<f64>,
+        /// Canary connection attempts a step needs before it is judged.
+        #[arg(long, default_value_t = 0)]
+        min_connections: u64,
+        /// Failed checks in a row before rolling back.
+        #[arg(long, default_value_t = 1)]
+        failure_threshold: u32,
+        /// PERCENT:ROLE: steps at or above PERCENT wait for an approver with ROLE.
+        #[arg(long)]
+        approval: Option<String>,
+        /// http:// URL notified on each step, pause, promotion and rollback; repeatable.
+        #[arg(long = "webhook")]
+        webhooks: Vec<String>,
+        /// Close the canary's established TCP connections on rollback.
+        #[arg(long)]
+        terminate_connections: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Show a rollout: steps, gate readings, observed split.
+    Status {
+        service: String,
+        /// Redraw every second until the rollout ends.
+        #[arg(long)]
+        watch: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Approve the step a rollout waits at.
+    Approve {
+        service: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Pause: the weight stays, the step clock stops.
+    Pause {
+        service: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Resume a paused rollout where its clock stopped.
+    Resume {
+        service: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Stop the rollout and return all traffic to stable.
+    Abort {
+        service: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+/// "60s", "2m", "500ms", "1h30m" (jiff's friendly durations) or "1.5" (seconds) to seconds.
+fn parse_duration_seconds(text: &str) -> Result<f64, String> {
+    let seconds = match text.parse::<f64>() {
+        Ok(seconds) => seconds,
+        Err(_) => text.parse::<jiff::SignedDuration>().map(|d| d.as_secs_f64()).unwrap_or(f64::NAN),
+    };
+    if seconds.is_finite() && seconds > 0.0 {
+        Ok(seconds)
+    } else {
+        Err(format!("{text:?} is not a duration like 60s, 2m or 500ms"))
+    }
+}
+
+/// A canary weight on the command line: 0 to 100.
+fn parse_percent(text: &str) -> Result<f64, String> {
+    text.parse::<f64>()
+        .ok()
+        .filter(|p| p.is_finite() && (0.0..=100.0).contains(p))
+        .ok_or_else(|| format!("PERCENT must be a number from 0 to 100, got {text:?}"))
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum AffinityArg {
+    Connection,
+    Client,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ApiArgs {
+    /// Address of the agent's API.
+    #[arg(long, env = "SOCKSHIFT_API", default_value = paths::DEFAULT_API)]
+    pub api: SocketAddr,
+    /// Bearer token, when the agent has `[agent.auth]`.
+    #[arg(long, env = "SOCKSHIFT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+impl ApiArgs {
+    fn client(&self) -> ApiClient {
+        ApiClient::new(self.api, self.token.clone())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+/// No request body.
+const NONE: Option<&()> = None;
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Agent { config, check } => crate::daemon::run(&config, check),
+        Command::Uninstall { bpffs } => uninstall(&bpffs),
+        Command::Status { service, api } => {
+            let services = match service {
+                Some(name) => vec![api.client().call::<ServiceState>("GET", &format!("/v1/services/{name}"), NONE)?],
+                None => api.client().call::<ServiceList>("GET", "/v1/services", NONE)?.services,
+            };
+            output::services(&services, api.output)
+        }
+        Command::Set { service, percent, api } => {
+            let body = CanaryUpdate { percent };
+            let state: ServiceState = api.client().call("PUT", &format!("/v1/services/{service}/canary"), Some(&body))?;
+            output::services(&[state], api.output)
+        }
+        Command::Rollback { service, api } => {
+            let state: ServiceState = api.client().call("POST", &format!("/v1/services/{service}/rollback"), NONE)?;
+            output::services(&[state], api.output)
+        }
+        Command::Promote { service, api } => {
+            let state: ServiceState = api.client().call("POST", &format!("/v1/services/{service}/promote"), NONE)?;
+            output::services(&[state], api.output)
+        }
+        Command::Service {
+            action: ServiceAction::Add { name, frontends, stable, canary, percent, affinity, max_operator_percent, api },
+        } => {
+            let body = ServiceBody {
+                name: None,
+                frontends,
+                stable,
+                canary,
+                canary_percent: percent,
+                affinity: match affinity {
+                    AffinityArg::Connection => Affinity::Connection,
+                    AffinityArg::Client => Affinity::Client,
+                },
+                max_operator_percent: Some(max_operator_percent),
+                cohorts: Vec::new(),
+            };
+            let state: ServiceState = api.client().call("PUT", &format!("/v1/services/{name}"), Some(&body))?;
+            output::services(&[state], api.output)
+        }
+        Command::Service { action: ServiceAction::Rm { name, api } } => {
+            let state: ServiceState = api.client().call("DELETE", &format!("/v1/services/{name}"), NONE)?;
+            if api.output == Output::Json {
+                output::json(&state)
+            } else {
+                println!("removed service {name}");
+                Ok(())
+            }
+        }
+        Command::Rollout { action } => run_rollout(action),
+        Command::Audit { limit, api } => {
+            let log: AuditLog = api.client().call("GET", &format!("/v1/audit?limit={limit}"), NONE)?;
+            match api.output {
+                Output::Json => output::json(&log),
+                Output::Table => {
+                    output::audit(&log);
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+fn run_rollout(action: RolloutAction) -> anyhow::Result<()> {
+    let (service, api, path_action) = match &action {
+        RolloutAction::Approve { service, api } => (service, api, "approve"),
+        RolloutAction::Pause { service, api } => (service, api, "pause"),
+        RolloutAction::Resume { service, api } => (service, api, "resume"),
+        RolloutAction::Abort { service, api } => (service, api, "abort"),
+        RolloutAction::Status { service, watch, api } => loop {
+            let rollout: RolloutView = api.client().call("GET", &format!("/v1/services/{service}/rollout"), NONE)?;
+            if api.output == Output::Json {
+                output::json(&rollout)?;
+            } else {
+                if *watch {
+                    print!("\x1b[H\x1b[2J");
+                }
+                output::rollout(&rollout);
+            }
+            if !*watch || !rollout.is_active() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        },
+        RolloutAction::Start {
+            service,
+            steps,
+            every,
+            max_failed_attempt_ratio,
+            max_reset_ratio,
+            max_srtt_ratio,
+            min_connections,
+            failure_threshold,
+            approval,
+            webhooks,
+            terminate_connections,
+            api,
+        } => {
+            let approval = match approval {
+                None => None,
+                Some(spec) => {
+                    let (percent, role) =
+                        spec.split_once(':').context("--approval takes PERCENT:ROLE, e.g. 50:release")?;
+                    let at_percent: f64 = percent.parse().context("--approval PERCENT must be a number")?;
+                    let role: Role = serde_json::from_value(serde_json::Value::String(role.to_string()))
+                        .with_context(|| format!("--approval ROLE must be viewer, operator or release, got {role:?}"))?;
+                    Some(Approval { at_percent, role })
+                }
+            };
+            let plan = Plan {
+                steps: steps.clone(),
+                step_seconds: *every,
+                gates: Gates {
+                    max_failed_attempt_ratio: *max_failed_attempt_ratio,
+                    max_reset_ratio: *max_reset_ratio,
+                    max_srtt_ratio: *max_srtt_ratio,
+                    min_connections: *min_connections,
+                },
+                failure_threshold: *failure_threshold,
+                approval,
+                webhooks: webhooks.clone(),
+                rollback: RollbackPolicy { terminate_connections: *terminate_connections },
+            };
+            let rollout: RolloutView =
+                api.client().call("POST", &format!("/v1/services/{service}/rollout"), Some(&plan))?;
+            return match api.output {
+                Output::Json => output::json(&rollout),
+                Output::Table => {
+                    output::rollout(&rollout);
+                    Ok(())
+                }
+            };
+        }
+    };
+    let rollout: RolloutView =
+        api.client().call("POST", &format!("/v1/services/{service}/rollout/{path_action}"), NONE)?;
+    match api.output {
+        Output::Json => output::json(&rollout),
+        Output::Table => {
+            output::rollout(&rollout);
+            Ok(())
+        }
+    }
+}
+
+/// Unpins the links (which detaches the programs from the cgroup), then the maps.
+fn uninstall(bpffs: &Path) -> anyhow::Result<()> {
+    require_root()?;
+    if !bpffs.exists() {
+        println!("nothing to remove: {} does not exist", bpffs.display());
+        return Ok(());
+    }
+    let links = bpffs.join("links");
+    if links.exists() {
+        for entry in std::fs::read_dir(&links).with_context(|| format!("reading {}", links.display()))? {
+            let path = entry?.path();
+            std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
+            println!("detached {}", path.file_name().unwrap_or_default().to_string_lossy());
+        }
+        std::fs::remove_dir(&links).with_context(|| format!("removing {}", links.display()))?;
+    }
+    std::fs::remove_dir_all(bpffs).with_context(|| format!("removing the pinned maps in {}", bpffs.display()))?;
+    println!("removed {}", bpffs.display());
+    Ok(())
+}
+
+/// Fails unless the process can load eBPF programs.
+pub fn require_root() -> anyhow::Result<()> {
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!("this needs root (or CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN and CAP_PERFMON)");
+    }
+    Ok(())
+}

@@ -1,0 +1,131 @@
+//! What the CLI prints: tables for people (comfy-table), JSON for scripts.
+
+use comfy_table::{presets::NOTHING, CellAlignment, Table};
+use serde::Serialize;
+
+use super::Output;
+use crate::{
+    api::types::{AuditLog, ServiceList, ServiceState, SideState},
+    rollout::{GateReadings, RolloutState},
+};
+
+pub fn json(value: &impl Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn table(header: &[&str], right_aligned_from: usize) -> Table {
+    let mut table = Table::new();
+    table.load_style(NOTHING).set_header(header.iter().copied());
+    for index in right_aligned_from..header.len() {
+        if let Some(column) = table.column_mut(index) {
+            column.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    table
+}
+
+/// Services as a table, or as JSON (one service as itself, several as `{"services": [...]}`).
+pub fn services(services: &[ServiceState], output: Output) -> anyhow::Result<()> {
+    if output == Output::Json {
+        return match services {
+            [one] => json(one),
+            many => json(&ServiceList { services: many.to_vec() }),
+        };
+    }
+    let mut out = table(
+        &["SERVICE", "CANARY %", "STABLE CONN", "CANARY CONN", "S FAIL", "C FAIL", "S SRTT", "C SRTT"],
+        1,
+    );
+    let srtt = |side: &SideState| match side.health.srtt_avg_us {
+        Some(us) => format!("{:.2}ms", us as f64 / 1000.0),
+        None => "-".to_string(),
+    };
+    for s in services {
+        let (stable, canary) = (&s.sides.stable, &s.sides.canary);
+        out.add_row(vec![
+            s.name.clone(),
+            s.canary_percent.to_string(),
+            (stable.connections_steered + stable.datagrams_steered).to_string(),
+            (canary.connections_steered + canary.datagrams_steered).to_string(),
+            stable.health.failed_attempts.to_string(),
+            canary.health.failed_attempts.to_string(),
+            srtt(stable),
+            srtt(canary),
+        ]);
+    }
+    println!("{out}");
+    Ok(())
+}
+
+pub fn audit(log: &AuditLog) {
+    let mut out = table(&["TIME", "TOKEN", "ROLE", "METHOD", "ROUTE"], usize::MAX);
+    for e in &log.entries {
+        out.add_row(vec![e.time.clone(), e.token.clone(), e.role.to_string(), e.method.clone(), e.route.clone()]);
+    }
+    println!("{out}");
+}
+
+fn state_name(state: RolloutState) -> String {
+    serde_json::to_value(state).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+}
+
+/// A rollout for people: a bar of the steps, the gate readings and the observed split.
+pub fn rollout(r: &crate::api::types::RolloutView) {
+    let steps = &r.steps;
+    let state = r.state;
+    let done = |i: usize| i < r.step || state == RolloutState::Promoted;
+    let bar: Vec<String> = steps
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mark = if done(i) {
+                "✓"
+            } else if i == r.step && !matches!(state, RolloutState::RolledBack | RolloutState::Aborted) {
+                "▶"
+            } else {
+                " "
+            };
+            format!("{mark}{p}%")
+        })
+        .collect();
+    let filled = (0..steps.len()).filter(|i| done(*i)).count();
+    println!(
+        "{}  rollout {}  step {}/{}  weight {} %  window {:.1}s/{}s",
+        r.service,
+        state_name(state),
+        (r.step + 1).min(steps.len()),
+        steps.len(),
+        r.percent,
+        r.window_elapsed_ms as f64 / 1000.0,
+        r.step_seconds,
+    );
+    println!("  [{}{}]  {}", "■".repeat(filled), "□".repeat(steps.len() - filled), bar.join("  "));
+    if let Some(role) = r.awaiting_role {
+        println!("  waiting for approval by a {role} token: sockshift rollout approve {}", r.service);
+    }
+    let gates = &r.plan.gates;
+    let show = |label: &str, reading: Option<f64>, limit: Option<f64>| {
+        let reading = reading.map_or("-".to_string(), |v| format!("{v:.3}"));
+        let limit = limit.map_or("none".to_string(), |v| v.to_string());
+        format!("{label} {reading} (max {limit})")
+    };
+    for (title, window) in [("this window", &r.current_window), ("last judged", &r.last_gates)] {
+        let Some(window) = window else { continue };
+        let GateReadings { failed_attempt_ratio, reset_ratio, srtt_ratio, canary_attempts, .. } = window;
+        println!(
+            "  {title:<12} {}  {}  {}  canary attempts {canary_attempts} (min {})  observed canary {}",
+            show("failed-attempt ratio", *failed_attempt_ratio, gates.max_failed_attempt_ratio),
+            show("reset ratio", *reset_ratio, gates.max_reset_ratio),
+            show("srtt ratio", *srtt_ratio, gates.max_srtt_ratio),
+            gates.min_connections,
+            window.observed_canary_percent.map_or("-".to_string(), |v| format!("{v:.1} %")),
+        );
+    }
+    if let Some(n) = r.terminated_connections {
+        println!("  closed {n} canary connections on rollback");
+    }
+    if let Some(last) = r.history.last() {
+        println!("  last event: {} {}", last.event, last.detail);
+    }
+}

@@ -1,0 +1,866 @@
+//! The state the core owns and how each command changes it. Runs only on the core's thread.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+};
+
+use agent_common::{ppm_to_percent, MAX_SERVICES};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use super::{
+    now_ms,
+    store::{AuditSource, Commit, Expect, Key, RemoteChange, Snapshot, Store, Value, Versioned, Write},
+    Command, ControlError, Faults, FollowUp, Origin, RolloutAction, ServiceMetrics, WeightChange,
+};
+use crate::{
+    api::types::{DatapathStatus, RolloutView, ServiceBody, ServiceState, Sides},
+    audit::AuditEntry,
+    config::{validate_percent, validate_service, validate_services, InvalidField, Role, ServiceConfig, ServiceSpec},
+    datapath::{Datapath, DatapathError},
+    rollout::{read_gates, Effect, Plan, Rollout, RolloutState, Snapshot as Counters},
+    state::{merged_with_file, reconcile},
+};
+
+/// One change, committed and applied whole or not at all.
+#[derive(Debug, Default)]
+struct Change {
+    /// New value of each changed service; `None` removes it.
+    services: BTreeMap<String, Option<ServiceConfig>>,
+    rollouts: BTreeMap<String, Option<Rollout>>,
+    file_services: Option<BTreeMap<String, ServiceConfig>>,
+    audit: Option<AuditEntry>,
+    /// Sent once the change is in effect.
+    follow_ups: Vec<FollowUp>,
+}
+
+impl Change {
+    fn is_empty(&self) -> bool {
+        self.services.is_empty() && self.rollouts.is_empty() && self.file_services.is_none()
+    }
+}
+
+/// What a change does to one service in the datapath.
+enum DatapathOp {
+    /// Only the weight changed: one map update per frontend, no new revision.
+    Weight(u32),
+    Replace(Box<ServiceSpec>),
+    Remove,
+}
+
+/// How to undo one applied datapath operation.
+enum Undo {
+    Weight { name: String, ppm: u32 },
+    /// Put back the installed spec, or remove the service if there was none.
+    Restore { name: String, spec: Option<ServiceSpec> },
+}
+
+pub(super) struct Core<S: Store> {
+    datapath: Datapath,
+    store: S,
+    /// What the datapath holds, with the store revision each key was committed at (0: not in
+    /// the store yet).
+    state: Snapshot,
+    cgroup_root: Option<PathBuf>,
+    follow_ups: mpsc::UnboundedSender<FollowUp>,
+    faults: Faults,
+    /// The last error of the rollout clock's commits, logged once until it changes.
+    tick_error: Option<String>,
+}
+
+/// A rollout read back from the store is checked before it is ticked: the state machine trusts
+/// its own invariants (a step index within the plan).
+fn check_rollout(rollout: &Rollout) -> Result<(), String> {
+    rollout.plan.validate().map_err(|err| err.to_string())?;
+    if rollout.step >= rollout.plan.steps.len() {
+        return Err(format!("step {} of a plan of {} steps", rollout.step, rollout.plan.steps.len()));
+    }
+    if !rollout.percent.is_finite() || !(0.0..=100.0).contains(&rollout.percent) {
+        return Err(format!("weight {} %", rollout.percent));
+    }
+    Ok(())
+}
+
+fn role_name(role: Role) -> String {
+    role.to_string()
+}
+
+impl<S: Store> Core<S> {
+    /// Restores the stored state, reconciles it with the config file's services and makes the
+    /// datapath hold the result.
+    pub(super) async fn start(
+        datapath: Datapath,
+        mut store: S,
+        file_specs: &[ServiceSpec],
+        cgroup_root: Option<PathBuf>,
+        follow_ups: mpsc::UnboundedSender<FollowUp>,
+        faults: Faults,
+    ) -> Result<Self, ControlError> {
+        let loaded = store.load().await?;
+        for note in &loaded.recovered {
+            log::error!("{note}");
+        }
+        let stored = loaded.snapshot;
+        let file: BTreeMap<String, ServiceConfig> =
+            file_specs.iter().map(|s| (s.name.clone(), s.source.clone())).collect();
+        let current: BTreeMap<String, ServiceConfig> =
+            stored.services.iter().map(|(name, v)| (name.clone(), v.value.clone())).collect();
+        let merged = merged_with_file(&current, &stored.file_services, &file);
+        let root = cgroup_root.clone();
+        let (services, dropped) = reconcile(&merged, &file, |s| validate_service(s, "", root.as_deref()));
+        for dropped in &dropped {
+            log::error!(
+                "stored service {:?} dropped at start, the rest of the stored state is kept: {}",
+                dropped.service,
+                dropped.reason
+            );
+        }
+        let mut change = Change::default();
+        for name in stored.services.keys().chain(services.keys()) {
+            let wanted = services.get(name);
+            if stored.services.get(name).map(|v| &v.value) != wanted {
+                change.services.insert(name.clone(), wanted.cloned());
+            }
+        }
+        for (name, rollout) in &stored.rollouts {
+            let problem = if services.contains_key(name) { check_rollout(&rollout.value).err() } else { None };
+            if !services.contains_key(name) {
+                log::warn!("stored rollout of {name:?} dropped at start: the service is gone");
+                change.rollouts.insert(name.clone(), None);
+            } else if let Some(problem) = problem {
+                log::error!("stored rollout of {name:?} dropped at start: {problem}");
+                change.rollouts.insert(name.clone(), None);
+            }
+        }
+        if stored.file_services != file {
+            change.file_services = Some(file);
+        }
+
+        let mut core = Self { datapath, store, state: stored, cgroup_root, follow_ups, faults, tick_error: None };
+        // Only the store is written here: the datapath is filled whole below.
+        match core.commit_to_store(&change).await {
+            Ok(revision) => core.take_into_state(change, revision),
+            Err(err) => {
+                // Fail static: the datapath still gets the reconciled state; the store keeps the
+                // old one (and its revisions, so later commits compare against what it holds).
+                log::error!("recording the reconciled state at start: {err}");
+                core.take_into_state(change, 0);
+            }
+        }
+        let specs = core
+            .state
+            .services
+            .values()
+            .map(|v| validate_service(&v.value, "", core.cgroup_root.as_deref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        core.datapath.sync(&specs)?;
+        core.datapath.remove_leftovers();
+        if let Err(err) = core.store.applied(&core.state).await {
+            log::warn!("recording the applied state: {err}");
+        }
+        Ok(core)
+    }
+
+    pub(super) fn take_changes(&mut self) -> Option<mpsc::Receiver<RemoteChange>> {
+        self.store.take_changes()
+    }
+
+    pub(super) fn audit_source(&self) -> Arc<dyn AuditSource> {
+        self.store.audit_source()
+    }
+
+    pub(super) fn service_count(&self) -> usize {
+        self.state.services.len()
+    }
+
+    /// Applies one command and answers it.
+    pub(super) async fn handle(&mut self, command: Command) {
+        self.inject_fault(&command);
+        match command {
+            Command::Ping { reply } => {
+                let _ = reply.send(());
+            }
+            Command::Services { reply } => {
+                let _ = reply.send(self.state.services.keys().map(|name| self.service_state(name)).collect());
+            }
+            Command::Service { name, reply } => {
+                let _ = reply.send(self.service_state(&name));
+            }
+            Command::Rollout { name, reply } => {
+                let _ = reply.send(self.rollout_view(&name));
+            }
+            Command::Datapath { reply } => {
+                let _ = reply.send(Ok(DatapathStatus {
+                    services: self.datapath.service_names().len(),
+                    open_steered_sockets: self.datapath.open_steered_sockets(),
+                    steered_socket_capacity: agent_common::MAX_STEERED_SOCKETS,
+                }));
+            }
+            Command::Metrics { reply } => {
+                let _ = reply.send(self.metrics());
+            }
+            Command::SetWeight { name, change, origin, reply } => {
+                let _ = reply.send(self.set_weight(&name, change, &origin).await);
+            }
+            Command::PutService { name, body, origin, reply } => {
+                let _ = reply.send(self.put_service(name, body, &origin).await);
+            }
+            Command::DeleteService { name, origin, reply } => {
+                let _ = reply.send(self.delete_service(&name, &origin).await);
+            }
+            Command::StartRollout { name, plan, origin, reply } => {
+                let _ = reply.send(self.start_rollout(&name, plan, &origin).await);
+            }
+            Command::RolloutAction { name, action, origin, reply } => {
+                let _ = reply.send(self.rollout_action(&name, action, &origin).await);
+            }
+            Command::ReloadFile { services, reply } => {
+                let _ = reply.send(self.reload_file(services).await);
+            }
+            Command::TickRollouts => self.tick_rollouts().await,
+            Command::ReapRetired => self.datapath.reap_retired(),
+            Command::NoteTerminated { name, count } => self.note_terminated(&name, count).await,
+        }
+    }
+
+    /// See [`Faults`]: a test-only way to make the core die.
+    fn inject_fault(&self, command: &Command) {
+        let Some(target) = &self.faults.core_panic_on_service else { return };
+        let named = match command {
+            Command::Service { name, .. }
+            | Command::Rollout { name, .. }
+            | Command::SetWeight { name, .. }
+            | Command::PutService { name, .. }
+            | Command::DeleteService { name, .. }
+            | Command::StartRollout { name, .. }
+            | Command::RolloutAction { name, .. } => Some(name),
+            _ => None,
+        };
+        if named == Some(target) {
+            panic!("fault injection ({}): the core panics on a command for {target:?}", Faults::ENV);
+        }
+    }
+
+    // --- reads ---------------------------------------------------------------------------
+
+    fn config(&self, name: &str) -> Result<&ServiceConfig, ControlError> {
+        self.state.services.get(name).map(|v| &v.value).ok_or_else(|| ControlError::UnknownService(name.into()))
+    }
+
+    fn service_state(&self, name: &str) -> Result<ServiceState, ControlError> {
+        let config = self.config(name)?;
+        let view = self.datapath.service(name).ok_or_else(|| ControlError::UnknownService(name.into()))?;
+        let counters = self.datapath.counters(name)?;
+        let text = |addrs: &[SocketAddr]| addrs.iter().map(ToString::to_string).collect();
+        Ok(ServiceState {
+            name: name.to_string(),
+            canary_percent: config.canary_percent,
+            canary_ppm: view.spec.canary_ppm,
+            affinity: config.affinity,
+            max_operator_percent: config.max_operator_percent,
+            frontends: text(&view.spec.frontends),
+            stable: text(&view.spec.stable),
+            canary: text(&view.spec.canary),
+            cohorts: config.cohorts.clone(),
+            revision: view.revision,
+            sides: Sides { stable: (&counters.stable).into(), canary: (&counters.canary).into() },
+        })
+    }
+
+    /// Counters of both sides now.
+    fn counters(&self, name: &str) -> Result<Counters, ControlError> {
+        let counters = self.datapath.counters(name)?;
+        Ok(Counters { stable: (&counters.stable).into(), canary: (&counters.canary).into() })
+    }
+
+    fn rollout(&self, name: &str) -> Result<&Rollout, ControlError> {
+        self.config(name)?;
+        self.state.rollouts.get(name).map(|v| &v.value).ok_or_else(|| ControlError::NoRollout(name.into()))
+    }
+
+    fn rollout_view(&self, name: &str) -> Result<RolloutView, ControlError> {
+        let rollout = self.rollout(name)?;
+        let current_window =
+            self.counters(name).ok().map(|now| read_gates(&rollout.plan.gates, &rollout.window_baseline, &now));
+        let window_elapsed_ms = match rollout.paused_at_elapsed_ms {
+            Some(ms) => ms,
+            None => now_ms().saturating_sub(rollout.window_started_unix_ms),
+        };
+        Ok(RolloutView {
+            service: name.to_string(),
+            state: rollout.state,
+            step: rollout.step,
+            steps: rollout.plan.steps.clone(),
+            percent: rollout.percent,
+            step_seconds: rollout.plan.step_seconds,
+            window_elapsed_ms,
+            consecutive_failures: rollout.consecutive_failures,
+            awaiting_role: rollout.approval_role(),
+            last_gates: rollout.last_gates.clone(),
+            current_window,
+            terminated_connections: rollout.terminated_connections,
+            started_by: rollout.started_by.clone(),
+            plan: rollout.plan.clone(),
+            history: rollout.history.clone(),
+        })
+    }
+
+    fn metrics(&self) -> Result<Vec<ServiceMetrics>, ControlError> {
+        let mut out = Vec::new();
+        for name in self.datapath.service_names() {
+            let Some(view) = self.datapath.service(&name) else { continue };
+            let counters = self.datapath.counters(&name)?;
+            out.push(ServiceMetrics { name, canary_percent: ppm_to_percent(view.spec.canary_ppm), counters });
+        }
+        Ok(out)
+    }
+
+    // --- changes -------------------------------------------------------------------------
+
+    async fn set_weight(
+        &mut self,
+        name: &str,
+        change: WeightChange,
+        origin: &Origin,
+    ) -> Result<ServiceState, ControlError> {
+        let current = self.config(name)?.clone();
+        let percent = match change {
+            WeightChange::Set(percent) => percent,
+            WeightChange::Promote => 100.0,
+            WeightChange::KillSwitch => 0.0,
+        };
+        let ppm = validate_percent(percent, "percent")?;
+        let caller = &origin.caller;
+        if caller.role < Role::Release && percent > current.max_operator_percent {
+            return Err(ControlError::Forbidden(format!(
+                "token {:?} (operator) may set {name} up to {} %, not {percent} %",
+                caller.name, current.max_operator_percent
+            )));
+        }
+        let active = self.state.rollouts.get(name).map(|v| &v.value).filter(|r| r.state.is_active()).cloned();
+        let mut change_set = Change::default();
+        let mut service = ServiceConfig { canary_percent: ppm_to_percent(ppm), ..current.clone() };
+        match (change, active) {
+            (WeightChange::KillSwitch, Some(mut rollout)) => {
+                let effects = rollout.roll_back(now_ms(), format!("kill switch by {}", caller.name));
+                self.effects(&mut service, &rollout, effects, &mut change_set.follow_ups)?;
+                change_set.rollouts.insert(name.to_string(), Some(rollout));
+            }
+            (WeightChange::KillSwitch, None) => {}
+            (_, Some(_)) => return Err(ControlError::RolloutActive(name.into())),
+            (_, None) => {}
+        }
+        change_set.audit = Some(self.audit(origin, json!(current), json!(service)));
+        change_set.services.insert(name.to_string(), Some(service));
+        self.commit(change_set).await?;
+        log::info!("service {name}: canary weight set to {percent} % by {}", caller.name);
+        self.service_state(name)
+    }
+
+    async fn put_service(
+        &mut self,
+        name: String,
+        body: ServiceBody,
+        origin: &Origin,
+    ) -> Result<(bool, ServiceState), ControlError> {
+        let before = self.state.services.get(&name).map(|v| v.value.clone());
+        let service = body.into_config(name.clone(), before.as_ref().map(|s| s.max_operator_percent));
+        let created = before.is_none();
+        let mut change = Change {
+            audit: Some(self.audit(origin, json!(before), json!(service))),
+            ..Default::default()
+        };
+        change.services.insert(name.clone(), Some(service));
+        self.commit(change).await?;
+        log::info!("service {name}: {} by {}", if created { "added" } else { "replaced" }, origin.caller.name);
+        Ok((created, self.service_state(&name)?))
+    }
+
+    async fn delete_service(&mut self, name: &str, origin: &Origin) -> Result<ServiceState, ControlError> {
+        let last_state = self.service_state(name)?;
+        let removed = self.config(name)?.clone();
+        let mut change = Change { audit: Some(self.audit(origin, json!(removed), json!(null))), ..Default::default() };
+        change.services.insert(name.to_string(), None);
+        // A rollout has no meaning without its service: it must not come back to drive a service
+        // later created under the same name.
+        if self.state.rollouts.contains_key(name) {
+            change.rollouts.insert(name.to_string(), None);
+        }
+        self.commit(change).await?;
+        log::info!("service {name}: removed by {}", origin.caller.name);
+        Ok(last_state)
+    }
+
+    async fn start_rollout(&mut self, name: &str, plan: Plan, origin: &Origin) -> Result<RolloutView, ControlError> {
+        let current = self.config(name)?.clone();
+        plan.validate()?;
+        if self.state.rollouts.get(name).is_some_and(|r| r.value.state.is_active()) {
+            return Err(ControlError::RolloutActive(name.into()));
+        }
+        let (rollout, effects) = Rollout::start(plan.clone(), now_ms(), self.counters(name)?, &origin.caller.name);
+        let mut change = Change::default();
+        let mut service = current.clone();
+        self.effects(&mut service, &rollout, effects, &mut change.follow_ups)?;
+        if service != current {
+            change.services.insert(name.to_string(), Some(service));
+        }
+        change.rollouts.insert(name.to_string(), Some(rollout));
+        change.audit = Some(self.audit(origin, json!(current), json!({ "rollout": plan })));
+        self.commit(change).await?;
+        log::info!("service {name}: rollout started by {}", origin.caller.name);
+        self.rollout_view(name)
+    }
+
+    async fn rollout_action(
+        &mut self,
+        name: &str,
+        action: RolloutAction,
+        origin: &Origin,
+    ) -> Result<RolloutView, ControlError> {
+        let mut rollout = self.rollout(name)?.clone();
+        let counters = self.counters(name)?;
+        let caller = &origin.caller;
+        if action == RolloutAction::Approve {
+            if let Some(needed) = rollout.approval_role().filter(|needed| caller.role < *needed) {
+                return Err(ControlError::Forbidden(format!(
+                    "token {:?} has role {}, this needs {}",
+                    caller.name,
+                    role_name(caller.role),
+                    role_name(needed)
+                )));
+            }
+        }
+        let before = rollout.state;
+        let wrong_state = |needed: &'static str| ControlError::RolloutState {
+            service: name.into(),
+            state: serde_json::to_value(before).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+            action,
+            needed,
+        };
+        let now = now_ms();
+        let effects = match (action, before) {
+            (RolloutAction::Pause, RolloutState::Running) => rollout.pause(now, &caller.name),
+            (RolloutAction::Pause, _) => return Err(wrong_state("a running rollout")),
+            (RolloutAction::Resume, RolloutState::Paused) => rollout.resume(now, &caller.name),
+            (RolloutAction::Resume, _) => return Err(wrong_state("a paused rollout")),
+            (RolloutAction::Approve, RolloutState::AwaitingApproval) => rollout.approve(now, counters, &caller.name),
+            (RolloutAction::Approve, _) => return Err(wrong_state("a rollout awaiting approval")),
+            (RolloutAction::Abort, state) if state.is_active() => rollout.abort(now, &caller.name),
+            (RolloutAction::Abort, _) => return Err(wrong_state("an active rollout")),
+        };
+        let current = self.config(name)?.clone();
+        let mut change = Change::default();
+        let mut service = current.clone();
+        self.effects(&mut service, &rollout, effects, &mut change.follow_ups)?;
+        if service != current {
+            change.services.insert(name.to_string(), Some(service));
+        }
+        change.audit = Some(self.audit(origin, json!({ "state": before }), json!({ "state": rollout.state })));
+        change.rollouts.insert(name.to_string(), Some(rollout));
+        self.commit(change).await?;
+        log::info!("service {name}: rollout {action} by {}", caller.name);
+        self.rollout_view(name)
+    }
+
+    /// The config file now says `file`: merge by the rules in `state`, validate, commit, apply.
+    async fn reload_file(&mut self, file: Vec<ServiceConfig>) -> Result<usize, ControlError> {
+        let count = file.len();
+        let file: BTreeMap<String, ServiceConfig> = file.into_iter().map(|s| (s.name.clone(), s)).collect();
+        let current: BTreeMap<String, ServiceConfig> =
+            self.state.services.iter().map(|(name, v)| (name.clone(), v.value.clone())).collect();
+        let merged = merged_with_file(&current, &self.state.file_services, &file);
+        // The whole set first, so that the error names the service's place in it.
+        validate_services(&merged.values().cloned().collect::<Vec<_>>(), self.cgroup_root.as_deref())?;
+        let mut change = Change::default();
+        for name in current.keys().chain(merged.keys()) {
+            if current.get(name) != merged.get(name) {
+                change.services.insert(name.clone(), merged.get(name).cloned());
+            }
+        }
+        for name in self.state.rollouts.keys().filter(|name| !merged.contains_key(*name)) {
+            change.rollouts.insert(name.clone(), None);
+        }
+        if file != self.state.file_services {
+            change.file_services = Some(file);
+        }
+        self.commit(change).await?;
+        Ok(count)
+    }
+
+    /// Advances every running rollout's clock; all the rollouts that moved are one commit.
+    async fn tick_rollouts(&mut self) {
+        let now = now_ms();
+        let mut change = Change::default();
+        let running: Vec<String> = self
+            .state
+            .rollouts
+            .iter()
+            .filter(|(_, r)| r.value.state == RolloutState::Running)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in running {
+            let (Ok(counters), Ok(current)) = (self.counters(&name), self.config(&name).cloned()) else { continue };
+            let Some(before) = self.state.rollouts.get(&name).map(|v| &v.value) else { continue };
+            let mut rollout = before.clone();
+            let effects = rollout.tick(now, counters);
+            if rollout == *before {
+                continue;
+            }
+            let mut service = current.clone();
+            if let Err(err) = self.effects(&mut service, &rollout, effects, &mut change.follow_ups) {
+                log::error!("rollout of {name}: {err}");
+                continue;
+            }
+            if service != current {
+                change.services.insert(name.clone(), Some(service));
+            }
+            change.rollouts.insert(name, Some(rollout));
+        }
+        match self.commit(change).await {
+            Ok(()) => self.tick_error = None,
+            Err(err) => {
+                // Retried at the next tick; said once, not ten times a second.
+                let text = err.to_string();
+                if self.tick_error.as_ref() != Some(&text) {
+                    log::error!("advancing rollouts: {text}");
+                    self.tick_error = Some(text);
+                }
+            }
+        }
+    }
+
+    async fn note_terminated(&mut self, name: &str, count: usize) {
+        let Some(mut rollout) = self.state.rollouts.get(name).map(|v| v.value.clone()) else { return };
+        rollout.terminated_connections = Some(count as u64);
+        let mut change = Change::default();
+        change.rollouts.insert(name.to_string(), Some(rollout));
+        if let Err(err) = self.commit(change).await {
+            log::error!("recording terminated connections of {name}: {err}");
+        }
+    }
+
+    fn audit(&self, origin: &Origin, before: serde_json::Value, after: serde_json::Value) -> AuditEntry {
+        AuditEntry::now(&origin.caller.name, origin.caller.role, &origin.method, &origin.route, before, after)
+    }
+
+    /// Applies a rollout's effects to `service` (its weight) and collects what must follow.
+    fn effects(
+        &self,
+        service: &mut ServiceConfig,
+        rollout: &Rollout,
+        effects: Vec<Effect>,
+        follow_ups: &mut Vec<FollowUp>,
+    ) -> Result<(), ControlError> {
+        for effect in effects {
+            match effect {
+                Effect::SetPercent(percent) => {
+                    service.canary_percent = ppm_to_percent(validate_percent(percent, "percent")?);
+                }
+                Effect::RollBack { terminate_connections } => {
+                    service.canary_percent = 0.0;
+                    if terminate_connections {
+                        let backends = service.canary.iter().filter_map(|a| a.parse().ok()).collect();
+                        follow_ups.push(FollowUp::TerminateCanary { service: service.name.clone(), backends });
+                    }
+                }
+                Effect::Notify(event) => {
+                    if !rollout.plan.webhooks.is_empty() {
+                        follow_ups.push(FollowUp::Notify {
+                            service: service.name.clone(),
+                            event: event.clone(),
+                            webhooks: rollout.plan.webhooks.clone(),
+                            payload: json!({
+                                "event": event,
+                                "service": service.name,
+                                "state": rollout.state,
+                                "step": rollout.step,
+                                "percent": rollout.percent,
+                                "gates": rollout.last_gates,
+                                "at_unix_ms": now_ms(),
+                            }),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // --- commit and apply ----------------------------------------------------------------
+
+    /// Validates `change`, commits it to the store, applies it to the datapath (undoing both if
+    /// the datapath refuses), and sends its follow-ups. On error nothing has changed.
+    async fn commit(&mut self, mut change: Change) -> Result<(), ControlError> {
+        if change.is_empty() {
+            return Ok(());
+        }
+        let ops = self.plan_datapath(&change.services)?;
+        let revision = self.commit_to_store(&change).await?;
+        change.audit = None;
+        if let Err(err) = self.apply_datapath(ops) {
+            self.revert_store(&change, revision).await;
+            return Err(ControlError::Datapath(err));
+        }
+        let follow_ups = std::mem::take(&mut change.follow_ups);
+        self.take_into_state(change, revision);
+        if let Err(err) = self.store.applied(&self.state).await {
+            log::warn!("recording the applied state: {err}");
+        }
+        for follow_up in follow_ups {
+            let _ = self.follow_ups.send(follow_up);
+        }
+        Ok(())
+    }
+
+    /// Writes `change` to the store, compared on the revisions the core holds.
+    async fn commit_to_store(&mut self, change: &Change) -> Result<u64, ControlError> {
+        if change.is_empty() {
+            return Ok(self.state.revision);
+        }
+        let mut writes = Vec::new();
+        for (name, value) in &change.services {
+            writes.push(Write {
+                key: Key::Service(name.clone()),
+                expect: Expect::of(self.state.services.get(name)),
+                value: Value::Service(value.clone()),
+            });
+        }
+        for (name, value) in &change.rollouts {
+            writes.push(Write {
+                key: Key::Rollout(name.clone()),
+                expect: Expect::of(self.state.rollouts.get(name)),
+                value: Value::Rollout(value.clone()),
+            });
+        }
+        let commit = Commit { writes, file_services: change.file_services.clone(), audit: change.audit.clone() };
+        Ok(self.store.commit(commit).await?)
+    }
+
+    /// After a datapath refusal: writes the previous values back, compared on `revision` (the
+    /// refused commit's). Nothing is audited: the refused change never took effect.
+    async fn revert_store(&mut self, change: &Change, revision: u64) {
+        let at = |present: bool| if present { Expect::At(revision) } else { Expect::Absent };
+        let mut writes = Vec::new();
+        for (name, value) in &change.services {
+            writes.push(Write {
+                key: Key::Service(name.clone()),
+                expect: at(value.is_some()),
+                value: Value::Service(self.state.services.get(name).map(|v| v.value.clone())),
+            });
+        }
+        for (name, value) in &change.rollouts {
+            writes.push(Write {
+                key: Key::Rollout(name.clone()),
+                expect: at(value.is_some()),
+                value: Value::Rollout(self.state.rollouts.get(name).map(|v| v.value.clone())),
+            });
+        }
+        let file_services = change.file_services.as_ref().map(|_| self.state.file_services.clone());
+        let revert = Commit { writes, file_services, audit: None };
+        match self.store.commit(revert).await {
+            Ok(reverted) => {
+                // The store holds the old values again, at a new revision.
+                for name in change.services.keys() {
+                    if let Some(v) = self.state.services.get_mut(name) {
+                        v.revision = reverted;
+                    }
+                }
+                for name in change.rollouts.keys() {
+                    if let Some(v) = self.state.rollouts.get_mut(name) {
+                        v.revision = reverted;
+                    }
+                }
+                self.state.revision = reverted;
+            }
+            Err(err) => log::error!(
+                "the datapath refused a committed change and the store could not be put back ({err}): the store                  holds a change this node does not apply; the next start applies it"
+            ),
+        }
+    }
+
+    /// Makes a committed change the core's state.
+    fn take_into_state(&mut self, change: Change, revision: u64) {
+        let keep = |old: Option<u64>| if revision == 0 { old.unwrap_or(0) } else { revision };
+        for (name, value) in change.services {
+            match value {
+                Some(value) => {
+                    let revision = keep(self.state.services.get(&name).map(|v| v.revision));
+                    self.state.services.insert(name, Versioned { revision, value });
+                }
+                None => {
+                    self.state.services.remove(&name);
+                }
+            }
+        }
+        for (name, value) in change.rollouts {
+            match value {
+                Some(value) => {
+                    let revision = keep(self.state.rollouts.get(&name).map(|v| v.revision));
+                    self.state.rollouts.insert(name, Versioned { revision, value });
+                }
+                None => {
+                    self.state.rollouts.remove(&name);
+                }
+            }
+        }
+        if let Some(file_services) = change.file_services {
+            self.state.file_services = file_services;
+        }
+        if revision > 0 {
+            self.state.revision = revision;
+        }
+    }
+
+    /// Validates the changed services against each other and the rest, and says what the
+    /// datapath must do for each. Only changed services are validated: a weight change costs no
+    /// more with 65,536 services than with one.
+    fn plan_datapath(
+        &self,
+        services: &BTreeMap<String, Option<ServiceConfig>>,
+    ) -> Result<Vec<(String, DatapathOp)>, ControlError> {
+        let added = services.iter().filter(|(n, v)| v.is_some() && !self.state.services.contains_key(*n)).count();
+        let removed = services.iter().filter(|(n, v)| v.is_none() && self.state.services.contains_key(*n)).count();
+        let total = self.state.services.len() + added - removed;
+        if total > MAX_SERVICES as usize {
+            return Err(InvalidField::new("service", format!("{total} services, at most {MAX_SERVICES} are supported"))
+                .into());
+        }
+        let mut ops = Vec::new();
+        let mut claimed: HashMap<SocketAddr, &str> = HashMap::new();
+        for (name, new) in services {
+            let old = self.state.services.get(name).map(|v| &v.value);
+            match (old, new) {
+                (None, None) => {}
+                (Some(_), None) => ops.push((name.clone(), DatapathOp::Remove)),
+                (Some(old), Some(new))
+                    if ServiceConfig { canary_percent: new.canary_percent, ..old.clone() } == *new =>
+                {
+                    ops.push((name.clone(), DatapathOp::Weight(validate_percent(new.canary_percent, "canary_percent")?)));
+                }
+                (_, Some(new)) => {
+                    if new.name != *name {
+                        return Err(InvalidField::new("name", format!("{:?} is not the service {name:?}", new.name)).into());
+                    }
+                    let spec = validate_service(new, "", self.cgroup_root.as_deref())?;
+                    for frontend in &spec.frontends {
+                        let owner = claimed.get(frontend).copied().or_else(|| {
+                            self.datapath.frontend_owner(frontend).filter(|owner| !services.contains_key(*owner))
+                        });
+                        if let Some(owner) = owner.filter(|owner| *owner != name) {
+                            return Err(ControlError::FrontendInUse { frontend: *frontend, owner: owner.to_string() });
+                        }
+                        claimed.insert(*frontend, name);
+                    }
+                    ops.push((name.clone(), DatapathOp::Replace(Box::new(spec))));
+                }
+            }
+        }
+        Ok(ops)
+    }
+
+    /// Applies `ops` in order; on the first refusal, undoes the ones already applied.
+    fn apply_datapath(&mut self, ops: Vec<(String, DatapathOp)>) -> Result<(), DatapathError> {
+        let mut undo = Vec::new();
+        for (name, op) in ops {
+            let installed = self.datapath.service(&name).map(|v| v.spec);
+            let result = match op {
+                DatapathOp::Weight(ppm) => self.datapath.set_weight(&name, ppm).map(|()| {
+                    if let Some(old) = installed {
+                        undo.push(Undo::Weight { name, ppm: old.canary_ppm });
+                    }
+                }),
+                DatapathOp::Replace(spec) => {
+                    self.datapath.replace_service(*spec).map(|()| undo.push(Undo::Restore { name, spec: installed }))
+                }
+                DatapathOp::Remove => match self.datapath.remove_service(&name) {
+                    Ok(()) => {
+                        undo.push(Undo::Restore { name, spec: installed });
+                        Ok(())
+                    }
+                    Err(DatapathError::UnknownService(_)) => Ok(()),
+                    Err(err) => Err(err),
+                },
+            };
+            if let Err(err) = result {
+                log::error!("the datapath refused a change, undoing it: {err}");
+                for step in undo.into_iter().rev() {
+                    let undone = match step {
+                        Undo::Weight { name, ppm } => self.datapath.set_weight(&name, ppm),
+                        Undo::Restore { spec: Some(spec), .. } => self.datapath.replace_service(spec),
+                        Undo::Restore { name, spec: None } => self.datapath.remove_service(&name),
+                    };
+                    if let Err(err) = undone {
+                        log::error!("undoing a refused datapath change: {err}");
+                    }
+                }
+                return Err(err);
+            }
+        }
+        Ok(())
+    }
+
+    /// A change made elsewhere (cluster mode): applied to the datapath without committing it
+    /// again. A value that does not validate is skipped with an error naming its key, and the
+    /// service keeps its last valid state.
+    pub(super) async fn apply_remote(&mut self, change: RemoteChange) {
+        let (revision, writes) = match change {
+            RemoteChange::Changed { revision, writes } => (revision, writes),
+            RemoteChange::Resync(snapshot) => {
+                let mut writes = Vec::new();
+                for name in self.state.services.keys().chain(snapshot.services.keys()) {
+                    let wanted = snapshot.services.get(name).map(|v| v.value.clone());
+                    if self.state.services.get(name).map(|v| &v.value) != wanted.as_ref() {
+                        writes.push((Key::Service(name.clone()), Value::Service(wanted)));
+                    }
+                }
+                for name in self.state.rollouts.keys().chain(snapshot.rollouts.keys()) {
+                    let wanted = snapshot.rollouts.get(name).map(|v| v.value.clone());
+                    if self.state.rollouts.get(name).map(|v| &v.value) != wanted.as_ref() {
+                        writes.push((Key::Rollout(name.clone()), Value::Rollout(wanted)));
+                    }
+                }
+                (snapshot.revision, writes)
+            }
+        };
+        let mut change = Change::default();
+        for (key, value) in writes {
+            match (key, value) {
+                (Key::Service(name), Value::Service(value)) => {
+                    let single = BTreeMap::from([(name.clone(), value.clone())]);
+                    match self.plan_datapath(&single) {
+                        Ok(_) => {
+                            change.services.insert(name, value);
+                        }
+                        Err(err) => log::error!("skipping services/{name} from the store: {err}"),
+                    }
+                }
+                (Key::Rollout(name), Value::Rollout(value)) => {
+                    if let Some(Err(problem)) = value.as_ref().map(check_rollout) {
+                        log::error!("skipping rollouts/{name} from the store: {problem}");
+                        continue;
+                    }
+                    change.rollouts.insert(name, value);
+                }
+                (key, value) => log::error!("skipping {key} from the store: it cannot hold {value:?}"),
+            }
+        }
+        let ops = match self.plan_datapath(&change.services) {
+            Ok(ops) => ops,
+            Err(err) => {
+                log::error!("changes from the store do not fit together, not applied: {err}");
+                return;
+            }
+        };
+        if let Err(err) = self.apply_datapath(ops) {
+            log::error!("applying changes from the store at revision {revision}: {err}");
+            return;
+        }
+        self.take_into_state(change, revision.max(1));
+        if let Err(err) = self.store.applied(&self.state).await {
+            log::warn!("recording the applied state: {err}");
+        }
+    }
+}

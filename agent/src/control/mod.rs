@@ -1,0 +1,340 @@
+//! The control core: the one owner of the desired state and of the datapath that enforces it.
+//!
+//! It runs on a thread of its own ([`spawn`]) and applies [`Command`]s one at a time, in the
+//! order they arrive, from every source: the API handlers, the config-file watcher, the rollout
+//! driver, the revision reaper and, in cluster mode, the store's change stream. Each command
+//! carries a reply channel; a handler awaits the reply and never blocks a runtime worker on the
+//! datapath's syscalls or the store's fsyncs. A change is validated whole, committed to the
+//! [`store::Store`] with its audit entry, then applied to the datapath (see `store` for the
+//! order and what happens on failure), and only then answered.
+
+mod core;
+pub mod store;
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use self::{
+    core::Core,
+    store::{AuditSource, RemoteChange, Store, StoreError},
+};
+use crate::{
+    api::types::{DatapathStatus, RolloutView, ServiceBody, ServiceState},
+    config::{InvalidField, Role, ServiceConfig, ServiceSpec},
+    datapath::{Datapath, DatapathError, ServiceCounters},
+    rollout::Plan,
+};
+
+/// How many commands may wait for the core. A full queue answers 503 at once rather than pile up.
+const QUEUE: usize = 1024;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    u64::try_from(jiff::Timestamp::now().as_millisecond()).unwrap_or(0)
+}
+
+/// Who asks for a change, as the API established it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The token's name (`anonymous` without authentication).
+    pub name: String,
+    pub role: Role,
+}
+
+/// Where a change came from, for the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub caller: Caller,
+    /// The request's HTTP method.
+    pub method: String,
+    /// The request's path.
+    pub route: String,
+}
+
+/// The three ways a caller changes a weight by hand.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum WeightChange {
+    /// `PUT .../canary`: refused while a rollout drives the weight.
+    Set(f64),
+    /// `POST .../promote`: 100 %, likewise refused during a rollout.
+    Promote,
+    /// `POST .../rollback`: 0 % whatever else is going on; ends an active rollout.
+    KillSwitch,
+}
+
+/// What a caller does to a running rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RolloutAction {
+    Pause,
+    Resume,
+    Approve,
+    Abort,
+}
+
+impl std::fmt::Display for RolloutAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Pause => "pause",
+            Self::Resume => "resume",
+            Self::Approve => "approve",
+            Self::Abort => "abort",
+        })
+    }
+}
+
+/// Per-service figures for `/metrics`, rendered outside the core.
+#[derive(Debug, Clone)]
+pub struct ServiceMetrics {
+    pub name: String,
+    pub canary_percent: f64,
+    pub counters: ServiceCounters,
+}
+
+pub type Reply<T> = oneshot::Sender<Result<T, ControlError>>;
+
+/// Everything the core does, each with its reply.
+#[derive(Debug)]
+pub enum Command {
+    /// Answers at once: the core is alive and not stuck.
+    Ping { reply: oneshot::Sender<()> },
+    Services { reply: Reply<Vec<ServiceState>> },
+    Service { name: String, reply: Reply<ServiceState> },
+    Rollout { name: String, reply: Reply<RolloutView> },
+    Datapath { reply: Reply<DatapathStatus> },
+    Metrics { reply: Reply<Vec<ServiceMetrics>> },
+    SetWeight { name: String, change: WeightChange, origin: Origin, reply: Reply<ServiceState> },
+    /// Adds or replaces service `name` (`true`: added). A body that leaves `max_operator_percent`
+    /// out keeps the replaced service's.
+    PutService { name: String, body: ServiceBody, origin: Origin, reply: Reply<(bool, ServiceState)> },
+    /// Removes a service (and its rollout); answers its last state.
+    DeleteService { name: String, origin: Origin, reply: Reply<ServiceState> },
+    StartRollout { name: String, plan: Plan, origin: Origin, reply: Reply<RolloutView> },
+    RolloutAction { name: String, action: RolloutAction, origin: Origin, reply: Reply<RolloutView> },
+    /// The config file now holds these services (validated); answers how many.
+    ReloadFile { services: Vec<ServiceConfig>, reply: Reply<usize> },
+    /// The rollout driver's clock.
+    TickRollouts,
+    /// Deletes backend revisions past their grace period.
+    ReapRetired,
+    /// What terminating a rolled-back canary's connections did.
+    NoteTerminated { name: String, count: usize },
+}
+
+/// Work a change asks for that happens outside the core, after the change is committed.
+#[derive(Debug, Clone)]
+pub enum FollowUp {
+    /// POST the rollout's state to its webhooks.
+    Notify { service: String, event: String, webhooks: Vec<String>, payload: serde_json::Value },
+    /// Close established TCP connections to these canary backends.
+    TerminateCanary { service: String, backends: Vec<SocketAddr> },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(transparent)]
+    Invalid(#[from] InvalidField),
+    #[error("no service named {0:?}")]
+    UnknownService(String),
+    #[error("frontend {frontend} already belongs to service {owner:?}")]
+    FrontendInUse { frontend: SocketAddr, owner: String },
+    #[error(
+        "service {0:?} has an active rollout driving its weight: abort it first, or use the kill switch (rollback)"
+    )]
+    RolloutActive(String),
+    #[error("service {0:?} has no rollout")]
+    NoRollout(String),
+    #[error("the rollout of {service:?} is {state}; {action} needs {needed}")]
+    RolloutState { service: String, state: String, action: RolloutAction, needed: &'static str },
+    /// The caller's role does not allow this.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The store refused or failed the commit; nothing changed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The datapath refused the change; it and the store were put back as they were.
+    #[error("the datapath refused the change (nothing changed): {0}")]
+    Datapath(#[from] DatapathError),
+    /// The core did not answer within the bound: it may be stuck in I/O.
+    #[error("the control core did not answer within {0:?}; a change sent now may still be applied later")]
+    CoreStuck(Duration),
+    /// The core has stopped (it panicked, or the agent is shutting down).
+    #[error("the control core has stopped")]
+    CoreDead,
+}
+
+/// Faults an end-to-end test can inject to prove `/healthz` sees a dead core or task. Off unless
+/// `SOCKSHIFT_FAULT_INJECTION` is set (the agent then says so loudly at start); never set it in
+/// production. Syntax: comma-separated `core-panic-on=<service>` (the core panics on a command
+/// naming that service), `task-panic=<task>` (that background task panics at its next round).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Faults {
+    pub core_panic_on_service: Option<String>,
+    pub task_panic: Option<String>,
+}
+
+impl Faults {
+    pub const ENV: &'static str = "SOCKSHIFT_FAULT_INJECTION";
+
+    pub fn from_env() -> Self {
+        let Ok(spec) = std::env::var(Self::ENV) else { return Self::default() };
+        let mut faults = Self::default();
+        for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            match item.split_once('=') {
+                Some(("core-panic-on", service)) => faults.core_panic_on_service = Some(service.to_string()),
+                Some(("task-panic", task)) => faults.task_panic = Some(task.to_string()),
+                _ => log::error!("{}: ignoring unknown fault {item:?}", Self::ENV),
+            }
+        }
+        log::warn!("FAULT INJECTION ENABLED ({}={spec:?}): for tests only", Self::ENV);
+        faults
+    }
+}
+
+/// The way to the core: cheap to clone, one per command source.
+#[derive(Debug, Clone)]
+pub struct ControlHandle {
+    commands: mpsc::Sender<Command>,
+}
+
+/// How long a request waits for the core before it is answered 503.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl ControlHandle {
+    /// Sends a command built around a reply channel and awaits the answer, at most `timeout`.
+    pub async fn request<T>(
+        &self,
+        timeout: Duration,
+        command: impl FnOnce(Reply<T>) -> Command,
+    ) -> Result<T, ControlError> {
+        let (reply, answer) = oneshot::channel();
+        let exchange = async {
+            self.commands.send(command(reply)).await.map_err(|_| ControlError::CoreDead)?;
+            answer.await.map_err(|_| ControlError::CoreDead)?
+        };
+        tokio::time::timeout(timeout, exchange).await.map_err(|_| ControlError::CoreStuck(timeout))?
+    }
+
+    /// `request` with the API's bound.
+    pub async fn ask<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Result<T, ControlError> {
+        self.request(REQUEST_TIMEOUT, command).await
+    }
+
+    /// Sends a command that has no reply (the driver's and reaper's); waits while the queue is
+    /// full, so a stuck core makes its senders wait rather than queue without bound.
+    pub async fn tell(&self, command: Command) -> Result<(), ControlError> {
+        self.commands.send(command).await.map_err(|_| ControlError::CoreDead)
+    }
+
+    /// Whether the core answers within `bound`.
+    pub async fn ping(&self, bound: Duration) -> Result<(), ControlError> {
+        let (reply, answer) = oneshot::channel();
+        let exchange = async {
+            // A full queue is a stuck core too: try_send does not wait behind the backlog.
+            self.commands.try_send(Command::Ping { reply }).map_err(|err| match err {
+                mpsc::error::TrySendError::Full(_) => ControlError::CoreStuck(bound),
+                mpsc::error::TrySendError::Closed(_) => ControlError::CoreDead,
+            })?;
+            answer.await.map_err(|_| ControlError::CoreDead)
+        };
+        tokio::time::timeout(bound, exchange).await.map_err(|_| ControlError::CoreStuck(bound))?
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.commands.is_closed()
+    }
+}
+
+/// What the core starts from.
+pub struct Start<S> {
+    pub datapath: Datapath,
+    pub store: S,
+    /// The config file's services, validated.
+    pub file_services: Vec<ServiceSpec>,
+    pub cgroup_root: Option<PathBuf>,
+    pub follow_ups: mpsc::UnboundedSender<FollowUp>,
+    pub faults: Faults,
+}
+
+/// A started core.
+pub struct Started {
+    pub handle: ControlHandle,
+    pub audit: Arc<dyn AuditSource>,
+    /// Services the core holds after start.
+    pub services: usize,
+    pub thread: std::thread::JoinHandle<()>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("starting the control core's thread: {0}")]
+    Thread(std::io::Error),
+    #[error("restoring the desired state: {0}")]
+    Restore(ControlError),
+    #[error("the control core stopped while starting")]
+    Died,
+}
+
+/// Starts the core on a thread of its own: restores the stored state, reconciles it with the
+/// config file, makes the datapath hold the result, then serves commands until every
+/// [`ControlHandle`] is dropped.
+pub async fn spawn<S: Store>(start: Start<S>) -> Result<Started, StartError> {
+    let (commands, mut queue) = mpsc::channel(QUEUE);
+    let (started, ready) = oneshot::channel();
+    let thread = std::thread::Builder::new()
+        .name("sockshift-core".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime,
+                Err(err) => {
+                    let _ = started.send(Err(StartError::Thread(err)));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let Start { datapath, store, file_services, cgroup_root, follow_ups, faults } = start;
+                let mut core = match Core::start(datapath, store, &file_services, cgroup_root, follow_ups, faults).await
+                {
+                    Ok(core) => core,
+                    Err(err) => {
+                        let _ = started.send(Err(StartError::Restore(err)));
+                        return;
+                    }
+                };
+                let mut remote = core.take_changes();
+                if started.send(Ok((core.audit_source(), core.service_count()))).is_err() {
+                    return;
+                }
+                loop {
+                    tokio::select! {
+                        command = queue.recv() => match command {
+                            Some(command) => core.handle(command).await,
+                            None => break,
+                        },
+                        Some(change) = recv_remote(&mut remote) => core.apply_remote(change).await,
+                    }
+                }
+                log::info!("control core stopped");
+            });
+        })
+        .map_err(StartError::Thread)?;
+    let (audit, services) = ready.await.map_err(|_| StartError::Died)??;
+    Ok(Started { handle: ControlHandle { commands }, audit, services, thread })
+}
+
+/// The next remote change, or never when there is no stream (or it ended).
+async fn recv_remote(remote: &mut Option<mpsc::Receiver<RemoteChange>>) -> Option<RemoteChange> {
+    match remote {
+        Some(receiver) => match receiver.recv().await {
+            Some(change) => Some(change),
+            None => {
+                log::error!("the store's change stream ended; changes made elsewhere are no longer applied");
+                *remote = None;
+                std::future::pending().await
+            }
+        },
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,196 @@
+//! Where desired state is kept: the interface between the control core and its storage.
+//!
+//! The core (`control::core`) is the only user. It owns the node's datapath and applies every
+//! change in the same order, whatever the store:
+//!
+//! 1. validate the whole resulting state (nothing is touched on error);
+//! 2. [`Store::commit`] the changed keys, compared on the revisions the core last saw
+//!    (compare-and-swap), together with the change's audit entry;
+//! 3. apply the committed state to this node's datapath;
+//! 4. [`Store::applied`]: tell the store what the datapath now holds.
+//!
+//! A commit that fails (disk full, conflict, store unreachable) leaves the datapath and the
+//! core's view untouched: the caller gets an error and the old state stays. A datapath apply that
+//! fails after a commit is undone on the datapath and in the store (a second commit writing the
+//! previous values back, compared on the revisions the first one produced).
+//!
+//! Two implementations are meant to exist with this one interface:
+//! - [`file::FileStore`] (single node, the default): `state.json` and `audit.log` under
+//!   `agent.state_dir`. Revisions are a local counter. Nothing changes it but this agent, so
+//!   [`Store::take_changes`] gives `None`; the config file watcher is a separate command source.
+//! - an etcd store (cluster mode): keys under `<prefix>/v1/`, revisions are etcd `mod_revision`s,
+//!   a commit is one etcd transaction (`compare mod_revision` on every key it writes, the audit
+//!   entry written in the same transaction), [`Store::take_changes`] is the prefix watch, and
+//!   [`Store::applied`] writes the node's local copy of the last applied state (so an agent
+//!   restarted while etcd is unreachable restores it) and publishes how far the node got.
+//!
+//! Implementations run on the core's own thread (a current-thread Tokio runtime), never on the
+//! API's workers: they may do blocking file I/O, but must bound every network wait (a store that
+//! never answers makes the core stop answering, which `/healthz` reports).
+
+use std::{collections::BTreeMap, future::Future, pin::Pin};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{audit::AuditEntry, config::ServiceConfig, rollout::Rollout};
+
+/// Revision of a key, or of the whole store. The file store counts commits; etcd gives its
+/// `mod_revision`. 0 means "never written".
+pub type Revision = u64;
+
+/// What a key names: one service's spec (with its weight and cohorts), or one service's rollout
+/// (the last one, active or finished). An etcd store maps them to `<prefix>/v1/services/<name>`
+/// and `<prefix>/v1/rollouts/<name>`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Key {
+    Service(String),
+    Rollout(String),
+}
+
+impl std::fmt::Display for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Key::Service(name) => write!(f, "services/{name}"),
+            Key::Rollout(name) => write!(f, "rollouts/{name}"),
+        }
+    }
+}
+
+/// A stored value and the revision it was last written at.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Versioned<T> {
+    pub revision: Revision,
+    pub value: T,
+}
+
+/// Everything a store holds, as read at start (or, for a shared store, relisted after its change
+/// stream was lost).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    pub services: BTreeMap<String, Versioned<ServiceConfig>>,
+    pub rollouts: BTreeMap<String, Versioned<Rollout>>,
+    /// The config file's services when this node last reconciled with its file: node-local
+    /// bookkeeping for the file-merge rule (see `state`), not shared state. A shared store keeps
+    /// it in its local copy only.
+    pub file_services: BTreeMap<String, ServiceConfig>,
+    /// Revision of the whole store at this snapshot; a change stream resumes after it.
+    pub revision: Revision,
+}
+
+/// What the store had when it was opened.
+#[derive(Debug, Clone, Default)]
+pub struct Loaded {
+    pub snapshot: Snapshot,
+    /// Problems met while loading that the store recovered from (a corrupt file moved aside, an
+    /// entry that did not parse skipped): logged by the core, reported nowhere else.
+    pub recovered: Vec<String>,
+}
+
+/// What a write expects to find, compared before anything in the commit is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// The key does not exist.
+    Absent,
+    /// The key exists at exactly this revision.
+    At(Revision),
+}
+
+impl Expect {
+    /// `At` the revision of a known value, `Absent` when there is none (or it was never
+    /// committed: revision 0).
+    pub fn of<T>(current: Option<&Versioned<T>>) -> Self {
+        current.filter(|v| v.revision > 0).map_or(Expect::Absent, |v| Expect::At(v.revision))
+    }
+}
+
+/// The new value of a key, or `None` to delete it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Service(Option<ServiceConfig>),
+    Rollout(Option<Rollout>),
+}
+
+/// One key written by a commit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Write {
+    pub key: Key,
+    pub expect: Expect,
+    pub value: Value,
+}
+
+/// One atomic change: every write happens, with the audit entry, or none does.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Commit {
+    pub writes: Vec<Write>,
+    /// New node-local file bookkeeping (see [`Snapshot::file_services`]), when it changes.
+    pub file_services: Option<BTreeMap<String, ServiceConfig>>,
+    /// The accepted change as the audit log records it; `None` for changes no caller made (a
+    /// rollout's clock, a config file reload).
+    pub audit: Option<AuditEntry>,
+}
+
+/// A change made by someone else (another node), delivered by [`Store::take_changes`]. The core
+/// applies it to the datapath without committing it again.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RemoteChange {
+    /// Keys written elsewhere, with the revision of that commit.
+    Changed { revision: Revision, writes: Vec<(Key, Value)> },
+    /// The stream lost its place (an etcd compaction): this is the whole state now. The core
+    /// applies only the difference to what it holds, so nothing flaps.
+    Resync(Snapshot),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A compared key was not at the expected revision: someone else changed it first.
+    #[error("{key} was changed concurrently (expected {expected:?}, found revision {found})")]
+    Conflict { key: Key, expected: Expect, found: Revision },
+    /// The store cannot be reached (a shared store's backend is down). Nothing was written.
+    #[error("the state store is unavailable: {0}")]
+    Unavailable(String),
+    /// The change could not be made durable (disk full, read-only filesystem, ...). Nothing was
+    /// written.
+    #[error("persisting the state in {path}: {source}")]
+    Persist { path: std::path::PathBuf, source: std::io::Error },
+    /// Reading the audit log failed.
+    #[error("reading the audit log {path}: {source}")]
+    AuditRead { path: std::path::PathBuf, source: std::io::Error },
+}
+
+/// A boxed future, for [`AuditSource`] (used as a trait object by the API).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Reads the audit log. Separate from [`Store`] because the API reads it directly, without a
+/// round trip through the core (reading a long log must not delay changes); cheap to clone.
+pub trait AuditSource: Send + Sync + 'static {
+    /// The last `limit` entries, oldest first.
+    fn tail(&self, limit: usize) -> BoxFuture<'_, Result<Vec<AuditEntry>, StoreError>>;
+}
+
+/// Durable, revisioned desired state. See the module docs for the order the core calls it in.
+pub trait Store: Send + 'static {
+    /// Reads the whole state at start. Recovers from what it can (and says so in
+    /// [`Loaded::recovered`]) rather than refusing to start: an agent that cannot start has no
+    /// kill switch. A shared store that cannot reach its backend returns its local copy of the
+    /// last applied state.
+    fn load(&mut self) -> impl Future<Output = Result<Loaded, StoreError>> + Send;
+
+    /// Writes `commit` atomically: every [`Write::expect`] is compared first, and on any
+    /// mismatch nothing is written ([`StoreError::Conflict`]). On success every written key has
+    /// the returned revision. The audit entry is durable when this returns.
+    fn commit(&mut self, commit: Commit) -> impl Future<Output = Result<Revision, StoreError>> + Send;
+
+    /// The datapath now holds `snapshot` (up to `snapshot.revision`). A shared store persists
+    /// it locally and publishes the node's progress; the file store has nothing to do (its
+    /// commit already wrote the same state).
+    fn applied(&mut self, snapshot: &Snapshot) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The stream of changes made elsewhere, taken once by the core at start. `None` when
+    /// nothing but this agent writes the store (the file store).
+    fn take_changes(&mut self) -> Option<tokio::sync::mpsc::Receiver<RemoteChange>>;
+
+    /// A reader of the audit log for the API.
+    fn audit_source(&self) -> std::sync::Arc<dyn AuditSource>;
+}
+
+pub mod file;

@@ -1,0 +1,405 @@
+//! The single-node store: `state.json` and `audit.log` under `agent.state_dir`.
+//!
+//! - A commit writes the whole state to a new temporary file (created exclusively, never
+//!   following a link), syncs it, appends and syncs the audit entry, keeps the current
+//!   `state.json` as `state.json.prev` (hard link, then rename: there is always a `state.json`),
+//!   renames the new file over `state.json` and syncs the directory. A crash leaves the old state
+//!   or the new one, never a torn file; a failure at any step leaves the old state and takes the
+//!   audit entry back.
+//! - A `state.json` that cannot be read as state (corrupt, truncated, a version this agent does
+//!   not know) is moved aside to `state.json.corrupt-<time>` and the agent starts from its config
+//!   file alone: refusing to start would leave the node without a kill switch. The previous good
+//!   state is in `state.json.prev` for an operator to restore by hand (stop the agent, copy it
+//!   over `state.json`, start it).
+
+use std::{
+    collections::BTreeMap,
+    fs::{self, File, OpenOptions},
+    io::Write as _,
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    AuditSource, BoxFuture, Commit, Expect, Key, Loaded, Revision, Snapshot, Store, StoreError, Value, Versioned,
+};
+use crate::{
+    audit::{AuditEntry, AuditFile},
+    config::ServiceConfig,
+    rollout::Rollout,
+};
+
+/// File name of the state under `agent.state_dir`.
+pub const STATE_FILE: &str = "state.json";
+/// The state before the last commit.
+pub const BACKUP_FILE: &str = "state.json.prev";
+const STATE_VERSION: u32 = 2;
+
+/// `state.json` as written (version 2).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateFile {
+    version: u32,
+    revision: Revision,
+    services: BTreeMap<String, Versioned<ServiceConfig>>,
+    #[serde(default)]
+    rollouts: BTreeMap<String, Versioned<Rollout>>,
+    #[serde(default)]
+    file_services: BTreeMap<String, ServiceConfig>,
+}
+
+/// `state.json` of agents before revisions (version 1): read once, written back as version 2.
+#[derive(Debug, Deserialize)]
+struct StateFileV1 {
+    services: BTreeMap<String, ServiceConfig>,
+    #[serde(default)]
+    file_services: BTreeMap<String, ServiceConfig>,
+    #[serde(default)]
+    rollouts: BTreeMap<String, Rollout>,
+}
+
+#[derive(Deserialize)]
+struct VersionOnly {
+    version: u32,
+}
+
+/// Parses `state.json` of any version this agent reads.
+fn parse_state(bytes: &[u8]) -> Result<Snapshot, String> {
+    let VersionOnly { version } = serde_json::from_slice(bytes).map_err(|err| err.to_string())?;
+    match version {
+        1 => {
+            let old: StateFileV1 = serde_json::from_slice(bytes).map_err(|err| err.to_string())?;
+            let at_one = |value| Versioned { revision: 1, value };
+            Ok(Snapshot {
+                services: old.services.into_iter().map(|(k, v)| (k, at_one(v))).collect(),
+                rollouts: old.rollouts.into_iter().map(|(k, v)| (k, Versioned { revision: 1, value: v })).collect(),
+                file_services: old.file_services,
+                revision: 1,
+            })
+        }
+        STATE_VERSION => {
+            let file: StateFile = serde_json::from_slice(bytes).map_err(|err| err.to_string())?;
+            Ok(Snapshot {
+                services: file.services,
+                rollouts: file.rollouts,
+                file_services: file.file_services,
+                revision: file.revision,
+            })
+        }
+        other => Err(format!("version {other}, this agent reads versions 1 and {STATE_VERSION}")),
+    }
+}
+
+fn render_state(snapshot: &Snapshot) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec_pretty(&StateFile {
+        version: STATE_VERSION,
+        revision: snapshot.revision,
+        services: snapshot.services.clone(),
+        rollouts: snapshot.rollouts.clone(),
+        file_services: snapshot.file_services.clone(),
+    })
+}
+
+pub struct FileStore {
+    dir: PathBuf,
+    /// What `state.json` holds.
+    state: Snapshot,
+    audit: AuditFile,
+}
+
+impl FileStore {
+    /// Opens (creating) `state_dir` and its audit log. Reading the state is [`Store::load`].
+    pub fn open(state_dir: &Path) -> std::io::Result<Self> {
+        fs::create_dir_all(state_dir)?;
+        let audit = AuditFile::open(state_dir)?;
+        Ok(Self { dir: state_dir.to_owned(), state: Snapshot::default(), audit })
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.join(STATE_FILE)
+    }
+
+    fn persist_err(&self, source: std::io::Error) -> StoreError {
+        StoreError::Persist { path: self.path(), source }
+    }
+
+    /// Moves an unreadable `state.json` aside; the name says when.
+    fn move_aside(&self, why: &str) -> Result<String, StoreError> {
+        let stamp = jiff::Timestamp::now().strftime("%Y%m%dT%H%M%SZ").to_string();
+        let mut aside = self.dir.join(format!("{STATE_FILE}.corrupt-{stamp}"));
+        let mut n = 1;
+        while aside.exists() {
+            aside = self.dir.join(format!("{STATE_FILE}.corrupt-{stamp}.{n}"));
+            n += 1;
+        }
+        fs::rename(self.path(), &aside).map_err(|source| self.persist_err(source))?;
+        Ok(format!(
+            "{} is not usable state ({why}); moved it to {} and started from the config file alone; the state \
+             before the last change is in {} (to restore it: stop the agent, copy it over {STATE_FILE}, start it)",
+            self.path().display(),
+            aside.display(),
+            self.dir.join(BACKUP_FILE).display(),
+        ))
+    }
+
+    /// A fresh temporary file in the state directory, created exclusively and never through a
+    /// link, readable by root only.
+    fn temporary(&self) -> std::io::Result<(PathBuf, File)> {
+        loop {
+            let path = self.temporary_name();
+            match OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&path)
+            {
+                Ok(file) => return Ok((path, file)),
+                Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    /// A name for a temporary file in the state directory, unique to this process and call.
+    fn temporary_name(&self) -> PathBuf {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let nanos = jiff::Timestamp::now().subsec_nanosecond();
+        self.dir.join(format!(".{STATE_FILE}.{}.{nanos}.{n}.tmp", std::process::id()))
+    }
+
+    /// Writes `next` as the new `state.json` with `audit` appended to the log: all or nothing.
+    fn write(&mut self, next: &Snapshot, audit: Option<&AuditEntry>) -> std::io::Result<()> {
+        let bytes = render_state(next).map_err(std::io::Error::other)?;
+        let (tmp, mut file) = self.temporary()?;
+        let written = file.write_all(&bytes).and_then(|()| file.sync_all());
+        drop(file);
+        if let Err(err) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(err);
+        }
+        let audit_len = match audit.map(|entry| self.audit.append(entry)).transpose() {
+            Ok(len) => len,
+            Err(err) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(err);
+            }
+        };
+        let undo = |store: &mut Self, err: std::io::Error| {
+            let _ = fs::remove_file(&tmp);
+            if let Some(len) = audit_len {
+                if let Err(truncate) = store.audit.truncate_to(len) {
+                    log::error!("taking back the audit entry of a failed change: {truncate}");
+                }
+            }
+            err
+        };
+        let current = self.path();
+        if current.exists() {
+            // link(2) never replaces an existing name, so a planted file or link there fails it.
+            let link = self.temporary_name();
+            let backed_up = fs::hard_link(&current, &link).and_then(|()| fs::rename(&link, self.dir.join(BACKUP_FILE)));
+            if let Err(err) = backed_up {
+                let _ = fs::remove_file(&link);
+                return Err(undo(self, err));
+            }
+        }
+        if let Err(err) = fs::rename(&tmp, &current) {
+            return Err(undo(self, err));
+        }
+        // The new state is in place; a failed directory sync only weakens its durability across a
+        // power loss, it does not undo it.
+        if let Err(err) = File::open(&self.dir).and_then(|d| d.sync_all()) {
+            log::warn!("syncing {}: {err}", self.dir.display());
+        }
+        Ok(())
+    }
+}
+
+impl Store for FileStore {
+    async fn load(&mut self) -> Result<Loaded, StoreError> {
+        let mut recovered = Vec::new();
+        let snapshot = match fs::read(self.path()) {
+            Ok(bytes) => match parse_state(&bytes) {
+                Ok(snapshot) => snapshot,
+                Err(why) => {
+                    recovered.push(self.move_aside(&why)?);
+                    Snapshot::default()
+                }
+            },
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Snapshot::default(),
+            Err(err) => {
+                recovered.push(self.move_aside(&format!("reading it: {err}"))?);
+                Snapshot::default()
+            }
+        };
+        self.state = snapshot.clone();
+        Ok(Loaded { snapshot, recovered })
+    }
+
+    async fn commit(&mut self, commit: Commit) -> Result<Revision, StoreError> {
+        for write in &commit.writes {
+            let found = match &write.key {
+                Key::Service(name) => self.state.services.get(name).map(|v| v.revision),
+                Key::Rollout(name) => self.state.rollouts.get(name).map(|v| v.revision),
+            };
+            let matches = match write.expect {
+                Expect::Absent => found.is_none(),
+                Expect::At(revision) => found == Some(revision),
+            };
+            if !matches {
+                return Err(StoreError::Conflict {
+                    key: write.key.clone(),
+                    expected: write.expect,
+                    found: found.unwrap_or(0),
+                });
+            }
+        }
+        let revision = self.state.revision + 1;
+        let mut next = self.state.clone();
+        next.revision = revision;
+        for write in commit.writes {
+            match (write.key, write.value) {
+                (Key::Service(name), Value::Service(Some(value))) => {
+                    next.services.insert(name, Versioned { revision, value });
+                }
+                (Key::Service(name), Value::Service(None)) => {
+                    next.services.remove(&name);
+                }
+                (Key::Rollout(name), Value::Rollout(Some(value))) => {
+                    next.rollouts.insert(name, Versioned { revision, value });
+                }
+                (Key::Rollout(name), Value::Rollout(None)) => {
+                    next.rollouts.remove(&name);
+                }
+                (key, value) => {
+                    return Err(self.persist_err(std::io::Error::other(format!("{key} cannot hold {value:?}"))));
+                }
+            }
+        }
+        if let Some(file_services) = commit.file_services {
+            next.file_services = file_services;
+        }
+        self.write(&next, commit.audit.as_ref()).map_err(|source| self.persist_err(source))?;
+        self.state = next;
+        Ok(revision)
+    }
+
+    async fn applied(&mut self, _snapshot: &Snapshot) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn take_changes(&mut self) -> Option<tokio::sync::mpsc::Receiver<super::RemoteChange>> {
+        None
+    }
+
+    fn audit_source(&self) -> Arc<dyn AuditSource> {
+        Arc::new(FileAudit { path: self.audit.path().to_owned() })
+    }
+}
+
+/// Reads `audit.log` off the runtime's workers.
+struct FileAudit {
+    path: PathBuf,
+}
+
+impl AuditSource for FileAudit {
+    fn tail(&self, limit: usize) -> BoxFuture<'_, Result<Vec<AuditEntry>, StoreError>> {
+        let path = self.path.clone();
+        Box::pin(async move {
+            let read = tokio::task::spawn_blocking({
+                let path = path.clone();
+                move || crate::audit::tail(&path, limit)
+            })
+            .await
+            .map_err(|join| std::io::Error::other(join.to_string()))
+            .and_then(|r| r);
+            read.map_err(|source| StoreError::AuditRead { path, source })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{config::Affinity, control::store::Write};
+
+    fn service(name: &str, percent: f64) -> ServiceConfig {
+        ServiceConfig {
+            name: name.into(),
+            frontends: vec!["127.1.0.1:80".into()],
+            stable: vec![],
+            canary: vec![],
+            canary_percent: percent,
+            affinity: Affinity::Connection,
+            max_operator_percent: 100.0,
+            cohorts: vec![],
+        }
+    }
+
+    fn dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("sockshift-filestore-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+    }
+
+    fn put(name: &str, percent: f64, expect: Expect) -> Commit {
+        Commit {
+            writes: vec![Write {
+                key: Key::Service(name.into()),
+                expect,
+                value: Value::Service(Some(service(name, percent))),
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn commits_compare_revisions_and_survive_reopening() {
+        let dir = dir("cas");
+        let mut store = FileStore::open(&dir).unwrap();
+        assert_eq!(block_on(store.load()).unwrap().snapshot, Snapshot::default());
+        let r1 = block_on(store.commit(put("a", 5.0, Expect::Absent))).unwrap();
+        assert!(matches!(block_on(store.commit(put("a", 6.0, Expect::Absent))), Err(StoreError::Conflict { .. })));
+        assert!(matches!(block_on(store.commit(put("a", 6.0, Expect::At(r1 + 7)))), Err(StoreError::Conflict { .. })));
+        let r2 = block_on(store.commit(put("a", 6.0, Expect::At(r1)))).unwrap();
+        assert!(r2 > r1);
+        let mut reopened = FileStore::open(&dir).unwrap();
+        let loaded = block_on(reopened.load()).unwrap();
+        assert!(loaded.recovered.is_empty());
+        assert_eq!(loaded.snapshot.services["a"], Versioned { revision: r2, value: service("a", 6.0) });
+        let backup = parse_state(&fs::read(dir.join(BACKUP_FILE)).unwrap()).unwrap();
+        assert_eq!(backup.services["a"].value.canary_percent, 5.0, "the backup holds the state before the last change");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_corrupt_state_is_moved_aside_and_a_version_one_state_is_read() {
+        let dir = dir("corrupt");
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join(STATE_FILE), b"{\"version\": 2, \"revision\": 3, \"servi").unwrap();
+        let mut store = FileStore::open(&dir).unwrap();
+        let loaded = block_on(store.load()).unwrap();
+        assert_eq!(loaded.snapshot, Snapshot::default());
+        assert!(loaded.recovered[0].contains("corrupt-"), "{:?}", loaded.recovered);
+        assert!(!dir.join(STATE_FILE).exists());
+        let aside: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with("state.json.corrupt-"))
+            .collect();
+        assert_eq!(aside.len(), 1);
+
+        let v1 = serde_json::json!({ "version": 1, "services": { "a": service("a", 7.0) }, "file_services": {} });
+        fs::write(dir.join(STATE_FILE), v1.to_string()).unwrap();
+        let loaded = block_on(FileStore::open(&dir).unwrap().load()).unwrap();
+        assert_eq!(loaded.snapshot.services["a"].value.canary_percent, 7.0);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

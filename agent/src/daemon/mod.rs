@@ -1,0 +1,178 @@
+//! `sockshift agent`: start-up, signals and the long-running tasks around the control core.
+//!
+//! Start-up binds the API (a busy port fails before anything is attached), loads the datapath,
+//! starts the control core on its own thread with the store, and serves the API. Every
+//! long-running task selects on one cancellation token, cancelled by SIGINT or SIGTERM; a task
+//! that stops while the agent is not shutting down (it panicked, or its loop ended) is recorded
+//! and `/healthz` fails, so Kubernetes restarts the pod instead of keeping a zombie.
+
+mod tasks;
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    api::{self, AppState, TaskHealth},
+    config::Config,
+    control::{self, store::file::FileStore, ControlHandle, Faults, Start},
+    datapath::Datapath,
+    paths,
+};
+
+/// How long shutdown waits for the core to finish the command it is on.
+const CORE_STOP_BOUND: Duration = Duration::from_secs(5);
+
+/// Validates the config and, unless `check_only`, runs the agent until SIGINT or SIGTERM.
+pub fn run(config_path: &Path, check_only: bool) -> anyhow::Result<()> {
+    // Read before loading: a change made after this point is always seen as a change.
+    let loaded_bytes = std::fs::read(config_path).ok();
+    let config = Config::load(config_path)?;
+    if check_only {
+        println!("{}: valid, {} services", config_path.display(), config.services.len());
+        return Ok(());
+    }
+    crate::cli::require_root()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(config_path, config, loaded_bytes))
+}
+
+async fn serve(config_path: &Path, config: Config, loaded_bytes: Option<Vec<u8>>) -> anyhow::Result<()> {
+    let faults = Faults::from_env();
+    // Bind first: a busy port must fail before anything is attached.
+    let listener = tokio::net::TcpListener::bind(config.api)
+        .await
+        .with_context(|| format!("binding the API to {} (agent.api)", config.api))?;
+    let datapath = Datapath::load(&config.cgroup, &config.bpffs).with_context(|| {
+        format!("loading the datapath (cgroup {}, bpffs {})", config.cgroup.display(), config.bpffs.display())
+    })?;
+    let store = FileStore::open(&config.state_dir)
+        .with_context(|| format!("opening the state directory {} (agent.state_dir)", config.state_dir.display()))?;
+    let (follow_tx, follow_rx) = mpsc::unbounded_channel();
+    let started = control::spawn(Start {
+        datapath,
+        store,
+        file_services: config.services.clone(),
+        cgroup_root: paths::cgroup2_root().ok(),
+        follow_ups: follow_tx,
+        faults: faults.clone(),
+    })
+    .await
+    .context("starting the control core")?;
+    log::info!(
+        "attached to {}, {} services, API on http://{}{}",
+        config.cgroup.display(),
+        started.services,
+        config.api,
+        if config.tokens.is_some() { " (bearer tokens required)" } else { "" }
+    );
+
+    let shutdown = CancellationToken::new();
+    let tasks = TaskHealth::default();
+    let state = Arc::new(AppState {
+        control: started.handle.clone(),
+        tokens: config.tokens.clone(),
+        audit: started.audit,
+        tasks: tasks.clone(),
+        openapi: Default::default(),
+    });
+    let supervisor = Supervisor { shutdown: shutdown.clone(), health: tasks, faults };
+    let control = started.handle;
+    supervisor.spawn("rollout-driver", |cancel, fault| tasks::drive_rollouts(control.clone(), cancel, fault));
+    supervisor.spawn("revision-reaper", |cancel, fault| tasks::reap_revisions(control.clone(), cancel, fault));
+    supervisor.spawn("follow-ups", {
+        let control = control.clone();
+        let cgroup = config.cgroup.clone();
+        move |cancel, fault| tasks::carry_out_follow_ups(control, follow_rx, cgroup, cancel, fault)
+    });
+    supervisor.spawn("config-watcher", {
+        let control = control.clone();
+        let path = config_path.to_owned();
+        move |cancel, fault| tasks::watch_config(control, path, config, loaded_bytes, cancel, fault)
+    });
+    supervisor.spawn("signals", {
+        let shutdown = shutdown.clone();
+        move |_, _| async move { wait_for_signal(shutdown).await }
+    });
+
+    let served = axum::serve(listener, api::router(state.clone()))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await
+        .context("serving the API");
+    shutdown.cancel();
+    drop(state);
+    stop_core(control, started.thread).await;
+    served?;
+    log::info!("stopped; the pinned datapath keeps steering with the last state");
+    Ok(())
+}
+
+/// Waits (bounded) for the core's thread to end once every handle is gone.
+async fn stop_core(control: ControlHandle, thread: std::thread::JoinHandle<()>) {
+    drop(control);
+    let joined = tokio::task::spawn_blocking(move || thread.join());
+    match tokio::time::timeout(CORE_STOP_BOUND, joined).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(_))) => log::error!("the control core had panicked"),
+        Ok(Err(err)) => log::error!("waiting for the control core: {err}"),
+        Err(_) => log::error!("the control core did not stop within {CORE_STOP_BOUND:?}; exiting without it"),
+    }
+}
+
+/// Cancels `shutdown` on SIGINT or SIGTERM.
+async fn wait_for_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(err) => {
+            log::error!("cannot listen for SIGTERM ({err}); only SIGINT stops the agent");
+            let _ = tokio::signal::ctrl_c().await;
+            shutdown.cancel();
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => log::info!("SIGINT: stopping"),
+        _ = term.recv() => log::info!("SIGTERM: stopping"),
+        () = shutdown.cancelled() => {}
+    }
+    shutdown.cancel();
+}
+
+/// Spawns the long-running tasks and records the ones that stop on their own.
+struct Supervisor {
+    shutdown: CancellationToken,
+    health: TaskHealth,
+    faults: Faults,
+}
+
+impl Supervisor {
+    /// Runs the task `make(cancel, fault)`; `fault` is true when fault injection asks this task
+    /// to panic (see [`Faults`]).
+    fn spawn<F, Fut>(&self, name: &'static str, make: F)
+    where
+        F: FnOnce(CancellationToken, bool) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let fault = self.faults.task_panic.as_deref() == Some(name);
+        let task = tokio::spawn(make(self.shutdown.clone(), fault));
+        let shutdown = self.shutdown.clone();
+        let health = self.health.clone();
+        tokio::spawn(async move {
+            let why = match task.await {
+                Ok(()) if shutdown.is_cancelled() => return,
+                Ok(()) => "stopped".to_string(),
+                Err(err) if err.is_panic() => "panicked".to_string(),
+                Err(err) => err.to_string(),
+            };
+            log::error!("background task {name} {why}; /healthz now fails");
+            health.record_failure(name, why);
+        });
+    }
+}
