@@ -49,8 +49,8 @@ pub struct Dropped {
     pub reason: String,
 }
 
-/// The services to run at start: `merged` (see [`merged_with_file`]) without the services that
-/// do not fit. The file's own versions go in first (the file validated as a whole); then every
+/// The services to run at start (and their validated specs): `merged` (see
+/// [`merged_with_file`]) without the services that do not fit. The file's own versions go in first (the file validated as a whole); then every
 /// service the API made or changed, one at a time, each dropped if it does not validate
 /// (`validate`) or takes a frontend already taken. A dropped API change to a file service leaves
 /// the file's version in place.
@@ -58,9 +58,11 @@ pub fn reconcile(
     merged: &BTreeMap<String, ServiceConfig>,
     file: &BTreeMap<String, ServiceConfig>,
     validate: impl Fn(&ServiceConfig) -> Result<ServiceSpec, InvalidField>,
-) -> (BTreeMap<String, ServiceConfig>, Vec<Dropped>) {
+) -> (BTreeMap<String, ServiceConfig>, Vec<ServiceSpec>, Vec<Dropped>) {
     let mut kept = BTreeMap::new();
+    let mut specs: HashMap<String, ServiceSpec> = HashMap::new();
     let mut owners: HashMap<SocketAddr, String> = HashMap::new();
+    let mut frontends_of: HashMap<String, Vec<SocketAddr>> = HashMap::new();
     let mut dropped = Vec::new();
     let mut admit = |service: &ServiceConfig, kept: &mut BTreeMap<String, ServiceConfig>| -> Result<(), String> {
         let spec = validate(service).map_err(|err| err.to_string())?;
@@ -71,8 +73,12 @@ pub fn reconcile(
         {
             return Err(format!("frontend {frontend} belongs to service {owner:?}"));
         }
-        owners.retain(|_, owner| *owner != service.name);
+        for old in frontends_of.remove(&service.name).unwrap_or_default() {
+            owners.remove(&old);
+        }
         owners.extend(spec.frontends.iter().map(|f| (*f, service.name.clone())));
+        frontends_of.insert(service.name.clone(), spec.frontends.clone());
+        specs.insert(service.name.clone(), spec);
         kept.insert(service.name.clone(), service.clone());
         Ok(())
     };
@@ -92,7 +98,8 @@ pub fn reconcile(
             dropped.push(Dropped { service: name.clone(), reason });
         }
     }
-    (kept, dropped)
+    let specs = kept.keys().filter_map(|name| specs.remove(name)).collect();
+    (kept, specs, dropped)
 }
 
 #[cfg(test)]
@@ -164,7 +171,7 @@ mod tests {
             service("other", "127.1.0.5:80", 2.0),     // unrelated API service: kept
             service("broken", "not-an-address", 2.0), // no longer validates: dropped
         ]);
-        let (kept, dropped) = reconcile(&merged, &file, validate);
+        let (kept, _, dropped) = reconcile(&merged, &file, validate);
         assert_eq!(kept.keys().collect::<Vec<_>>(), ["new", "other", "web"]);
         assert_eq!(kept["web"].canary_percent, 40.0);
         let names: Vec<&str> = dropped.iter().map(|d| d.service.as_str()).collect();
@@ -177,7 +184,7 @@ mod tests {
         let file = map(&[service("web", "127.1.0.1:80", 5.0), service("db", "127.1.0.2:80", 0.0)]);
         // The API moved web to db's frontend (db was API-deleted then re-added by the file).
         let merged = map(&[service("web", "127.1.0.2:80", 5.0), service("db", "127.1.0.2:80", 0.0)]);
-        let (kept, dropped) = reconcile(&merged, &file, validate);
+        let (kept, _, dropped) = reconcile(&merged, &file, validate);
         assert_eq!(kept, file);
         assert_eq!(dropped.len(), 1);
     }

@@ -7,7 +7,7 @@
 
 use std::{
     ffi::CString,
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader},
     net::{SocketAddr, TcpListener},
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
@@ -275,6 +275,8 @@ pub struct Agent {
     pub state_dir: PathBuf,
     /// Sent as the bearer token with `call`.
     pub token: Option<String>,
+    /// Extra environment of the agent process.
+    pub env: Vec<(String, String)>,
     process: Option<Child>,
     pub log_path: PathBuf,
 }
@@ -288,6 +290,14 @@ impl Agent {
 
     /// Like `start`, with `agent_extra` added to the `[agent]` section (e.g. auth tables).
     pub fn start_with(cgroup: &Cgroup, agent_extra: &str, services: &str) -> Self {
+        let mut agent = Self::configure(cgroup, agent_extra, services);
+        agent.spawn();
+        agent
+    }
+
+    /// Writes the config like `start_with` but does not start the agent (`spawn` does), so a
+    /// test can prepare its directories or environment first.
+    pub fn configure(cgroup: &Cgroup, agent_extra: &str, services: &str) -> Self {
         let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let name = unique_name("agent");
         let dir = std::env::temp_dir().join(&name);
@@ -302,10 +312,16 @@ impl Agent {
             state_dir.display().to_string(),
         );
         std::fs::write(&config_path, config).unwrap();
-        let mut agent =
-            Self { api, config_path, bpffs, state_dir, token: None, process: None, log_path: dir.join("agent.log") };
-        agent.spawn();
-        agent
+        Self {
+            api,
+            config_path,
+            bpffs,
+            state_dir,
+            token: None,
+            env: Vec::new(),
+            process: None,
+            log_path: dir.join("agent.log"),
+        }
     }
 
     /// Starts the agent process on the existing config and waits for /healthz.
@@ -314,6 +330,7 @@ impl Agent {
         let child = Command::new(built_binary("sockshift"))
             .args(["agent", "--config"])
             .arg(&self.config_path)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -363,20 +380,10 @@ impl Agent {
 
     /// An API call with a raw body.
     pub fn call_raw(&self, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
-        let mut stream = std::net::TcpStream::connect(self.api).expect("connect API");
-        let auth = self.token.as_ref().map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        );
-        stream.write_all(head.as_bytes()).unwrap();
-        let _ = stream.write_all(body);
-        let mut raw = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut stream, &mut raw);
-        let text = String::from_utf8_lossy(&raw);
-        let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-        (status, serde_json::from_str(body).unwrap_or(Value::Null))
+        let r = agent::client::ApiClient::new(self.api, self.token.clone())
+            .raw(method, path, Some(body))
+            .expect("API request");
+        (r.status, r.body)
     }
 
     pub fn set_percent(&self, service: &str, percent: f64) {

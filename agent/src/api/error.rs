@@ -173,29 +173,34 @@ pub enum BodyErrors {
     TooLarge(ErrorBody),
 }
 
-/// `service_not_found` (or `rollout_not_found` on rollout routes).
+/// The service does not exist.
 #[derive(IntoResponses)]
 #[allow(dead_code)]
 pub enum NotFoundError {
+    /// `service_not_found` (or `rollout_not_found` on rollout routes, `not_found` for an unknown
+    /// rollout action).
     #[response(status = 404)]
     NotFound(ErrorBody),
 }
 
-/// `frontend_in_use`, `rollout_active`, `rollout_state`, `conflict`: nothing changed.
+/// The change does not fit the current state.
 #[derive(IntoResponses)]
 #[allow(dead_code)]
 pub enum ConflictError {
+    /// `frontend_in_use`, `rollout_active`, `rollout_state`, `conflict`: nothing changed.
     #[response(status = 409)]
     Conflict(ErrorBody),
 }
 
-/// The agent could not do it: `state_not_saved`, `datapath_refused`, `internal_error` (500, nothing
-/// changed); `core_unavailable`, `store_unavailable` (503).
+/// The agent could not do it.
 #[derive(IntoResponses)]
 #[allow(dead_code)]
 pub enum ServerErrors {
+    /// `state_not_saved` (the change could not be persisted), `datapath_refused`,
+    /// `internal_error`: nothing changed.
     #[response(status = 500)]
     Internal(ErrorBody),
+    /// `core_unavailable` (the control core is stuck or has stopped), `store_unavailable`.
     #[response(status = 503)]
     Unavailable(ErrorBody),
 }

@@ -77,7 +77,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>, _: Authorized<Viewer>) 
 
 /// Every service's state. Needs `viewer`.
 #[utoipa::path(get, path = "/v1/services", tag = "services", security(("bearer" = [])),
-    responses((status = 200, body = ServiceList), AuthErrors, ServerErrors))]
+    responses((status = 200, description = "Every service", body = ServiceList), AuthErrors, ServerErrors))]
 pub async fn list_services(
     State(state): State<Arc<AppState>>,
     _: Authorized<Viewer>,
@@ -89,7 +89,7 @@ pub async fn list_services(
 /// One service's state: configuration, weight, what the kernel counted. Needs `viewer`.
 #[utoipa::path(get, path = "/v1/services/{name}", tag = "services", security(("bearer" = [])),
     params(("name" = String, Path, description = "Service name")),
-    responses((status = 200, body = ServiceState), AuthErrors, NotFoundError, ServerErrors))]
+    responses((status = 200, description = "The service's state after the call", body = ServiceState), AuthErrors, NotFoundError, ServerErrors))]
 pub async fn get_service(
     State(state): State<Arc<AppState>>,
     _: Authorized<Viewer>,
@@ -148,7 +148,7 @@ pub async fn delete_service(
 #[utoipa::path(put, path = "/v1/services/{name}/canary", tag = "services", security(("bearer" = [])),
     params(("name" = String, Path, description = "Service name")),
     request_body = CanaryUpdate,
-    responses((status = 200, body = ServiceState), BodyErrors, AuthErrors, NotFoundError, ConflictError, ServerErrors))]
+    responses((status = 200, description = "The service's state after the call", body = ServiceState), BodyErrors, AuthErrors, NotFoundError, ConflictError, ServerErrors))]
 pub async fn put_canary(
     State(state): State<Arc<AppState>>,
     Authorized(caller, ..): Authorized<Operator>,
@@ -168,7 +168,7 @@ pub async fn put_canary(
 #[utoipa::path(post, path = "/v1/services/{name}/rollback", tag = "services", security(("bearer" = [])),
     params(("name" = String, Path, description = "Service name")),
     request_body(content = Option<NoFields>, description = "Nothing, or `{}`"),
-    responses((status = 200, body = ServiceState), BodyErrors, AuthErrors, NotFoundError, ServerErrors))]
+    responses((status = 200, description = "The service's state after the call", body = ServiceState), BodyErrors, AuthErrors, NotFoundError, ServerErrors))]
 pub async fn rollback(
     State(state): State<Arc<AppState>>,
     Authorized(caller, ..): Authorized<Operator>,
@@ -185,7 +185,7 @@ pub async fn rollback(
 #[utoipa::path(post, path = "/v1/services/{name}/promote", tag = "services", security(("bearer" = [])),
     params(("name" = String, Path, description = "Service name")),
     request_body(content = Option<NoFields>, description = "Nothing, or `{}`"),
-    responses((status = 200, body = ServiceState), BodyErrors, AuthErrors, NotFoundError, ConflictError, ServerErrors))]
+    responses((status = 200, description = "The service's state after the call", body = ServiceState), BodyErrors, AuthErrors, NotFoundError, ConflictError, ServerErrors))]
 pub async fn promote(
     State(state): State<Arc<AppState>>,
     Authorized(caller, ..): Authorized<Release>,
@@ -213,7 +213,7 @@ async fn change_weight(
 #[utoipa::path(post, path = "/v1/services/{name}/rollout", tag = "rollouts", security(("bearer" = [])),
     params(("name" = String, Path, description = "Service name")),
     request_body = Plan,
-    responses((status = 201, body = RolloutView), BodyErrors, AuthErrors, NotFoundError, ConflictError, ServerErrors))]
+    responses((status = 201, description = "Started", body = RolloutView), BodyErrors, AuthErrors, NotFoundError, ConflictError, ServerErrors))]
 pub async fn start_rollout(
     State(state): State<Arc<AppState>>,
     Authorized(caller, ..): Authorized<Operator>,
@@ -231,7 +231,7 @@ pub async fn start_rollout(
 /// The service's rollout (the active one, or the last one). Needs `viewer`.
 #[utoipa::path(get, path = "/v1/services/{name}/rollout", tag = "rollouts", security(("bearer" = [])),
     params(("name" = String, Path, description = "Service name")),
-    responses((status = 200, body = RolloutView), AuthErrors, NotFoundError, ServerErrors))]
+    responses((status = 200, description = "The rollout", body = RolloutView), AuthErrors, NotFoundError, ServerErrors))]
 pub async fn get_rollout(
     State(state): State<Arc<AppState>>,
     _: Authorized<Viewer>,
@@ -248,7 +248,7 @@ pub async fn get_rollout(
         ("action" = RolloutAction, Path, description = "pause, resume, approve or abort"),
     ),
     request_body(content = Option<NoFields>, description = "Nothing, or `{}`"),
-    responses((status = 200, body = RolloutView), BodyErrors, AuthErrors, NotFoundError, ConflictError, ServerErrors))]
+    responses((status = 200, description = "The rollout", body = RolloutView), BodyErrors, AuthErrors, NotFoundError, ConflictError, ServerErrors))]
 pub async fn rollout_action(
     State(state): State<Arc<AppState>>,
     Authorized(caller, ..): Authorized<Operator>,
@@ -275,7 +275,7 @@ pub async fn rollout_action(
 
 /// Datapath-wide figures: services and the socket table's use. Needs `viewer`.
 #[utoipa::path(get, path = "/v1/datapath", tag = "agent", security(("bearer" = [])),
-    responses((status = 200, body = DatapathStatus), AuthErrors, ServerErrors))]
+    responses((status = 200, description = "Datapath figures", body = DatapathStatus), AuthErrors, ServerErrors))]
 pub async fn datapath_status(
     State(state): State<Arc<AppState>>,
     _: Authorized<Viewer>,
@@ -294,7 +294,7 @@ pub struct AuditQuery {
 /// The last accepted changes, oldest first. Needs `viewer`.
 #[utoipa::path(get, path = "/v1/audit", tag = "agent", security(("bearer" = [])),
     params(AuditQuery),
-    responses((status = 200, body = AuditLog), (status = 400, description = "`invalid_field`: a bad `limit`", body = ErrorBody), AuthErrors, ServerErrors))]
+    responses((status = 200, description = "The last entries, oldest first", body = AuditLog), (status = 400, description = "`invalid_field`: a bad `limit`", body = ErrorBody), AuthErrors, ServerErrors))]
 pub async fn audit_log(
     State(state): State<Arc<AppState>>,
     _: Authorized<Viewer>,

@@ -67,7 +67,7 @@ impl TaskHealth {
         license(name = "Apache-2.0"),
     ),
     modifiers(&BearerAuth),
-    components(schemas(error::ErrorCode)),
+    components(schemas(error::ErrorCode, crate::control::RolloutAction)),
     tags(
         (name = "services", description = "Services and their canary weights"),
         (name = "rollouts", description = "Progressive rollouts"),

@@ -110,7 +110,7 @@ impl<S: Store> Core<S> {
             stored.services.iter().map(|(name, v)| (name.clone(), v.value.clone())).collect();
         let merged = merged_with_file(&current, &stored.file_services, &file);
         let root = cgroup_root.clone();
-        let (services, dropped) = reconcile(&merged, &file, |s| validate_service(s, "", root.as_deref()));
+        let (services, specs, dropped) = reconcile(&merged, &file, |s| validate_service(s, "", root.as_deref()));
         for dropped in &dropped {
             log::error!(
                 "stored service {:?} dropped at start, the rest of the stored state is kept: {}",
@@ -150,12 +150,6 @@ impl<S: Store> Core<S> {
                 core.take_into_state(change, 0);
             }
         }
-        let specs = core
-            .state
-            .services
-            .values()
-            .map(|v| validate_service(&v.value, "", core.cgroup_root.as_deref()))
-            .collect::<Result<Vec<_>, _>>()?;
         core.datapath.sync(&specs)?;
         core.datapath.remove_leftovers();
         if let Err(err) = core.store.applied(&core.state).await {
