@@ -149,7 +149,10 @@ mod tests {
         file.truncate_to(len).unwrap(); // entry 9 taken back
         file.append(&entry(4)).unwrap();
         let last = tail(file.path(), 2).unwrap();
-        assert_eq!(last.iter().map(|e| e.after.clone()).collect::<Vec<_>>(), [serde_json::json!(3), serde_json::json!(4)]);
+        assert_eq!(
+            last.iter().map(|e| e.after.clone()).collect::<Vec<_>>(),
+            [serde_json::json!(3), serde_json::json!(4)]
+        );
         assert_eq!(tail(file.path(), 100).unwrap().len(), 5, "the bad line is skipped, later ones kept");
         std::fs::remove_dir_all(&dir).unwrap();
     }

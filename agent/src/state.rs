@@ -66,10 +66,8 @@ pub fn reconcile(
     let mut dropped = Vec::new();
     let mut admit = |service: &ServiceConfig, kept: &mut BTreeMap<String, ServiceConfig>| -> Result<(), String> {
         let spec = validate(service).map_err(|err| err.to_string())?;
-        if let Some((frontend, owner)) = spec
-            .frontends
-            .iter()
-            .find_map(|f| owners.get(f).filter(|o| **o != service.name).map(|o| (f, o.clone())))
+        if let Some((frontend, owner)) =
+            spec.frontends.iter().find_map(|f| owners.get(f).filter(|o| **o != service.name).map(|o| (f, o.clone())))
         {
             return Err(format!("frontend {frontend} belongs to service {owner:?}"));
         }
@@ -165,10 +163,10 @@ mod tests {
         // The file now gives 127.1.0.9:80 to "new"; the API had given it to "api-made".
         let file = map(&[service("web", "127.1.0.1:80", 5.0), service("new", "127.1.0.9:80", 0.0)]);
         let merged = map(&[
-            service("web", "127.1.0.1:80", 40.0),      // an API weight change: kept
-            service("new", "127.1.0.9:80", 0.0),       // from the file
-            service("api-made", "127.1.0.9:80", 1.0),  // conflicts: dropped
-            service("other", "127.1.0.5:80", 2.0),     // unrelated API service: kept
+            service("web", "127.1.0.1:80", 40.0),     // an API weight change: kept
+            service("new", "127.1.0.9:80", 0.0),      // from the file
+            service("api-made", "127.1.0.9:80", 1.0), // conflicts: dropped
+            service("other", "127.1.0.5:80", 2.0),    // unrelated API service: kept
             service("broken", "not-an-address", 2.0), // no longer validates: dropped
         ]);
         let (kept, _, dropped) = reconcile(&merged, &file, validate);

@@ -145,7 +145,11 @@ fn a_dead_core_fails_healthz() {
     let (status, body) = lab.agent.call("GET", "/v1/services/doomed", None);
     assert_eq!((status, body["code"].as_str()), (503, Some("core_unavailable")), "{body}");
     let (status, body) = health(&lab.agent);
-    assert_eq!((status, body["status"].as_str(), body["core"].as_str()), (503, Some("failing"), Some("dead")), "{body}");
+    assert_eq!(
+        (status, body["status"].as_str(), body["core"].as_str()),
+        (503, Some("failing"), Some("dead")),
+        "{body}"
+    );
     let (status, body) = lab.agent.call("POST", "/v1/services/web/rollback", None);
     assert_eq!((status, body["code"].as_str()), (503, Some("core_unavailable")), "{body}");
     let report = tcp_connects(lab.inside(), FRONTEND4, 1000);

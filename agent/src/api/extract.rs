@@ -16,7 +16,9 @@ use axum::{
 };
 use serde::{
     de::{
-        self, value::MapDeserializer, value::SeqDeserializer, DeserializeOwned, IntoDeserializer, Unexpected, Visitor,
+        self,
+        value::{MapDeserializer, SeqDeserializer},
+        DeserializeOwned, IntoDeserializer, Unexpected, Visitor,
     },
     forward_to_deserialize_any,
 };
@@ -26,10 +28,7 @@ use super::{
     error::{ApiError, ErrorCode},
     AppState, MAX_BODY_BYTES,
 };
-use crate::{
-    config::Role,
-    control::Caller,
-};
+use crate::{config::Role, control::Caller};
 
 /// A JSON request body deserialized into `T`; anything else is answered with an [`ApiError`].
 pub struct ApiJson<T>(pub T);
@@ -62,10 +61,7 @@ impl<S: Send + Sync> FromRequest<S> for NoBody {
 async fn read_body<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
     Bytes::from_request(req, state).await.map_err(|rejection| match rejection {
         BytesRejection::FailedToBufferBody(inner) if inner.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
-            ApiError::new(
-                ErrorCode::BodyTooLarge,
-                format!("request body over the limit of {MAX_BODY_BYTES} bytes"),
-            )
+            ApiError::new(ErrorCode::BodyTooLarge, format!("request body over the limit of {MAX_BODY_BYTES} bytes"))
         }
         other => ApiError::new(ErrorCode::MalformedJson, format!("reading the request body: {}", other.body_text())),
     })
@@ -76,9 +72,8 @@ pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::new(ErrorCode::MalformedJson, "the request body is empty; a JSON object is expected"));
     }
-    let value: Value = serde_json::from_slice(bytes).map_err(|err| {
-        ApiError::new(ErrorCode::MalformedJson, format!("request body is not valid JSON: {err}"))
-    })?;
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|err| ApiError::new(ErrorCode::MalformedJson, format!("request body is not valid JSON: {err}")))?;
     serde_path_to_error::deserialize(JsonValue(value)).map_err(|err| {
         let path = err.path().to_string();
         let inner = err.into_inner();
@@ -335,8 +330,10 @@ mod tests {
         assert_eq!(error_of::<Plan>(plan), (UnknownField, some("gates.max_error_budget")));
         let plan = r#"{"steps": [10], "step_seconds": 1, "approval": {"at_percent": 5, "role": "boss"}}"#;
         assert_eq!(error_of::<Plan>(plan), (InvalidField, some("approval.role")));
-        assert_eq!(error_of::<Plan>(r#"{"steps": [10], "step_seconds": 1, "approval": {"role": "release"}}"#),
-            (MissingField, some("approval.at_percent")));
+        assert_eq!(
+            error_of::<Plan>(r#"{"steps": [10], "step_seconds": 1, "approval": {"role": "release"}}"#),
+            (MissingField, some("approval.at_percent"))
+        );
         assert_eq!(error_of::<Plan>(r#"{"steps": [10, "x"], "step_seconds": 1}"#), (InvalidType, some("steps[1]")));
         let ok: CanaryUpdate = parse_body(br#"{"percent": 5}"#).unwrap();
         assert_eq!(ok.percent, 5.0);

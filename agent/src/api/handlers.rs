@@ -16,7 +16,9 @@ use utoipa::IntoParams;
 use super::{
     error::{ApiError, AuthErrors, BodyErrors, ConflictError, ErrorBody, ErrorCode, NotFoundError, ServerErrors},
     extract::{ApiJson, Authorized, NoBody, Operator, Release, Viewer},
-    types::{AuditLog, CanaryUpdate, DatapathStatus, Health, NoFields, RolloutView, ServiceBody, ServiceList, ServiceState},
+    types::{
+        AuditLog, CanaryUpdate, DatapathStatus, Health, NoFields, RolloutView, ServiceBody, ServiceList, ServiceState,
+    },
     AppState,
 };
 use crate::{
@@ -50,8 +52,7 @@ pub async fn healthz(State(state): State<Arc<AppState>>) -> (StatusCode, Json<He
     let failed_tasks = state.tasks.failed();
     let healthy = core == "ok" && failed_tasks.is_empty();
     let status = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    let health =
-        Health { status: if healthy { "ok" } else { "failing" }.into(), core: core.into(), failed_tasks };
+    let health = Health { status: if healthy { "ok" } else { "failing" }.into(), core: core.into(), failed_tasks };
     (status, Json(health))
 }
 
@@ -157,9 +158,8 @@ pub async fn put_canary(
     uri: Uri,
     ApiJson(body): ApiJson<CanaryUpdate>,
 ) -> Result<Json<ServiceState>, ApiError> {
-    crate::config::validate_percent(body.percent, "percent").map_err(|err| {
-        ApiError::field(ErrorCode::OutOfRange, "percent", format!("`percent` {}", err.message))
-    })?;
+    crate::config::validate_percent(body.percent, "percent")
+        .map_err(|err| ApiError::field(ErrorCode::OutOfRange, "percent", format!("`percent` {}", err.message)))?;
     change_weight(&state, caller, name, WeightChange::Set(body.percent), &method, &uri).await
 }
 
@@ -302,7 +302,8 @@ pub async fn audit_log(
 ) -> Result<Json<AuditLog>, ApiError> {
     let Query(query) = query.map_err(|err| ApiError::field(ErrorCode::InvalidField, "limit", err.body_text()))?;
     let limit = query.limit.unwrap_or(AUDIT_LIMIT_MAX).min(AUDIT_LIMIT_MAX);
-    let entries = state.audit.tail(limit).await.map_err(|err| ApiError::new(ErrorCode::InternalError, err.to_string()))?;
+    let entries =
+        state.audit.tail(limit).await.map_err(|err| ApiError::new(ErrorCode::InternalError, err.to_string()))?;
     Ok(Json(AuditLog { entries }))
 }
 

@@ -259,7 +259,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Set { service, percent, api } => {
             let body = CanaryUpdate { percent };
-            let state: ServiceState = api.client().call("PUT", &format!("/v1/services/{service}/canary"), Some(&body))?;
+            let state: ServiceState =
+                api.client().call("PUT", &format!("/v1/services/{service}/canary"), Some(&body))?;
             output::services(&[state], api.output)
         }
         Command::Rollback { service, api } => {
@@ -353,8 +354,10 @@ fn run_rollout(action: RolloutAction) -> anyhow::Result<()> {
                     let (percent, role) =
                         spec.split_once(':').context("--approval takes PERCENT:ROLE, e.g. 50:release")?;
                     let at_percent: f64 = percent.parse().context("--approval PERCENT must be a number")?;
-                    let role: Role = serde_json::from_value(serde_json::Value::String(role.to_string()))
-                        .with_context(|| format!("--approval ROLE must be viewer, operator or release, got {role:?}"))?;
+                    let role: Role =
+                        serde_json::from_value(serde_json::Value::String(role.to_string())).with_context(|| {
+                            format!("--approval ROLE must be viewer, operator or release, got {role:?}")
+                        })?;
                     Some(Approval { at_percent, role })
                 }
             };

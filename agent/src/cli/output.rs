@@ -33,10 +33,8 @@ pub fn services(services: &[ServiceState], output: Output) -> anyhow::Result<()>
             many => json(&ServiceList { services: many.to_vec() }),
         };
     }
-    let mut out = table(
-        &["SERVICE", "CANARY %", "STABLE CONN", "CANARY CONN", "S FAIL", "C FAIL", "S SRTT", "C SRTT"],
-        1,
-    );
+    let mut out =
+        table(&["SERVICE", "CANARY %", "STABLE CONN", "CANARY CONN", "S FAIL", "C FAIL", "S SRTT", "C SRTT"], 1);
     let srtt = |side: &SideState| match side.health.srtt_avg_us {
         Some(us) => format!("{:.2}ms", us as f64 / 1000.0),
         None => "-".to_string(),

@@ -53,9 +53,15 @@ enum DatapathOp {
 
 /// How to undo one applied datapath operation.
 enum Undo {
-    Weight { name: String, ppm: u32 },
+    Weight {
+        name: String,
+        ppm: u32,
+    },
     /// Put back the installed spec, or remove the service if there was none.
-    Restore { name: String, spec: Option<ServiceSpec> },
+    Restore {
+        name: String,
+        spec: Option<Box<ServiceSpec>>,
+    },
 }
 
 pub(super) struct Core<S: Store> {
@@ -363,10 +369,8 @@ impl<S: Store> Core<S> {
         let before = self.state.services.get(&name).map(|v| v.value.clone());
         let service = body.into_config(name.clone(), before.as_ref().map(|s| s.max_operator_percent));
         let created = before.is_none();
-        let mut change = Change {
-            audit: Some(self.audit(origin, json!(before), json!(service))),
-            ..Default::default()
-        };
+        let mut change =
+            Change { audit: Some(self.audit(origin, json!(before), json!(service))), ..Default::default() };
         change.services.insert(name.clone(), Some(service));
         self.commit(change).await?;
         log::info!("service {name}: {} by {}", if created { "added" } else { "replaced" }, origin.caller.name);
@@ -626,7 +630,7 @@ impl<S: Store> Core<S> {
             writes.push(Write {
                 key: Key::Rollout(name.clone()),
                 expect: Expect::of(self.state.rollouts.get(name)),
-                value: Value::Rollout(value.clone()),
+                value: Value::Rollout(value.clone().map(Box::new)),
             });
         }
         let commit = Commit { writes, file_services: change.file_services.clone(), audit: change.audit.clone() };
@@ -649,7 +653,7 @@ impl<S: Store> Core<S> {
             writes.push(Write {
                 key: Key::Rollout(name.clone()),
                 expect: at(value.is_some()),
-                value: Value::Rollout(self.state.rollouts.get(name).map(|v| v.value.clone())),
+                value: Value::Rollout(self.state.rollouts.get(name).map(|v| Box::new(v.value.clone()))),
             });
         }
         let file_services = change.file_services.as_ref().map(|_| self.state.file_services.clone());
@@ -719,8 +723,11 @@ impl<S: Store> Core<S> {
         let removed = services.iter().filter(|(n, v)| v.is_none() && self.state.services.contains_key(*n)).count();
         let total = self.state.services.len() + added - removed;
         if total > MAX_SERVICES as usize {
-            return Err(InvalidField::new("service", format!("{total} services, at most {MAX_SERVICES} are supported"))
-                .into());
+            return Err(InvalidField::new(
+                "service",
+                format!("{total} services, at most {MAX_SERVICES} are supported"),
+            )
+            .into());
         }
         let mut ops = Vec::new();
         let mut claimed: HashMap<SocketAddr, &str> = HashMap::new();
@@ -732,11 +739,16 @@ impl<S: Store> Core<S> {
                 (Some(old), Some(new))
                     if ServiceConfig { canary_percent: new.canary_percent, ..old.clone() } == *new =>
                 {
-                    ops.push((name.clone(), DatapathOp::Weight(validate_percent(new.canary_percent, "canary_percent")?)));
+                    ops.push((
+                        name.clone(),
+                        DatapathOp::Weight(validate_percent(new.canary_percent, "canary_percent")?),
+                    ));
                 }
                 (_, Some(new)) => {
                     if new.name != *name {
-                        return Err(InvalidField::new("name", format!("{:?} is not the service {name:?}", new.name)).into());
+                        return Err(
+                            InvalidField::new("name", format!("{:?} is not the service {name:?}", new.name)).into()
+                        );
                     }
                     let spec = validate_service(new, "", self.cgroup_root.as_deref())?;
                     for frontend in &spec.frontends {
@@ -759,7 +771,7 @@ impl<S: Store> Core<S> {
     fn apply_datapath(&mut self, ops: Vec<(String, DatapathOp)>) -> Result<(), DatapathError> {
         let mut undo = Vec::new();
         for (name, op) in ops {
-            let installed = self.datapath.service(&name).map(|v| v.spec);
+            let installed = self.datapath.service(&name).map(|v| Box::new(v.spec));
             let result = match op {
                 DatapathOp::Weight(ppm) => self.datapath.set_weight(&name, ppm).map(|()| {
                     if let Some(old) = installed {
@@ -783,7 +795,7 @@ impl<S: Store> Core<S> {
                 for step in undo.into_iter().rev() {
                     let undone = match step {
                         Undo::Weight { name, ppm } => self.datapath.set_weight(&name, ppm),
-                        Undo::Restore { spec: Some(spec), .. } => self.datapath.replace_service(spec),
+                        Undo::Restore { spec: Some(spec), .. } => self.datapath.replace_service(*spec),
                         Undo::Restore { name, spec: None } => self.datapath.remove_service(&name),
                     };
                     if let Err(err) = undone {
@@ -811,8 +823,8 @@ impl<S: Store> Core<S> {
                     }
                 }
                 for name in self.state.rollouts.keys().chain(snapshot.rollouts.keys()) {
-                    let wanted = snapshot.rollouts.get(name).map(|v| v.value.clone());
-                    if self.state.rollouts.get(name).map(|v| &v.value) != wanted.as_ref() {
+                    let wanted = snapshot.rollouts.get(name).map(|v| Box::new(v.value.clone()));
+                    if self.state.rollouts.get(name).map(|v| &v.value) != wanted.as_deref() {
                         writes.push((Key::Rollout(name.clone()), Value::Rollout(wanted)));
                     }
                 }
@@ -832,11 +844,11 @@ impl<S: Store> Core<S> {
                     }
                 }
                 (Key::Rollout(name), Value::Rollout(value)) => {
-                    if let Some(Err(problem)) = value.as_ref().map(check_rollout) {
+                    if let Some(Err(problem)) = value.as_deref().map(check_rollout) {
                         log::error!("skipping rollouts/{name} from the store: {problem}");
                         continue;
                     }
-                    change.rollouts.insert(name, value);
+                    change.rollouts.insert(name, value.map(|rollout| *rollout));
                 }
                 (key, value) => log::error!("skipping {key} from the store: it cannot hold {value:?}"),
             }

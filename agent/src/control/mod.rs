@@ -99,28 +99,72 @@ pub type Reply<T> = oneshot::Sender<Result<T, ControlError>>;
 #[derive(Debug)]
 pub enum Command {
     /// Answers at once: the core is alive and not stuck.
-    Ping { reply: oneshot::Sender<()> },
-    Services { reply: Reply<Vec<ServiceState>> },
-    Service { name: String, reply: Reply<ServiceState> },
-    Rollout { name: String, reply: Reply<RolloutView> },
-    Datapath { reply: Reply<DatapathStatus> },
-    Metrics { reply: Reply<Vec<ServiceMetrics>> },
-    SetWeight { name: String, change: WeightChange, origin: Origin, reply: Reply<ServiceState> },
+    Ping {
+        reply: oneshot::Sender<()>,
+    },
+    Services {
+        reply: Reply<Vec<ServiceState>>,
+    },
+    Service {
+        name: String,
+        reply: Reply<ServiceState>,
+    },
+    Rollout {
+        name: String,
+        reply: Reply<RolloutView>,
+    },
+    Datapath {
+        reply: Reply<DatapathStatus>,
+    },
+    Metrics {
+        reply: Reply<Vec<ServiceMetrics>>,
+    },
+    SetWeight {
+        name: String,
+        change: WeightChange,
+        origin: Origin,
+        reply: Reply<ServiceState>,
+    },
     /// Adds or replaces service `name` (`true`: added). A body that leaves `max_operator_percent`
     /// out keeps the replaced service's.
-    PutService { name: String, body: ServiceBody, origin: Origin, reply: Reply<(bool, ServiceState)> },
+    PutService {
+        name: String,
+        body: ServiceBody,
+        origin: Origin,
+        reply: Reply<(bool, ServiceState)>,
+    },
     /// Removes a service (and its rollout); answers its last state.
-    DeleteService { name: String, origin: Origin, reply: Reply<ServiceState> },
-    StartRollout { name: String, plan: Plan, origin: Origin, reply: Reply<RolloutView> },
-    RolloutAction { name: String, action: RolloutAction, origin: Origin, reply: Reply<RolloutView> },
+    DeleteService {
+        name: String,
+        origin: Origin,
+        reply: Reply<ServiceState>,
+    },
+    StartRollout {
+        name: String,
+        plan: Plan,
+        origin: Origin,
+        reply: Reply<RolloutView>,
+    },
+    RolloutAction {
+        name: String,
+        action: RolloutAction,
+        origin: Origin,
+        reply: Reply<RolloutView>,
+    },
     /// The config file now holds these services (validated); answers how many.
-    ReloadFile { services: Vec<ServiceConfig>, reply: Reply<usize> },
+    ReloadFile {
+        services: Vec<ServiceConfig>,
+        reply: Reply<usize>,
+    },
     /// The rollout driver's clock.
     TickRollouts,
     /// Deletes backend revisions past their grace period.
     ReapRetired,
     /// What terminating a rolled-back canary's connections did.
-    NoteTerminated { name: String, count: usize },
+    NoteTerminated {
+        name: String,
+        count: usize,
+    },
 }
 
 /// Work a change asks for that happens outside the core, after the change is committed.

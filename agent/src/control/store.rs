@@ -107,7 +107,7 @@ impl Expect {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
     Service(Option<ServiceConfig>),
-    Rollout(Option<Rollout>),
+    Rollout(Option<Box<Rollout>>),
 }
 
 /// One key written by a commit.

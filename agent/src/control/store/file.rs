@@ -269,7 +269,7 @@ impl Store for FileStore {
                     next.services.remove(&name);
                 }
                 (Key::Rollout(name), Value::Rollout(Some(value))) => {
-                    next.rollouts.insert(name, Versioned { revision, value });
+                    next.rollouts.insert(name, Versioned { revision, value: *value });
                 }
                 (Key::Rollout(name), Value::Rollout(None)) => {
                     next.rollouts.remove(&name);
