@@ -72,10 +72,13 @@ pub fn ensure_toolchain() -> anyhow::Result<()> {
 
 /// Tools the end-to-end tests and the demo drive.
 pub fn ensure_test_tools() -> anyhow::Result<()> {
-    ensure_packages(&["iproute2", "dnsmasq-base", "bind9-dnsutils"])?;
+    // e2fsprogs and util-linux: an ext4 image to freeze under the agent's state (mkfs.ext4,
+    // fsfreeze; tests/e2e/core.rs).
+    ensure_packages(&["iproute2", "dnsmasq-base", "bind9-dnsutils", "e2fsprogs", "util-linux"])?;
     // kubernetes-validate checks config/daemonset.yaml against the Kubernetes schemas it
     // bundles, offline (tests/e2e/manifests.rs); prometheus-client's parser reads /metrics
-    // (tests/e2e/agent.rs); openapi-spec-validator checks agent/openapi.json (tests/e2e/openapi.rs).
+    // (tests/e2e/agent.rs); openapi-spec-validator checks the generated OpenAPI document
+    // (tests/e2e/openapi.rs).
     ensure_python_package("kubernetes_validate", "kubernetes-validate")?;
     ensure_python_package("prometheus_client", "prometheus-client")?;
     ensure_python_package("openapi_spec_validator", "openapi-spec-validator")?;

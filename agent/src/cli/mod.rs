@@ -82,6 +82,8 @@ pub enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Print the API's OpenAPI document (the one the agent serves at /v1/openapi.json).
+    Openapi,
     /// Remove the programs, links and pinned maps (the datapath stops steering).
     Uninstall {
         /// bpffs directory the agent pinned to (agent.bpffs).
@@ -250,6 +252,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent { config, check } => crate::daemon::run(&config, check),
         Command::Uninstall { bpffs } => uninstall(&bpffs),
+        Command::Openapi => {
+            println!("{}", crate::api::openapi().to_pretty_json()?);
+            Ok(())
+        }
         Command::Status { service, api } => {
             let services = match service {
                 Some(name) => vec![api.client().call::<ServiceState>("GET", &format!("/v1/services/{name}"), NONE)?],
