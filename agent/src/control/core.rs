@@ -132,14 +132,15 @@ impl<S: Store> Core<S> {
             }
         }
         for (name, rollout) in &stored.rollouts {
-            let problem = if services.contains_key(name) { check_rollout(&rollout.value).err() } else { None };
-            if !services.contains_key(name) {
-                log::warn!("stored rollout of {name:?} dropped at start: the service is gone");
-                change.rollouts.insert(name.clone(), None);
-            } else if let Some(problem) = problem {
-                log::error!("stored rollout of {name:?} dropped at start: {problem}");
-                change.rollouts.insert(name.clone(), None);
-            }
+            let problem = if !services.contains_key(name) {
+                "the service is gone".to_string()
+            } else if let Err(problem) = check_rollout(&rollout.value) {
+                problem
+            } else {
+                continue;
+            };
+            log::error!("stored rollout of {name:?} dropped at start: {problem}");
+            change.rollouts.insert(name.clone(), None);
         }
         if stored.file_services != file {
             change.file_services = Some(file);
