@@ -286,6 +286,35 @@ impl Webhooks {
         CheckResult { name: check.name.clone(), passed, status, detail, elapsed_ms }
     }
 
+    /// Calls every check at once with the same state; results in plan order. Takes as long as
+    /// the slowest check (each bounded by its own `timeout_seconds`).
+    pub async fn check_all(&self, checks: &[WebhookCheck], payload: &Value) -> Vec<CheckResult> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, check) in checks.iter().enumerate() {
+            let (webhooks, check, payload) = (self.clone(), check.clone(), payload.clone());
+            tasks.spawn(async move { (i, webhooks.check(&check, &payload).await) });
+        }
+        let mut results: Vec<Option<CheckResult>> = vec![None; checks.len()];
+        while let Some(done) = tasks.join_next().await {
+            if let Ok((i, result)) = done {
+                results[i] = Some(result);
+            }
+        }
+        results
+            .into_iter()
+            .zip(checks)
+            .map(|(result, check)| {
+                result.unwrap_or_else(|| CheckResult {
+                    name: check.name.clone(),
+                    passed: false,
+                    status: None,
+                    detail: "the check's task failed".to_string(),
+                    elapsed_ms: 0,
+                })
+            })
+            .collect()
+    }
+
     /// POSTs `payload` to `url` within `deadline` (which includes waiting for a slot) and reads at
     /// most [`MAX_RESPONSE_BYTES`] of the answer. Any status is returned, not judged.
     pub async fn post(&self, url: &str, payload: &Value, deadline: Duration) -> Result<Delivered, WebhookError> {

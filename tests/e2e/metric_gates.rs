@@ -28,7 +28,7 @@ use agent::{
     gates::{
         checks::WebhookCheck,
         metric::{expand, judge, MetricGate, OnMissing, QueryContext, Reading},
-        prometheus::{PrometheusClient, PrometheusEndpoint, QueryCheckError},
+        prometheus::{check_plan_queries, read_gates, PrometheusClient, PrometheusEndpoint, QueryCheckError},
         FailCause, Verdict,
     },
     webhook::{AllowList, WebhookError, Webhooks, MAX_CONCURRENT_DELIVERIES, MAX_RESPONSE_BYTES},
@@ -193,6 +193,24 @@ fn no_data_several_series_and_bad_queries_are_told_apart() {
         other => panic!("a range vector: {other:?}"),
     }
     rt.block_on(client.check_query(&expand(ERROR_RATE, &context(30)).unwrap())).expect("a good query passes");
+    // What the rollout driver calls at plan start: the refusal names the gate's query.
+    let gates = [
+        MetricGate { name: "error-rate".into(), query: ERROR_RATE.into(), max: Some(0.01), min: None },
+        MetricGate { name: "typo".into(), query: broken.into(), max: Some(1.0), min: None },
+    ];
+    let refused = rt.block_on(check_plan_queries(Some(&client), &gates, &context(30), "gates.metrics")).unwrap_err();
+    assert_eq!(refused.field, "gates.metrics[1].query");
+    assert!(refused.message.contains("Prometheus refuses it") && refused.message.contains("parse error"), "{refused}");
+    rt.block_on(check_plan_queries(Some(&client), &gates[..1], &context(30), "gates.metrics")).unwrap();
+    let unconfigured = rt.block_on(check_plan_queries(None, &gates[..1], &context(30), "gates.metrics")).unwrap_err();
+    assert!(
+        unconfigured.field == "gates.metrics" && unconfigured.message.contains("agent.prometheus"),
+        "{unconfigured}"
+    );
+    let readings = rt.block_on(read_gates(&client, &gates, &context(5)));
+    assert!(matches!(readings[0], Reading::Value(_) | Reading::NoData), "{readings:?}");
+    assert!(matches!(&readings[1], Reading::Error(m) if m.contains("parse error")), "{readings:?}");
+
     // A bad query read during a rollout is an error reading, with the same text.
     let Reading::Error(message) = rt.block_on(client.read(broken)) else { panic!("broken query read") };
     assert!(message.contains("bad_data") && message.contains("parse error"), "{message}");
@@ -399,6 +417,16 @@ fn webhook_checks_pass_on_2xx_and_fail_on_500_or_a_late_answer() {
     assert!(failed.detail.contains("HTTP 500") && !failed.detail.contains('\n'), "{}", failed.detail);
     let Verdict::Fail { gate, cause: FailCause::Check { .. } } = failed.verdict() else { panic!("{failed:?}") };
     assert_eq!(gate, "load-test");
+
+    let both = rt.block_on(
+        hooks.check_all(&[check("load-test", failing.url("/"), 5.0), check("acceptance", ok.url("/"), 5.0)], &state),
+    );
+    assert_eq!(
+        both.iter().map(|r| (r.name.as_str(), r.passed)).collect::<Vec<_>>(),
+        [("load-test", false), ("acceptance", true)],
+        "results in plan order"
+    );
+    assert!(Verdict::worst(both.iter().map(|r| r.verdict())).is_fail());
 
     let late = rt.block_on(hooks.check(&check("slow", slow.url("/"), 1.0), &state));
     assert!(!late.passed && late.status.is_none(), "{late:?}");

@@ -16,7 +16,7 @@ use http::{HeaderValue, Method};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::metric::Reading;
+use super::metric::{expand, MetricGate, QueryContext, Reading};
 use crate::{
     config::InvalidField,
     outbound::{self, excerpt, HttpUrl},
@@ -228,6 +228,60 @@ impl PrometheusClient {
         }
         Err(unreachable(last_error))
     }
+}
+
+/// Checks a plan's metric gates at start, before anything changes: Prometheus is configured,
+/// each query expands for the first step and Prometheus' parser accepts it. `field` names the
+/// list in errors (`gates.metrics`), so a refusal reads `gates.metrics[1].query: ...` with
+/// Prometheus' own message. Prometheus being unreachable also refuses the plan: a gate that
+/// cannot be checked now would only hold the first step.
+pub async fn check_plan_queries(
+    client: Option<&PrometheusClient>,
+    gates: &[MetricGate],
+    context: &QueryContext<'_>,
+    field: &str,
+) -> Result<(), InvalidField> {
+    if gates.is_empty() {
+        return Ok(());
+    }
+    let Some(client) = client else {
+        return Err(InvalidField::new(
+            field,
+            "metric gates need a Prometheus server: set agent.prometheus in the agent's config file",
+        ));
+    };
+    for (i, gate) in gates.iter().enumerate() {
+        let at = format!("{field}[{i}].query");
+        let query = expand(&gate.query, context).map_err(|err| InvalidField::new(&at, err.to_string()))?;
+        client.check_query(&query).await.map_err(|err| match err {
+            QueryCheckError::Invalid(message) => InvalidField::new(&at, format!("Prometheus refuses it: {message}")),
+            QueryCheckError::Unavailable(err) => InvalidField::new(&at, format!("cannot be checked: {err}")),
+        })?;
+    }
+    Ok(())
+}
+
+/// Reads every gate's query (expanded for `context`) at once: `readings[i]` is `gates[i]`'s,
+/// ready for [`super::metric::judge`] or [`super::metric::EarlyWatch::observe`]. Takes at most
+/// the client's timeout, however many gates there are.
+pub async fn read_gates(client: &PrometheusClient, gates: &[MetricGate], context: &QueryContext<'_>) -> Vec<Reading> {
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut readings = vec![Reading::Error("not queried".to_string()); gates.len()];
+    for (i, gate) in gates.iter().enumerate() {
+        match expand(&gate.query, context) {
+            Ok(query) => {
+                let client = client.clone();
+                tasks.spawn(async move { (i, client.read(&query).await) });
+            }
+            Err(err) => readings[i] = Reading::Error(err.to_string()),
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        if let Ok((i, reading)) = done {
+            readings[i] = reading;
+        }
+    }
+    readings
 }
 
 /// `/api/v1/query`'s JSON envelope.
