@@ -152,7 +152,7 @@ fn the_error_rate_of_a_canary_answering_20_percent_500s_reads_0_2_and_a_healthy_
         |r| matches!(r, Reading::Value(v) if (v - 0.2).abs() <= 0.05),
     );
     let gate = MetricGate { name: "error-rate".into(), query: ERROR_RATE.into(), max: Some(0.01), min: None };
-    let judgement = judge(std::slice::from_ref(&gate), &[reading.clone()], OnMissing::Hold);
+    let judgement = judge(std::slice::from_ref(&gate), std::slice::from_ref(&reading), OnMissing::Hold);
     let Verdict::Fail { gate: failed, cause: FailCause::OutOfBound { value, .. } } = &judgement.verdict else {
         panic!("a 20 % error rate must fail a 1 % gate: {judgement:?}")
     };
@@ -237,7 +237,7 @@ fn readings_are_errors_while_prometheus_is_down_or_stuck_and_values_when_it_is_b
     let down = rt.block_on(client.read(&query));
     let Reading::Error(message) = &down else { panic!("Prometheus stopped: {down:?}") };
     assert!(message.contains("unreachable") && message.contains(&lab.prometheus.addr.to_string()), "{message}");
-    let held = judge(&gates, &[down.clone()], OnMissing::Hold).verdict;
+    let held = judge(&gates, std::slice::from_ref(&down), OnMissing::Hold).verdict;
     assert_eq!(held, Verdict::Hold { gate: "error-rate".into(), reason: message.clone() }, "hold says why");
     let failed = judge(&gates, &[down], OnMissing::Fail).verdict;
     assert!(matches!(failed, Verdict::Fail { cause: FailCause::Missing { .. }, .. }), "{failed:?}");
@@ -246,6 +246,9 @@ fn readings_are_errors_while_prometheus_is_down_or_stuck_and_values_when_it_is_b
     let back = read_until(&rt, &client, &query, "after the restart", |r| matches!(r, Reading::Value(_)));
     assert!(matches!(back, Reading::Value(v) if (v - 0.2).abs() <= 0.05), "{back:?}");
 }
+
+/// Request heads and bodies a receiver got.
+type Requests = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
 
 /// What a receiver does with a request.
 #[derive(Clone, Copy)]
@@ -268,7 +271,7 @@ enum Behaviour {
 struct Receiver {
     addr: SocketAddr,
     /// Request heads and bodies received.
-    requests: Arc<Mutex<Vec<(String, Vec<u8>)>>>,
+    requests: Requests,
     connections: Arc<AtomicU64>,
     open: Arc<AtomicU64>,
     max_open: Arc<AtomicU64>,

@@ -92,7 +92,7 @@ pub enum ExpandError {
 /// `d` as a Prometheus duration: whole seconds as `30s`, anything else in milliseconds.
 pub fn prometheus_duration(d: Duration) -> String {
     let ms = d.as_millis().max(1);
-    if ms % 1000 == 0 {
+    if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")
