@@ -171,7 +171,11 @@ pub enum WebhookError {
 /// Checks a URL against the syntax rules, the always-refused addresses and the allow list:
 /// what plan validation calls, and what every delivery calls again (the list may have changed).
 pub fn check_url(url: &str, allow: &AllowList) -> Result<HttpUrl, WebhookError> {
-    let parsed = HttpUrl::parse(url).map_err(|source| WebhookError::Url { url: url.to_string(), source })?;
+    let parsed = HttpUrl::parse(url).map_err(|source| WebhookError::Url {
+        // Shown escaped ({url:?}) and shortened: the error goes to logs and history.
+        url: url.chars().take(200).collect(),
+        source,
+    })?;
     if let Some(ip) = parsed.ip() {
         if let Some(why) = refusal(ip) {
             return Err(WebhookError::RefusedAddress { host: parsed.host.clone(), ip, why });
@@ -268,7 +272,13 @@ impl Webhooks {
     /// Calls a webhook check with the rollout's state (JSON POST): passes on 2xx only.
     pub async fn check(&self, check: &WebhookCheck, payload: &Value) -> CheckResult {
         let started = Instant::now();
-        let deadline = Duration::from_secs_f64(check.timeout_seconds.clamp(0.001, 3600.0));
+        // Validated at plan start; a value from elsewhere (persisted state) still cannot panic.
+        let seconds = if check.timeout_seconds.is_finite() {
+            check.timeout_seconds.clamp(1.0, crate::gates::checks::MAX_CHECK_TIMEOUT_SECONDS)
+        } else {
+            crate::gates::checks::DEFAULT_CHECK_TIMEOUT_SECONDS
+        };
+        let deadline = Duration::from_secs_f64(seconds);
         let result = self.post(&check.url, payload, deadline).await;
         let elapsed_ms = started.elapsed().as_millis() as u64;
         let (passed, status, detail) = match result {
@@ -459,6 +469,8 @@ mod tests {
         assert!(matches!(err, WebhookError::Url { source: UrlError::ForbiddenByte { .. }, .. }), "{err:?}");
         let message = err.to_string();
         assert!(!message.contains('\r') && !message.contains('\n'), "the log line cannot be split: {message}");
+        let long = format!("http://10.244.3.9:8080/{}\n", "a".repeat(5000));
+        assert!(check_url(&long, &list).unwrap_err().to_string().len() < 400, "errors stay short");
         let err = check_url("http://10.244.3.9:8080/a%0d%0aX:%20y", &list);
         assert!(err.is_ok(), "percent-encoded bytes stay in the path: {err:?}");
     }
