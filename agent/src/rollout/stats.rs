@@ -324,34 +324,49 @@ mod tests {
 
     /// Simulates a canary at `canary_p` against stable at `stable_p`, 5 % of traffic on the
     /// canary, looking after every batch like the engine does, until a decision or `max_canary`
-    /// trials. Returns the decisions reached.
-    fn simulate(canary_p: f64, stable_p: f64, runs: u32, max_canary: u64, seed: u64) -> [u32; 3] {
+    /// trials. Returns the decisions reached, and in how many runs a fixed-sample one-sided
+    /// z-test at the same confidence, read at every look, would have rolled back.
+    fn simulate(canary_p: f64, stable_p: f64, runs: u32, max_canary: u64, seed: u64) -> ([u32; 3], u32) {
         let mut rng = Rng(seed);
         let mut outcome = [0u32; 3];
+        let mut naive_rollbacks = 0;
         for _ in 0..runs {
             let (mut canary, mut stable) = (Counts::default(), Counts::default());
+            let mut naive_rolled_back = false;
             let decision = loop {
                 canary.trials += 10;
                 canary.events += rng.binomial(10, canary_p);
                 stable.trials += 190;
                 stable.events += rng.binomial(190, stable_p);
+                let (pc, ps) =
+                    (canary.events as f64 / canary.trials as f64, stable.events as f64 / stable.trials as f64);
+                let se = (pc * (1.0 - pc) / canary.trials as f64 + ps * (1.0 - ps) / stable.trials as f64).sqrt();
+                // z_0.95 = 1.645: the one-sided critical value for confidence 0.95.
+                naive_rolled_back |= se > 0.0 && (pc - ps - 0.02) / se > 1.645;
                 let decision = compare(canary, stable, 0.02, 0.95).decision;
                 if decision != Decision::Undecided || canary.trials >= max_canary {
                     break decision;
                 }
             };
             outcome[decision as usize] += 1;
+            naive_rollbacks += u32::from(naive_rolled_back);
         }
-        outcome
+        (outcome, naive_rollbacks)
     }
 
     /// The error rate holds over repeated looks: a canary exactly at the tolerance (H0 holds,
     /// at its edge) is judged `worse` in at most 5 % of rollouts at confidence 0.95, with a
-    /// look after every 10 canary trials up to 2,000.
+    /// look after every 10 canary trials up to 2,000, where a fixed-sample test read at every
+    /// look rolls back far more than 5 %.
     #[test]
     fn repeated_looks_keep_the_false_rollback_rate() {
-        let [worse, not_worse, undecided] = simulate(0.03, 0.01, 400, 2_000, 7);
+        let ([worse, not_worse, undecided], naive) = simulate(0.03, 0.01, 400, 2_000, 7);
+        println!(
+            "canary at the tolerance: {worse} of 400 rolled back ({naive} with a z-test at every look), {undecided} \
+             undecided after 2,000 attempts"
+        );
         assert!(worse <= 20, "{worse} of 400 rolled back: more than 5 %");
+        assert!(naive > 40, "the fixed-sample test read at every look should exceed 10 %: {naive}");
         assert_eq!(not_worse, 0, "a canary at the tolerance never proves itself inside it: {not_worse}");
         assert_eq!(worse + undecided, 400);
     }
@@ -360,7 +375,11 @@ mod tests {
     /// passes once there is enough evidence.
     #[test]
     fn a_slightly_worse_canary_is_not_rolled_back_and_passes_with_evidence() {
-        let [worse, not_worse, _] = simulate(0.02, 0.01, 200, 20_000, 11);
+        let ([worse, not_worse, _], naive) = simulate(0.02, 0.01, 200, 20_000, 11);
+        println!(
+            "canary 1 point worse: {worse} of 200 rolled back ({naive} with a z-test at every look), {not_worse} \
+             passed within 20,000 attempts"
+        );
         assert_eq!(worse, 0);
         assert!(not_worse >= 190, "{not_worse} of 200 passed within 20,000 canary trials");
     }
