@@ -483,8 +483,20 @@ fn print_rollout(r: &Value) {
         format!("{label} {reading} (max {limit})")
     };
     let percent = |v: &Value| v.as_f64().map_or("-".to_string(), |v| format!("{:.2} %", v * 100.0));
+    let active = matches!(state, "running" | "paused" | "awaiting_approval");
     for (title, window) in [("this window", &r["current_window"]), ("last judged", &r["last_gates"])] {
-        if window.is_null() {
+        // A finished rollout's window in progress is only what came after it.
+        if window.is_null() || (title == "this window" && !active) {
+            continue;
+        }
+        if gates == "none" {
+            println!(
+                "  {title:<12} canary attempts {}, failed {}, resets {}  observed canary {}",
+                window["canary_attempts"],
+                window["canary_failed_attempts"],
+                window["canary_resets"],
+                window["observed_canary_percent"].as_f64().map_or("-".to_string(), |v| format!("{v:.1} %")),
+            );
             continue;
         }
         println!(
@@ -516,8 +528,10 @@ fn print_rollout(r: &Value) {
                 c["decision"].as_str().unwrap_or("-"),
             );
         }
-        for line in window["waiting_for"].as_array().into_iter().flatten().filter_map(Value::as_str) {
-            println!("    waiting for {line}");
+        if title == "this window" {
+            for line in window["waiting_for"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+                println!("    waiting for {line}");
+            }
         }
     }
     let harm = &r["harm"];
