@@ -116,9 +116,12 @@ impl Core {
     /// rolled back.
     pub fn kill_switch(&mut self, name: &str, by: &str) -> Result<Vec<FollowUp>, ControlError> {
         self.set_percent(name, 0.0)?;
-        let counters = self.snapshot(name)?;
+        let counters = self.snapshot(name).ok();
         let mut follow = Vec::new();
         if let Some(rollout) = self.desired.rollouts.get_mut(name).filter(|r| r.state.is_active()) {
+            // The kill switch works even when the counters cannot be read (the step's cost then
+            // stops where it was last counted).
+            let counters = counters.unwrap_or(rollout.step_baseline);
             let effects = rollout.roll_back(now_ms(), counters, format!("kill switch by {by}"));
             follow = self.apply_effects(name, effects)?;
         }
