@@ -264,6 +264,10 @@ pub struct Comparisons {
 /// What the gates read over a window, and the verdict.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GateReadings {
+    /// `connect()` calls steered to the canary (TCP and connected UDP). More than
+    /// `canary_attempts` while attempts have no outcome yet, as when a canary black-holes SYNs.
+    #[serde(default)]
+    pub canary_connections: u64,
     /// Canary attempts with an outcome (established, failed or abandoned).
     pub canary_attempts: u64,
     pub stable_attempts: u64,
@@ -328,6 +332,7 @@ pub fn judge(policy: &GatePolicy, counts: &WindowCounts, estimates: bool) -> Gat
     let stable = &counts.window.stable;
     let srtt = |s: &SideSnapshot| ratio(s.srtt_sum_us, s.srtt_samples);
     let mut readings = GateReadings {
+        canary_connections: canary.connections,
         canary_attempts: canary.attempts(),
         stable_attempts: stable.attempts(),
         canary_failed_attempts: canary.failures(),
@@ -408,6 +413,13 @@ pub fn judge(policy: &GatePolicy, counts: &WindowCounts, estimates: bool) -> Gat
     );
     readings.comparisons = Some(Comparisons { failed_attempts, resets });
 
+    if canary.attempts() == 0 && canary.connections > 0 {
+        waiting.push(format!(
+            "outcomes: {} canary connections steered, none established or failed yet (a canary that black-holes \
+             SYNs looks like this until clients or the kernel give up)",
+            canary.connections
+        ));
+    }
     let needed = gates.min_connections.max(u64::from(gates.has_fixed_ratios()));
     if readings.canary_attempts < needed {
         waiting.push(format!("min_connections: {} of {needed} canary attempts", readings.canary_attempts));
