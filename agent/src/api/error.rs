@@ -131,6 +131,7 @@ impl From<ControlError> for ApiError {
             ControlError::NoRollout(_) => ApiError::new(ErrorCode::RolloutNotFound, message),
             ControlError::RolloutState { .. } => ApiError::new(ErrorCode::RolloutState, message),
             ControlError::Forbidden(_) => ApiError::new(ErrorCode::Forbidden, message),
+            ControlError::Delegation(invalid) => ApiError::field(ErrorCode::Forbidden, invalid.field, message),
             ControlError::Store(StoreError::Conflict { .. }) => ApiError::new(ErrorCode::Conflict, message),
             ControlError::Store(StoreError::Unavailable(_)) => ApiError::new(ErrorCode::StoreUnavailable, message),
             ControlError::Store(err) => {

@@ -10,7 +10,7 @@ use utoipa::ToSchema;
 use crate::{
     audit::AuditEntry,
     config::{Affinity, CohortConfig, Role, ServiceConfig},
-    rollout::{GateReadings, HistoryEntry, Plan, RolloutState},
+    rollout::{GateReadings, Harm, HistoryEntry, Plan, RolloutState},
 };
 
 /// `PUT /v1/services/{name}/canary`.
@@ -213,9 +213,14 @@ pub struct RolloutView {
     /// The gates over the window in progress.
     pub current_window: Option<GateReadings>,
     pub terminated_connections: Option<u64>,
+    /// What the rollout cost the canary's clients, the current step counted up to now.
+    pub harm: Harm,
     pub started_by: String,
     pub plan: Plan,
+    /// The last events (at most 256).
     pub history: Vec<HistoryEntry>,
+    /// Events dropped from the front of `history`.
+    pub history_dropped: u64,
 }
 
 impl RolloutView {

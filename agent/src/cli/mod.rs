@@ -18,7 +18,10 @@ use crate::{
     client::ApiClient,
     config::{Affinity, Role},
     paths,
-    rollout::{Approval, Gates, Plan, RollbackPolicy},
+    rollout::{
+        Approval, GatePolicy, Gates, Plan, RollbackPolicy, DEFAULT_CONFIDENCE, DEFAULT_FAILED_ATTEMPTS_TOLERANCE,
+        DEFAULT_RESETS_TOLERANCE,
+    },
 };
 
 #[derive(Debug, Parser)]
@@ -134,6 +137,16 @@ pub enum RolloutAction {
         /// How long each step is held: 60s, 2m, 500ms, or seconds.
         #[arg(long, value_parser = parse_duration_seconds)]
         every: f64,
+        /// Confidence of the comparisons with stable (default 0.95).
+        #[arg(long)]
+        confidence: Option<f64>,
+        /// How much higher than stable's the canary's failed-attempt proportion may be (default
+        /// 0.02: 2 points).
+        #[arg(long)]
+        failed_attempts_tolerance: Option<f64>,
+        /// How much higher than stable's the canary's reset proportion may be (default 0.02).
+        #[arg(long)]
+        resets_tolerance: Option<f64>,
         #[arg(long)]
         max_failed_attempt_ratio: Option<f64>,
         #[arg(long)]
@@ -143,6 +156,10 @@ pub enum RolloutAction {
         /// Canary connection attempts a step needs before it is judged.
         #[arg(long, default_value_t = 0)]
         min_connections: u64,
+        /// A timed rollout: judge nothing, promote whatever the canary does (`"gates": "none"`).
+        #[arg(long, conflicts_with_all = ["confidence", "failed_attempts_tolerance", "resets_tolerance",
+            "max_failed_attempt_ratio", "max_reset_ratio", "max_srtt_ratio"])]
+        no_gates: bool,
         /// Failed checks in a row before rolling back.
         #[arg(long, default_value_t = 1)]
         failure_threshold: u32,
@@ -344,10 +361,14 @@ fn run_rollout(action: RolloutAction) -> anyhow::Result<()> {
             service,
             steps,
             every,
+            confidence,
+            failed_attempts_tolerance,
+            resets_tolerance,
             max_failed_attempt_ratio,
             max_reset_ratio,
             max_srtt_ratio,
             min_connections,
+            no_gates,
             failure_threshold,
             approval,
             webhooks,
@@ -370,11 +391,18 @@ fn run_rollout(action: RolloutAction) -> anyhow::Result<()> {
             let plan = Plan {
                 steps: steps.clone(),
                 step_seconds: *every,
-                gates: Gates {
-                    max_failed_attempt_ratio: *max_failed_attempt_ratio,
-                    max_reset_ratio: *max_reset_ratio,
-                    max_srtt_ratio: *max_srtt_ratio,
-                    min_connections: *min_connections,
+                gates: if *no_gates {
+                    GatePolicy::None
+                } else {
+                    GatePolicy::Judged(Gates {
+                        confidence: confidence.unwrap_or(DEFAULT_CONFIDENCE),
+                        failed_attempts_tolerance: failed_attempts_tolerance.unwrap_or(DEFAULT_FAILED_ATTEMPTS_TOLERANCE),
+                        resets_tolerance: resets_tolerance.unwrap_or(DEFAULT_RESETS_TOLERANCE),
+                        max_failed_attempt_ratio: *max_failed_attempt_ratio,
+                        max_reset_ratio: *max_reset_ratio,
+                        max_srtt_ratio: *max_srtt_ratio,
+                        min_connections: *min_connections,
+                    })
                 },
                 failure_threshold: *failure_threshold,
                 approval,

@@ -64,8 +64,9 @@ pub fn audit(log: &AuditLog) {
     println!("{out}");
 }
 
-fn state_name(state: RolloutState) -> String {
-    serde_json::to_value(state).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+/// A serde enum's name as the API writes it (`rolled_back`, `not_worse`).
+fn name_of(value: impl Serialize) -> String {
+    serde_json::to_value(value).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
 }
 
 /// A rollout for people: a bar of the steps, the gate readings and the observed split.
@@ -91,7 +92,7 @@ pub fn rollout(r: &crate::api::types::RolloutView) {
     println!(
         "{}  rollout {}  step {}/{}  weight {} %  window {:.1}s/{}s",
         r.service,
-        state_name(state),
+        name_of(state),
         (r.step + 1).min(steps.len()),
         steps.len(),
         r.percent,
@@ -102,24 +103,75 @@ pub fn rollout(r: &crate::api::types::RolloutView) {
     if let Some(role) = r.awaiting_role {
         println!("  waiting for approval by a {role} token: sockshift rollout approve {}", r.service);
     }
-    let gates = &r.plan.gates;
+    let gates = r.plan.gates.judged();
+    if gates.is_none() {
+        println!("  gates: none (timed rollout: the canary's health is not judged)");
+    }
     let show = |label: &str, reading: Option<f64>, limit: Option<f64>| {
         let reading = reading.map_or("-".to_string(), |v| format!("{v:.3}"));
         let limit = limit.map_or("none".to_string(), |v| v.to_string());
         format!("{label} {reading} (max {limit})")
     };
+    let percent = |v: f64| format!("{:.2} %", v * 100.0);
+    let observed = |w: &GateReadings| w.observed_canary_percent.map_or("-".to_string(), |v| format!("{v:.1} %"));
     for (title, window) in [("this window", &r.current_window), ("last judged", &r.last_gates)] {
         let Some(window) = window else { continue };
-        let GateReadings { failed_attempt_ratio, reset_ratio, srtt_ratio, canary_attempts, .. } = window;
+        // A finished rollout's window in progress is only what came after it.
+        if title == "this window" && !state.is_active() {
+            continue;
+        }
+        let Some(gates) = gates else {
+            println!(
+                "  {title:<12} canary attempts {}, failed {}, resets {}  observed canary {}",
+                window.canary_attempts,
+                window.canary_failed_attempts,
+                window.canary_resets,
+                observed(window),
+            );
+            continue;
+        };
         println!(
-            "  {title:<12} {}  {}  {}  canary attempts {canary_attempts} (min {})  observed canary {}",
-            show("failed-attempt ratio", *failed_attempt_ratio, gates.max_failed_attempt_ratio),
-            show("reset ratio", *reset_ratio, gates.max_reset_ratio),
-            show("srtt ratio", *srtt_ratio, gates.max_srtt_ratio),
+            "  {title:<12} {}  {}  {}  canary attempts {} (min {})  observed canary {}  verdict {}",
+            show("failed-attempt ratio", window.failed_attempt_ratio, gates.max_failed_attempt_ratio),
+            show("reset ratio", window.reset_ratio, gates.max_reset_ratio),
+            show("srtt ratio", window.srtt_ratio, gates.max_srtt_ratio),
+            window.canary_attempts,
             gates.min_connections,
-            window.observed_canary_percent.map_or("-".to_string(), |v| format!("{v:.1} %")),
+            observed(window),
+            name_of(window.verdict),
         );
+        if let Some(comparisons) = &window.comparisons {
+            for (name, c, tolerance) in [
+                ("failed_attempts", &comparisons.failed_attempts, gates.failed_attempts_tolerance),
+                ("resets", &comparisons.resets, gates.resets_tolerance),
+            ] {
+                println!(
+                    "    {name:<16} canary {}/{} in [{}, {}]  stable {}/{} in [{}, {}]  tolerance {}  {}",
+                    c.canary.events,
+                    c.canary.trials,
+                    percent(c.canary_interval.lower),
+                    percent(c.canary_interval.upper),
+                    c.stable.events,
+                    c.stable.trials,
+                    percent(c.stable_interval.lower),
+                    percent(c.stable_interval.upper),
+                    percent(tolerance),
+                    name_of(c.decision),
+                );
+            }
+        }
+        if title == "this window" {
+            for line in &window.waiting_for {
+                println!("    waiting for {line}");
+            }
+        }
     }
+    println!(
+        "  cost to canary clients: {} failed connections, {} resets{}",
+        r.harm.canary_failed_connections,
+        r.harm.canary_resets,
+        r.harm.time_to_rollback_ms.map_or(String::new(), |ms| format!("; rolled back {ms} ms after the first failure")),
+    );
     if let Some(n) = r.terminated_connections {
         println!("  closed {n} canary connections on rollback");
     }

@@ -21,7 +21,7 @@ use crate::{
     audit::AuditEntry,
     config::{validate_percent, validate_service, validate_services, InvalidField, Role, ServiceConfig, ServiceSpec},
     datapath::{Datapath, DatapathError},
-    rollout::{read_gates, Effect, Plan, Rollout, RolloutState, Snapshot as Counters},
+    rollout::{Effect, Plan, Rollout, RolloutState, Snapshot as Counters},
     state::{merged_with_file, reconcile},
 };
 
@@ -284,8 +284,9 @@ impl<S: Store> Core<S> {
 
     fn rollout_view(&self, name: &str) -> Result<RolloutView, ControlError> {
         let rollout = self.rollout(name)?;
-        let current_window =
-            self.counters(name).ok().map(|now| read_gates(&rollout.plan.gates, &rollout.window_baseline, &now));
+        let counters = self.counters(name).ok();
+        let current_window = counters.as_ref().map(|now| rollout.readings(now));
+        let harm = counters.as_ref().map_or_else(|| rollout.harm.clone(), |now| rollout.harm(now));
         let window_elapsed_ms = match rollout.paused_at_elapsed_ms {
             Some(ms) => ms,
             None => now_ms().saturating_sub(rollout.window_started_unix_ms),
@@ -303,9 +304,11 @@ impl<S: Store> Core<S> {
             last_gates: rollout.last_gates.clone(),
             current_window,
             terminated_connections: rollout.terminated_connections,
+            harm,
             started_by: rollout.started_by.clone(),
             plan: rollout.plan.clone(),
-            history: rollout.history.clone(),
+            history: rollout.history.iter().cloned().collect(),
+            history_dropped: rollout.history_dropped,
         })
     }
 
@@ -346,7 +349,10 @@ impl<S: Store> Core<S> {
         let mut service = ServiceConfig { canary_percent: ppm_to_percent(ppm), ..current.clone() };
         match (change, active) {
             (WeightChange::KillSwitch, Some(mut rollout)) => {
-                let effects = rollout.roll_back(now_ms(), format!("kill switch by {}", caller.name));
+                // The kill switch works even when the counters cannot be read (the step's cost
+                // then stops where it was last counted).
+                let counters = self.counters(name).unwrap_or(rollout.step_baseline);
+                let effects = rollout.roll_back(now_ms(), counters, format!("kill switch by {}", caller.name));
                 self.effects(&mut service, &rollout, effects, &mut change_set.follow_ups)?;
                 change_set.rollouts.insert(name.to_string(), Some(rollout));
             }
@@ -396,10 +402,13 @@ impl<S: Store> Core<S> {
     async fn start_rollout(&mut self, name: &str, plan: Plan, origin: &Origin) -> Result<RolloutView, ControlError> {
         let current = self.config(name)?.clone();
         plan.validate()?;
+        plan.check_delegation(origin.caller.role, current.max_operator_percent).map_err(ControlError::Delegation)?;
         if self.state.rollouts.get(name).is_some_and(|r| r.value.state.is_active()) {
             return Err(ControlError::RolloutActive(name.into()));
         }
-        let (rollout, effects) = Rollout::start(plan.clone(), now_ms(), self.counters(name)?, &origin.caller.name);
+        let counters = self.counters(name)?;
+        plan.check_health_signal(name, &counters)?;
+        let (rollout, effects) = Rollout::start(plan.clone(), now_ms(), counters, &origin.caller.name);
         let mut change = Change::default();
         let mut service = current.clone();
         self.effects(&mut service, &rollout, effects, &mut change.follow_ups)?;
@@ -447,7 +456,7 @@ impl<S: Store> Core<S> {
             (RolloutAction::Resume, _) => return Err(wrong_state("a paused rollout")),
             (RolloutAction::Approve, RolloutState::AwaitingApproval) => rollout.approve(now, counters, &caller.name),
             (RolloutAction::Approve, _) => return Err(wrong_state("a rollout awaiting approval")),
-            (RolloutAction::Abort, state) if state.is_active() => rollout.abort(now, &caller.name),
+            (RolloutAction::Abort, state) if state.is_active() => rollout.abort(now, counters, &caller.name),
             (RolloutAction::Abort, _) => return Err(wrong_state("an active rollout")),
         };
         let current = self.config(name)?.clone();

@@ -195,6 +195,9 @@ pub enum ControlError {
     /// The caller's role does not allow this.
     #[error("{0}")]
     Forbidden(String),
+    /// A plan that would take the weight past what the caller's role may set on its own.
+    #[error("{}", .0.message)]
+    Delegation(InvalidField),
     /// The store refused or failed the commit; nothing changed.
     #[error(transparent)]
     Store(#[from] StoreError),
