@@ -396,7 +396,8 @@ fn run_rollout(action: RolloutAction) -> anyhow::Result<()> {
                 } else {
                     GatePolicy::Judged(Gates {
                         confidence: confidence.unwrap_or(DEFAULT_CONFIDENCE),
-                        failed_attempts_tolerance: failed_attempts_tolerance.unwrap_or(DEFAULT_FAILED_ATTEMPTS_TOLERANCE),
+                        failed_attempts_tolerance: failed_attempts_tolerance
+                            .unwrap_or(DEFAULT_FAILED_ATTEMPTS_TOLERANCE),
                         resets_tolerance: resets_tolerance.unwrap_or(DEFAULT_RESETS_TOLERANCE),
                         max_failed_attempt_ratio: *max_failed_attempt_ratio,
                         max_reset_ratio: *max_reset_ratio,

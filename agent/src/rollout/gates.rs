@@ -53,9 +53,7 @@ impl utoipa::PartialSchema for GatePolicy {
 }
 
 impl utoipa::ToSchema for GatePolicy {
-    fn schemas(
-        schemas: &mut Vec<(String, utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>)>,
-    ) {
+    fn schemas(schemas: &mut Vec<(String, utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>)>) {
         schemas.push(("Gates".to_string(), <Gates as utoipa::PartialSchema>::schema()));
         <Gates as utoipa::ToSchema>::schemas(schemas);
     }
