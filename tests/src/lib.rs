@@ -404,3 +404,4 @@ impl Drop for Agent {
         }
     }
 }
+pub mod etcd;

@@ -59,7 +59,7 @@ impl Election {
         let name = self.store.layout().election();
         let result = self
             .store
-            .call("leader read", true, |mut client| {
+            .call("leader read", |mut client| {
                 let name = name.clone();
                 async move {
                     match client.leader(name).await {
@@ -90,7 +90,7 @@ impl Election {
         let key = leadership.key.clone();
         let response = self
             .store
-            .call("leader key read", true, |mut client| {
+            .call("leader key read", |mut client| {
                 let key = key.clone();
                 async move { client.get(key, None).await }
             })
@@ -133,7 +133,7 @@ impl Election {
             .with_rev(leadership.revision)
             .with_lease(leadership.lease);
         self.store
-            .call("leader resign", true, |mut client| {
+            .call("leader resign", |mut client| {
                 let leader = leader.clone();
                 async move { client.resign(Some(ResignOptions::new().with_leader(leader))).await }
             })

@@ -17,7 +17,7 @@ pub enum ClusterError {
     #[error("cannot set up the etcd client for {endpoints}: {detail}")]
     Setup { endpoints: String, detail: String, source: etcd_client::Error },
     /// No endpoint answered a first request within the connect timeout.
-    #[error("etcd at {endpoints} did not answer within {after:?}: {problem} ({detail})")]
+    #[error("cannot use etcd at {endpoints} (tried for {after:?}): {problem} ({detail})")]
     Unreachable { endpoints: String, after: Duration, problem: String, detail: String, source: etcd_client::Error },
     /// A request failed or timed out: etcd is unavailable (no quorum, all members down) or the
     /// request's outcome is unknown.
@@ -70,6 +70,11 @@ fn describe_conflicts(conflicts: &[Conflict]) -> String {
 /// An etcd client error with its causes, `: `-joined (tonic's status, then hyper's, then
 /// rustls's or the socket's): the top level alone often says only "transport error".
 pub(crate) fn error_chain(err: &etcd_client::Error) -> String {
+    chain_of(err)
+}
+
+/// Any error with its causes, `: `-joined, each cause once.
+pub(crate) fn chain_of(err: &dyn std::error::Error) -> String {
     let mut parts: Vec<String> = Vec::new();
     let mut current: Option<&dyn std::error::Error> = Some(err);
     while let Some(e) = current {
@@ -83,21 +88,35 @@ pub(crate) fn error_chain(err: &etcd_client::Error) -> String {
 }
 
 /// What an operator should check, read from the error chain of a failed first request.
-pub(crate) fn diagnose(chain: &str) -> String {
+/// `tls`: whether the endpoints are https://, and whether a client certificate was offered.
+pub(crate) fn diagnose(chain: &str, tls: Option<bool>) -> String {
     let lower = chain.to_lowercase();
     let says = |needles: &[&str]| needles.iter().any(|n| lower.contains(&n.to_lowercase()));
-    if says(&["CertificateRequired", "certificate required"]) {
+    let refused_client = says(&[
+        "CertificateRequired",
+        "certificate required",
+        "BadCertificate",
+        "bad certificate",
+        "UnknownCA",
+        "unknown ca",
+        "closed the connection right after the TLS handshake",
+    ]);
+    if refused_client && tls == Some(false) {
         "etcd requires a client certificate: set cluster.cert_file and cluster.key_file".into()
+    } else if refused_client {
+        "etcd refused the client certificate (cluster.cert_file): not signed by a CA etcd trusts, or expired".into()
     } else if says(&["UnknownIssuer", "unknown issuer"]) {
         "the etcd server's certificate is not signed by cluster.ca_file".into()
     } else if says(&["NotValidForName", "not valid for name"]) {
         "the etcd server's certificate does not name the host of the endpoint".into()
-    } else if says(&["BadCertificate", "bad certificate", "UnknownCA", "unknown ca", "unknown certificate"]) {
-        "etcd refused the client certificate (cluster.cert_file): not signed by a CA etcd trusts".into()
     } else if says(&["expired"]) {
         "a certificate has expired".into()
-    } else if says(&["InvalidContentType", "corrupt message", "http2 error", "frame with invalid size"]) {
-        "the endpoint does not speak the scheme configured (http:// against a TLS etcd, or the reverse)".into()
+    } else if tls.is_some()
+        && says(&["InvalidContentType", "corrupt message", "http2 error", "frame with invalid size"])
+    {
+        "the endpoints are https:// but etcd does not serve TLS there: use http://".into()
+    } else if tls.is_none() && says(&["broken pipe", "connection closed", "connection reset"]) {
+        "etcd closed the connection: if it serves TLS, use https:// endpoints and set cluster.ca_file".into()
     } else if says(&["connection refused"]) {
         "nothing listens at the endpoints (is etcd running, is the port its client port?)".into()
     } else if says(&["no leader"]) {
@@ -118,14 +137,20 @@ mod tests {
     #[test]
     fn problems_are_named() {
         let cases = [
-            ("transport error: invalid peer certificate: UnknownIssuer", "cluster.ca_file"),
-            ("received fatal alert: CertificateRequired", "client certificate"),
-            ("received fatal alert: BadCertificate", "cluster.cert_file"),
-            ("tcp connect error: Connection refused (os error 111)", "nothing listens"),
-            ("status: Unavailable, message: \"etcdserver: no leader\"", "no quorum"),
+            ("transport error: invalid peer certificate: UnknownIssuer", Some(true), "cluster.ca_file"),
+            ("TLS: received fatal alert: CertificateRequired", Some(false), "requires a client certificate"),
+            ("TLS: received fatal alert: BadCertificate", Some(false), "requires a client certificate"),
+            ("TLS: received fatal alert: BadCertificate", Some(true), "refused the client certificate"),
+            (
+                "hyper::Error(Io, Custom { kind: BrokenPipe, error: \"stream closed because of a broken pipe\" })",
+                None,
+                "https://",
+            ),
+            ("tcp connect error: Connection refused (os error 111)", None, "nothing listens"),
+            ("status: Unavailable, message: \"etcdserver: no leader\"", None, "no quorum"),
         ];
-        for (chain, expected) in cases {
-            assert!(diagnose(chain).contains(expected), "{chain}: {}", diagnose(chain));
+        for (chain, tls, expected) in cases {
+            assert!(diagnose(chain, tls).contains(expected), "{chain}: {}", diagnose(chain, tls));
         }
     }
 }

@@ -237,7 +237,7 @@ impl Keeper {
 async fn grant(store: &ClusterStore, ttl: Duration) -> Result<i64, ClusterError> {
     let seconds = ttl.as_secs().max(1) as i64;
     let response =
-        store.call("lease grant", true, |mut client| async move { client.lease_grant(seconds, None).await }).await?;
+        store.call("lease grant", |mut client| async move { client.lease_grant(seconds, None).await }).await?;
     Ok(response.id())
 }
 
@@ -245,7 +245,7 @@ async fn put(store: &ClusterStore, lease: i64, key: &Key, value: Value) -> Resul
     let raw = store.layout().key(key);
     let bytes = value.encode();
     store
-        .call("put under the node's lease", true, |mut client| {
+        .call("put under the node's lease", |mut client| {
             let (raw, bytes) = (raw.clone(), bytes.clone());
             async move { client.put(raw, bytes, Some(PutOptions::new().with_lease(lease))).await }
         })

@@ -19,7 +19,7 @@ use etcd_client::{
 use super::{
     config::{ClusterSettings, TlsFiles},
     election::Leadership,
-    error::{diagnose, error_chain, ClusterError, Conflict},
+    error::{chain_of, diagnose, error_chain, ClusterError, Conflict},
     keys::{Key, KeyLayout},
     snapshot::Snapshot,
     unix_ms,
@@ -36,6 +36,10 @@ pub struct Timeouts {
     pub connect: Duration,
     /// For one read or write, including retries on another endpoint.
     pub request: Duration,
+    /// For one attempt of a request. A write in flight when the etcd leader dies is neither
+    /// answered nor failed until etcd's own timeout (about 7 s): it is retried after this, and a
+    /// retried compare-and-swap can never apply twice (see [`ClusterStore::commit`]).
+    pub attempt: Duration,
     /// HTTP/2 ping interval and timeout: a member that stops answering (without closing the
     /// connection) is left after about twice this, and the watch resumes on another.
     pub keep_alive: Duration,
@@ -43,7 +47,12 @@ pub struct Timeouts {
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Self { connect: Duration::from_secs(5), request: Duration::from_secs(5), keep_alive: Duration::from_secs(2) }
+        Self {
+            connect: Duration::from_secs(5),
+            request: Duration::from_secs(5),
+            attempt: Duration::from_millis(1500),
+            keep_alive: Duration::from_secs(2),
+        }
     }
 }
 
@@ -219,11 +228,17 @@ impl ClusterStore {
                 Err(_) => etcd_client::Error::Internal("no answer within the connect timeout".into()),
             };
             if Instant::now() >= deadline {
-                let detail = error_chain(&source);
+                // The balanced channel retries a failing endpoint quietly, so its error is often
+                // only a timeout: ask each endpoint directly why.
+                let mut detail = error_chain(&source);
+                for endpoint in &settings.endpoints {
+                    let why = probe_directly(endpoint, settings.tls.as_ref(), &root, timeouts).await;
+                    detail.push_str(&format!("; {endpoint}: {why}"));
+                }
                 return Err(ClusterError::Unreachable {
                     endpoints,
                     after: timeouts.connect,
-                    problem: diagnose(&detail),
+                    problem: diagnose(&detail, settings.tls.as_ref().map(|tls| tls.identity.is_some())),
                     detail,
                     source,
                 });
@@ -267,39 +282,53 @@ impl ClusterStore {
         &self.counters
     }
 
-    /// Runs one request under the request timeout, retrying on another endpoint while the
-    /// failure is one where the request cannot have been applied (or, for reads, at all).
-    pub(crate) async fn call<T, F, Fut>(
+    /// Runs one request under the request timeout, each attempt under the attempt timeout,
+    /// retrying on another endpoint while the failure is transient (see [`Self::call_tracked`]).
+    pub(crate) async fn call<T, F, Fut>(&self, what: &'static str, request: F) -> Result<T, ClusterError>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        Ok(self.call_tracked(what, request).await?.0)
+    }
+
+    /// Like [`Self::call`], and also says whether an earlier attempt may have been applied (it
+    /// timed out, or failed after it was sent): only requests that are safe to repeat may be
+    /// run this way, reads, puts of a fixed value, and compare-and-swap transactions.
+    pub(crate) async fn call_tracked<T, F, Fut>(
         &self,
         what: &'static str,
-        idempotent: bool,
         mut request: F,
-    ) -> Result<T, ClusterError>
+    ) -> Result<(T, bool), ClusterError>
     where
         F: FnMut(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
         let deadline = Instant::now() + self.timeouts.request;
+        let mut maybe_applied = false;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let result = tokio::time::timeout(left, request(self.client.clone())).await;
-            let err = match result {
-                Ok(Ok(value)) => return Ok(value),
-                Ok(Err(err)) => err,
+            let result = tokio::time::timeout(left.min(self.timeouts.attempt), request(self.client.clone())).await;
+            let (detail, source) = match result {
+                Ok(Ok(value)) => return Ok((value, maybe_applied)),
+                Ok(Err(err)) => {
+                    let chain = error_chain(&err);
+                    if !is_transient(&chain) {
+                        return Err(ClusterError::Etcd { what, detail: chain, source: Some(err) });
+                    }
+                    maybe_applied |= !is_unsent(&chain);
+                    (chain, Some(err))
+                }
                 Err(_) => {
-                    return Err(ClusterError::Etcd {
-                        what,
-                        detail: format!("no answer within {:?} (the outcome is unknown)", self.timeouts.request),
-                        source: None,
-                    })
+                    maybe_applied = true;
+                    (format!("no answer within {:?}", left.min(self.timeouts.attempt)), None)
                 }
             };
-            let chain = error_chain(&err);
-            let retry = if idempotent { is_transient(&chain) } else { is_unsent(&chain) };
-            if !retry || Instant::now() + Duration::from_millis(50) >= deadline {
-                return Err(ClusterError::Etcd { what, detail: chain, source: Some(err) });
+            if Instant::now() + RETRY_DELAY >= deadline {
+                let detail = if maybe_applied { format!("{detail} (the outcome is unknown)") } else { detail };
+                return Err(ClusterError::Etcd { what, detail, source });
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(RETRY_DELAY).await;
         }
     }
 
@@ -334,7 +363,7 @@ impl ClusterStore {
             format!("{}/", self.layout.election()),
         ];
         let response = self
-            .call("read of the whole state", true, |client| {
+            .call("read of the whole state", |client| {
                 let ranges = ranges.clone();
                 async move {
                     let reads: Vec<TxnOp> =
@@ -366,24 +395,32 @@ impl ClusterStore {
 
     /// Commits a batch: all of it if every key is at the expected revision (and the fence holds),
     /// none of it otherwise. Returns the revision of the commit.
+    ///
+    /// An attempt whose outcome is unknown (the etcd leader died under it) is retried. The retry
+    /// cannot apply a compare-and-swap twice: the first one, if it was applied, moved the
+    /// revisions. Such a retry that finds the batch's own writes in place (its audit key, or
+    /// every put with exactly its value at one revision) reports that commit as the result.
     pub async fn commit(&self, batch: &WriteBatch) -> Result<i64, ClusterError> {
         let mut compares = Vec::new();
         let mut writes = Vec::new();
-        let mut reads = Vec::new();
-        let mut checked: Vec<(Key, Expect)> = Vec::new();
+        // Read back in the else branch: every key the batch touches, then the fence's.
+        let mut touched: Vec<(String, Option<Vec<u8>>)> = Vec::new();
+        let mut checked: Vec<(usize, Key, Expect)> = Vec::new();
         for op in &batch.ops {
-            let (key, expect) = match op {
+            let (key, expect, raw, bytes) = match op {
                 Op::Put { key, value, expect } => {
                     if let Value::Service(service) = value {
                         validate_service_value(key.name(), service)
                             .map_err(|error| ClusterError::InvalidWrite { key: key.clone(), error })?;
                     }
-                    writes.push(TxnOp::put(self.layout.key(key), value.encode(), None));
-                    (key, *expect)
+                    let (raw, bytes) = (self.layout.key(key), value.encode());
+                    writes.push(TxnOp::put(raw.clone(), bytes.clone(), None));
+                    (key.clone(), *expect, raw, Some(bytes))
                 }
                 Op::Delete { key, expect } => {
-                    writes.push(TxnOp::delete(self.layout.key(key), None));
-                    (key, *expect)
+                    let raw = self.layout.key(key);
+                    writes.push(TxnOp::delete(raw.clone(), None));
+                    (key.clone(), *expect, raw, None)
                 }
                 Op::Audit { entry } => {
                     let at_unix_ms = unix_ms();
@@ -394,26 +431,32 @@ impl ClusterStore {
                         self.audit.seq.fetch_add(1, Ordering::Relaxed)
                     );
                     let record = AuditRecord { node: self.node().to_string(), at_unix_ms, entry: entry.clone() };
-                    writes.push(TxnOp::put(self.layout.key(&Key::Audit(id)), Value::Audit(record).encode(), None));
-                    continue;
+                    let key = Key::Audit(id);
+                    let (raw, bytes) = (self.layout.key(&key), Value::Audit(record).encode());
+                    writes.push(TxnOp::put(raw.clone(), bytes.clone(), None));
+                    (key, Expect::Absent, raw, Some(bytes))
                 }
             };
-            let raw = self.layout.key(key);
             match expect {
-                Expect::Any => continue,
+                Expect::Any => {}
                 Expect::Absent => compares.push(Compare::create_revision(raw.clone(), CompareOp::Equal, 0)),
                 Expect::ModRevision(r) => compares.push(Compare::mod_revision(raw.clone(), CompareOp::Equal, r)),
             }
-            reads.push(TxnOp::get(raw, None));
-            checked.push((key.clone(), expect));
+            if expect != Expect::Any {
+                checked.push((touched.len(), key, expect));
+            }
+            touched.push((raw, bytes));
         }
         if let Some(fence) = &batch.fence {
             compares.push(Compare::create_revision(fence.key.clone(), CompareOp::Equal, fence.revision));
+        }
+        let mut reads: Vec<TxnOp> = touched.iter().map(|(raw, _)| TxnOp::get(raw.clone(), None)).collect();
+        if let Some(fence) = &batch.fence {
             reads.push(TxnOp::get(fence.key.clone(), None));
         }
         let txn = Txn::new().when(compares).and_then(writes).or_else(reads);
-        let response = self
-            .call("compare-and-swap write", false, |mut client| {
+        let (response, maybe_applied) = self
+            .call_tracked("compare-and-swap write", |mut client| {
                 let txn = txn.clone();
                 async move { client.txn(txn).await }
             })
@@ -429,14 +472,20 @@ impl ClusterStore {
                 _ => None,
             })
             .collect();
+        if maybe_applied {
+            if let Some(revision) = applied_at(&touched, &current) {
+                return Ok(revision);
+            }
+        }
         if let Some(fence) = &batch.fence {
-            let leader = current.last().cloned().flatten();
+            let leader = current.get(touched.len()).cloned().flatten();
             if leader.map(|kv| kv.create_revision()) != Some(fence.revision) {
                 return Err(ClusterError::NotLeader { key: fence.key.clone() });
             }
         }
         let mut conflicts = Vec::new();
-        for ((key, expected), kv) in checked.into_iter().zip(current) {
+        for (index, key, expected) in checked {
+            let kv = current.get(index).cloned().flatten();
             let matches = match (expected, &kv) {
                 (Expect::Absent, None) => true,
                 (Expect::ModRevision(r), Some(kv)) => kv.mod_revision() == r,
@@ -476,7 +525,7 @@ impl ClusterStore {
     pub async fn get(&self, key: &Key) -> Result<Option<Versioned<Result<Value, String>>>, ClusterError> {
         let raw = self.layout.key(key);
         let response = self
-            .call("read", true, |mut client| {
+            .call("read", |mut client| {
                 let raw = raw.clone();
                 async move { client.get(raw, None).await }
             })
@@ -493,7 +542,7 @@ impl ClusterStore {
     pub async fn audit(&self, limit: usize) -> Result<AuditPage, ClusterError> {
         let prefix = self.layout.audit();
         let response = self
-            .call("read of the audit log", true, |mut client| {
+            .call("read of the audit log", |mut client| {
                 let prefix = prefix.clone();
                 async move {
                     let options = GetOptions::new()
@@ -517,11 +566,114 @@ impl ClusterStore {
         Ok(page)
     }
 
+    /// Whether etcd still holds the history after `revision` (it was not compacted away), so a
+    /// watch from `revision + 1` will miss nothing.
+    pub(crate) async fn history_kept_since(&self, revision: i64) -> Result<bool, ClusterError> {
+        let root = self.layout.root().to_string();
+        let result = self
+            .call("compaction check", |mut client| {
+                let root = root.clone();
+                async move {
+                    let options = GetOptions::new().with_prefix().with_count_only().with_revision(revision.max(1));
+                    match client.get(root, Some(options)).await {
+                        Ok(_) => Ok(true),
+                        Err(err) if error_chain(&err).contains("required revision has been compacted") => Ok(false),
+                        Err(err) => Err(err),
+                    }
+                }
+            })
+            .await?;
+        Ok(result)
+    }
+
     /// Typed changes under the prefix with a revision above `after_revision` (a snapshot's
     /// revision): see [`StateWatch`].
     pub fn watch(&self, after_revision: i64) -> StateWatch {
         StateWatch::start(self.clone(), after_revision)
     }
+}
+
+/// Why one endpoint does not answer, over a direct (unbalanced) connection: the connect error
+/// or the first request's, with their causes.
+async fn probe_directly(endpoint: &str, tls: Option<&TlsFiles>, root: &str, timeouts: Timeouts) -> String {
+    let attempt = async {
+        let mut target = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+            .map_err(|err| err.to_string())?
+            .connect_timeout(timeouts.connect);
+        if let Some(tls) = tls {
+            let options = tls_options(tls).map_err(|err| err.to_string())?;
+            target = target.tls_config(options).map_err(|err| chain_of(&err))?;
+        }
+        if let Some(tls) = tls {
+            if let Some(refusal) = tls_refusal(endpoint, tls, timeouts).await {
+                return Err(refusal);
+            }
+        }
+        let channel = target.connect().await.map_err(|err| chain_of(&err))?;
+        let client =
+            Client::from_channel(etcd_client::Channel::Tonic(channel), None).await.map_err(|err| error_chain(&err))?;
+        client
+            .kv_client()
+            .get(root, Some(GetOptions::new().with_prefix().with_count_only()))
+            .await
+            .map_err(|err| error_chain(&err))?;
+        Ok::<_, String>(())
+    };
+    match tokio::time::timeout(timeouts.connect, attempt).await {
+        Ok(Ok(())) => "answers now".into(),
+        Ok(Err(why)) => why,
+        Err(_) => format!("no answer within {:?}", timeouts.connect),
+    }
+}
+
+/// A TLS handshake with the endpoint, then a read: what etcd says when it refuses this client
+/// (an alert: certificate required, unknown CA) or why this client refuses etcd (its
+/// certificate is not signed by `ca_file`, does not name the host). `None`: TLS is fine.
+async fn tls_refusal(endpoint: &str, tls: &TlsFiles, timeouts: Timeouts) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    use tokio_rustls::rustls::{
+        self,
+        pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName},
+    };
+    let authority = endpoint.strip_prefix("https://")?.trim_end_matches('/');
+    let host = authority.rsplit_once(':')?.0.trim_start_matches('[').trim_end_matches(']');
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(&tls.ca_file).ok()? {
+        if let Err(err) = cert.map_err(|e| e.to_string()).and_then(|c| roots.add(c).map_err(|e| e.to_string())) {
+            return Some(format!("cluster.ca_file {}: {err}", tls.ca_file.display()));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_root_certificates(roots);
+    let mut config = match &tls.identity {
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_file_iter(cert).ok()?.collect::<Result<Vec<_>, _>>().ok()?;
+            let key = PrivateKeyDer::from_pem_file(key).ok()?;
+            builder.with_client_auth_cert(chain, key).ok()?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = ServerName::try_from(host.to_string()).ok()?;
+    let attempt = async {
+        let tcp = tokio::net::TcpStream::connect(authority).await.ok()?;
+        let mut stream = match connector.connect(name, tcp).await {
+            Ok(stream) => stream,
+            Err(err) => return Some(format!("TLS handshake: {}", chain_of(&err))),
+        };
+        // A server that accepted us sends its HTTP/2 settings; one that refused us, an alert.
+        let mut byte = [0u8; 1];
+        match stream.read(&mut byte).await {
+            Err(err) => Some(format!("TLS: {}", chain_of(&err))),
+            Ok(0) => Some("etcd closed the connection right after the TLS handshake".into()),
+            Ok(_) => None,
+        }
+    };
+    tokio::time::timeout(timeouts.connect, attempt).await.ok().flatten()
 }
 
 fn tls_options(tls: &TlsFiles) -> Result<TlsOptions, ClusterError> {
@@ -536,17 +688,50 @@ fn tls_options(tls: &TlsFiles) -> Result<TlsOptions, ClusterError> {
     Ok(options)
 }
 
+/// Pause between two attempts of a request.
+const RETRY_DELAY: Duration = Duration::from_millis(50);
+
+/// The revision at which an earlier attempt of a batch was applied, if the keys it touched hold
+/// exactly what it wrote: every put's value (all at one revision, as one transaction writes
+/// them) and every delete's absence. `None` when they do not, or when it only deletes (no
+/// revision to tell it by).
+fn applied_at(touched: &[(String, Option<Vec<u8>>)], current: &[Option<KeyValue>]) -> Option<i64> {
+    let mut revision = None;
+    for ((_, written), now) in touched.iter().zip(current) {
+        match (written, now) {
+            (Some(bytes), Some(kv)) if kv.value() == bytes.as_slice() => {
+                if *revision.get_or_insert(kv.mod_revision()) != kv.mod_revision() {
+                    return None;
+                }
+            }
+            (None, None) => {}
+            _ => return None,
+        }
+    }
+    revision
+}
+
 /// Failures a read may retry on another endpoint: the member is down, has no leader, or the
 /// leader changed under the request.
 fn is_transient(chain: &str) -> bool {
     is_unsent(chain)
-        || ["leader changed", "Unavailable", "transport error", "broken pipe", "connection reset", "timed out"]
-            .iter()
-            .any(|n| chain.contains(n))
+        || [
+            "leader changed",
+            "request timed out",
+            "Unavailable",
+            "transport error",
+            "broken pipe",
+            "connection reset",
+            "timed out",
+            "stream closed",
+            "connection closed",
+        ]
+        .iter()
+        .any(|n| chain.contains(n))
 }
 
-/// Failures where a write was certainly not applied, so retrying it cannot apply it twice: no
-/// connection was made, or the member refused it before proposing it (no leader).
+/// Failures where a request was certainly not applied: no connection was made, or the member
+/// refused it before proposing it (no leader).
 fn is_unsent(chain: &str) -> bool {
     ["tcp connect error", "Connection refused", "error trying to connect", "etcdserver: no leader"]
         .iter()

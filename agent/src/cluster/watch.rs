@@ -85,6 +85,36 @@ async fn run(store: ClusterStore, last_revision: Arc<AtomicI64>, events: mpsc::S
         }
         first = false;
         let after = last_revision.load(Ordering::Acquire);
+        if disconnected {
+            // Before resuming, make sure etcd still has the history from `after`: a watch from
+            // a compacted revision is created first and canceled only later, which would
+            // announce a resumption that is not one. (etcd 3.4 answers a progress request at
+            // once with its current revision, synced or not: no help here.)
+            match store.history_kept_since(after).await {
+                Ok(true) => {}
+                Ok(false) => match store.load_all().await {
+                    Ok(snapshot) => {
+                        store.counter_handles().resyncs.fetch_add(1, Ordering::Relaxed);
+                        last_revision.store(snapshot.revision, Ordering::Release);
+                        disconnected = false;
+                        delay = RETRY_FIRST;
+                        if events.send(WatchEvent::Resync(snapshot)).await.is_err() {
+                            return;
+                        }
+                        first = true;
+                        continue;
+                    }
+                    Err(err) => {
+                        log::warn!("etcd watch: relisting after a compaction: {err}");
+                        continue;
+                    }
+                },
+                Err(err) => {
+                    log::debug!("etcd watch: still unreachable: {err}");
+                    continue;
+                }
+            }
+        }
         let options = WatchOptions::new().with_prefix().with_start_revision(after + 1).with_progress_notify();
         let mut client = store.client().watch_client();
         let mut stream = match client.watch(root.clone(), Some(options)).await {
@@ -125,22 +155,15 @@ async fn run(store: ClusterStore, last_revision: Arc<AtomicI64>, events: mpsc::S
             }
             if response.created() {
                 if disconnected {
-                    // Resumed only once etcd proves it can serve from `after`: a start revision
-                    // already compacted is canceled (above) before any progress is sent.
-                    if let Err(err) = stream.request_progress().await {
-                        break error_chain(&err);
+                    disconnected = false;
+                    delay = RETRY_FIRST;
+                    store.counter_handles().watch_restarts.fetch_add(1, Ordering::Relaxed);
+                    let after_revision = last_revision.load(Ordering::Acquire);
+                    if events.send(WatchEvent::Resumed { after_revision }).await.is_err() {
+                        return;
                     }
                 }
                 continue;
-            }
-            if disconnected {
-                disconnected = false;
-                delay = RETRY_FIRST;
-                store.counter_handles().watch_restarts.fetch_add(1, Ordering::Relaxed);
-                let after_revision = last_revision.load(Ordering::Acquire);
-                if events.send(WatchEvent::Resumed { after_revision }).await.is_err() {
-                    return;
-                }
             }
             if response.events().is_empty() {
                 // A progress notification: every change up to the header's revision was sent.
