@@ -175,6 +175,8 @@ impl Keeper {
         match tokio::time::timeout(self.ttl / 3, round_trip).await {
             Ok(Ok(Some(response))) => Ok(response.ttl() > 0),
             Ok(Ok(None)) => Err("the keep-alive stream ended".into()),
+            // etcd-client turns etcd's answer for a revoked or expired lease into an error.
+            Ok(Err(err)) if error_chain(&err).contains("lease not found") => Ok(false),
             Ok(Err(err)) => Err(error_chain(&err)),
             Err(_) => Err(format!("no keep-alive answer within {:?}", self.ttl / 3)),
         }

@@ -473,7 +473,9 @@ impl ClusterStore {
             })
             .collect();
         if maybe_applied {
-            if let Some(revision) = applied_at(&touched, &current) {
+            let now: Vec<Option<(&[u8], i64)>> =
+                current.iter().map(|kv| kv.as_ref().map(|kv| (kv.value(), kv.mod_revision()))).collect();
+            if let Some(revision) = applied_at(&touched, &now) {
                 return Ok(revision);
             }
         }
@@ -695,12 +697,12 @@ const RETRY_DELAY: Duration = Duration::from_millis(50);
 /// exactly what it wrote: every put's value (all at one revision, as one transaction writes
 /// them) and every delete's absence. `None` when they do not, or when it only deletes (no
 /// revision to tell it by).
-fn applied_at(touched: &[(String, Option<Vec<u8>>)], current: &[Option<KeyValue>]) -> Option<i64> {
+fn applied_at(touched: &[(String, Option<Vec<u8>>)], current: &[Option<(&[u8], i64)>]) -> Option<i64> {
     let mut revision = None;
     for ((_, written), now) in touched.iter().zip(current) {
         match (written, now) {
-            (Some(bytes), Some(kv)) if kv.value() == bytes.as_slice() => {
-                if *revision.get_or_insert(kv.mod_revision()) != kv.mod_revision() {
+            (Some(bytes), Some((value, mod_revision))) if *value == bytes.as_slice() => {
+                if *revision.get_or_insert(*mod_revision) != *mod_revision {
                     return None;
                 }
             }
@@ -744,4 +746,26 @@ fn random_u32() -> u32 {
     hasher.write_u128(unix_ms().into());
     hasher.write_u32(std::process::id());
     hasher.finish() as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::applied_at;
+
+    fn kv(value: &'static [u8], mod_revision: i64) -> Option<(&'static [u8], i64)> {
+        Some((value, mod_revision))
+    }
+
+    #[test]
+    fn a_retry_recognises_its_own_commit() {
+        let touched = [("a".to_string(), Some(b"A".to_vec())), ("b".to_string(), Some(b"B".to_vec()))];
+        assert_eq!(applied_at(&touched, &[kv(b"A", 7), kv(b"B", 7)]), Some(7));
+        assert_eq!(applied_at(&touched, &[kv(b"A", 7), kv(b"B", 8)]), None, "two commits");
+        assert_eq!(applied_at(&touched, &[kv(b"A", 7), kv(b"X", 7)]), None, "another value");
+        assert_eq!(applied_at(&touched, &[kv(b"A", 7), None]), None, "not written");
+        let with_delete = [("a".to_string(), Some(b"A".to_vec())), ("c".to_string(), None)];
+        assert_eq!(applied_at(&with_delete, &[kv(b"A", 9), None]), Some(9));
+        assert_eq!(applied_at(&with_delete, &[kv(b"A", 9), kv(b"C", 3)]), None, "not deleted");
+        assert_eq!(applied_at(&[("c".to_string(), None)], &[None]), None, "deletes alone prove nothing");
+    }
 }
