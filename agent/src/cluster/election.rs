@@ -108,7 +108,12 @@ impl Election {
             }
             let options = WatchOptions::new().with_start_revision(leadership.revision);
             let mut client = self.store.client().watch_client();
-            if let Ok(mut stream) = client.watch(leadership.key.clone(), Some(options)).await {
+            let opened = tokio::time::timeout(
+                self.store.timeouts().request,
+                client.watch(leadership.key.clone(), Some(options)),
+            )
+            .await;
+            if let Ok(Ok(mut stream)) = opened {
                 while let Ok(Some(response)) = stream.message().await {
                     if response.canceled() {
                         break;

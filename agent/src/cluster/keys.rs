@@ -133,18 +133,6 @@ impl KeyLayout {
     }
 }
 
-/// One past the last key with this prefix: etcd's range end for a prefix.
-pub fn prefix_end(prefix: &str) -> Vec<u8> {
-    let mut end = prefix.as_bytes().to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,11 +167,5 @@ mod tests {
         }
         assert!(layout.parse(b"/sockshift/v1/services/a/b").is_err());
         assert!(layout.parse(b"/sockshift/v1/services/\xff").is_err());
-    }
-
-    #[test]
-    fn prefix_end_is_the_next_key() {
-        assert_eq!(prefix_end("/a/"), b"/a0".to_vec());
-        assert_eq!(prefix_end("a\u{7f}"), b"a\x80".to_vec());
     }
 }

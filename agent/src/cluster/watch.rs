@@ -117,10 +117,20 @@ async fn run(store: ClusterStore, last_revision: Arc<AtomicI64>, events: mpsc::S
         }
         let options = WatchOptions::new().with_prefix().with_start_revision(after + 1).with_progress_notify();
         let mut client = store.client().watch_client();
-        let mut stream = match client.watch(root.clone(), Some(options)).await {
-            Ok(stream) => stream,
-            Err(err) => {
+        // Bounded: with every endpoint down, the balanced channel waits for one to come back
+        // instead of failing.
+        let opened = tokio::time::timeout(store.timeouts().request, client.watch(root.clone(), Some(options))).await;
+        let mut stream = match opened {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(err)) => {
                 if !report_disconnect(&events, &mut disconnected, error_chain(&err)).await {
+                    return;
+                }
+                continue;
+            }
+            Err(_) => {
+                let error = format!("no etcd endpoint answered within {:?}", store.timeouts().request);
+                if !report_disconnect(&events, &mut disconnected, error).await {
                     return;
                 }
                 continue;
