@@ -13,7 +13,7 @@ pub const MAP_BACKENDS: &str = "BACKENDS_V1";
 /// Socket cookie -> what a steered socket was translated from and to.
 pub const MAP_SOCKETS: &str = "SOCKETS_V1";
 /// (service id, side) -> per-CPU counters.
-pub const MAP_COUNTERS: &str = "COUNTERS_V1";
+pub const MAP_COUNTERS: &str = "COUNTERS_V2";
 /// (client cgroup id, service id) -> cohort override.
 pub const MAP_COHORTS: &str = "COHORTS_V1";
 /// Single slot of node-wide settings the agent writes at start.
@@ -175,8 +175,11 @@ pub struct SideCounters {
     pub fail_open_backend_missing: u64,
     /// Fail-open: the socket table was full, so the connection was left untouched.
     pub fail_open_socket_table_full: u64,
+    /// TCP connection attempts the client closed while still in SYN_SENT (its connect timeout
+    /// fired before the kernel's): failures that never reach `failed_attempts`.
+    pub abandoned_attempts: u64,
 }
-const _: () = assert!(core::mem::size_of::<SideCounters>() == 80);
+const _: () = assert!(core::mem::size_of::<SideCounters>() == 88);
 
 impl SideCounters {
     /// Adds another CPU's counters.
@@ -191,6 +194,7 @@ impl SideCounters {
         self.srtt_samples += other.srtt_samples;
         self.fail_open_backend_missing += other.fail_open_backend_missing;
         self.fail_open_socket_table_full += other.fail_open_socket_table_full;
+        self.abandoned_attempts += other.abandoned_attempts;
     }
 }
 

@@ -33,7 +33,7 @@ pub static SOCKETS: HashMap<u64, SocketEntry> = HashMap::pinned(MAX_STEERED_SOCK
 
 /// (service, side) -> counters, per CPU so the hot path takes no lock. Entries are created by the
 /// agent when it adds a service (the programs never insert), so a side has exactly one entry.
-#[map(name = "COUNTERS_V1")]
+#[map(name = "COUNTERS_V2")]
 pub static COUNTERS: PerCpuHashMap<CounterKey, SideCounters> =
     PerCpuHashMap::pinned(2 * MAX_SERVICES, BPF_F_NO_PREALLOC);
 

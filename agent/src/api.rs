@@ -255,6 +255,12 @@ async fn start_rollout(
     plan.validate().map_err(|err| ApiError::invalid("invalid_field", &err.field.clone(), err.to_string()))?;
     let mut core = state.core.lock().expect("core lock");
     let before = core.service(&name)?.clone();
+    plan.check_delegation(caller.role, before.max_operator_percent).map_err(|err| ApiError {
+        status: StatusCode::FORBIDDEN,
+        code: "forbidden",
+        message: err.to_string(),
+        field: Some(err.field),
+    })?;
     let follow = core.start_rollout(&name, plan.clone(), &caller.name)?;
     let route = format!("/v1/services/{name}/rollout");
     state.audit.record(&caller.name, role_name(caller.role), "POST", &route, json!(before), json!({ "rollout": plan }));
@@ -332,10 +338,8 @@ fn send_follow_ups(state: &AppState, follow: Vec<FollowUp>) {
 pub fn rollout_view(core: &Core, name: &str) -> Result<Value, ApiError> {
     let rollout: &Rollout = core.rollout(name)?;
     let now = crate::control::now_ms();
-    let current = core
-        .snapshot(name)
-        .ok()
-        .map(|now_counters| crate::rollout::read_gates(&rollout.plan.gates, &rollout.window_baseline, &now_counters));
+    let counters = core.snapshot(name).ok();
+    let current = counters.as_ref().map(|now_counters| rollout.readings(now_counters));
     let elapsed = match rollout.paused_at_elapsed_ms {
         Some(ms) => ms,
         None => now.saturating_sub(rollout.window_started_unix_ms),
@@ -353,9 +357,11 @@ pub fn rollout_view(core: &Core, name: &str) -> Result<Value, ApiError> {
         "last_gates": rollout.last_gates,
         "current_window": current,
         "terminated_connections": rollout.terminated_connections,
+        "harm": counters.as_ref().map_or_else(|| rollout.harm.clone(), |now_counters| rollout.harm(now_counters)),
         "started_by": rollout.started_by,
         "plan": rollout.plan,
         "history": rollout.history,
+        "history_dropped": rollout.history_dropped,
     }))
 }
 

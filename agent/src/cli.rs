@@ -133,6 +133,16 @@ pub enum RolloutAction {
         /// How long each step is held: 60s, 2m, 500ms, or seconds.
         #[arg(long, value_parser = parse_duration_seconds)]
         every: f64,
+        /// Confidence of the comparisons with stable (default 0.95).
+        #[arg(long)]
+        confidence: Option<f64>,
+        /// How much higher than stable's the canary's failed-attempt proportion may be (default
+        /// 0.02: 2 points).
+        #[arg(long)]
+        failed_attempts_tolerance: Option<f64>,
+        /// How much higher than stable's the canary's reset proportion may be (default 0.02).
+        #[arg(long)]
+        resets_tolerance: Option<f64>,
         #[arg(long)]
         max_failed_attempt_ratio: Option<f64>,
         #[arg(long)]
@@ -142,6 +152,10 @@ pub enum RolloutAction {
         /// Canary connection attempts a step needs before it is judged.
         #[arg(long, default_value_t = 0)]
         min_connections: u64,
+        /// A timed rollout: judge nothing, promote whatever the canary does (`"gates": "none"`).
+        #[arg(long, conflicts_with_all = ["confidence", "failed_attempts_tolerance", "resets_tolerance",
+            "max_failed_attempt_ratio", "max_reset_ratio", "max_srtt_ratio"])]
+        no_gates: bool,
         /// Failed checks in a row before rolling back.
         #[arg(long, default_value_t = 1)]
         failure_threshold: u32,
@@ -352,10 +366,14 @@ fn run_rollout(action: RolloutAction) -> anyhow::Result<()> {
             service,
             steps,
             every,
+            confidence,
+            failed_attempts_tolerance,
+            resets_tolerance,
             max_failed_attempt_ratio,
             max_reset_ratio,
             max_srtt_ratio,
             min_connections,
+            no_gates,
             failure_threshold,
             approval,
             webhooks,
@@ -371,15 +389,27 @@ fn run_rollout(action: RolloutAction) -> anyhow::Result<()> {
                     json!({ "at_percent": percent, "role": role })
                 }
             };
+            let gates = if *no_gates {
+                json!("none")
+            } else {
+                // Only what was given: the agent fills in (and shows) its defaults.
+                let given = [
+                    ("confidence", confidence),
+                    ("failed_attempts_tolerance", failed_attempts_tolerance),
+                    ("resets_tolerance", resets_tolerance),
+                    ("max_failed_attempt_ratio", max_failed_attempt_ratio),
+                    ("max_reset_ratio", max_reset_ratio),
+                    ("max_srtt_ratio", max_srtt_ratio),
+                ];
+                let mut gates: serde_json::Map<String, Value> =
+                    given.into_iter().filter_map(|(k, v)| v.map(|v| (k.to_string(), json!(v)))).collect();
+                gates.insert("min_connections".into(), json!(min_connections));
+                Value::Object(gates)
+            };
             let mut plan = json!({
                 "steps": steps,
                 "step_seconds": every,
-                "gates": {
-                    "max_failed_attempt_ratio": max_failed_attempt_ratio,
-                    "max_reset_ratio": max_reset_ratio,
-                    "max_srtt_ratio": max_srtt_ratio,
-                    "min_connections": min_connections,
-                },
+                "gates": gates,
                 "failure_threshold": failure_threshold,
                 "webhooks": webhooks,
                 "rollback": { "terminate_connections": terminate_connections },
@@ -444,23 +474,75 @@ fn print_rollout(r: &Value) {
         );
     }
     let gates = &r["plan"]["gates"];
+    if gates == "none" {
+        println!("  gates: none (timed rollout: the canary's health is not judged)");
+    }
     let show = |label: &str, key: &str, window: &Value| {
         let reading = window[key].as_f64().map_or("-".to_string(), |v| format!("{v:.3}"));
         let limit = gates[format!("max_{key}")].as_f64().map_or("none".to_string(), |v| v.to_string());
         format!("{label} {reading} (max {limit})")
     };
+    let percent = |v: &Value| v.as_f64().map_or("-".to_string(), |v| format!("{:.2} %", v * 100.0));
+    let active = matches!(state, "running" | "paused" | "awaiting_approval");
     for (title, window) in [("this window", &r["current_window"]), ("last judged", &r["last_gates"])] {
-        if window.is_null() {
+        // A finished rollout's window in progress is only what came after it.
+        if window.is_null() || (title == "this window" && !active) {
+            continue;
+        }
+        if gates == "none" {
+            println!(
+                "  {title:<12} canary attempts {}, failed {}, resets {}  observed canary {}",
+                window["canary_attempts"],
+                window["canary_failed_attempts"],
+                window["canary_resets"],
+                window["observed_canary_percent"].as_f64().map_or("-".to_string(), |v| format!("{v:.1} %")),
+            );
             continue;
         }
         println!(
-            "  {title:<12} {}  {}  {}  canary attempts {} (min {})  observed canary {}",
+            "  {title:<12} {}  {}  {}  canary attempts {} (min {})  observed canary {}  verdict {}",
             show("failed-attempt ratio", "failed_attempt_ratio", window),
             show("reset ratio", "reset_ratio", window),
             show("srtt ratio", "srtt_ratio", window),
             window["canary_attempts"],
             gates["min_connections"],
             window["observed_canary_percent"].as_f64().map_or("-".to_string(), |v| format!("{v:.1} %")),
+            window["verdict"].as_str().unwrap_or("-"),
+        );
+        for name in ["failed_attempts", "resets"] {
+            let c = &window["comparisons"][name];
+            if c.is_null() {
+                continue;
+            }
+            println!(
+                "    {name:<16} canary {}/{} in [{}, {}]  stable {}/{} in [{}, {}]  tolerance {}  {}",
+                c["canary"]["events"],
+                c["canary"]["trials"],
+                percent(&c["canary_interval"]["lower"]),
+                percent(&c["canary_interval"]["upper"]),
+                c["stable"]["events"],
+                c["stable"]["trials"],
+                percent(&c["stable_interval"]["lower"]),
+                percent(&c["stable_interval"]["upper"]),
+                percent(&gates[format!("{name}_tolerance")]),
+                c["decision"].as_str().unwrap_or("-"),
+            );
+        }
+        if title == "this window" {
+            for line in window["waiting_for"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+                println!("    waiting for {line}");
+            }
+        }
+    }
+    let harm = &r["harm"];
+    if harm.is_object() {
+        println!(
+            "  cost to canary clients: {} failed connections, {} resets{}",
+            harm["canary_failed_connections"],
+            harm["canary_resets"],
+            harm["time_to_rollback_ms"]
+                .as_u64()
+                .map_or(String::new(), |ms| format!("; rolled back {ms} ms after the first failure")),
         );
     }
     if let Some(n) = r["terminated_connections"].as_u64() {

@@ -10,7 +10,7 @@ use std::{
 use agent_common::{percent_to_ppm, MAX_BACKENDS_PER_SIDE, MAX_SERVICES};
 use serde::{Deserialize, Serialize};
 
-use crate::paths;
+use crate::{gates::prometheus::PrometheusEndpoint, paths, webhook::AllowList};
 
 /// A config or API input problem, naming the field it is about.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -61,6 +61,15 @@ pub struct AgentSection {
     pub state_dir: PathBuf,
     /// Bearer tokens and their roles; unset: the API is open (it listens on loopback).
     pub auth: Option<AuthSection>,
+    /// Prometheus server metric gates query (`http://host:port`, optionally with a path prefix);
+    /// unset: plans with metric gates are refused. Only here, never in a plan.
+    pub prometheus: Option<String>,
+    /// File holding a bearer token sent to Prometheus (mode 0600 or stricter); unset: none.
+    pub prometheus_bearer_token_file: Option<PathBuf>,
+    /// Seconds a Prometheus query may take; unset: 5.
+    pub prometheus_timeout_seconds: Option<f64>,
+    /// `host:port` pairs webhooks (notifications and checks) may reach; empty: none.
+    pub webhook_allow: Vec<String>,
 }
 
 impl Default for AgentSection {
@@ -71,6 +80,10 @@ impl Default for AgentSection {
             bpffs: PathBuf::from(paths::DEFAULT_BPFFS_DIR),
             state_dir: PathBuf::from(paths::DEFAULT_STATE_DIR),
             auth: None,
+            prometheus: None,
+            prometheus_bearer_token_file: None,
+            prometheus_timeout_seconds: None,
+            webhook_allow: Vec::new(),
         }
     }
 }
@@ -206,6 +219,9 @@ pub struct Config {
     /// `None`: no authentication.
     pub tokens: Option<Vec<Token>>,
     pub services: Vec<ServiceSpec>,
+    /// `None`: no Prometheus, so no metric gates.
+    pub prometheus: Option<PrometheusEndpoint>,
+    pub webhook_allow: AllowList,
 }
 
 impl Config {
@@ -240,9 +256,35 @@ impl Config {
             return Err(InvalidField::new("agent.state_dir", "must be an absolute path").into());
         }
         let tokens = file.agent.auth.as_ref().map(validate_tokens).transpose()?;
+        let prometheus = match (&file.agent.prometheus, &file.agent.prometheus_bearer_token_file) {
+            (Some(url), token_file) => Some(PrometheusEndpoint::from_config(
+                url,
+                token_file.as_deref(),
+                file.agent.prometheus_timeout_seconds,
+            )?),
+            (None, Some(_)) => {
+                return Err(
+                    InvalidField::new("agent.prometheus_bearer_token_file", "set without agent.prometheus").into()
+                )
+            }
+            (None, None) if file.agent.prometheus_timeout_seconds.is_some() => {
+                return Err(InvalidField::new("agent.prometheus_timeout_seconds", "set without agent.prometheus").into())
+            }
+            (None, None) => None,
+        };
+        let webhook_allow = AllowList::from_config(&file.agent.webhook_allow)?;
         let cgroup_root = paths::cgroup2_root().ok();
         let services = validate_services(&file.services, cgroup_root.as_deref())?;
-        Ok(Self { cgroup, api, bpffs: file.agent.bpffs, state_dir: file.agent.state_dir, tokens, services })
+        Ok(Self {
+            cgroup,
+            api,
+            bpffs: file.agent.bpffs,
+            state_dir: file.agent.state_dir,
+            tokens,
+            services,
+            prometheus,
+            webhook_allow,
+        })
     }
 }
 
@@ -554,6 +596,31 @@ mod tests {
         assert!(error_of(&format!("{auth}token = \"longenough\"\nrole2 = 1")).contains("role2"));
         let ok = Config::parse(&format!("{auth}token = \"longenough\"")).unwrap();
         assert_eq!(ok.tokens.unwrap()[0].role, Role::Operator);
+    }
+
+    #[test]
+    fn prometheus_and_webhook_keys_are_validated() {
+        let agent = "[agent]\ncgroup = \"/tmp\"\n";
+        let config = Config::parse(&format!(
+            "{agent}prometheus = \"http://127.0.0.1:9090\"\nprometheus_timeout_seconds = 2.5\n\
+             webhook_allow = [\"127.0.0.1:9000\", \"hooks.example.svc:80\"]"
+        ))
+        .unwrap();
+        let prometheus = config.prometheus.unwrap();
+        assert_eq!((prometheus.url.port, prometheus.timeout), (9090, std::time::Duration::from_millis(2500)));
+        assert!(!config.webhook_allow.is_empty());
+        let none = Config::parse(agent).unwrap();
+        assert!(none.prometheus.is_none() && none.webhook_allow.is_empty());
+        assert!(error_of(&format!("{agent}prometheus = \"https://p:9090\"")).contains("agent.prometheus:"));
+        assert!(error_of(&format!("{agent}prometheus_bearer_token_file = \"/x\""))
+            .contains("agent.prometheus_bearer_token_file"));
+        assert!(
+            error_of(&format!("{agent}prometheus_timeout_seconds = 1.0")).contains("agent.prometheus_timeout_seconds")
+        );
+        assert!(
+            error_of(&format!("{agent}webhook_allow = [\"169.254.169.254:80\"]")).contains("agent.webhook_allow[0]")
+        );
+        assert!(error_of(&format!("{agent}webhook_allow = [\"hooks\"]")).contains("agent.webhook_allow[0]"));
     }
 
     #[test]

@@ -116,9 +116,13 @@ impl Core {
     /// rolled back.
     pub fn kill_switch(&mut self, name: &str, by: &str) -> Result<Vec<FollowUp>, ControlError> {
         self.set_percent(name, 0.0)?;
+        let counters = self.snapshot(name).ok();
         let mut follow = Vec::new();
         if let Some(rollout) = self.desired.rollouts.get_mut(name).filter(|r| r.state.is_active()) {
-            let effects = rollout.roll_back(now_ms(), format!("kill switch by {by}"));
+            // The kill switch works even when the counters cannot be read (the step's cost then
+            // stops where it was last counted).
+            let counters = counters.unwrap_or(rollout.step_baseline);
+            let effects = rollout.roll_back(now_ms(), counters, format!("kill switch by {by}"));
             follow = self.apply_effects(name, effects)?;
         }
         self.desired.save(&self.state_dir)?;
@@ -175,7 +179,9 @@ impl Core {
         if self.desired.rollouts.get(name).is_some_and(|r| r.state.is_active()) {
             return Err(ControlError::RolloutActive(name.into()));
         }
-        let (rollout, effects) = Rollout::start(plan, now_ms(), self.snapshot(name)?, by);
+        let counters = self.snapshot(name)?;
+        plan.check_health_signal(name, &counters)?;
+        let (rollout, effects) = Rollout::start(plan, now_ms(), counters, by);
         self.desired.rollouts.insert(name.to_string(), rollout);
         let follow = self.apply_effects(name, effects)?;
         self.desired.save(&self.state_dir)?;
@@ -206,7 +212,7 @@ impl Core {
             ("resume", s) => return Err(state_err(s, "a paused rollout")),
             ("approve", RolloutState::AwaitingApproval) => rollout.approve(now, snapshot, by),
             ("approve", s) => return Err(state_err(s, "a rollout awaiting approval")),
-            ("abort", s) if s.is_active() => rollout.abort(now, by),
+            ("abort", s) if s.is_active() => rollout.abort(now, snapshot, by),
             ("abort", s) => return Err(state_err(s, "an active rollout")),
             (other, _) => unreachable!("unknown rollout action {other}"),
         };

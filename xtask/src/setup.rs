@@ -76,7 +76,8 @@ pub fn ensure_toolchain() -> anyhow::Result<()> {
 
 /// Tools the end-to-end tests and the demo drive.
 pub fn ensure_test_tools() -> anyhow::Result<()> {
-    ensure_packages(&["iproute2", "dnsmasq-base", "bind9-dnsutils"])?;
+    // iptables drops a canary's SYNs inside a test's namespace (tests/e2e/rollout.rs).
+    ensure_packages(&["iproute2", "dnsmasq-base", "bind9-dnsutils", "iptables"])?;
     // A real 3-member etcd cluster for the cluster-mode tests (tests/src/etcd.rs): the server and
     // etcdctl, 3.4 on Debian 12.
     ensure_packages(&["etcd-server", "etcd-client"])?;
@@ -86,6 +87,35 @@ pub fn ensure_test_tools() -> anyhow::Result<()> {
     ensure_python_package("kubernetes_validate", "kubernetes-validate")?;
     ensure_python_package("prometheus_client", "prometheus-client")?;
     ensure_python_package("openapi_spec_validator", "openapi-spec-validator")?;
+    ensure_prometheus()?;
+    Ok(())
+}
+
+/// Debian's Prometheus server for the metric-gate tests (tests/src/prometheus.rs runs it with its
+/// own config, data directory and port). The package's postinst would start a system service on
+/// :9090 through invoke-rc.d: the install runs behind a policy-rc.d that forbids it (the one in
+/// place, or a temporary one), and a service that started anyway is stopped.
+pub fn ensure_prometheus() -> anyhow::Result<()> {
+    if succeeds("prometheus", &["--version"]) {
+        return Ok(());
+    }
+    let policy = std::path::Path::new("/usr/sbin/policy-rc.d");
+    let own_policy = !policy.exists();
+    if own_policy {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(policy, "#!/bin/sh\n# sockshift xtask: no service starts during this install\nexit 101\n")
+            .context("writing /usr/sbin/policy-rc.d")?;
+        std::fs::set_permissions(policy, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let installed = ensure_packages(&["prometheus"]);
+    if own_policy {
+        let _ = std::fs::remove_file(policy);
+    }
+    installed?;
+    if std::path::Path::new("/run/prometheus/prometheus.pid").exists() {
+        step("stopping the prometheus system service the package started (the tests run their own)");
+        let _ = Command::new("/etc/init.d/prometheus").arg("stop").status();
+    }
     Ok(())
 }
 

@@ -80,7 +80,10 @@ fn main() {
         state["sides"]["canary"]["health"]["srtt_avg_us"],
     );
 
-    println!("\nrollout 1: a healthy canary, steps 10 → 50 → 100 %, 2 s each, gate: failed-attempt ratio ≤ 5 %");
+    println!(
+        "\nrollout 1: a healthy canary, steps 10 → 50 → 100 %, at least 2 s each; default gates (canary against \
+         stable, 95 % confidence, 2-point tolerance) and failed-attempt ratio ≤ 5 %"
+    );
     if !rollout(&agent, client, &mut servers, false) {
         return;
     }

@@ -92,6 +92,20 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         pause_every: u32,
     },
+    /// Client traffic at RATE new TCP connections a second to TARGET for SECONDS, arriving at
+    /// random (Poisson) like independent users, each on its own thread: connect with a
+    /// CONNECT_TIMEOUT_MS timeout, read the tag, close. Prints `started UNIX_MS`, then one JSON
+    /// report: tags, errors by kind, and failed attempts per 100 ms since the start.
+    Load {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        rate: f64,
+        #[arg(long)]
+        seconds: f64,
+        #[arg(long, default_value_t = 3000)]
+        connect_timeout_ms: u64,
+    },
 }
 
 fn parse_listen(spec: &str) -> (SocketAddr, String) {
@@ -339,7 +353,87 @@ fn main() {
             }
             println!("{}", json!({ "sockets": done, "send_errors": send_errors }));
         }
+        Command::Load { target, rate, seconds, connect_timeout_ms } => load(target, rate, seconds, connect_timeout_ms),
     }
+}
+
+/// Most attempts in flight at once: a bound on threads when the target black-holes them.
+const LOAD_MAX_IN_FLIGHT: usize = 4096;
+
+fn load(target: SocketAddr, rate: f64, seconds: f64, connect_timeout_ms: u64) {
+    let started = Instant::now();
+    let unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+    println!("started {unix_ms}");
+    let _ = std::io::stdout().flush();
+    let connect_timeout = Duration::from_millis(connect_timeout_ms);
+    let (results, outcomes) = std::sync::mpsc::channel::<(Duration, Result<String, String>)>();
+    let in_flight = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // xorshift64 seeded from the clock: arrivals need to be random, not reproducible.
+    let mut state = (unix_ms as u64) | 1;
+    let mut uniform = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let mut next = Duration::ZERO;
+    let mut workers = Vec::new();
+    let mut skipped = 0u64;
+    loop {
+        // Exponential gaps between arrivals: a Poisson process at `rate`.
+        next += Duration::from_secs_f64(-(1.0 - uniform()).ln() / rate);
+        if next.as_secs_f64() >= seconds {
+            break;
+        }
+        if let Some(wait) = next.checked_sub(started.elapsed()) {
+            thread::sleep(wait);
+        }
+        if in_flight.load(std::sync::atomic::Ordering::Relaxed) >= LOAD_MAX_IN_FLIGHT {
+            skipped += 1;
+            continue;
+        }
+        in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (results, in_flight) = (results.clone(), in_flight.clone());
+        workers.push(thread::spawn(move || {
+            let at = started.elapsed();
+            let outcome = TcpStream::connect_timeout(&target, connect_timeout)
+                .and_then(|mut stream| {
+                    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+                    let mut tag = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while stream.read(&mut byte)? == 1 && byte[0] != b'\n' {
+                        tag.push(byte[0]);
+                    }
+                    Ok(String::from_utf8_lossy(&tag).into_owned())
+                })
+                .map_err(|err| format!("{:?}", err.kind()));
+            in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            let _ = results.send((at, outcome));
+        }));
+    }
+    drop(results);
+    for worker in workers {
+        let _ = worker.join();
+    }
+    let mut tags: BTreeMap<String, u32> = BTreeMap::new();
+    let mut errors: BTreeMap<String, u32> = BTreeMap::new();
+    let mut failures_by_100ms = vec![0u32; (seconds * 10.0).ceil() as usize + 1];
+    let mut attempts = 0u32;
+    for (at, outcome) in outcomes {
+        attempts += 1;
+        match outcome {
+            Ok(tag) => *tags.entry(tag).or_default() += 1,
+            Err(kind) => {
+                *errors.entry(kind).or_default() += 1;
+                let bucket = ((at.as_millis() / 100) as usize).min(failures_by_100ms.len() - 1);
+                failures_by_100ms[bucket] += 1;
+            }
+        }
+    }
+    println!(
+        "{}",
+        json!({ "attempts": attempts, "skipped": skipped, "tags": tags, "errors": errors, "failures_by_100ms": failures_by_100ms })
+    );
 }
 
 /// Linger 0: dropping the stream then sends RST instead of FIN (and leaves no TIME_WAIT).
