@@ -8,6 +8,7 @@ pub mod audit;
 pub mod bpf_sys;
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod daemon;

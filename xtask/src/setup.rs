@@ -51,6 +51,10 @@ pub fn ensure_packages(packages: &[&str]) -> anyhow::Result<()> {
 
 /// rust-src for the nightly toolchain (build-std) and bpf-linker.
 pub fn ensure_toolchain() -> anyhow::Result<()> {
+    // The agent's etcd client (etcd-client) compiles etcd's .proto files at build time: protoc,
+    // and the well-known types it imports (google/protobuf/descriptor.proto), which Debian ships
+    // in libprotobuf-dev, a recommendation of protobuf-compiler that --no-install-recommends skips.
+    ensure_packages(&["protobuf-compiler", "libprotobuf-dev"])?;
     if !succeeds("rustup", &["run", "nightly", "rustc", "--version"]) {
         bail!("the `nightly` toolchain is missing; it must be the machine's nightly 1.97 (LLVM 22): do not install a newer one, bpf-linker {BPF_LINKER_VERSION} cannot read LLVM 23");
     }
@@ -76,6 +80,9 @@ pub fn ensure_test_tools() -> anyhow::Result<()> {
     // fsfreeze; tests/e2e/core.rs). iptables drops a canary's SYNs inside a test's namespace
     // (tests/e2e/rollout.rs).
     ensure_packages(&["iproute2", "dnsmasq-base", "bind9-dnsutils", "iptables", "e2fsprogs", "util-linux"])?;
+    // A real 3-member etcd cluster for the cluster-mode tests (tests/src/etcd.rs): the server and
+    // etcdctl, 3.4 on Debian 12.
+    ensure_packages(&["etcd-server", "etcd-client"])?;
     // kubernetes-validate checks config/daemonset.yaml against the Kubernetes schemas it
     // bundles, offline (tests/e2e/manifests.rs); prometheus-client's parser reads /metrics
     // (tests/e2e/agent.rs); openapi-spec-validator checks the generated OpenAPI document
