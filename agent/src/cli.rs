@@ -480,6 +480,7 @@ fn run_agent(config_path: &Path, check_only: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     require_root()?;
+    crate::caps::check_agent_start()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
