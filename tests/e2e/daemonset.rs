@@ -321,6 +321,8 @@ struct Pod<'a> {
     yaml: PathBuf,
     config_volume: String,
     api: SocketAddr,
+    /// When `podman kube play` was last started for it.
+    played_at: std::cell::Cell<Instant>,
 }
 
 impl<'a> Pod<'a> {
@@ -336,6 +338,7 @@ impl<'a> Pod<'a> {
             name,
             yaml,
             api: manifest.config.api,
+            played_at: std::cell::Cell::new(Instant::now()),
         };
         pod.replay();
         pod
@@ -347,6 +350,7 @@ impl<'a> Pod<'a> {
         // The ConfigMap becomes a podman volume of its name; a stale one would keep old data.
         let _ = podman(&["volume", "rm", "--force", &self.config_volume]);
         let root = self.node.seccomp_root.to_string_lossy();
+        self.played_at.set(Instant::now());
         let out = podman(&["kube", "play", "--seccomp-profile-root", &root, &self.yaml.to_string_lossy()]);
         assert!(
             out.status.success(),
@@ -380,9 +384,10 @@ impl<'a> Pod<'a> {
         podman(&full)
     }
 
-    /// Waits until the readiness probe passes; panics with the logs if it does not within `limit`.
+    /// Waits until the readiness probe passes, at most `limit` after `podman kube play` started
+    /// (panics with the logs then); returns the time since that start.
     fn wait_ready(&self, readiness: &HttpProbe, limit: Duration) -> Duration {
-        let started = Instant::now();
+        let started = self.played_at.get();
         while started.elapsed() < limit {
             if readiness.passes() {
                 return started.elapsed();
@@ -682,7 +687,7 @@ fn probes_are_answered(manifest_path: &Path) {
     // first sent initialDelaySeconds after the start: the agent must answer before that.
     let liveness_limit = liveness.initial_delay + liveness.period * (liveness.failure_threshold - 1);
     let ready_after = pod.wait_ready(&readiness, liveness_limit);
-    eprintln!("agent ready {ready_after:?} after `podman kube play` (liveness allows {liveness_limit:?})");
+    eprintln!("agent ready {ready_after:.1?} after `podman kube play` started (liveness allows {liveness_limit:?})");
     for probe in [&liveness, &readiness] {
         for _ in 0..5 {
             let started = Instant::now();
@@ -709,6 +714,11 @@ fn host_process_is_steered(manifest_path: &Path) {
     let pod = Pod::play(&manifest, &node, &Variant::default());
     pod.wait_ready(&manifest.probe("readinessProbe"), Duration::from_secs(60));
     let report = backends.connect(&node.cgroup, 2000);
+    eprintln!(
+        "canary share {:.2} % of 2000 connections (ConfigMap: {} %)",
+        report.share("canary"),
+        backends.canary_percent
+    );
     assert_share(&report, 2000, backends.canary_percent, "at the ConfigMap's weight");
     // A process outside the attached cgroup is not steered: its connections go nowhere.
     let outside = Cgroup::new();
@@ -901,9 +911,8 @@ fn restart_keeps_steering_without_a_gap(manifest_path: &Path) {
         pod.kill();
         let api_down = !readiness.passes();
         std::thread::sleep(Duration::from_secs(3));
-        let replayed_at = Instant::now();
         pod.replay();
-        let ready_at = replayed_at + pod.wait_ready(&readiness, Duration::from_secs(60));
+        let ready_at = pod.played_at.get() + pod.wait_ready(&readiness, Duration::from_secs(60));
         std::thread::sleep(Duration::from_secs(2));
         stop.store(true, Ordering::Relaxed);
         let batches = traffic.join().expect("traffic thread");
@@ -936,6 +945,12 @@ fn restart_keeps_steering_without_a_gap(manifest_path: &Path) {
         (TcpReport { raw: serde_json::json!({ "tags": tags, "errors": {} }) }, reports.len() as u64 * u64::from(BATCH))
     };
     let (report, count) = merged(down);
+    eprintln!(
+        "{} batches of {BATCH} connections, {count} of them in the {:.1?} with no agent: canary share {:.1} %, no failure",
+        batches.len(),
+        ready_at - killed_at,
+        report.share("canary")
+    );
     assert_share(&report, count, 50.0, "with no agent running");
     let (report, count) = merged(batches.iter().filter(|(t, _)| *t >= ready_at).map(|(_, r)| r).collect());
     assert_share(&report, count, 50.0, "after the replay");
