@@ -126,8 +126,8 @@ impl Manifest {
         HttpProbe::from_manifest(&self.container()[which], which)
     }
 
-    /// The host path of the volume mounted above `container_path`.
-    fn host_path_above(&self, container_path: &Path) -> (String, String) {
+    /// The name of the hostPath volume mounted above `container_path` (the innermost one).
+    fn host_volume_above(&self, container_path: &Path) -> String {
         let mount = seq(&self.container()["volumeMounts"])
             .iter()
             .filter(|m| container_path.starts_with(m["mountPath"].as_str().unwrap_or("\0")))
@@ -138,10 +138,12 @@ impl Manifest {
             .iter()
             .find(|v| v["name"].as_str() == Some(&name))
             .unwrap_or_else(|| panic!("volume {name} is mounted but not declared"));
-        let host = volume["hostPath"]["path"]
-            .as_str()
-            .unwrap_or_else(|| panic!("volume {name} (above {}) is not a hostPath", container_path.display()));
-        (name, host.to_owned())
+        assert!(
+            volume["hostPath"]["path"].is_string(),
+            "volume {name} (above {}) is not a hostPath",
+            container_path.display()
+        );
+        name
     }
 }
 
@@ -429,8 +431,8 @@ fn render(manifest: &Manifest, node: &Node, name: &str, variant: &Variant) -> St
 
     // Pod: the template's metadata and spec; the image and two host paths change.
     let mut spec = manifest.template["spec"].clone();
-    let (bpffs_volume, _) = manifest.host_path_above(&manifest.config.bpffs);
-    let (state_volume, _) = manifest.host_path_above(&manifest.config.state_dir);
+    let bpffs_volume = manifest.host_volume_above(&manifest.config.bpffs);
+    let state_volume = manifest.host_volume_above(&manifest.config.state_dir);
     for volume in spec["volumes"].as_sequence_mut().expect("volumes") {
         let host = if volume["name"].as_str() == Some(&bpffs_volume) {
             if variant.no_bpffs {
