@@ -242,10 +242,17 @@ pub fn build(workspace: &Path, target_dir: &Path) -> anyhow::Result<String> {
     let id = id.trim().trim_start_matches("sha256:");
     let name = format!("localhost/sockshift:build-{}", &id[..12.min(id.len())]);
     podman(&["tag", id, &name])?;
+    // This checkout's previous build is no longer needed (a container still using it keeps it).
+    let name_file = image_dir.join("name");
+    if let Ok(previous) = std::fs::read_to_string(&name_file) {
+        if previous.trim() != name {
+            let _ = podman(&["rmi", previous.trim()]);
+        }
+    }
     // The image must start under this podman configuration and find every library it links.
     let version = podman(&["run", "--rm", "--network=none", &name, "--version"])
         .context("the image does not start: `podman run --rm IMAGE --version` failed")?;
-    std::fs::write(image_dir.join("name"), format!("{name}\n")).context("writing target/image/name")?;
+    std::fs::write(&name_file, format!("{name}\n")).context("writing target/image/name")?;
     println!("[image] {name} (also {IMAGE}): {} in {:.0?}", version.trim(), started.elapsed());
     Ok(name)
 }
