@@ -214,7 +214,7 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         for pod in self.pods.lock().unwrap().drain(..) {
-            let _ = podman(&["pod", "rm", "--force", "--time", "0", &pod]);
+            let _ = remove_pod(&pod);
         }
         let _ = Command::new("umount").arg(&self.bpffs).status();
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -280,7 +280,7 @@ impl MachineLock {
         // over from a run that was killed.
         let pods = podman_ok(&["pod", "ls", "--format", "{{.Name}}"]);
         for pod in pods.lines().filter(|p| p.starts_with(POD_PREFIX)) {
-            let _ = podman(&["pod", "rm", "--force", "--time", "0", pod]);
+            let _ = remove_pod(pod);
         }
         Self { _held: file }
     }
@@ -300,6 +300,22 @@ fn podman_ok(args: &[&str]) -> String {
     let out = podman(args);
     assert!(out.status.success(), "podman {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Removes a pod at once (SIGKILL, no grace). A container that podman is restarting
+/// (restartPolicy: Always after a failed start) can make the removal fail ("container state
+/// improper"): this tries again until the pod is gone.
+fn remove_pod(name: &str) -> Result<(), String> {
+    let mut last_error = String::new();
+    for _ in 0..50 {
+        let out = podman(&["pod", "rm", "--force", "--time", "0", name]);
+        if !podman(&["pod", "exists", name]).status.success() {
+            return Ok(());
+        }
+        last_error = String::from_utf8_lossy(&out.stderr).into_owned();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Err(format!("pod {name} could not be removed: {last_error}"))
 }
 
 /// What a pod differs in from the manifest's, beyond the node-specific changes.
@@ -366,7 +382,7 @@ impl<'a> Pod<'a> {
     /// Kills every process of the pod at once (SIGKILL, no grace) and removes it, as a node
     /// losing the pod would.
     fn kill(&self) {
-        podman_ok(&["pod", "rm", "--force", "--time", "0", &self.name]);
+        remove_pod(&self.name).unwrap_or_else(|err| panic!("{err}"));
     }
 
     fn logs(&self) -> String {
@@ -415,7 +431,7 @@ impl<'a> Pod<'a> {
 
 impl Drop for Pod<'_> {
     fn drop(&mut self) {
-        let _ = podman(&["pod", "rm", "--force", "--time", "0", &self.name]);
+        let _ = remove_pod(&self.name);
         let _ = podman(&["volume", "rm", "--force", &self.config_volume]);
     }
 }
