@@ -122,7 +122,7 @@ fn refusal_hint(status: &str) -> &'static str {
         "the process runs under a seccomp filter (Seccomp: 2 in /proc/self/status) that refuses bpf(). \
          Container runtimes whose default profile allows bpf() only with CAP_SYS_ADMIN (CRI-O and podman, \
          containers-common's seccomp.json) need a seccomp profile that allows it with CAP_BPF, as \
-         containerd's and Docker's (since 23.0) default profiles do; see the README's Kubernetes section"
+         containerd's (since 1.7) and Docker's (since 23.0) default profiles do; see the README's Kubernetes section"
     } else {
         "no seccomp filter is in the way, so the kernel or a security module refuses it"
     }

@@ -12,7 +12,7 @@
 //!   /var/lib/sockshift (the container paths and the config's paths stay as written);
 //! - how this node's runtime applies `seccompProfile: RuntimeDefault`. podman and CRI-O take
 //!   theirs from containers-common, which lets bpf() through only with CAP_SYS_ADMIN; containerd
-//!   and Docker (since 23.0) also let it through with CAP_BPF, and perf_event_open() with
+//!   (since 1.7) and Docker (since 23.0) also let it through with CAP_BPF, and perf_event_open() with
 //!   CAP_PERFMON. The manifest asks for CAP_BPF, not CAP_SYS_ADMIN, so the test gives the pod the
 //!   containers-common profile with those two rules added (a pod annotation: `podman kube play`
 //!   ignores containers.conf's seccomp_profile). `seccomp_that_refuses_bpf_is_named_at_start`
