@@ -6,6 +6,7 @@
 pub mod api;
 pub mod audit;
 pub mod bpf_sys;
+pub mod caps;
 pub mod cli;
 pub mod client;
 pub mod cluster;
