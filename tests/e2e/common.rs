@@ -20,7 +20,12 @@ pub struct Lab {
 impl Lab {
     /// One service "web": IPv4 and IPv6 frontends, a stable and a canary backend per family.
     pub fn new(canary_percent: f64) -> Self {
-        Self::with_service(&format!(
+        Self::new_with_agent(canary_percent, "")
+    }
+
+    /// Like `new`, with `agent_extra` added to the config's `[agent]` section.
+    pub fn new_with_agent(canary_percent: f64, agent_extra: &str) -> Self {
+        Self::with_agent(agent_extra, &format!(
             r#"[[service]]
 name = "web"
 frontends = ["{FRONTEND4}", "{FRONTEND6}"]
