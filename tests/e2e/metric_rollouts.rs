@@ -16,8 +16,9 @@ use std::{
 };
 
 use e2e::{
+    built_binary,
     prometheus::{Prometheus, ScrapeTarget},
-    require_root, Agent, Cgroup, NetNs, Placement, Spawned,
+    require_root, unique_name, Agent, Cgroup, NetNs, Placement, Spawned,
 };
 use gates_common::{start_app, start_load, Behaviour, HttpApp, Receiver, ERROR_RATE};
 use serde_json::{json, Value};
@@ -97,6 +98,19 @@ impl MetricLab {
         }
     }
 
+    /// `sockshift ARGS --api ADDR`: its standard output; panics if it fails.
+    fn cli(&self, args: &[&str]) -> String {
+        let api = self.agent.api.to_string();
+        let output = std::process::Command::new(built_binary("sockshift"))
+            .args(args)
+            .args(["--api", &api])
+            .output()
+            .expect("run the sockshift CLI");
+        let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+        assert!(output.status.success(), "sockshift {args:?}: {stdout}{}", String::from_utf8_lossy(&output.stderr));
+        stdout
+    }
+
     fn canary_percent(&self) -> f64 {
         self.agent.service("web")["canary_percent"].as_f64().unwrap()
     }
@@ -169,11 +183,21 @@ fn an_error_rate_gate_rolls_back_a_canary_answering_500s_that_every_kernel_gate_
     assert!(kernel["canary_attempts"].as_u64().unwrap() > 0, "{kernel}");
     assert_eq!((kernel["canary_failed_attempts"].as_u64(), kernel["canary_resets"].as_u64()), (Some(0), Some(0)));
     assert_eq!(rolled_back["harm"]["canary_failed_connections"], 0, "{rolled_back}");
-    println!("20 % 500s: rolled back {:.1} s after the start: {reason}", elapsed_s(&rolled_back));
+    // The CLI shows the gate's value, bound and verdict.
+    let status = lab.cli(&["rollout", "status", "web"]);
+    let line = status.lines().find(|l| l.contains("metric error-rate")).unwrap_or_else(|| panic!("{status}"));
+    assert!(line.contains("last judged") && line.contains("(max 0.01)") && line.contains("fail"), "{status}");
+    assert!(status.contains("last judgement (step 0): error-rate: 0.") , "{status}");
+    println!("20 % 500s: rolled back {:.1} s after the start: {reason}\n{status}", elapsed_s(&rolled_back));
     drop(lab);
 
+    // The same plan, started from a file by the CLI, promotes a healthy canary.
     let lab = MetricLab::new(0.0, &[]);
-    lab.start(&plan);
+    let path = std::env::temp_dir().join(unique_name("plan.json"));
+    std::fs::write(&path, plan.to_string()).unwrap();
+    let started = lab.cli(&["rollout", "start", "web", "--plan", path.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&path);
+    assert!(started.contains("metric error-rate"), "{started}");
     let promoted = lab.wait("promoted", Duration::from_secs(40), |r| {
         assert_ne!(r["state"], "rolled_back", "a healthy canary was rolled back: {r:#}");
         r["state"] == "promoted"
@@ -214,6 +238,8 @@ fn prometheus_down_mid_rollout_holds_the_step_or_fails_it_as_the_plan_says() {
         "the state says which gate holds and why: {holding}"
     );
     assert_eq!(event(&history(&held), "check_held"), Some(holding), "and so does the history");
+    let status = lab.cli(&["rollout", "status", "web"]);
+    assert!(status.contains("holding: error-rate: holding, Prometheus at"), "and the CLI: {status}");
     // It keeps waiting at the step, neither promoted nor failed.
     std::thread::sleep(Duration::from_secs(5));
     let still = lab.rollout();
