@@ -507,7 +507,7 @@ mod tests {
         assert!(err.message.contains("webhook_allow"), "{err}");
         let bad_check = WebhookCheck { url: "http://169.254.169.254/".into(), ..check("a") };
         assert_eq!(
-            validate_plan_webhooks(&[], &[bad_check.clone()], Some(&list)).unwrap_err().field,
+            validate_plan_webhooks(&[], std::slice::from_ref(&bad_check), Some(&list)).unwrap_err().field,
             "gates.webhooks[0].url"
         );
         // Without the list (a stored plan), only what no list can allow is refused.

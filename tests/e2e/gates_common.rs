@@ -19,7 +19,6 @@ use e2e::{built_binary, spawn_in, NetNs, Placement, Spawned};
 pub const ERROR_RATE: &str = r#"sum(rate(http_requests_total{app="{{service}}",track="canary",code=~"5.."}[{{window}}]))
   / sum(rate(http_requests_total{app="{{service}}",track="canary"}[{{window}}]))"#;
 
-
 /// A running `sockshift-httpapp serve`.
 pub struct HttpApp {
     pub process: Spawned,
@@ -52,7 +51,6 @@ pub fn start_load(placement: Placement<'_>, target: SocketAddr) -> Spawned {
     let args = ["load", "--target", &target, "--count", "100000", "--interval-ms", "5", "--max-seconds", "60"];
     spawn_in(placement, &built_binary("sockshift-httpapp"), &args)
 }
-
 
 /// Request heads and bodies a receiver got.
 pub type Requests = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
@@ -188,4 +186,3 @@ fn handle(mut stream: TcpStream, behaviour: Behaviour, requests: &Mutex<Vec<(Str
         }
     }
 }
-

@@ -170,7 +170,10 @@ fn an_error_rate_gate_rolls_back_a_canary_answering_500s_that_every_kernel_gate_
     let events = history(&rolled_back);
     let reason = event(&events, "rolled_back").unwrap();
     let value = number_after(reason, "error-rate: ");
-    assert!(reason.contains("above max 0.01") && (value - 0.2).abs() <= 0.06, "the history names the gate and its value: {reason}");
+    assert!(
+        reason.contains("above max 0.01") && (value - 0.2).abs() <= 0.06,
+        "the history names the gate and its value: {reason}"
+    );
     assert_eq!(event(&events, "check_failed"), Some(&reason["gates failed: ".len()..]), "{events:?}");
     let judgement = &rolled_back["last_judgement"];
     assert_eq!(judgement["verdict"]["gate"], "error-rate", "{judgement}");
@@ -187,7 +190,7 @@ fn an_error_rate_gate_rolls_back_a_canary_answering_500s_that_every_kernel_gate_
     let status = lab.cli(&["rollout", "status", "web"]);
     let line = status.lines().find(|l| l.contains("metric error-rate")).unwrap_or_else(|| panic!("{status}"));
     assert!(line.contains("last judged") && line.contains("(max 0.01)") && line.contains("fail"), "{status}");
-    assert!(status.contains("last judgement (step 0): error-rate: 0.") , "{status}");
+    assert!(status.contains("last judgement (step 0): error-rate: 0."), "{status}");
     println!("20 % 500s: rolled back {:.1} s after the start: {reason}\n{status}", elapsed_s(&rolled_back));
     drop(lab);
 
@@ -243,7 +246,10 @@ fn prometheus_down_mid_rollout_holds_the_step_or_fails_it_as_the_plan_says() {
     // It keeps waiting at the step, neither promoted nor failed.
     std::thread::sleep(Duration::from_secs(5));
     let still = lab.rollout();
-    assert_eq!((&still["state"], &still["step"], &still["consecutive_failures"]), (&json!("running"), &json!(1), &json!(0)));
+    assert_eq!(
+        (&still["state"], &still["step"], &still["consecutive_failures"]),
+        (&json!("running"), &json!(1), &json!(0))
+    );
     assert_eq!(lab.canary_percent(), 50.0);
     lab.prometheus.restart();
     let promoted = lab.wait("promoted after Prometheus is back", Duration::from_secs(40), |r| {
@@ -357,7 +363,10 @@ fn a_query_prometheus_cannot_parse_is_refused_at_start() {
         "steps": [50], "step_seconds": 2,
         "gates": { "metrics": [{ "name": "typo", "query": "up{{sevice}}", "max": 1 }] },
     }));
-    assert!(body["field"] == "gates.metrics[0].query" && body["message"].as_str().unwrap().contains("{{sevice}}"), "{body}");
+    assert!(
+        body["field"] == "gates.metrics[0].query" && body["message"].as_str().unwrap().contains("{{sevice}}"),
+        "{body}"
+    );
 }
 
 fn rss_kib(pid: u32, key: &str) -> u64 {
@@ -426,6 +435,10 @@ fn webhooks_are_fenced_at_start_and_a_receiver_streaming_1_gib_leaves_the_agent_
          {rss_before} -> {rss_after} KiB, peak {peak_before} -> {peak_after} KiB",
         started.elapsed().as_secs_f64()
     );
-    assert!(peak_after.saturating_sub(peak_before) < 16 * 1024, "the agent's peak RSS grew {} KiB", peak_after - peak_before);
+    assert!(
+        peak_after.saturating_sub(peak_before) < 16 * 1024,
+        "the agent's peak RSS grew {} KiB",
+        peak_after - peak_before
+    );
     assert!(rss_after.saturating_sub(rss_before) < 16 * 1024, "the agent's RSS grew {} KiB", rss_after - rss_before);
 }

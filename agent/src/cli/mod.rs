@@ -126,6 +126,8 @@ pub enum ServiceAction {
     },
 }
 
+// Parsed once per run: the size of `Start` costs nothing worth boxing it for.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum RolloutAction {
     /// Start a rollout.

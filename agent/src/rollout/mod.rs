@@ -35,7 +35,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     config::Role,
-    gates::{checks::CheckResult, metric, metric::GateReading, metric::Reading, Verdict as GateVerdict},
+    gates::{
+        checks::CheckResult,
+        metric,
+        metric::{GateReading, Reading},
+        Verdict as GateVerdict,
+    },
 };
 
 /// History entries kept per rollout; older ones are dropped (and counted).
