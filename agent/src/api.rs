@@ -494,14 +494,23 @@ async fn delete_service(
     Ok(Json(last_state))
 }
 
-/// Datapath-wide figures: services and the socket table's use.
+/// Datapath-wide figures: services, the socket and UDP flow tables' use and real sizes, the
+/// attachment, and other programs on the same hooks.
 async fn datapath_status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers, Role::Viewer)?;
-    let core = state.core.lock().expect("core lock");
+    let status = state.core.lock().expect("core lock").datapath.status();
     Ok(Json(json!({
-        "services": core.datapath.service_names().len(),
-        "open_steered_sockets": core.datapath.open_steered_sockets(),
-        "steered_socket_capacity": agent_common::MAX_STEERED_SOCKETS,
+        "services": status.services,
+        "cgroup": status.cgroup,
+        "open_steered_sockets": status.open_steered_sockets,
+        "steered_socket_capacity": status.steered_socket_capacity,
+        "steered_sockets_per_netns": status.steered_sockets_per_netns,
+        "udp_flows": status.udp_flows,
+        "udp_flow_capacity": status.udp_flow_capacity,
+        "draining_service_ids": status.draining_service_ids,
+        "host_netns_only": status.host_netns_only,
+        "links": status.links,
+        "foreign_programs": status.foreign_programs,
     })))
 }
 
@@ -629,18 +638,26 @@ fn render_side(c: &SideCounters) -> Value {
     json!({
         "connections_steered": c.connections_steered,
         "datagrams_steered": c.datagrams_steered,
+        "open_socket_records": c.open_socket_records(),
         "health": {
             "established": c.established,
             "failed_attempts": c.failed_attempts,
+            "abandoned_attempts": c.abandoned_attempts,
             "resets": c.resets,
             "retransmission_timeouts": c.rto,
+            "connections_with_rto": c.rto_connections,
             "srtt_avg_us": srtt_avg_us,
             "srtt_sum_us": c.srtt_sum_us,
             "srtt_samples": c.srtt_samples,
+            "srtt_close_sum_us": c.srtt_close_sum_us,
+            "srtt_close_samples": c.srtt_close_samples,
+        },
+        "unrecorded": {
+            "socket_table_full": c.socket_table_full,
+            "socket_netns_full": c.socket_netns_full,
         },
         "fail_open": {
             "backend_missing": c.fail_open_backend_missing,
-            "socket_table_full": c.fail_open_socket_table_full,
         },
     })
 }

@@ -18,7 +18,7 @@ use crate::{
     client,
     config::{Affinity, Config},
     control::Core,
-    datapath::Datapath,
+    datapath::{Datapath, DatapathOptions},
     paths,
 };
 
@@ -490,7 +490,7 @@ fn run_agent(config_path: &Path, check_only: bool) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(config.api)
             .await
             .with_context(|| format!("binding the API to {} (agent.api)", config.api))?;
-        let datapath = Datapath::load(&config.cgroup, &config.bpffs).with_context(|| {
+        let datapath = Datapath::load(&DatapathOptions::from(&config)).with_context(|| {
             format!("loading the datapath (cgroup {}, bpffs {})", config.cgroup.display(), config.bpffs.display())
         })?;
         let core = Core::start(datapath, &config.state_dir, &config.services, paths::cgroup2_root().ok())
@@ -522,7 +522,7 @@ fn run_agent(config_path: &Path, check_only: bool) -> anyhow::Result<()> {
             }
         });
         tokio::spawn(drive_rollouts(state.clone()));
-        tokio::spawn(carry_out_follow_ups(state.clone(), follow_rx, config.cgroup.clone()));
+        tokio::spawn(carry_out_follow_ups(state.clone(), follow_rx));
         tokio::spawn(watch_config(state.clone(), config, loaded_bytes));
 
         axum::serve(listener, api::router(state))
@@ -550,7 +550,6 @@ async fn drive_rollouts(state: Arc<AppState>) {
 async fn carry_out_follow_ups(
     state: Arc<AppState>,
     mut follow_ups: tokio::sync::mpsc::UnboundedReceiver<crate::control::FollowUp>,
-    cgroup: PathBuf,
 ) {
     use crate::control::FollowUp;
     while let Some(item) = follow_ups.recv().await {
@@ -567,17 +566,26 @@ async fn carry_out_follow_ups(
                     });
                 }
             }
-            FollowUp::TerminateCanary { service, backends } => {
-                let cgroup = cgroup.clone();
-                let result =
-                    tokio::task::spawn_blocking(move || crate::terminate::terminate_connections(&cgroup, &backends))
-                        .await;
-                match result {
-                    Ok(Ok(count)) => {
-                        log::info!("service {service}: closed {count} canary connections after rollback");
-                        state.core.lock().expect("core lock").note_terminated(&service, count);
+            FollowUp::TerminateCanary { service, .. } => {
+                // The datapath picks exactly the sockets it steered to the canary; the work
+                // happens on its own thread, and this task only waits for the count.
+                let job = state.core.lock().expect("core lock").datapath.terminate_canary_sockets(&service);
+                let job = match job {
+                    Ok(job) => job,
+                    Err(err) => {
+                        log::error!("service {service}: closing canary connections: {err}");
+                        continue;
                     }
-                    Ok(Err(err)) => log::error!("service {service}: closing canary connections: {err}"),
+                };
+                match tokio::task::spawn_blocking(move || job.wait()).await {
+                    Ok(outcome) => {
+                        log::info!(
+                            "service {service}: closed {} steered canary connections after rollback{}",
+                            outcome.sockets,
+                            if outcome.errors.is_empty() { String::new() } else { format!(" ({})", outcome.errors.join("; ")) }
+                        );
+                        state.core.lock().expect("core lock").note_terminated(&service, outcome.sockets);
+                    }
                     Err(err) => log::error!("service {service}: closing canary connections: {err}"),
                 }
             }
@@ -631,6 +639,7 @@ async fn watch_config(state: Arc<AppState>, initial: Config, loaded_bytes: Optio
                     || config.cgroup != initial.cgroup
                     || config.bpffs != initial.bpffs
                     || config.state_dir != initial.state_dir
+                    || DatapathOptions::from(&config) != DatapathOptions::from(&initial)
                 {
                     log::warn!("config reload: changes to [agent] take effect at the next restart");
                 }

@@ -7,7 +7,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use agent_common::{percent_to_ppm, MAX_BACKENDS_PER_SIDE, MAX_SERVICES};
+use agent_common::{percent_to_ppm, MAX_BACKENDS_PER_SIDE, MAX_SERVICES, MAX_STEERED_SOCKETS};
 use serde::{Deserialize, Serialize};
 
 use crate::paths;
@@ -61,6 +61,16 @@ pub struct AgentSection {
     pub state_dir: PathBuf,
     /// Bearer tokens and their roles; unset: the API is open (it listens on loopback).
     pub auth: Option<AuthSection>,
+    /// Size of the socket table (steered TCP and connected UDP sockets open at once) and of the
+    /// UDP flow table; preallocated, about 100 bytes a socket. Fixed when the map is first
+    /// pinned: changing it needs `sockshift uninstall`.
+    pub steered_socket_capacity: u32,
+    /// Most steered sockets one client network namespace gets records for; unset: a quarter of
+    /// the capacity; 0: no bound.
+    pub steered_sockets_per_netns: Option<u32>,
+    /// Steer only the host network namespace (hostNetwork pods and node processes), for nodes
+    /// whose pods run a sidecar mesh.
+    pub host_netns_only: bool,
 }
 
 impl Default for AgentSection {
@@ -71,6 +81,9 @@ impl Default for AgentSection {
             bpffs: PathBuf::from(paths::DEFAULT_BPFFS_DIR),
             state_dir: PathBuf::from(paths::DEFAULT_STATE_DIR),
             auth: None,
+            steered_socket_capacity: MAX_STEERED_SOCKETS,
+            steered_sockets_per_netns: None,
+            host_netns_only: false,
         }
     }
 }
@@ -206,7 +219,13 @@ pub struct Config {
     /// `None`: no authentication.
     pub tokens: Option<Vec<Token>>,
     pub services: Vec<ServiceSpec>,
+    pub steered_socket_capacity: u32,
+    pub steered_sockets_per_netns: u32,
+    pub host_netns_only: bool,
 }
+
+/// Smallest and largest socket table the agent accepts.
+pub const SOCKET_CAPACITY_RANGE: std::ops::RangeInclusive<u32> = 16..=(1 << 22);
 
 impl Config {
     /// Reads and validates a config file. Nothing is touched on error.
@@ -240,9 +259,40 @@ impl Config {
             return Err(InvalidField::new("agent.state_dir", "must be an absolute path").into());
         }
         let tokens = file.agent.auth.as_ref().map(validate_tokens).transpose()?;
+        let capacity = file.agent.steered_socket_capacity;
+        if !SOCKET_CAPACITY_RANGE.contains(&capacity) {
+            return Err(InvalidField::new(
+                "agent.steered_socket_capacity",
+                format!(
+                    "{capacity} is out of range: {} to {}",
+                    SOCKET_CAPACITY_RANGE.start(),
+                    SOCKET_CAPACITY_RANGE.end()
+                ),
+            )
+            .into());
+        }
+        let per_netns =
+            file.agent.steered_sockets_per_netns.unwrap_or(crate::datapath::default_sockets_per_netns(capacity));
+        if per_netns > capacity {
+            return Err(InvalidField::new(
+                "agent.steered_sockets_per_netns",
+                format!("{per_netns} is more than agent.steered_socket_capacity ({capacity})"),
+            )
+            .into());
+        }
         let cgroup_root = paths::cgroup2_root().ok();
         let services = validate_services(&file.services, cgroup_root.as_deref())?;
-        Ok(Self { cgroup, api, bpffs: file.agent.bpffs, state_dir: file.agent.state_dir, tokens, services })
+        Ok(Self {
+            cgroup,
+            api,
+            bpffs: file.agent.bpffs,
+            state_dir: file.agent.state_dir,
+            tokens,
+            services,
+            steered_socket_capacity: capacity,
+            steered_sockets_per_netns: per_netns,
+            host_netns_only: file.agent.host_netns_only,
+        })
     }
 }
 
@@ -367,6 +417,22 @@ pub fn validate_service(
                     "{frontend} is IPv{} but the service has no IPv{} backend to send it to",
                     if frontend.is_ipv4() { 4 } else { 6 },
                     if frontend.is_ipv4() { 4 } else { 6 }
+                ),
+            ));
+        }
+    }
+    // Weight 0 must mean no canary traffic: a family the canary serves and stable does not would
+    // have nowhere else to go.
+    for frontend in &frontends {
+        let family = |a: &&SocketAddr| a.is_ipv4() == frontend.is_ipv4();
+        if canary.iter().any(|a| family(&a)) && !stable.iter().any(|a| family(&a)) {
+            let v = if frontend.is_ipv4() { 4 } else { 6 };
+            return Err(InvalidField::new(
+                field("stable"),
+                format!(
+                    "has no IPv{v} backend but canary does, and {frontend} is IPv{v}: at weight 0 (and for `never` \
+                     cohorts) its traffic would have nowhere to go but the canary; add an IPv{v} stable backend, or \
+                     remove the IPv{v} canary backends"
                 ),
             ));
         }
@@ -522,6 +588,8 @@ mod tests {
             ("name = \"a\"\nfrontends = [\"1.2.3.4:80\"]\ncanary_precent = 5", "canary_precent"),
             ("name = \"a\"\nfrontends = [\"1.2.3.4:80\"]\ncanary_percent = \"5\"", "canary_percent"),
             ("name = \"a\"\nfrontends = [\"1.2.3.4:80\"]\n[[service.cohort]]\ncgroups = [\"/nonexistent/x\"]\ncanary = \"always\"", "service[0] \"a\".cohort[0].cgroups[0]"),
+            ("name = \"a\"\nfrontends = [\"1.2.3.4:80\"]\ncanary = [\"1.2.3.5:80\"]", "service[0] \"a\".stable"),
+            ("name = \"a\"\nfrontends = [\"1.2.3.4:80\", \"[fd00::1]:80\"]\nstable = [\"1.2.3.5:80\"]\ncanary = [\"1.2.3.6:80\", \"[fd00::6]:80\"]", "service[0] \"a\".stable"),
         ];
         for (service, field) in cases {
             let err = error_of(&with_service(service));
@@ -548,6 +616,9 @@ mod tests {
         assert!(error_of("[agent]\ncgroup = \"/tmp\"\nbpffs = \"rel\"").contains("agent.bpffs"));
         assert!(error_of("[agent]\ncgroupp = \"/tmp\"").contains("cgroupp"));
         assert!(error_of("[agent]\ncgroup = \"/tmp\"\nstate_dir = \"x\"").contains("agent.state_dir"));
+        assert!(error_of("[agent]\ncgroup = \"/tmp\"\nsteered_socket_capacity = 0").contains("agent.steered_socket_capacity"));
+        assert!(error_of("[agent]\ncgroup = \"/tmp\"\nsteered_socket_capacity = 64\nsteered_sockets_per_netns = 65")
+            .contains("agent.steered_sockets_per_netns"));
         let auth = "[agent]\ncgroup = \"/tmp\"\n[[agent.auth.tokens]]\nname = \"a\"\nrole = \"operator\"\n";
         assert!(error_of(&format!("{auth}token = \"short\"")).contains("agent.auth.tokens[0].token"));
         assert!(error_of(auth).contains("agent.auth.tokens[0].token"));

@@ -82,7 +82,6 @@ impl Core {
             core.desired = DesiredState::default();
             core.reload_file(&file)?;
         }
-        core.datapath.remove_leftovers();
         Ok(core)
     }
 
