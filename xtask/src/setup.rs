@@ -72,7 +72,8 @@ pub fn ensure_toolchain() -> anyhow::Result<()> {
 
 /// Tools the end-to-end tests and the demo drive.
 pub fn ensure_test_tools() -> anyhow::Result<()> {
-    ensure_packages(&["iproute2", "dnsmasq-base", "bind9-dnsutils"])?;
+    // iptables: the datapath tests drop SYNs inside their own network namespaces.
+    ensure_packages(&["iproute2", "dnsmasq-base", "bind9-dnsutils", "iptables"])?;
     // kubernetes-validate checks config/daemonset.yaml against the Kubernetes schemas it
     // bundles, offline (tests/e2e/manifests.rs); prometheus-client's parser reads /metrics
     // (tests/e2e/agent.rs); openapi-spec-validator checks agent/openapi.json (tests/e2e/openapi.rs).
