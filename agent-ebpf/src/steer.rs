@@ -2,8 +2,8 @@
 //! record or UDP flow, counters. Each returns `None` to leave the call untouched.
 
 use agent_common::{
-    backend_index, family_of, netns_bucket, pick_side, BackendKey, BackendValue, CohortKey, CounterKey, FrontendKey, FrontendValue,
-    Settings, SideCounters, SocketEntry, UdpFlow, UdpFlowKey, FLAG_AFFINITY_CLIENT, FLAG_HAS_COHORTS,
+    backend_index, family_of, netns_bucket, pick_side, BackendKey, BackendValue, CohortKey, CounterKey, FrontendKey,
+    FrontendValue, Settings, SideCounters, SocketEntry, UdpFlow, UdpFlowKey, FLAG_AFFINITY_CLIENT, FLAG_HAS_COHORTS,
     MAX_COHORT_DEPTH, SETTING_HOST_NETNS_ONLY, SOCKET_NETNS_COUNTED, SOCKET_UDP, UDP_FLOW_SLOTS,
 };
 use aya_ebpf::{
@@ -63,7 +63,8 @@ pub fn settings() -> Settings {
 #[inline(always)]
 pub fn atomic_add(counter: *mut u64, delta: u64) {
     unsafe {
-        let _ = core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(counter, delta);
+        let _ =
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(counter, delta);
     }
 }
 

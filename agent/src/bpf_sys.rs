@@ -13,6 +13,7 @@ const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_LINK_DETACH: libc::c_long = 34;
 
 /// `BPF_PROG_QUERY` flag: the programs that run for the cgroup (its own and those inherited from
 /// its ancestors), in the order they run.
@@ -70,6 +71,15 @@ pub fn link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<
     attr.put_u32(0, link.as_raw_fd() as u32);
     attr.put_u32(4, program.as_raw_fd() as u32);
     bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+}
+
+/// Detaches a link from its hook now. Dropping the last reference to a link detaches it too, but
+/// the kernel does that from a work queue, a few milliseconds later; this is synchronous.
+pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = BpfAttr::new();
+    // struct { __u32 link_fd; }
+    attr.put_u32(0, link.as_raw_fd() as u32);
+    bpf(BPF_LINK_DETACH, &mut attr).map(|_| ())
 }
 
 /// What a link is attached to, from `struct bpf_link_info`.

@@ -616,7 +616,8 @@ mod tests {
         assert!(error_of("[agent]\ncgroup = \"/tmp\"\nbpffs = \"rel\"").contains("agent.bpffs"));
         assert!(error_of("[agent]\ncgroupp = \"/tmp\"").contains("cgroupp"));
         assert!(error_of("[agent]\ncgroup = \"/tmp\"\nstate_dir = \"x\"").contains("agent.state_dir"));
-        assert!(error_of("[agent]\ncgroup = \"/tmp\"\nsteered_socket_capacity = 0").contains("agent.steered_socket_capacity"));
+        assert!(error_of("[agent]\ncgroup = \"/tmp\"\nsteered_socket_capacity = 0")
+            .contains("agent.steered_socket_capacity"));
         assert!(error_of("[agent]\ncgroup = \"/tmp\"\nsteered_socket_capacity = 64\nsteered_sockets_per_netns = 65")
             .contains("agent.steered_sockets_per_netns"));
         let auth = "[agent]\ncgroup = \"/tmp\"\n[[agent.auth.tokens]]\nname = \"a\"\nrole = \"operator\"\n";

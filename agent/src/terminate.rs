@@ -120,8 +120,10 @@ fn destroy_in_namespace(ns: &Path, wanted: &HashSet<u64>, deadline: Instant) -> 
             (IPPROTO_TCP, StateFlags::all() - StateFlags::LISTEN - StateFlags::TIME_WAIT),
             (IPPROTO_UDP, StateFlags::ESTABLISHED),
         ] {
-            let matching: Vec<InetResponse> =
-                dump(&socket, family, protocol, states)?.into_iter().filter(|r| wanted.contains(&cookie_of(&r.header.socket_id))).collect();
+            let matching: Vec<InetResponse> = dump(&socket, family, protocol, states)?
+                .into_iter()
+                .filter(|r| wanted.contains(&cookie_of(&r.header.socket_id)))
+                .collect();
             for response in matching {
                 let cookie = cookie_of(&response.header.socket_id);
                 match destroy(&socket, family, protocol, response.header.socket_id) {
@@ -144,7 +146,10 @@ fn cookie_of(id: &SocketId) -> u64 {
 }
 
 fn set_receive_timeout(socket: &Socket, timeout: Duration) -> io::Result<()> {
-    let tv = libc::timeval { tv_sec: timeout.as_secs() as libc::time_t, tv_usec: timeout.subsec_micros() as libc::suseconds_t };
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
     let rc = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
@@ -161,10 +166,19 @@ fn set_receive_timeout(socket: &Socket, timeout: Duration) -> io::Result<()> {
 }
 
 fn request(family: u8, protocol: u8, states: StateFlags, socket_id: SocketId) -> SockDiagMessage {
-    SockDiagMessage::InetRequest(InetRequest { family, protocol, extensions: ExtensionFlags::empty(), states, socket_id })
+    SockDiagMessage::InetRequest(InetRequest {
+        family,
+        protocol,
+        extensions: ExtensionFlags::empty(),
+        states,
+        socket_id,
+    })
 }
 
-fn send<T: netlink_packet_core::NetlinkSerializable>(socket: &Socket, mut message: NetlinkMessage<T>) -> io::Result<()> {
+fn send<T: netlink_packet_core::NetlinkSerializable>(
+    socket: &Socket,
+    mut message: NetlinkMessage<T>,
+) -> io::Result<()> {
     message.finalize();
     let mut buffer = vec![0; message.buffer_len()];
     message.serialize(&mut buffer);

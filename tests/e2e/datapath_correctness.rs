@@ -59,12 +59,8 @@ fn rewrite_services(agent: &Agent, services: &str, expect: &[&str], gone: &[&str
     std::fs::write(&agent.config_path, format!("{head}{services}")).unwrap();
     wait_for("the config file change applied", Duration::from_secs(5), || {
         let (_, list) = agent.call("GET", "/v1/services", None);
-        let names: BTreeSet<String> = list["services"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["name"].as_str().unwrap().to_string())
-            .collect();
+        let names: BTreeSet<String> =
+            list["services"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap().to_string()).collect();
         expect.iter().all(|n| names.contains(*n)) && gone.iter().all(|n| !names.contains(*n))
     });
 }
@@ -214,7 +210,9 @@ fn config_edits_that_move_frontends_keep_them_steered() {
     // web -> www (same frontend); 127.1.0.2:80 moves from shop to aaa, which sorts first.
     rewrite_services(
         &lab.agent,
-        &(service("www", "\"127.1.0.1:80\"") + &service("aaa", "\"127.1.0.2:80\"") + &service("shop", "\"127.1.0.3:80\"")),
+        &(service("www", "\"127.1.0.1:80\"")
+            + &service("aaa", "\"127.1.0.2:80\"")
+            + &service("shop", "\"127.1.0.3:80\"")),
         &["www", "aaa", "shop"],
         &["web"],
     );
@@ -249,10 +247,12 @@ fn a_slow_restart_with_many_services_keeps_every_frontend_steered() {
         .collect();
     let mut lab = Lab::with_service(&services);
     let names = ["svc-0000", "svc-1500", "svc-2999"];
-    let revisions = |lab: &Lab| -> Vec<Value> { names.iter().map(|n| lab.agent.service(n)["revision"].clone()).collect() };
+    let revisions =
+        |lab: &Lab| -> Vec<Value> { names.iter().map(|n| lab.agent.service(n)["revision"].clone()).collect() };
     let before = revisions(&lab);
     let last = "127.3.11.183:80"; // svc-2999
-    let mut client = spawn_probe(lab.inside(), &["tcp", "--target", last, "--count", "10000000", "--max-seconds", "70"]);
+    let mut client =
+        spawn_probe(lab.inside(), &["tcp", "--target", last, "--count", "10000000", "--max-seconds", "70"]);
     std::thread::sleep(Duration::from_millis(500));
     lab.agent.stop_with(libc::SIGKILL);
     let started = Instant::now();
@@ -336,10 +336,14 @@ fn unconnected_udp_sockets_follow_the_weight_and_backend_changes() {
         for result in round.as_array().unwrap() {
             assert_eq!(result["from_target"], json!(true), "a reply not from the frontend: {round}");
         }
-        tags(&round).into_iter().map(|t| t.unwrap_or_else(|| panic!("a datagram got no reply: {round}"))).collect::<Vec<_>>()
+        tags(&round)
+            .into_iter()
+            .map(|t| t.unwrap_or_else(|| panic!("a datagram got no reply: {round}")))
+            .collect::<Vec<_>>()
     };
     let first = round(&mut sockets);
-    let canary_sockets: BTreeSet<usize> = first.iter().enumerate().filter(|(_, t)| *t == "canary").map(|(i, _)| i).collect();
+    let canary_sockets: BTreeSet<usize> =
+        first.iter().enumerate().filter(|(_, t)| *t == "canary").map(|(i, _)| i).collect();
     assert!(!canary_sockets.is_empty() && canary_sockets.len() < 40, "{first:?}");
     assert_eq!(round(&mut sockets), first, "nothing changed: every socket keeps its backend");
 
@@ -469,8 +473,11 @@ fn one_udp_socket_talking_to_several_frontends_gets_every_reply_translated() {
                     "b" => "127.1.0.82:53",
                     _ => "127.1.0.83:53",
                 };
-                let expected =
-                    if prefix.is_empty() { expected.to_string() } else { format!("[{prefix}{}", expected.replace(":53", "]:53")) };
+                let expected = if prefix.is_empty() {
+                    expected.to_string()
+                } else {
+                    format!("[{prefix}{}", expected.replace(":53", "]:53"))
+                };
                 assert_eq!(reply["from"], json!(expected), "the reply of {tag} must come from its frontend: {report}");
             }
         }
@@ -539,7 +546,8 @@ fn weight_zero_means_no_canary_in_any_family() {
          [\"10.0.1.5:8080\"]\ncanary = [\"10.0.2.7:8080\", \"[fd00::2:7]:8080\"]\n",
     )
     .unwrap();
-    let output = Command::new(built_binary("sockshift")).args(["agent", "--check", "--config"]).arg(&config).output().unwrap();
+    let output =
+        Command::new(built_binary("sockshift")).args(["agent", "--check", "--config"]).arg(&config).output().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     let text = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success() && text.contains("service[0] \"mixed\".stable"), "{text}");
@@ -733,7 +741,9 @@ fn pinned_links_and_maps_are_adopted_only_where_they_match() {
     lab.agent.stop_with(libc::SIGTERM);
     set_agent_key(&lab.agent, "steered_socket_capacity", "1024");
     let refusal = agent_refuses(&lab.agent);
-    for expected in ["SOCKETS_V1", "max entries is 262144", "needs 1024", "agent.steered_socket_capacity = 262144", "uninstall"] {
+    for expected in
+        ["SOCKETS_V1", "max entries is 262144", "needs 1024", "agent.steered_socket_capacity = 262144", "uninstall"]
+    {
         assert!(refusal.contains(expected), "the refusal should say {expected:?}:\n{refusal}");
     }
     let report = tcp_connects(place(&lab, &third), FRONTEND4, 100);
@@ -812,7 +822,8 @@ fn other_socket_load_balancers_are_reported_and_a_descendant_cgroup_runs_first()
     let child = Cgroup::under(&parent.path);
     // And one more on the child itself, attached before the agent.
     let child_path = child.path.display().to_string();
-    let mut neighbour = spawn_probe(Placement::default(), &["attach-foreign", "--cgroup", &child_path, "--name", "neighbour"]);
+    let mut neighbour =
+        spawn_probe(Placement::default(), &["attach-foreign", "--cgroup", &child_path, "--name", "neighbour"]);
     neighbour.wait_for_line("attached");
     let agent = Agent::start(
         &child,
@@ -830,7 +841,10 @@ fn other_socket_load_balancers_are_reported_and_a_descendant_cgroup_runs_first()
             .unwrap_or_else(|| panic!("{name} not reported: {foreign}"))
     };
     let other = find("other_lb");
-    assert_eq!((other["attached_to_cgroup"].clone(), other["runs_before_sockshift"].clone()), (json!(false), json!(false)));
+    assert_eq!(
+        (other["attached_to_cgroup"].clone(), other["runs_before_sockshift"].clone()),
+        (json!(false), json!(false))
+    );
     let neighbour_entry = find("neighbour");
     assert_eq!(neighbour_entry["attached_to_cgroup"], json!(true), "{neighbour_entry}");
     assert_eq!(neighbour_entry["runs_before_sockshift"], json!(true), "attached before sockshift: {neighbour_entry}");
@@ -898,8 +912,24 @@ fn srtt_skips_zero_samples_and_rtos_are_counted_per_connection() {
     in_netns(
         &lab.netns,
         &[
-            "iptables", "-A", "INPUT", "-p", "tcp", "--dport", "8002", "--syn", "-m", "statistic", "--mode", "nth",
-            "--every", "2", "--packet", "0", "-j", "DROP",
+            "iptables",
+            "-A",
+            "INPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            "8002",
+            "--syn",
+            "-m",
+            "statistic",
+            "--mode",
+            "nth",
+            "--every",
+            "2",
+            "--packet",
+            "0",
+            "-j",
+            "DROP",
         ],
     );
     let report = TcpReport {

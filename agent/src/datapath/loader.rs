@@ -160,13 +160,20 @@ pub fn load_object(options: &DatapathOptions) -> Result<Ebpf, DatapathError> {
     Ok(loader.load(EBPF_OBJECT)?)
 }
 
+/// What attaching found and did.
+pub struct Attached {
+    /// Each program's link outcome.
+    pub links: Vec<(&'static str, LinkOutcome)>,
+    pub foreign: Vec<ForeignProgram>,
+}
+
 /// Loads every program and makes the configured cgroup run it through a pinned link.
 pub fn attach_programs(
     ebpf: &mut Ebpf,
     options: &DatapathOptions,
-) -> Result<(Vec<(&'static str, LinkOutcome)>, Vec<ForeignProgram>), DatapathError> {
-    let cgroup_file = File::open(&options.cgroup)
-        .map_err(|source| DatapathError::Cgroup { path: options.cgroup.clone(), source })?;
+) -> Result<Attached, DatapathError> {
+    let cgroup_file =
+        File::open(&options.cgroup).map_err(|source| DatapathError::Cgroup { path: options.cgroup.clone(), source })?;
     let cgroup_id = crate::paths::cgroup_id(&options.cgroup)
         .map_err(|source| DatapathError::Cgroup { path: options.cgroup.clone(), source })?;
     let links_dir = options.bpffs.join("links");
@@ -174,7 +181,10 @@ pub fn attach_programs(
 
     let mut outcomes = Vec::new();
     let mut ours: BTreeMap<&'static str, (u32, u32)> = BTreeMap::new(); // program -> (hook, id)
-    let cgroup_link = |name: &'static str, hook_type: u32, program: OwnedFd, attach_new: &mut dyn FnMut() -> std::io::Result<FdLink>| {
+    let cgroup_link = |name: &'static str,
+                       hook_type: u32,
+                       program: OwnedFd,
+                       attach_new: &mut dyn FnMut() -> std::io::Result<FdLink>| {
         install_cgroup_link(&links_dir, name, hook_type, cgroup_id, program, attach_new)
     };
     for (name, hook_type) in SOCK_ADDR_PROGRAMS {
@@ -228,7 +238,7 @@ pub fn attach_programs(
     outcomes.push((name, outcome));
 
     let foreign = foreign_programs(cgroup_file.as_fd(), &ours);
-    Ok((outcomes, foreign))
+    Ok(Attached { links: outcomes, foreign })
 }
 
 /// Makes the link pinned at `<links_dir>/<name>` run `program` on `hook` of the cgroup
@@ -292,7 +302,10 @@ fn install_cgroup_link(
 }
 
 /// Programs that are not sockshift's on the hooks sockshift uses, for the configured cgroup.
-fn foreign_programs(cgroup: std::os::fd::BorrowedFd<'_>, ours: &BTreeMap<&'static str, (u32, u32)>) -> Vec<ForeignProgram> {
+fn foreign_programs(
+    cgroup: std::os::fd::BorrowedFd<'_>,
+    ours: &BTreeMap<&'static str, (u32, u32)>,
+) -> Vec<ForeignProgram> {
     let our_ids: HashSet<u32> = ours.values().map(|(_, id)| *id).collect();
     let mut found = Vec::new();
     for (name, (hook_type, our_id)) in ours {
@@ -330,7 +343,10 @@ fn foreign_programs(cgroup: std::os::fd::BorrowedFd<'_>, ours: &BTreeMap<&'stati
     let direct: HashSet<(u32, &'static str)> = ours
         .iter()
         .flat_map(|(name, (hook_type, _))| {
-            bpf_sys::attached_programs(cgroup, *hook_type).unwrap_or_default().into_iter().map(move |id| (id, hook_name(name)))
+            bpf_sys::attached_programs(cgroup, *hook_type)
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |id| (id, hook_name(name)))
         })
         .collect();
     for program in &mut found {
@@ -340,7 +356,37 @@ fn foreign_programs(cgroup: std::os::fd::BorrowedFd<'_>, ours: &BTreeMap<&'stati
     found
 }
 
-fn program_id(info: Result<aya::programs::ProgramInfo, ProgramError>, name: &'static str) -> Result<u32, DatapathError> {
+/// Removes the pinned datapath under `bpffs`: detaches every pinned link at once (the hooks are
+/// empty when this returns, not a moment later), unpins it, then removes the pinned maps.
+/// Returns the names of the links it detached.
+pub fn uninstall(bpffs: &Path) -> Result<Vec<String>, DatapathError> {
+    let links = bpffs.join("links");
+    let mut detached = Vec::new();
+    if links.exists() {
+        let entries =
+            std::fs::read_dir(&links).map_err(|source| DatapathError::Bpffs { path: links.clone(), source })?;
+        for entry in entries {
+            let path = entry.map_err(|source| DatapathError::Bpffs { path: links.clone(), source })?.path();
+            match bpf_sys::obj_get(&path) {
+                // A link type that cannot be detached by hand still goes with its pin.
+                Ok(link) => {
+                    let _ = bpf_sys::link_detach(link.as_fd());
+                }
+                Err(err) => log::warn!("{}: {err}", path.display()),
+            }
+            std::fs::remove_file(&path).map_err(|source| DatapathError::Bpffs { path: path.clone(), source })?;
+            detached.push(path.file_name().unwrap_or_default().to_string_lossy().into_owned());
+        }
+        std::fs::remove_dir(&links).map_err(|source| DatapathError::Bpffs { path: links.clone(), source })?;
+    }
+    std::fs::remove_dir_all(bpffs).map_err(|source| DatapathError::Bpffs { path: bpffs.to_owned(), source })?;
+    Ok(detached)
+}
+
+fn program_id(
+    info: Result<aya::programs::ProgramInfo, ProgramError>,
+    name: &'static str,
+) -> Result<u32, DatapathError> {
     info.map(|i| i.id()).map_err(|source| DatapathError::Program { name, source })
 }
 

@@ -31,15 +31,15 @@ use agent_common::{
     service_seed, v4_mapped, BackendKey, BackendValue, CohortKey, CounterKey, FrontendKey, FrontendValue, Settings,
     SideCounters, SideCountersV1, COHORT_ALWAYS_CANARY, COHORT_NEVER_CANARY, FAMILY_V4, FAMILY_V6,
     FLAG_AFFINITY_CLIENT, FLAG_HAS_COHORTS, MAP_BACKENDS, MAP_COHORTS, MAP_COUNTERS, MAP_COUNTERS_V1, MAP_FRONTENDS,
-    MAP_SETTINGS, MAP_SETTINGS_V1, MAP_SOCKETS, MAP_UDP_FLOWS, MAX_BACKEND_SLOTS, MAX_FRONTENDS,
-    MAX_SERVICES, MAX_STEERED_SOCKETS, SETTING_HOST_NETNS_ONLY, SIDE_CANARY, SIDE_STABLE,
+    MAP_SETTINGS, MAP_SETTINGS_V1, MAP_SOCKETS, MAP_UDP_FLOWS, MAX_BACKEND_SLOTS, MAX_FRONTENDS, MAX_SERVICES,
+    MAX_STEERED_SOCKETS, SETTING_HOST_NETNS_ONLY, SIDE_CANARY, SIDE_STABLE,
 };
 use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuHashMap, PerCpuValues},
     programs::ProgramError,
     BtfError, Ebpf, EbpfError,
 };
-pub use loader::{ForeignProgram, LinkOutcome};
+pub use loader::{uninstall, ForeignProgram, LinkOutcome};
 use registry::{Revisions, ServiceIds};
 pub use sockets::{Selection, Termination};
 
@@ -289,7 +289,7 @@ impl Datapath {
             .chain(cohort_table.keys().map(|k| k.service_id))
             .collect();
 
-        let (links, foreign) = loader::attach_programs(&mut ebpf, options)?;
+        let loader::Attached { links, foreign } = loader::attach_programs(&mut ebpf, options)?;
         // The new programs run now: maps only older programs used can go.
         for name in [MAP_COUNTERS_V1, MAP_SETTINGS_V1] {
             let pin = options.bpffs.join(name);
@@ -317,7 +317,11 @@ impl Datapath {
                 options.cgroup.display(),
                 program.name,
                 program.program_id,
-                if program.attached_to_cgroup { "attached to this cgroup" } else { "inherited from an ancestor cgroup" },
+                if program.attached_to_cgroup {
+                    "attached to this cgroup"
+                } else {
+                    "inherited from an ancestor cgroup"
+                },
                 if program.runs_before_sockshift { "before" } else { "after" },
             );
         }
@@ -475,7 +479,12 @@ impl Datapath {
                 new_slots += layout.len();
                 0 // written below, once the total is known to fit
             };
-            plans.push(Plan { spec: spec.clone(), id, value: FrontendValue { revision, ..Default::default() }, cohorts: Vec::new() });
+            plans.push(Plan {
+                spec: spec.clone(),
+                id,
+                value: FrontendValue { revision, ..Default::default() },
+                cohorts: Vec::new(),
+            });
         }
         let used: usize = self.revisions.values().map(Vec::len).sum();
         let free = (MAX_BACKEND_SLOTS as usize).saturating_sub(used);
@@ -578,9 +587,10 @@ impl Datapath {
         let revision = revision?;
         let pinned = start.revisions.get(&revision)?;
         let same = pinned.len() == layout.len()
-            && pinned.iter().zip(layout).all(|((pk, pv), (k, v))| {
-                (pk.side, pk.family, pk.index) == (k.side, k.family, k.index) && pv == v
-            });
+            && pinned
+                .iter()
+                .zip(layout)
+                .all(|((pk, pv), (k, v))| (pk.side, pk.family, pk.index) == (k.side, k.family, k.index) && pv == v);
         same.then_some(revision)
     }
 
@@ -792,7 +802,8 @@ fn insert_counters(
 ) -> Result<(), DatapathError> {
     let mut attempt = 0;
     loop {
-        let per_cpu = PerCpuValues::try_from(values.clone()).map_err(|err| map_err(MAP_COUNTERS)(MapError::from(err)))?;
+        let per_cpu =
+            PerCpuValues::try_from(values.clone()).map_err(|err| map_err(MAP_COUNTERS)(MapError::from(err)))?;
         match counters.insert(key, per_cpu, 0) {
             Ok(()) => return Ok(()),
             Err(MapError::SyscallError(err)) if err.io_error.raw_os_error() == Some(libc::ENOMEM) && attempt < 200 => {
@@ -817,8 +828,8 @@ fn migrate_counters_v1(
         return Ok(0);
     }
     let data = MapData::from_pin(&pin).map_err(|source| DatapathError::PinnedMap { path: pin.clone(), source })?;
-    let old: PerCpuHashMap<MapData, CounterKey, SideCountersV1> =
-        PerCpuHashMap::try_from(Map::PerCpuHashMap(data)).map_err(|source| DatapathError::PinnedMap { path: pin, source })?;
+    let old: PerCpuHashMap<MapData, CounterKey, SideCountersV1> = PerCpuHashMap::try_from(Map::PerCpuHashMap(data))
+        .map_err(|source| DatapathError::PinnedMap { path: pin, source })?;
     let mut migrated = 0;
     for (key, values) in old.iter().filter_map(Result::ok) {
         if counters.get(&key, 0).is_ok() {

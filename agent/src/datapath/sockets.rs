@@ -104,7 +104,11 @@ impl Terminator {
                             outcome.sockets,
                             outcome.not_found,
                             outcome.namespaces,
-                            if outcome.errors.is_empty() { String::new() } else { format!("; {}", outcome.errors.join("; ")) }
+                            if outcome.errors.is_empty() {
+                                String::new()
+                            } else {
+                                format!("; {}", outcome.errors.join("; "))
+                            }
                         );
                     }
                     if let Some(reply) = job.outcome {

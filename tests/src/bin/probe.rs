@@ -219,7 +219,8 @@ fn main() {
                         let mut count = 0;
                         for fd in open.iter().filter(|(t, _)| t == tag).map(|(_, fd)| *fd) {
                             // connect(AF_UNSPEC) disconnects a TCP socket, with a reset to the peer.
-                            let unspec = libc::sockaddr { sa_family: libc::AF_UNSPEC as libc::sa_family_t, sa_data: [0; 14] };
+                            let unspec =
+                                libc::sockaddr { sa_family: libc::AF_UNSPEC as libc::sa_family_t, sa_data: [0; 14] };
                             unsafe {
                                 libc::connect(fd, &unspec, std::mem::size_of::<libc::sockaddr>() as libc::socklen_t)
                             };
@@ -384,7 +385,9 @@ fn main() {
             let mut buf = [0u8; 1500];
             for _ in &targets {
                 match socket.recv_from(&mut buf) {
-                    Ok((n, from)) => replies.push(json!({ "from": from.to_string(), "tag": String::from_utf8_lossy(&buf[..n]) })),
+                    Ok((n, from)) => {
+                        replies.push(json!({ "from": from.to_string(), "tag": String::from_utf8_lossy(&buf[..n]) }))
+                    }
                     Err(err) => *errors.entry(format!("{:?}", err.kind())).or_default() += 1,
                 }
             }
@@ -510,7 +513,9 @@ fn udp_session(target: SocketAddr, count: u32, connected: bool) {
                         socket.send_to(b"q", target).and_then(|_| socket.recv_from(&mut buf))
                     };
                     results.push(match exchange {
-                        Ok((n, from)) => json!({ "tag": String::from_utf8_lossy(&buf[..n]), "from_target": from == target }),
+                        Ok((n, from)) => {
+                            json!({ "tag": String::from_utf8_lossy(&buf[..n]), "from_target": from == target })
+                        }
                         Err(err) => json!({ "error": format!("{:?}", err.kind()), "errno": err.raw_os_error() }),
                     });
                 }
