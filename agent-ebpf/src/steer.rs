@@ -216,6 +216,11 @@ fn record_socket(ctx: &SockAddrContext, cookie: u64, settings: &Settings, mut en
         if let Some(count) = NETNS_SOCKETS.get_ptr_mut(netns_bucket(netns)) {
             // Signed: a count raced below zero reads as zero, never as a full namespace.
             if unsafe { core::ptr::read_volatile(count) } as i64 >= settings.sockets_per_netns as i64 {
+                // A socket connecting again must not keep its old record (another service's or
+                // side's, which would be charged with this connection).
+                if let Some(old) = unsafe { SOCKETS.get(cookie) }.copied() {
+                    forget_socket(cookie, &old, || netns, |_| {});
+                }
                 return Recorded::NetnsFull;
             }
             entry.flags |= SOCKET_NETNS_COUNTED;

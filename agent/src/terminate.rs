@@ -6,13 +6,15 @@
 //! sock_diag sees the sockets of the network namespace it is asked in. The steered clients live
 //! in the cgroup the agent attaches to, each in its own namespace (a pod's), so a worker thread
 //! enters (setns) each namespace that a process of that cgroup tree is in, lists its TCP and UDP
-//! sockets, and destroys those whose cookie was chosen; a cookie is unique on the host, so a
-//! socket is never mistaken for another. The agent needs to see those processes (hostPID in a
+//! sockets, and destroys those whose cookie was chosen and that are still connected to the
+//! backend they were steered to; a cookie is unique on the host, so a socket is never mistaken
+//! for another. The agent needs to see those processes (hostPID in a
 //! DaemonSet).
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap},
     io,
+    net::{IpAddr, SocketAddr as InetAddr},
     os::{
         fd::{AsFd, AsRawFd},
         unix::fs::MetadataExt,
@@ -67,15 +69,16 @@ fn namespaces_of_cgroup(cgroup: &Path) -> BTreeMap<u64, PathBuf> {
     namespaces
 }
 
-/// Destroys the sockets whose cookies are `cookies`, searching the namespaces of `cgroup`'s
-/// processes, until all are found or `timeout` has passed.
-pub fn destroy_sockets(cgroup: &Path, cookies: &HashSet<u64>, timeout: Duration) -> Destroyed {
+/// Destroys the sockets whose cookies are keys of `chosen` and whose peer is still the address
+/// given there, searching the namespaces of `cgroup`'s processes, until all are found or
+/// `timeout` has passed.
+pub fn destroy_sockets(cgroup: &Path, chosen: &HashMap<u64, InetAddr>, timeout: Duration) -> Destroyed {
     let mut outcome = Destroyed::default();
-    if cookies.is_empty() {
+    if chosen.is_empty() {
         return outcome;
     }
     let deadline = Instant::now() + timeout;
-    let mut left = cookies.clone();
+    let mut left = chosen.clone();
     for (_, ns) in namespaces_of_cgroup(cgroup) {
         if left.is_empty() {
             break;
@@ -104,9 +107,9 @@ pub fn destroy_sockets(cgroup: &Path, cookies: &HashSet<u64>, timeout: Duration)
     outcome
 }
 
-/// In namespace `ns`: destroys the TCP and UDP sockets whose cookies are in `wanted`; returns
-/// their cookies.
-fn destroy_in_namespace(ns: &Path, wanted: &HashSet<u64>, deadline: Instant) -> io::Result<Vec<u64>> {
+/// In namespace `ns`: destroys the TCP and UDP sockets chosen in `wanted` (by cookie, with their
+/// peer); returns their cookies.
+fn destroy_in_namespace(ns: &Path, wanted: &HashMap<u64, InetAddr>, deadline: Instant) -> io::Result<Vec<u64>> {
     let file = std::fs::File::open(ns)?;
     nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
     let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
@@ -122,7 +125,10 @@ fn destroy_in_namespace(ns: &Path, wanted: &HashSet<u64>, deadline: Instant) -> 
         ] {
             let matching: Vec<InetResponse> = dump(&socket, family, protocol, states)?
                 .into_iter()
-                .filter(|r| wanted.contains(&cookie_of(&r.header.socket_id)))
+                .filter(|r| {
+                    let id = &r.header.socket_id;
+                    wanted.get(&cookie_of(id)).is_some_and(|peer| same_peer(id, peer))
+                })
                 .collect();
             for response in matching {
                 let cookie = cookie_of(&response.header.socket_id);
@@ -136,6 +142,15 @@ fn destroy_in_namespace(ns: &Path, wanted: &HashSet<u64>, deadline: Instant) -> 
         }
     }
     Ok(destroyed)
+}
+
+/// Whether a listed socket's peer is `peer` (an IPv6 socket lists a v4-mapped peer).
+fn same_peer(id: &SocketId, peer: &InetAddr) -> bool {
+    let canonical = |ip: IpAddr| match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    id.destination_port == peer.port() && canonical(id.destination_address) == canonical(peer.ip())
 }
 
 /// The cookie the kernel reports, as two native-endian 32-bit halves (low first), as a u64.
@@ -235,6 +250,16 @@ fn destroy(socket: &Socket, family: u8, protocol: u8, socket_id: SocketId) -> io
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_v4_mapped_peer_is_the_ipv4_backend() {
+        let mut id = SocketId::new_v6();
+        id.destination_address = "::ffff:10.0.0.7".parse().unwrap();
+        id.destination_port = 53;
+        assert!(same_peer(&id, &"10.0.0.7:53".parse().unwrap()));
+        assert!(!same_peer(&id, &"10.0.0.7:54".parse().unwrap()));
+        assert!(!same_peer(&id, &"10.0.0.8:53".parse().unwrap()));
+    }
 
     #[test]
     fn cookie_halves_are_low_then_high() {

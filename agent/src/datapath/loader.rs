@@ -168,10 +168,7 @@ pub struct Attached {
 }
 
 /// Loads every program and makes the configured cgroup run it through a pinned link.
-pub fn attach_programs(
-    ebpf: &mut Ebpf,
-    options: &DatapathOptions,
-) -> Result<Attached, DatapathError> {
+pub fn attach_programs(ebpf: &mut Ebpf, options: &DatapathOptions) -> Result<Attached, DatapathError> {
     let cgroup_file =
         File::open(&options.cgroup).map_err(|source| DatapathError::Cgroup { path: options.cgroup.clone(), source })?;
     let cgroup_id = crate::paths::cgroup_id(&options.cgroup)

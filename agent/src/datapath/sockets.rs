@@ -3,15 +3,15 @@
 //! waits for it.
 
 use std::{
-    collections::HashSet,
-    net::SocketAddr,
+    collections::{HashMap, HashSet},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     sync::mpsc::{channel, Receiver, Sender},
     time::Duration,
 };
 
-use agent_common::{SocketEntry, SOCKET_UDP};
-use aya::maps::{HashMap, MapData};
+use agent_common::{is_v4_mapped, SocketEntry, SOCKET_UDP};
+use aya::maps::{HashMap as BpfHashMap, MapData};
 
 use super::{addr_words, TERMINATION_TIMEOUT};
 use crate::terminate::{destroy_sockets, Destroyed};
@@ -56,6 +56,21 @@ impl Selection {
     }
 }
 
+/// The backend a record says its socket was steered to.
+fn backend_of(entry: &SocketEntry) -> SocketAddr {
+    let mut octets = [0u8; 16];
+    for (i, word) in entry.backend_addr_be.iter().enumerate() {
+        octets[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    let v6 = Ipv6Addr::from(octets);
+    let ip = if is_v4_mapped(&entry.backend_addr_be) {
+        IpAddr::V4(v6.to_ipv4_mapped().expect("v4-mapped"))
+    } else {
+        IpAddr::V6(v6)
+    };
+    SocketAddr::new(ip, u16::from_be(entry.backend_port_be))
+}
+
 /// A termination under way; `wait` gives its outcome.
 pub struct Termination {
     outcome: Receiver<Destroyed>,
@@ -82,20 +97,22 @@ pub struct Terminator {
 }
 
 impl Terminator {
-    pub fn start(cgroup: PathBuf, sockets: HashMap<MapData, u64, SocketEntry>) -> Self {
+    pub fn start(cgroup: PathBuf, sockets: BpfHashMap<MapData, u64, SocketEntry>) -> Self {
         let (jobs, queue) = channel::<Job>();
         std::thread::Builder::new()
             .name("sockshift-terminate".into())
             .spawn(move || {
                 // Ends when the Datapath (the only sender) is dropped.
                 for job in queue {
-                    let cookies: HashSet<u64> = sockets
+                    // Each chosen socket with the backend it was steered to: a socket now
+                    // connected elsewhere (a UDP socket that connected again) is left alone.
+                    let chosen: HashMap<u64, SocketAddr> = sockets
                         .iter()
                         .filter_map(Result::ok)
                         .filter(|(_, entry)| job.selection.matches(entry))
-                        .map(|(cookie, _)| cookie)
+                        .map(|(cookie, entry)| (cookie, backend_of(&entry)))
                         .collect();
-                    let outcome = destroy_sockets(&cgroup, &cookies, TERMINATION_TIMEOUT);
+                    let outcome = destroy_sockets(&cgroup, &chosen, TERMINATION_TIMEOUT);
                     if outcome.sockets > 0 || !outcome.errors.is_empty() || outcome.not_found > 0 {
                         log::info!(
                             "service id {}: destroyed {} steered sockets ({} chosen ones not found, searched {} \
@@ -146,6 +163,14 @@ mod tests {
             side,
             flags: if udp { SOCKET_UDP } else { 0 },
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_record_gives_back_its_backend() {
+        for backend in ["10.0.0.2:53", "[fd00::7]:8080"] {
+            let backend: SocketAddr = backend.parse().unwrap();
+            assert_eq!(backend_of(&entry(1, 0, &backend.to_string(), true)), backend);
         }
     }
 
