@@ -334,7 +334,8 @@ impl Agent {
         }
         let child = command.spawn().expect("spawn sockshift agent");
         self.process = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(if procs.is_some() { 90 } else { 30 });
+        // Generous: 65,536 services take a debug build half a minute to install on a loaded machine.
+        let deadline = Instant::now() + Duration::from_secs(if procs.is_some() { 120 } else { 60 });
         while Instant::now() < deadline {
             if let Ok(r) = agent::client::request(self.api, None, "GET", "/healthz", None) {
                 if r.status == 200 {

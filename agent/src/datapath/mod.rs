@@ -466,8 +466,12 @@ impl Datapath {
                 Some(i) if i.spec.stable == spec.stable && i.spec.canary == spec.canary => (i.id, i.value.revision),
                 Some(i) => (i.id, 0), // new backends: a new revision
                 None => {
-                    let id = self.id_for_new(spec)?;
-                    undo.ids.push(id);
+                    let (id, claimed) = self.id_for_new(spec)?;
+                    if claimed {
+                        undo.claimed.push(id);
+                    } else {
+                        undo.ids.push(id);
+                    }
                     (id, 0)
                 }
             };
@@ -558,16 +562,18 @@ impl Datapath {
     /// An id for a service this run has not installed yet: the one an earlier run gave it (its
     /// frontends carried it, with the seed of its name) if that is still unclaimed, else a free
     /// one. Never an id that pinned state or open sockets of another service still use.
-    fn id_for_new(&mut self, spec: &ServiceSpec) -> Result<u32, DatapathError> {
+    /// `true` with an id claimed from pinned state.
+    fn id_for_new(&mut self, spec: &ServiceSpec) -> Result<(u32, bool), DatapathError> {
         let seed = service_seed(spec.name.as_bytes());
         for key in frontend_keys(spec) {
             if let Some(value) = self.frontend_table.get(&key) {
                 if value.seed == seed && self.ids.claim(value.service_id) {
-                    return Ok(value.service_id);
+                    return Ok((value.service_id, true));
                 }
             }
         }
-        self.ids.allocate().ok_or(DatapathError::TooManyServices { draining: self.ids.draining() })
+        let id = self.ids.allocate().ok_or(DatapathError::TooManyServices { draining: self.ids.draining() })?;
+        Ok((id, false))
     }
 
     /// At the first sync of a run: the pinned revision this service's frontends all point at, if
@@ -634,6 +640,9 @@ impl Datapath {
         }
         for id in undo.ids {
             self.ids.unallocate(id);
+        }
+        for id in undo.claimed {
+            self.ids.unclaim(id);
         }
     }
 
@@ -790,6 +799,8 @@ struct Plan {
 #[derive(Default)]
 struct Undo {
     ids: Vec<u32>,
+    /// Ids claimed from pinned state: they go back to being pinned.
+    claimed: Vec<u32>,
     revisions: Vec<u32>,
     counters: Vec<CounterKey>,
     cohorts: Vec<(CohortKey, Option<u32>)>,

@@ -62,6 +62,12 @@ impl ServiceIds {
         self.in_use.remove(&id);
     }
 
+    /// Gives back a claimed id (a change that failed): pinned state still uses it.
+    pub fn unclaim(&mut self, id: u32) {
+        self.in_use.remove(&id);
+        self.pinned.insert(id);
+    }
+
     /// A service is gone: its id drains from `now`.
     pub fn release(&mut self, id: u32, now: Instant) {
         self.in_use.remove(&id);
@@ -132,6 +138,9 @@ mod tests {
         assert_eq!(ids.allocate(), None, "0 and 3 stay reserved until claimed or drained");
         assert!(ids.claim(3));
         assert!(!ids.claim(3), "claimed once");
+        ids.unclaim(3);
+        assert_eq!(ids.allocate(), None, "a failed change gives a claimed id back to pinned state");
+        assert!(ids.claim(3));
         ids.drain_unclaimed(Instant::now());
         assert!(ids.is_draining(0));
         assert_eq!(ids.allocate(), None, "a draining id is not free");
