@@ -55,8 +55,11 @@ pub const fn side_for_bucket(bucket: u32, canary_ppm: u32) -> u8 {
 
 /// Picks the side for one connection, or `None` to leave it untouched.
 ///
-/// `cohort` is the client's override (COHORT_*), applied before the hash. A side with no backends
-/// in `family` sends everything to the other side; no backends at all leaves the connection alone.
+/// `cohort` is the client's override (COHORT_*), applied before the hash. When the canary has no
+/// backend in `family`, its share goes to stable. The reverse never happens: a connection the
+/// weight (or a `never` cohort) gives to stable is never sent to the canary, so weight 0 and the
+/// kill switch mean no canary traffic at all; if stable has no backend in `family` the connection
+/// is left untouched (the agent refuses such configurations, so this is a last line of defence).
 #[inline(always)]
 pub fn pick_side(frontend: &FrontendValue, family: u8, split_key: u64, cohort: u32) -> Option<u8> {
     let stable = frontend.backend_count(SIDE_STABLE, family);
@@ -69,9 +72,9 @@ pub fn pick_side(frontend: &FrontendValue, family: u8, split_key: u64, cohort: u
         side_for_bucket(split_bucket(split_key, frontend.seed), frontend.canary_ppm)
     };
     match (wanted, stable, canary) {
-        (_, 0, 0) => None,
+        (SIDE_STABLE, 0, _) => None,
+        (SIDE_CANARY, 0, 0) => None,
         (SIDE_CANARY, _, 0) => Some(SIDE_STABLE),
-        (SIDE_STABLE, 0, _) => Some(SIDE_CANARY),
         (side, _, _) => Some(side),
     }
 }
@@ -81,6 +84,12 @@ pub fn pick_side(frontend: &FrontendValue, family: u8, split_key: u64, cohort: u
 #[inline(always)]
 pub const fn backend_index(socket_cookie: u64, seed: u32, count: u16) -> u16 {
     hash_into(socket_cookie, !seed, count as u32) as u16
+}
+
+/// The NETNS_SOCKETS bucket a network namespace (by cookie) counts its socket records in.
+#[inline(always)]
+pub const fn netns_bucket(netns_cookie: u64) -> u32 {
+    hash_into(netns_cookie, 0x6e65_746e, crate::maps::NETNS_BUCKETS)
 }
 
 /// Family of a destination given the stored (possibly v4-mapped) address.
@@ -190,10 +199,21 @@ mod tests {
     }
 
     #[test]
-    fn empty_side_sends_everything_to_the_other() {
+    fn a_canary_without_backends_sends_its_share_to_stable() {
         assert_eq!(pick_side(&frontend(PPM_MAX, 2, 0), FAMILY_V4, 7, 0), Some(SIDE_STABLE));
-        assert_eq!(pick_side(&frontend(0, 0, 2), FAMILY_V4, 7, 0), Some(SIDE_CANARY));
         assert_eq!(pick_side(&frontend(500_000, 0, 0), FAMILY_V4, 7, 0), None);
+        assert_eq!(pick_side(&frontend(PPM_MAX, 0, 0), FAMILY_V4, 7, COHORT_ALWAYS_CANARY), None);
+    }
+
+    #[test]
+    fn weight_zero_and_never_cohorts_never_give_the_canary_even_without_stable_backends() {
+        for key in 0..10_000u64 {
+            assert_eq!(pick_side(&frontend(0, 0, 2), FAMILY_V4, key, 0), None);
+            assert_eq!(pick_side(&frontend(PPM_MAX, 0, 2), FAMILY_V6, key, COHORT_NEVER_CANARY), None);
+            let half = pick_side(&frontend(500_000, 0, 2), FAMILY_V4, key, 0);
+            assert_ne!(half, Some(SIDE_STABLE), "key {key}");
+        }
+        assert_eq!(pick_side(&frontend(PPM_MAX, 0, 2), FAMILY_V4, 7, 0), Some(SIDE_CANARY));
     }
 
     #[test]
@@ -215,6 +235,13 @@ mod tests {
             assert!((9_000..11_000).contains(&count), "uneven spread {seen:?}");
         }
         assert_eq!(backend_index(5, 1, 1), 0);
+    }
+
+    #[test]
+    fn netns_buckets_spread_sequential_cookies() {
+        let buckets: std::collections::BTreeSet<u32> = (1..=1_000u64).map(netns_bucket).collect();
+        assert!(buckets.len() > 990, "{} distinct buckets for 1000 namespaces", buckets.len());
+        assert!(buckets.iter().all(|b| *b < crate::maps::NETNS_BUCKETS));
     }
 
     #[test]

@@ -11,7 +11,9 @@
 #![no_std]
 
 pub mod decision;
+pub mod lifecycle;
 pub mod maps;
 
 pub use decision::*;
+pub use lifecycle::*;
 pub use maps::*;

@@ -10,14 +10,24 @@ use bytemuck::{Pod, Zeroable};
 pub const MAP_FRONTENDS: &str = "FRONTENDS_V1";
 /// (revision, side, family, index) -> backend address.
 pub const MAP_BACKENDS: &str = "BACKENDS_V1";
-/// Socket cookie -> what a steered socket was translated from and to.
+/// Socket cookie -> what a steered socket (TCP, or UDP that connected) was translated from and to.
 pub const MAP_SOCKETS: &str = "SOCKETS_V1";
+/// (socket cookie, slot) -> one reply translation of an unconnected UDP socket.
+pub const MAP_UDP_FLOWS: &str = "UDP_FLOWS_V1";
+/// Network namespace bucket -> SOCKETS records its sockets hold (the per-namespace bound).
+pub const MAP_NETNS_SOCKETS: &str = "NETNS_SOCKETS_V1";
 /// (service id, side) -> per-CPU counters.
 pub const MAP_COUNTERS: &str = "COUNTERS_V2";
 /// (client cgroup id, service id) -> cohort override.
 pub const MAP_COHORTS: &str = "COHORTS_V1";
 /// Single slot of node-wide settings the agent writes at start.
-pub const MAP_SETTINGS: &str = "SETTINGS_V1";
+pub const MAP_SETTINGS: &str = "SETTINGS_V2";
+
+/// Maps an earlier agent pinned under names this one no longer uses. The agent reads what it
+/// still needs from them (COUNTERS_V1: the counts of every service) and unpins them once its own
+/// programs run.
+pub const MAP_COUNTERS_V1: &str = "COUNTERS_V1";
+pub const MAP_SETTINGS_V1: &str = "SETTINGS_V1";
 
 /// Most services the datapath holds (frontends may be several per service).
 pub const MAX_SERVICES: u32 = 65_536;
@@ -27,8 +37,17 @@ pub const MAX_FRONTENDS: u32 = 4 * MAX_SERVICES;
 pub const MAX_BACKENDS_PER_SIDE: u32 = 1_024;
 /// Backend slots in the kernel: every backend of every live and retiring revision.
 pub const MAX_BACKEND_SLOTS: u32 = 1 << 20;
-/// Steered sockets open at the same time (TCP and UDP).
+/// Default size of the socket table: steered TCP and connected UDP sockets open at the same
+/// time (`agent.steered_socket_capacity`). Also the default size of the UDP flow table.
 pub const MAX_STEERED_SOCKETS: u32 = 1 << 18;
+/// Buckets of the per-namespace socket count: a namespace counts in bucket
+/// `netns_bucket(cookie)`. Two namespaces share a bound only if they share a bucket (one pair in
+/// 65,536), and an array needs no upkeep as namespaces come and go.
+pub const NETNS_BUCKETS: u32 = 65_536;
+/// Reply translations kept per unconnected UDP socket: one per backend it sent to (musl's
+/// resolver sends every query to up to 3 nameservers from one socket), the oldest replaced
+/// first when a socket has talked to more.
+pub const UDP_FLOW_SLOTS: u32 = 4;
 /// Cohort override entries across all services.
 pub const MAX_COHORT_ENTRIES: u32 = 65_536;
 /// Deepest cgroup level at which a cohort override is looked for.
@@ -121,9 +140,11 @@ pub struct BackendValue {
 }
 const _: () = assert!(core::mem::size_of::<BackendValue>() == 20);
 
-/// Value of SOCKETS (key: socket cookie). Written by connect/sendmsg when they steer, read by
-/// recvmsg/getpeername (reverse translation) and sock_ops (health attribution), deleted by
-/// sock_release so that the map holds only open sockets.
+/// Value of SOCKETS (key: socket cookie). Written by connect4/6 when they steer (TCP, and UDP
+/// sockets that connect), read by recvmsg/getpeername (reverse translation) and sock_ops (health
+/// attribution). Deleted when the kernel closes a TCP socket (sock_ops sees it reach CLOSE, which
+/// for a socket the application closed happens after sock_release), else by sock_release, so the
+/// map holds only open sockets.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct SocketEntry {
@@ -142,6 +163,46 @@ const _: () = assert!(core::mem::size_of::<SocketEntry>() == 44);
 /// `SocketEntry::flags`: the TCP connection reached ESTABLISHED, so a reset from now on is a
 /// reset of an established connection (not a refused attempt).
 pub const SOCKET_ESTABLISHED: u16 = 1 << 0;
+/// `SocketEntry::flags`: sock_ops will be told when the kernel closes this TCP socket (state
+/// callbacks are on), so the record outlives sock_release until then and is deleted there.
+pub const SOCKET_ARMED: u16 = 1 << 1;
+/// `SocketEntry::flags`: the application released (closed) the socket; a connection attempt
+/// that ends after this was given up by the client, not failed by the network.
+pub const SOCKET_RELEASED: u16 = 1 << 2;
+/// `SocketEntry::flags`: a UDP socket that connected (it keeps its backend, like TCP).
+pub const SOCKET_UDP: u16 = 1 << 3;
+/// `SocketEntry::flags`: the connection had a retransmission timeout (counted once per
+/// connection in `rto_connections`).
+pub const SOCKET_HAD_RTO: u16 = 1 << 4;
+/// `SocketEntry::flags`: the record is counted in NETNS_SOCKETS for the socket's namespace.
+pub const SOCKET_NETNS_COUNTED: u16 = 1 << 5;
+
+/// Key of UDP_FLOWS: slot 0..UDP_FLOW_SLOTS of one unconnected UDP socket. Slots fill from 0 up,
+/// so a lookup stops at the first empty slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct UdpFlowKey {
+    pub cookie: u64,
+    pub slot: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<UdpFlowKey>() == 16);
+
+/// Value of UDP_FLOWS: a datagram to `frontend` was sent to `backend`, so a reply from `backend`
+/// is shown as coming from `frontend`. Written by sendmsg4/6, read by recvmsg4/6, deleted by
+/// sock_release; an LRU map, so a flood of sockets evicts the least recently used flows instead
+/// of failing (a live socket records its flow again with its next datagram).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct UdpFlow {
+    pub frontend_addr_be: [u32; 4],
+    pub backend_addr_be: [u32; 4],
+    pub frontend_port_be: u16,
+    pub backend_port_be: u16,
+    /// Slot 0 only: slots written so far; the next new flow goes to `written % UDP_FLOW_SLOTS`.
+    pub written: u32,
+}
+const _: () = assert!(core::mem::size_of::<UdpFlow>() == 40);
 
 /// Key of COUNTERS.
 #[repr(C)]
@@ -162,24 +223,39 @@ pub struct SideCounters {
     pub datagrams_steered: u64,
     /// TCP connections that reached ESTABLISHED.
     pub established: u64,
-    /// TCP connection attempts that never established (refused, timed out, reset in SYN_SENT).
+    /// TCP connection attempts the kernel ended before ESTABLISHED (refused, reset in SYN_SENT,
+    /// unreachable, or timed out by the kernel) while the application still held the socket.
     pub failed_attempts: u64,
+    /// TCP connection attempts the client gave up (closed the socket in SYN_SENT: a connect
+    /// timeout, a cancelled request). A canary that drops SYNs shows up here.
+    pub abandoned_attempts: u64,
     /// Established TCP connections closed by a reset.
     pub resets: u64,
     /// Retransmission timeouts.
     pub rto: u64,
-    /// Sum and count of smoothed RTT samples, microseconds.
+    /// TCP connections that had at least one retransmission timeout.
+    pub rto_connections: u64,
+    /// Sum and count of non-zero smoothed RTT samples, microseconds: one at establishment (the
+    /// handshake) and one when the connection closes (its whole life).
     pub srtt_sum_us: u64,
     pub srtt_samples: u64,
+    /// The at-close part of the above.
+    pub srtt_close_sum_us: u64,
+    pub srtt_close_samples: u64,
+    /// Socket records created and deleted (TCP and connected UDP): the difference is the open
+    /// steered sockets still attributed to this service.
+    pub socket_records_opened: u64,
+    pub socket_records_closed: u64,
+    /// Steered without a socket record because the socket table was full: the connection goes to
+    /// its backend, but `getpeername()` shows the backend and its health is not counted.
+    pub socket_table_full: u64,
+    /// Steered without a socket record because the client's network namespace holds its share of
+    /// the table (`agent.steered_sockets_per_netns`); otherwise as `socket_table_full`.
+    pub socket_netns_full: u64,
     /// Fail-open: the chosen backend slot was missing (a revision being retired).
     pub fail_open_backend_missing: u64,
-    /// Fail-open: the socket table was full, so the connection was left untouched.
-    pub fail_open_socket_table_full: u64,
-    /// TCP connection attempts the client closed while still in SYN_SENT (its connect timeout
-    /// fired before the kernel's): failures that never reach `failed_attempts`.
-    pub abandoned_attempts: u64,
 }
-const _: () = assert!(core::mem::size_of::<SideCounters>() == 88);
+const _: () = assert!(core::mem::size_of::<SideCounters>() == 136);
 
 impl SideCounters {
     /// Adds another CPU's counters.
@@ -188,13 +264,61 @@ impl SideCounters {
         self.datagrams_steered += other.datagrams_steered;
         self.established += other.established;
         self.failed_attempts += other.failed_attempts;
+        self.abandoned_attempts += other.abandoned_attempts;
         self.resets += other.resets;
         self.rto += other.rto;
+        self.rto_connections += other.rto_connections;
         self.srtt_sum_us += other.srtt_sum_us;
         self.srtt_samples += other.srtt_samples;
+        self.srtt_close_sum_us += other.srtt_close_sum_us;
+        self.srtt_close_samples += other.srtt_close_samples;
+        self.socket_records_opened += other.socket_records_opened;
+        self.socket_records_closed += other.socket_records_closed;
+        self.socket_table_full += other.socket_table_full;
+        self.socket_netns_full += other.socket_netns_full;
         self.fail_open_backend_missing += other.fail_open_backend_missing;
-        self.fail_open_socket_table_full += other.fail_open_socket_table_full;
-        self.abandoned_attempts += other.abandoned_attempts;
+    }
+
+    /// Steered sockets whose records are still open (summed over CPUs first: a record is often
+    /// created on one CPU and deleted on another).
+    pub fn open_socket_records(&self) -> u64 {
+        self.socket_records_opened.saturating_sub(self.socket_records_closed)
+    }
+}
+
+/// Value of COUNTERS_V1, the layout agents before COUNTERS_V2 wrote; read once at an upgrade so
+/// that every service's counts carry on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SideCountersV1 {
+    pub connections_steered: u64,
+    pub datagrams_steered: u64,
+    pub established: u64,
+    pub failed_attempts: u64,
+    pub resets: u64,
+    pub rto: u64,
+    pub srtt_sum_us: u64,
+    pub srtt_samples: u64,
+    pub fail_open_backend_missing: u64,
+    pub fail_open_socket_table_full: u64,
+}
+const _: () = assert!(core::mem::size_of::<SideCountersV1>() == 80);
+
+impl From<SideCountersV1> for SideCounters {
+    fn from(v1: SideCountersV1) -> Self {
+        SideCounters {
+            connections_steered: v1.connections_steered,
+            datagrams_steered: v1.datagrams_steered,
+            established: v1.established,
+            failed_attempts: v1.failed_attempts,
+            resets: v1.resets,
+            rto: v1.rto,
+            srtt_sum_us: v1.srtt_sum_us,
+            srtt_samples: v1.srtt_samples,
+            fail_open_backend_missing: v1.fail_open_backend_missing,
+            socket_table_full: v1.fail_open_socket_table_full,
+            ..Default::default()
+        }
     }
 }
 
@@ -215,8 +339,17 @@ const _: () = assert!(core::mem::size_of::<CohortKey>() == 16);
 pub struct Settings {
     /// Cookie of the host network namespace: clients in it are told apart by cgroup instead.
     pub host_netns_cookie: u64,
+    /// Most SOCKETS records one network namespace may hold; further sockets of that namespace
+    /// are steered without a record (`socket_netns_full`). 0: no bound.
+    pub sockets_per_netns: u32,
+    /// SETTING_* bits.
+    pub flags: u32,
 }
-const _: () = assert!(core::mem::size_of::<Settings>() == 8);
+const _: () = assert!(core::mem::size_of::<Settings>() == 16);
+
+/// `Settings::flags`: steer only sockets of the host network namespace (hostNetwork pods and
+/// node processes), leaving pod namespaces alone, for nodes whose pods run a sidecar mesh.
+pub const SETTING_HOST_NETNS_ONLY: u32 = 1 << 0;
 
 #[cfg(feature = "user")]
 mod user {
@@ -226,8 +359,11 @@ mod user {
     unsafe impl aya::Pod for super::BackendKey {}
     unsafe impl aya::Pod for super::BackendValue {}
     unsafe impl aya::Pod for super::SocketEntry {}
+    unsafe impl aya::Pod for super::UdpFlowKey {}
+    unsafe impl aya::Pod for super::UdpFlow {}
     unsafe impl aya::Pod for super::CounterKey {}
     unsafe impl aya::Pod for super::SideCounters {}
+    unsafe impl aya::Pod for super::SideCountersV1 {}
     unsafe impl aya::Pod for super::CohortKey {}
     unsafe impl aya::Pod for super::Settings {}
 }

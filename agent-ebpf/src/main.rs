@@ -3,6 +3,9 @@
 //! untouched (fail open), and the reason is counted, never logged.
 #![no_std]
 #![no_main]
+// atomic_xadd: the one atomic add the BPF target offers (see steer::atomic_add).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod connect;
 mod maps;

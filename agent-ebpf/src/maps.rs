@@ -1,14 +1,16 @@
 //! Every map the programs use, declared once. All are pinned by name under the agent's bpffs
 //! directory so that an agent restart finds the same maps (and the sockets' state in them).
+//! The agent checks each pinned map against these definitions before it adopts it.
 
 use agent_common::{
     BackendKey, BackendValue, CohortKey, CounterKey, FrontendKey, FrontendValue, Settings, SideCounters, SocketEntry,
-    MAX_BACKEND_SLOTS, MAX_COHORT_ENTRIES, MAX_FRONTENDS, MAX_SERVICES, MAX_STEERED_SOCKETS,
+    UdpFlow, UdpFlowKey, MAX_BACKEND_SLOTS, MAX_COHORT_ENTRIES, MAX_FRONTENDS, MAX_SERVICES, MAX_STEERED_SOCKETS,
+    NETNS_BUCKETS,
 };
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
 };
 
 /// Frontend ip:port -> split and backend revision. Writer: agent. Readers: connect4/6,
@@ -18,18 +20,36 @@ use aya_ebpf::{
 pub static FRONTENDS: HashMap<FrontendKey, FrontendValue> = HashMap::pinned(MAX_FRONTENDS, BPF_F_NO_PREALLOC);
 
 /// (revision, side, family, index) -> backend. Writer: agent (a revision is written whole before
-/// any frontend points at it, and deleted only after no frontend has pointed at it for a grace
+/// any frontend points at it, and deleted only when no frontend has pointed at it for a grace
 /// period). Readers: connect4/6, sendmsg4/6.
 #[map(name = "BACKENDS_V1")]
 pub static BACKENDS: HashMap<BackendKey, BackendValue> = HashMap::pinned(MAX_BACKEND_SLOTS, BPF_F_NO_PREALLOC);
 
-/// Socket cookie -> translation of a steered socket. Writers: connect4/6 and sendmsg4/6 insert,
-/// sock_release deletes, so entries are bounded by the steered sockets that are open. Readers:
-/// recvmsg4/6, getpeername4/6, sock_ops. Preallocated: an insert on the connect path then takes
-/// a slot from a per-CPU free list instead of allocating (about 0.4 µs less per steered
-/// connect), at the price of MAX_STEERED_SOCKETS slots of kernel memory up front.
+/// Socket cookie -> translation of a steered TCP or connected UDP socket. Writers: connect4/6
+/// insert; sock_ops deletes when the kernel closes a TCP socket, sock_release deletes the others;
+/// so entries are bounded by the steered sockets that are open. Readers: recvmsg4/6,
+/// getpeername4/6, sock_ops, the reset tracepoint, and the agent (rollback termination).
+/// Preallocated: an insert on the connect path takes a slot from a per-CPU free list instead of
+/// allocating (about 0.4 µs less per steered connect), at the price of its slots of kernel memory
+/// up front. The agent sets the size (`agent.steered_socket_capacity`); a full table never stops
+/// a connection from being steered, it only goes unrecorded (counted).
 #[map(name = "SOCKETS_V1")]
 pub static SOCKETS: HashMap<u64, SocketEntry> = HashMap::pinned(MAX_STEERED_SOCKETS, 0);
+
+/// (socket cookie, slot) -> a reply translation of an unconnected UDP socket. Writer: sendmsg4/6
+/// (per datagram, only when the flow is new). Reader: recvmsg4/6. Deleted by sock_release. An
+/// LRU map, so it is never full: a flood of sockets from one client evicts the least recently
+/// used flows, and a live socket whose flow was evicted records it again with its next datagram.
+#[map(name = "UDP_FLOWS_V1")]
+pub static UDP_FLOWS: LruHashMap<UdpFlowKey, UdpFlow> = LruHashMap::pinned(MAX_STEERED_SOCKETS, 0);
+
+/// `netns_bucket(network namespace cookie)` -> SOCKETS records its sockets hold, so one client
+/// cannot take the whole table (the bound is `Settings::sockets_per_netns`). An array: its
+/// lookup is inlined (no helper call) on the connect path, and it needs no upkeep as namespaces
+/// come and go. Writers: connect4/6 (increment), sock_ops and sock_release (decrement), shared
+/// by all CPUs (atomic adds). Reader: connect4/6.
+#[map(name = "NETNS_SOCKETS_V1")]
+pub static NETNS_SOCKETS: Array<u64> = Array::pinned(NETNS_BUCKETS, 0);
 
 /// (service, side) -> counters, per CPU so the hot path takes no lock. Entries are created by the
 /// agent when it adds a service (the programs never insert), so a side has exactly one entry.
@@ -42,6 +62,6 @@ pub static COUNTERS: PerCpuHashMap<CounterKey, SideCounters> =
 #[map(name = "COHORTS_V1")]
 pub static COHORTS: HashMap<CohortKey, u32> = HashMap::pinned(MAX_COHORT_ENTRIES, BPF_F_NO_PREALLOC);
 
-/// Node settings, one slot. Writer: agent at start. Reader: client-affinity hashing.
-#[map(name = "SETTINGS_V1")]
+/// Node settings, one slot. Writer: agent at start. Readers: every steering program.
+#[map(name = "SETTINGS_V2")]
 pub static SETTINGS: Array<Settings> = Array::pinned(1, 0);

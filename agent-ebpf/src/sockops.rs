@@ -1,19 +1,24 @@
 //! Kernel health signals per service and side, from TCP's own state machine and its reset
-//! tracepoint.
+//! tracepoint. sock_ops also ends the life of a TCP socket's record: when the kernel closes it.
 
-use agent_common::SOCKET_ESTABLISHED;
+use agent_common::{
+    attempt_outcome, srtt_sample_us, AttemptOutcome, SOCKET_ARMED, SOCKET_ESTABLISHED, SOCKET_HAD_RTO, SOCKET_UDP,
+};
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTO_CB, BPF_SOCK_OPS_RTO_CB_FLAG, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_SYN_SENT,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
     },
-    helpers::bpf_get_socket_cookie,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{btf_tracepoint, sock_ops},
     programs::{BtfTracePointContext, SockOpsContext},
     EbpfContext,
 };
 
-use crate::{maps::SOCKETS, steer::bump};
+use crate::{
+    maps::SOCKETS,
+    steer::{bump, forget_socket},
+};
 
 #[sock_ops]
 pub fn sock_health(ctx: SockOpsContext) -> u32 {
@@ -30,29 +35,69 @@ pub fn sock_health(ctx: SockOpsContext) -> u32 {
     let Some(entry) = SOCKETS.get_ptr_mut(cookie) else {
         return 1; // not a steered socket
     };
-    let (service_id, side) = unsafe { ((*entry).service_id, (*entry).side) };
+    let record = unsafe { *entry };
+    let (service_id, side) = (record.service_id, record.side);
     match op {
         BPF_SOCK_OPS_TCP_CONNECT_CB => {
             // Ask for state and RTO callbacks on steered sockets only. If the kernel refuses,
-            // the connection is unaffected; the side just reports fewer signals.
-            let _ = ctx.set_cb_flags((BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG) as i32);
+            // the connection is unaffected: its record then goes at sock_release, and the side
+            // just reports fewer signals.
+            let flags = (BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG) as i32;
+            if record.flags & SOCKET_UDP == 0 && ctx.set_cb_flags(flags).is_ok() {
+                unsafe { (*entry).flags |= SOCKET_ARMED };
+            }
         }
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
             unsafe { (*entry).flags |= SOCKET_ESTABLISHED };
-            let srtt_us = srtt_us(&ctx);
+            let srtt = srtt_sample_us(unsafe { (*ctx.ops).srtt_us });
             bump(service_id, side, |c| {
                 c.established += 1;
-                c.srtt_sum_us += srtt_us as u64;
-                c.srtt_samples += 1;
+                if let Some(us) = srtt {
+                    c.srtt_sum_us += us;
+                    c.srtt_samples += 1;
+                }
             });
         }
         BPF_SOCK_OPS_STATE_CB => {
-            // Refused, timed out or reset before ESTABLISHED.
-            if ctx.arg(0) == BPF_TCP_SYN_SENT && ctx.arg(1) == BPF_TCP_CLOSE {
-                bump(service_id, side, |c| c.failed_attempts += 1);
+            if ctx.arg(1) != BPF_TCP_CLOSE {
+                return 1;
             }
+            // The kernel closes the socket: count how the attempt ended (refused or timed out
+            // while the client waited, or given up by the client), take the connection's
+            // last RTT, and forget the record.
+            let outcome = attempt_outcome(record.flags, ctx.arg(0));
+            let srtt = if record.flags & SOCKET_ESTABLISHED != 0 {
+                srtt_sample_us(unsafe { (*ctx.ops).srtt_us })
+            } else {
+                None
+            };
+            let netns = || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+            forget_socket(cookie, &record, netns, |c| {
+                match outcome {
+                    AttemptOutcome::Failed => c.failed_attempts += 1,
+                    AttemptOutcome::Abandoned => c.abandoned_attempts += 1,
+                    AttemptOutcome::NotAnAttempt => {}
+                }
+                if let Some(us) = srtt {
+                    c.srtt_sum_us += us;
+                    c.srtt_samples += 1;
+                    c.srtt_close_sum_us += us;
+                    c.srtt_close_samples += 1;
+                }
+            });
         }
-        BPF_SOCK_OPS_RTO_CB => bump(service_id, side, |c| c.rto += 1),
+        BPF_SOCK_OPS_RTO_CB => {
+            let first = record.flags & SOCKET_HAD_RTO == 0;
+            if first {
+                unsafe { (*entry).flags |= SOCKET_HAD_RTO };
+            }
+            bump(service_id, side, |c| {
+                c.rto += 1;
+                if first {
+                    c.rto_connections += 1;
+                }
+            });
+        }
         _ => {}
     }
     1
@@ -71,10 +116,4 @@ pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
         }
     }
     0
-}
-
-/// The kernel keeps srtt scaled by 8.
-#[inline(always)]
-fn srtt_us(ctx: &SockOpsContext) -> u32 {
-    unsafe { (*ctx.ops).srtt_us >> 3 }
 }

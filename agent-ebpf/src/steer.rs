@@ -1,11 +1,13 @@
-//! The stages every steering program shares: frontend lookup, side and backend pick, socket
-//! record, counters. Each returns `None` to leave the call untouched.
+//! The stages every steering program shares: frontend lookup, side and backend pick, the socket
+//! record or UDP flow, counters. Each returns `None` to leave the call untouched.
 
 use agent_common::{
-    backend_index, family_of, pick_side, BackendKey, BackendValue, CohortKey, CounterKey, FrontendKey, FrontendValue,
-    SideCounters, SocketEntry, FLAG_AFFINITY_CLIENT, FLAG_HAS_COHORTS, MAX_COHORT_DEPTH,
+    backend_index, family_of, netns_bucket, pick_side, BackendKey, BackendValue, CohortKey, CounterKey, FrontendKey,
+    FrontendValue, Settings, SideCounters, SocketEntry, UdpFlow, UdpFlowKey, FLAG_AFFINITY_CLIENT, FLAG_HAS_COHORTS,
+    MAX_COHORT_DEPTH, SETTING_HOST_NETNS_ONLY, SOCKET_NETNS_COUNTED, SOCKET_UDP, UDP_FLOW_SLOTS,
 };
 use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
     },
@@ -13,14 +15,19 @@ use aya_ebpf::{
     EbpfContext,
 };
 
-use crate::maps::{BACKENDS, COHORTS, COUNTERS, FRONTENDS, SETTINGS, SOCKETS};
+use crate::maps::{BACKENDS, COHORTS, COUNTERS, FRONTENDS, NETNS_SOCKETS, SETTINGS, SOCKETS, UDP_FLOWS};
 
-/// Which call is being steered: it decides which counter moves and whether an earlier pick of the
-/// same socket is kept.
+const EEXIST: i32 = 17;
+const IPPROTO_UDP: u32 = 17;
+
+/// Which call is being steered: it decides what is recorded and which counter moves.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Call {
+    /// connect(): the socket keeps this backend for its life (a socket record).
     Connect,
-    /// sendmsg on an unconnected UDP socket: the socket keeps the backend of its first datagram.
+    /// sendmsg on an unconnected UDP socket: decided again for every datagram, so the socket
+    /// follows weight and backend changes; the cookie keeps the choice the same while nothing
+    /// changes. Each backend it sent to gets a reply translation (a UDP flow).
     Datagram,
 }
 
@@ -44,6 +51,47 @@ pub fn bump(service_id: u32, side: u8, update: impl FnOnce(&mut SideCounters)) {
     }
 }
 
+/// Node settings; all zero (no bound, every namespace steered) if the slot cannot be read.
+#[inline(always)]
+pub fn settings() -> Settings {
+    SETTINGS.get(0).copied().unwrap_or_default()
+}
+
+/// Adds `delta` (wrapping: `u64::MAX` subtracts one) to a counter that several CPUs share. The
+/// result is unused, which keeps it a plain atomic add (BPF_XADD) on every BPF CPU version; the
+/// BPF target has no compare-and-swap, so `AtomicU64::fetch_add` does not exist there.
+#[inline(always)]
+pub fn atomic_add(counter: *mut u64, delta: u64) {
+    unsafe {
+        let _ =
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(counter, delta);
+    }
+}
+
+/// Forgets a socket record: deletes it, counts it closed (with `update`, in the same counter
+/// lookup), and gives its namespace's share back. `netns` gives the socket's network namespace
+/// cookie (asked only when needed).
+#[inline(always)]
+pub fn forget_socket(
+    cookie: u64,
+    entry: &SocketEntry,
+    netns: impl FnOnce() -> u64,
+    update: impl FnOnce(&mut SideCounters),
+) {
+    if SOCKETS.remove(cookie).is_err() {
+        return; // deleted meanwhile by another path: counted there
+    }
+    bump(entry.service_id, entry.side, |c| {
+        c.socket_records_closed += 1;
+        update(c);
+    });
+    if entry.flags & SOCKET_NETNS_COUNTED != 0 {
+        if let Some(count) = NETNS_SOCKETS.get_ptr_mut(netns_bucket(netns())) {
+            atomic_add(count, u64::MAX);
+        }
+    }
+}
+
 /// Frontend lookup; the value is copied so that the decision uses one consistent snapshot.
 #[inline(always)]
 fn svc_lookup(dst_be: &[u32; 4], port_be: u16) -> Option<FrontendValue> {
@@ -54,13 +102,12 @@ fn svc_lookup(dst_be: &[u32; 4], port_be: u16) -> Option<FrontendValue> {
 /// What is hashed to pick the side: the connection, or the client (its network namespace; in the
 /// host namespace, where every pod-less process shares one namespace, its cgroup).
 #[inline(always)]
-fn split_key(ctx: &SockAddrContext, frontend: &FrontendValue, cookie: u64) -> u64 {
+fn split_key(ctx: &SockAddrContext, frontend: &FrontendValue, settings: &Settings, cookie: u64) -> u64 {
     if frontend.flags & FLAG_AFFINITY_CLIENT == 0 {
         return cookie;
     }
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let host_netns = SETTINGS.get(0).map(|s| s.host_netns_cookie).unwrap_or(0);
-    if netns == host_netns {
+    if netns == settings.host_netns_cookie {
         unsafe { bpf_get_current_cgroup_id() }
     } else {
         netns
@@ -91,27 +138,20 @@ fn cohort_lookup(frontend: &FrontendValue) -> u32 {
     cohort
 }
 
-/// Decides where a call to `dst_be:port_be` goes, records the socket and counts it.
+/// Decides where a call to `dst_be:port_be` goes, records the socket (or the UDP flow) and
+/// counts it.
 #[inline(always)]
 pub fn steer(ctx: &SockAddrContext, dst_be: &[u32; 4], port_be: u16, call: Call) -> Option<BackendValue> {
     let frontend = svc_lookup(dst_be, port_be)?;
+    let settings = settings();
+    if settings.flags & SETTING_HOST_NETNS_ONLY != 0
+        && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != settings.host_netns_cookie
+    {
+        return None; // a pod namespace, left to its sidecar mesh
+    }
     let family = family_of(dst_be);
     let cookie = socket_cookie(ctx);
-
-    if call == Call::Datagram {
-        if let Some(known) = unsafe { SOCKETS.get(cookie) } {
-            if known.frontend_port_be == port_be && same_addr(&known.frontend_addr_be, dst_be) {
-                let (side, backend) = (
-                    known.side,
-                    BackendValue { addr_be: known.backend_addr_be, port_be: known.backend_port_be, _pad: 0 },
-                );
-                bump(frontend.service_id, side, |c| c.datagrams_steered += 1);
-                return Some(backend);
-            }
-        }
-    }
-
-    let key = split_key(ctx, &frontend, cookie);
+    let key = split_key(ctx, &frontend, &settings, cookie);
     let side = pick_side(&frontend, family, key, cohort_lookup(&frontend))?;
     let count = frontend.backend_count(side, family);
     let index = backend_index(cookie, frontend.seed, count);
@@ -121,36 +161,194 @@ pub fn steer(ctx: &SockAddrContext, dst_be: &[u32; 4], port_be: u16, call: Call)
         return None;
     };
 
-    let entry = SocketEntry {
-        frontend_addr_be: *dst_be,
-        backend_addr_be: backend.addr_be,
-        frontend_port_be: port_be,
-        backend_port_be: backend.port_be,
-        service_id: frontend.service_id,
-        side,
-        family,
-        flags: 0,
-    };
-    // Record before rewriting: a socket we cannot translate back must not be steered.
-    if SOCKETS.insert(cookie, entry, 0).is_err() {
-        bump(frontend.service_id, side, |c| c.fail_open_socket_table_full += 1);
-        return None;
-    }
     match call {
-        Call::Connect => bump(frontend.service_id, side, |c| c.connections_steered += 1),
-        Call::Datagram => bump(frontend.service_id, side, |c| c.datagrams_steered += 1),
+        Call::Connect => {
+            let mut entry = SocketEntry {
+                frontend_addr_be: *dst_be,
+                backend_addr_be: backend.addr_be,
+                frontend_port_be: port_be,
+                backend_port_be: backend.port_be,
+                service_id: frontend.service_id,
+                side,
+                family,
+                flags: 0,
+            };
+            if unsafe { (*ctx.sock_addr).protocol } == IPPROTO_UDP {
+                entry.flags |= SOCKET_UDP;
+            }
+            // The record is for reverse translation and health only: a TCP (or connected UDP)
+            // socket reaches its backend without it, so a full table steers anyway.
+            let recorded = record_socket(ctx, cookie, &settings, entry);
+            bump(frontend.service_id, side, |c| {
+                c.connections_steered += 1;
+                match recorded {
+                    Recorded::Yes => c.socket_records_opened += 1,
+                    Recorded::TableFull => c.socket_table_full += 1,
+                    Recorded::NetnsFull => c.socket_netns_full += 1,
+                }
+            });
+        }
+        Call::Datagram => {
+            let recorded = record_flow(cookie, dst_be, port_be, &backend);
+            bump(frontend.service_id, side, |c| {
+                c.datagrams_steered += 1;
+                if !recorded {
+                    c.socket_table_full += 1;
+                }
+            });
+        }
     }
     Some(backend)
 }
 
-/// Reverse translation: if this socket was steered and `addr_be:port_be` is its backend, the
-/// frontend it was steered from.
+enum Recorded {
+    Yes,
+    TableFull,
+    NetnsFull,
+}
+
+/// Inserts the socket record, within the namespace's share of the table.
 #[inline(always)]
-pub fn reverse(ctx: &SockAddrContext, addr_be: &[u32; 4], port_be: u16) -> Option<SocketEntry> {
-    let entry = unsafe { SOCKETS.get(socket_cookie(ctx)) }?;
+fn record_socket(ctx: &SockAddrContext, cookie: u64, settings: &Settings, mut entry: SocketEntry) -> Recorded {
+    let mut netns_count: Option<*mut u64> = None;
+    if settings.sockets_per_netns != 0 {
+        let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+        if let Some(count) = NETNS_SOCKETS.get_ptr_mut(netns_bucket(netns)) {
+            // Signed: a count raced below zero reads as zero, never as a full namespace.
+            if unsafe { core::ptr::read_volatile(count) } as i64 >= settings.sockets_per_netns as i64 {
+                // A socket connecting again must not keep its old record (another service's or
+                // side's, which would be charged with this connection).
+                if let Some(old) = unsafe { SOCKETS.get(cookie) }.copied() {
+                    forget_socket(cookie, &old, || netns, |_| {});
+                }
+                return Recorded::NetnsFull;
+            }
+            entry.flags |= SOCKET_NETNS_COUNTED;
+            netns_count = Some(count);
+        }
+    }
+    match SOCKETS.insert(cookie, entry, BPF_NOEXIST as u64) {
+        Ok(()) => {
+            if let Some(count) = netns_count {
+                atomic_add(count, 1);
+            }
+            Recorded::Yes
+        }
+        Err(err) if err == -EEXIST => {
+            // The socket connects again (after a failed attempt, or a UDP socket re-connecting):
+            // its new record replaces the old, which is counted closed where it was opened.
+            if let Some(old) = unsafe { SOCKETS.get(cookie) }.copied() {
+                // Counted closed where it was opened; the new record is counted opened below.
+                bump(old.service_id, old.side, |c| c.socket_records_closed += 1);
+                if old.flags & SOCKET_NETNS_COUNTED != 0 {
+                    entry.flags |= SOCKET_NETNS_COUNTED; // same socket, same namespace: same share
+                } else if let Some(count) = netns_count {
+                    atomic_add(count, 1);
+                }
+            }
+            if SOCKETS.insert(cookie, entry, BPF_ANY as u64).is_ok() {
+                Recorded::Yes
+            } else {
+                Recorded::TableFull
+            }
+        }
+        Err(_) => Recorded::TableFull,
+    }
+}
+
+/// Makes sure a reply from `backend` to this socket is shown as coming from `dst_be:port_be`.
+/// Slots fill from 0; when all are used, the oldest translation is replaced. `false` if the flow
+/// could not be recorded.
+#[inline(always)]
+fn record_flow(cookie: u64, dst_be: &[u32; 4], port_be: u16, backend: &BackendValue) -> bool {
+    let mut flow = UdpFlow {
+        frontend_addr_be: *dst_be,
+        backend_addr_be: backend.addr_be,
+        frontend_port_be: port_be,
+        backend_port_be: backend.port_be,
+        written: 0,
+    };
+    let head_key = UdpFlowKey { cookie, slot: 0, _pad: 0 };
+    let mut slot = 0;
+    while slot < UDP_FLOW_SLOTS {
+        let key = UdpFlowKey { cookie, slot, _pad: 0 };
+        match unsafe { UDP_FLOWS.get(key) } {
+            Some(known) => {
+                if same_flow(known, &flow) {
+                    return true; // the common case: one lookup per datagram
+                }
+            }
+            None => {
+                if slot == 0 {
+                    flow.written = 1;
+                } else if let Some(head) = UDP_FLOWS.get_ptr_mut(head_key) {
+                    unsafe { (*head).written = slot + 1 };
+                }
+                return UDP_FLOWS.insert(key, flow, BPF_ANY as u64).is_ok();
+            }
+        }
+        slot += 1;
+    }
+    // Every slot holds another translation: replace the oldest.
+    let Some(head) = UDP_FLOWS.get_ptr_mut(head_key) else { return false };
+    let written = unsafe { (*head).written };
+    let victim = written % UDP_FLOW_SLOTS;
+    unsafe { (*head).written = written.wrapping_add(1) };
+    if victim == 0 {
+        flow.written = written.wrapping_add(1);
+    }
+    UDP_FLOWS.insert(UdpFlowKey { cookie, slot: victim, _pad: 0 }, flow, BPF_ANY as u64).is_ok()
+}
+
+#[inline(always)]
+fn same_flow(a: &UdpFlow, b: &UdpFlow) -> bool {
+    a.frontend_port_be == b.frontend_port_be
+        && a.backend_port_be == b.backend_port_be
+        && same_addr(&a.frontend_addr_be, &b.frontend_addr_be)
+        && same_addr(&a.backend_addr_be, &b.backend_addr_be)
+}
+
+/// Reverse translation of a steered TCP or connected UDP socket: if `addr_be:port_be` is its
+/// backend, the frontend it was steered from.
+#[inline(always)]
+pub fn reverse_socket(cookie: u64, addr_be: &[u32; 4], port_be: u16) -> Option<([u32; 4], u16)> {
+    let entry = unsafe { SOCKETS.get(cookie) }?;
     if entry.backend_port_be == port_be && same_addr(&entry.backend_addr_be, addr_be) {
-        Some(*entry)
+        Some((entry.frontend_addr_be, entry.frontend_port_be))
     } else {
         None
+    }
+}
+
+/// Reverse translation of an unconnected UDP socket: the frontend of the flow whose backend is
+/// `addr_be:port_be`. Stops at the first empty slot, so a socket that was never steered costs
+/// one lookup.
+#[inline(always)]
+pub fn reverse_flow(cookie: u64, addr_be: &[u32; 4], port_be: u16) -> Option<([u32; 4], u16)> {
+    let mut slot = 0;
+    while slot < UDP_FLOW_SLOTS {
+        let flow = unsafe { UDP_FLOWS.get(UdpFlowKey { cookie, slot, _pad: 0 }) }?;
+        if flow.backend_port_be == port_be && same_addr(&flow.backend_addr_be, addr_be) {
+            return Some((flow.frontend_addr_be, flow.frontend_port_be));
+        }
+        slot += 1;
+    }
+    None
+}
+
+/// Deletes every UDP flow of a socket.
+#[inline(always)]
+pub fn forget_flows(cookie: u64) {
+    let Some(head) = (unsafe { UDP_FLOWS.get(UdpFlowKey { cookie, slot: 0, _pad: 0 }) }) else {
+        return; // never sent an unconnected datagram to a frontend: the common case
+    };
+    let used = if head.written < UDP_FLOW_SLOTS { head.written } else { UDP_FLOW_SLOTS };
+    let mut slot = 0;
+    while slot < UDP_FLOW_SLOTS {
+        if slot >= used && slot > 0 {
+            break;
+        }
+        let _ = UDP_FLOWS.remove(UdpFlowKey { cookie, slot, _pad: 0 });
+        slot += 1;
     }
 }

@@ -7,7 +7,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use agent_common::{percent_to_ppm, MAX_BACKENDS_PER_SIDE, MAX_SERVICES};
+use agent_common::{percent_to_ppm, MAX_BACKENDS_PER_SIDE, MAX_SERVICES, MAX_STEERED_SOCKETS};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -71,6 +71,16 @@ pub struct AgentSection {
     pub prometheus_timeout_seconds: Option<f64>,
     /// `host:port` pairs webhooks (notifications and checks) may reach; empty: none.
     pub webhook_allow: Vec<String>,
+    /// Size of the socket table (steered TCP and connected UDP sockets open at once) and of the
+    /// UDP flow table; preallocated, about 100 bytes a socket. Fixed when the map is first
+    /// pinned: changing it needs `sockshift uninstall`.
+    pub steered_socket_capacity: u32,
+    /// Most steered sockets one client network namespace gets records for; unset: a quarter of
+    /// the capacity; 0: no bound.
+    pub steered_sockets_per_netns: Option<u32>,
+    /// Steer only the host network namespace (hostNetwork pods and node processes), for nodes
+    /// whose pods run a sidecar mesh.
+    pub host_netns_only: bool,
 }
 
 impl Default for AgentSection {
@@ -85,6 +95,9 @@ impl Default for AgentSection {
             prometheus_bearer_token_file: None,
             prometheus_timeout_seconds: None,
             webhook_allow: Vec::new(),
+            steered_socket_capacity: MAX_STEERED_SOCKETS,
+            steered_sockets_per_netns: None,
+            host_netns_only: false,
         }
     }
 }
@@ -234,7 +247,13 @@ pub struct Config {
     /// `None`: no Prometheus, so no metric gates.
     pub prometheus: Option<PrometheusEndpoint>,
     pub webhook_allow: AllowList,
+    pub steered_socket_capacity: u32,
+    pub steered_sockets_per_netns: u32,
+    pub host_netns_only: bool,
 }
+
+/// Smallest and largest socket table the agent accepts.
+pub const SOCKET_CAPACITY_RANGE: std::ops::RangeInclusive<u32> = 16..=(1 << 22);
 
 impl Config {
     /// Reads and validates a config file. Nothing is touched on error.
@@ -285,6 +304,27 @@ impl Config {
             (None, None) => None,
         };
         let webhook_allow = AllowList::from_config(&file.agent.webhook_allow)?;
+        let capacity = file.agent.steered_socket_capacity;
+        if !SOCKET_CAPACITY_RANGE.contains(&capacity) {
+            return Err(InvalidField::new(
+                "agent.steered_socket_capacity",
+                format!(
+                    "{capacity} is out of range: {} to {}",
+                    SOCKET_CAPACITY_RANGE.start(),
+                    SOCKET_CAPACITY_RANGE.end()
+                ),
+            )
+            .into());
+        }
+        let per_netns =
+            file.agent.steered_sockets_per_netns.unwrap_or(crate::datapath::default_sockets_per_netns(capacity));
+        if per_netns > capacity {
+            return Err(InvalidField::new(
+                "agent.steered_sockets_per_netns",
+                format!("{per_netns} is more than agent.steered_socket_capacity ({capacity})"),
+            )
+            .into());
+        }
         let cgroup_root = paths::cgroup2_root().ok();
         let services = validate_services(&file.services, cgroup_root.as_deref())?;
         Ok(Self {
@@ -296,6 +336,9 @@ impl Config {
             services,
             prometheus,
             webhook_allow,
+            steered_socket_capacity: capacity,
+            steered_sockets_per_netns: per_netns,
+            host_netns_only: file.agent.host_netns_only,
         })
     }
 }
@@ -421,6 +464,22 @@ pub fn validate_service(
                     "{frontend} is IPv{} but the service has no IPv{} backend to send it to",
                     if frontend.is_ipv4() { 4 } else { 6 },
                     if frontend.is_ipv4() { 4 } else { 6 }
+                ),
+            ));
+        }
+    }
+    // Weight 0 must mean no canary traffic: a family the canary serves and stable does not would
+    // have nowhere else to go.
+    for frontend in &frontends {
+        let family = |a: &&SocketAddr| a.is_ipv4() == frontend.is_ipv4();
+        if canary.iter().any(|a| family(&a)) && !stable.iter().any(|a| family(&a)) {
+            let v = if frontend.is_ipv4() { 4 } else { 6 };
+            return Err(InvalidField::new(
+                field("stable"),
+                format!(
+                    "has no IPv{v} backend but canary does, and {frontend} is IPv{v}: at weight 0 (and for `never` \
+                     cohorts) its traffic would have nowhere to go but the canary; add an IPv{v} stable backend, or \
+                     remove the IPv{v} canary backends"
                 ),
             ));
         }
@@ -576,6 +635,8 @@ mod tests {
             ("name = \"a\"\nfrontends = [\"1.2.3.4:80\"]\ncanary_precent = 5", "canary_precent"),
             ("name = \"a\"\nfrontends = [\"1.2.3.4:80\"]\ncanary_percent = \"5\"", "canary_percent"),
             ("name = \"a\"\nfrontends = [\"1.2.3.4:80\"]\n[[service.cohort]]\ncgroups = [\"/nonexistent/x\"]\ncanary = \"always\"", "service[0] \"a\".cohort[0].cgroups[0]"),
+            ("name = \"a\"\nfrontends = [\"1.2.3.4:80\"]\ncanary = [\"1.2.3.5:80\"]", "service[0] \"a\".stable"),
+            ("name = \"a\"\nfrontends = [\"1.2.3.4:80\", \"[fd00::1]:80\"]\nstable = [\"1.2.3.5:80\"]\ncanary = [\"1.2.3.6:80\", \"[fd00::6]:80\"]", "service[0] \"a\".stable"),
         ];
         for (service, field) in cases {
             let err = error_of(&with_service(service));
@@ -602,6 +663,10 @@ mod tests {
         assert!(error_of("[agent]\ncgroup = \"/tmp\"\nbpffs = \"rel\"").contains("agent.bpffs"));
         assert!(error_of("[agent]\ncgroupp = \"/tmp\"").contains("cgroupp"));
         assert!(error_of("[agent]\ncgroup = \"/tmp\"\nstate_dir = \"x\"").contains("agent.state_dir"));
+        assert!(error_of("[agent]\ncgroup = \"/tmp\"\nsteered_socket_capacity = 0")
+            .contains("agent.steered_socket_capacity"));
+        assert!(error_of("[agent]\ncgroup = \"/tmp\"\nsteered_socket_capacity = 64\nsteered_sockets_per_netns = 65")
+            .contains("agent.steered_sockets_per_netns"));
         let auth = "[agent]\ncgroup = \"/tmp\"\n[[agent.auth.tokens]]\nname = \"a\"\nrole = \"operator\"\n";
         assert!(error_of(&format!("{auth}token = \"short\"")).contains("agent.auth.tokens[0].token"));
         assert!(error_of(auth).contains("agent.auth.tokens[0].token"));

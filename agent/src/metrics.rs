@@ -47,14 +47,30 @@ pub fn render(services: &[ServiceMetrics]) -> String {
     let failed =
         side_counter(&mut registry, "tcp_failed_attempts", "Steered TCP connection attempts that never established");
     let resets = side_counter(&mut registry, "tcp_resets", "Established steered TCP connections reset by the peer");
+    let abandoned = side_counter(
+        &mut registry,
+        "tcp_abandoned_attempts",
+        "Steered TCP connection attempts the client gave up (closed in SYN_SENT)",
+    );
     let rto = side_counter(
         &mut registry,
         "tcp_retransmission_timeouts",
         "Retransmission timeouts on steered TCP connections",
     );
+    let rto_connections = side_counter(
+        &mut registry,
+        "tcp_connections_with_rto",
+        "Steered TCP connections that had at least one retransmission timeout",
+    );
     let srtt_sum =
         side_counter(&mut registry, "tcp_srtt_microseconds_sum", "Sum of smoothed RTT samples, microseconds");
     let srtt_count = side_counter(&mut registry, "tcp_srtt_samples", "Number of smoothed RTT samples");
+    let unrecorded = Family::<FailOpenLabels, Counter>::default();
+    registry.register(
+        "unrecorded_sockets",
+        "Sockets steered without a socket record (no getpeername translation, no health), by reason",
+        unrecorded.clone(),
+    );
     let fail_open = Family::<FailOpenLabels, Counter>::default();
     registry.register("fail_open", "Calls left untouched because of a datapath problem, by reason", fail_open.clone());
     let weight = Family::<ServiceLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
@@ -75,16 +91,21 @@ pub fn render(services: &[ServiceMetrics]) -> String {
             datagrams.get_or_create(&labels).inc_by(c.datagrams_steered);
             established.get_or_create(&labels).inc_by(c.established);
             failed.get_or_create(&labels).inc_by(c.failed_attempts);
+            abandoned.get_or_create(&labels).inc_by(c.abandoned_attempts);
+            rto_connections.get_or_create(&labels).inc_by(c.rto_connections);
             resets.get_or_create(&labels).inc_by(c.resets);
             rto.get_or_create(&labels).inc_by(c.rto);
             srtt_sum.get_or_create(&labels).inc_by(c.srtt_sum_us);
             srtt_count.get_or_create(&labels).inc_by(c.srtt_samples);
+            let labels =
+                FailOpenLabels { service: name.clone(), side: side.to_string(), reason: "backend_missing".into() };
+            fail_open.get_or_create(&labels).inc_by(c.fail_open_backend_missing);
             for (reason, value) in
-                [("backend_missing", c.fail_open_backend_missing), ("socket_table_full", c.fail_open_socket_table_full)]
+                [("socket_table_full", c.socket_table_full), ("socket_netns_full", c.socket_netns_full)]
             {
                 let labels =
                     FailOpenLabels { service: name.clone(), side: side.to_string(), reason: reason.to_string() };
-                fail_open.get_or_create(&labels).inc_by(value);
+                unrecorded.get_or_create(&labels).inc_by(value);
             }
         }
     }

@@ -274,7 +274,6 @@ fn drop_syns_to_canary(lab: &Lab) {
 /// kernel never reports these attempts as failed: the gates see them as abandoned attempts (the
 /// datapath counts them, issue 9 item 5).
 #[test]
-#[ignore = "needs the datapath to count abandoned attempts (branch datapath, issue 9 item 5); un-ignored when it lands"]
 fn canary_that_drops_syns_is_rolled_back_when_clients_give_up() {
     let lab = Lab::with_service(&web_service(""));
     drop_syns_to_canary(&lab);

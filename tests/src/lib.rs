@@ -328,17 +328,37 @@ impl Agent {
 
     /// Starts the agent process on the existing config and waits for /healthz.
     pub fn spawn(&mut self) {
+        self.spawn_joining(None);
+    }
+
+    /// Like `spawn`, with the agent process written to `procs` (a `cgroup.procs` file, v1 or
+    /// v2) before it runs: to start it under a CPU limit, say.
+    pub fn spawn_joining(&mut self, procs: Option<&Path>) {
         let log = std::fs::File::create(&self.log_path).unwrap();
-        let child = Command::new(built_binary("sockshift"))
+        let mut command = Command::new(built_binary("sockshift"));
+        command
             .args(["agent", "--config"])
             .arg(&self.config_path)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn sockshift agent");
+            .stderr(log);
+        if let Some(procs) = procs {
+            let procs = CString::new(procs.as_os_str().as_encoded_bytes()).unwrap();
+            unsafe {
+                command.pre_exec(move || {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                    if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    libc::close(fd);
+                    Ok(())
+                });
+            }
+        }
+        let child = command.spawn().expect("spawn sockshift agent");
         self.process = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Generous: 65,536 services take a debug build half a minute to install on a loaded machine.
+        let deadline = Instant::now() + Duration::from_secs(if procs.is_some() { 120 } else { 60 });
         while Instant::now() < deadline {
             if let Ok(r) = agent::client::request(self.api, None, "GET", "/healthz", None) {
                 if r.status == 200 {

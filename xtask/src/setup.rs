@@ -78,7 +78,7 @@ pub fn ensure_toolchain() -> anyhow::Result<()> {
 pub fn ensure_test_tools() -> anyhow::Result<()> {
     // e2fsprogs and util-linux: an ext4 image to freeze under the agent's state (mkfs.ext4,
     // fsfreeze; tests/e2e/core.rs). iptables drops a canary's SYNs inside a test's namespace
-    // (tests/e2e/rollout.rs).
+    // (tests/e2e/rollout.rs, tests/e2e/datapath_correctness.rs).
     ensure_packages(&["iproute2", "dnsmasq-base", "bind9-dnsutils", "iptables", "e2fsprogs", "util-linux"])?;
     // A real 3-member etcd cluster for the cluster-mode tests (tests/src/etcd.rs): the server and
     // etcdctl, 3.4 on Debian 12.

@@ -10,6 +10,7 @@ use utoipa::ToSchema;
 use crate::{
     audit::AuditEntry,
     config::{Affinity, CohortConfig, Role, ServiceConfig},
+    datapath::{ForeignProgram, LinkOutcome},
     rollout::{ExternalWindow, GateReadings, Harm, HistoryEntry, Judgement, Plan, RolloutState},
 };
 
@@ -132,29 +133,60 @@ pub struct Sides {
 /// What the kernel counted for one side of a service.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct SideState {
+    /// `connect()` calls steered to this side (TCP and connected UDP).
     pub connections_steered: u64,
+    /// Datagrams of unconnected UDP sockets steered to this side.
     pub datagrams_steered: u64,
+    /// Steered sockets of this side whose socket records are open now (TCP until the kernel
+    /// closes the connection, connected UDP until the socket is released).
+    pub open_socket_records: u64,
     pub health: SideHealth,
+    pub unrecorded: Unrecorded,
     pub fail_open: FailOpen,
 }
 
+/// TCP health as the kernel measured it on steered connections.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct SideHealth {
+    /// Connections that reached ESTABLISHED.
     pub established: u64,
+    /// Attempts that never established (refused, or timed out by the kernel).
     pub failed_attempts: u64,
+    /// Attempts the client gave up while still in SYN_SENT (its own connect timeout fired
+    /// first); rollout gates count them as failures.
+    pub abandoned_attempts: u64,
+    /// Established connections reset by the peer.
     pub resets: u64,
     pub retransmission_timeouts: u64,
-    /// Average smoothed RTT; null before the first sample.
+    /// Connections that had at least one retransmission timeout.
+    pub connections_with_rto: u64,
+    /// Average smoothed RTT over the samples below; null before the first sample.
     pub srtt_avg_us: Option<u64>,
+    /// Sum and count of non-zero smoothed RTT samples, microseconds: one when a connection is
+    /// established, one when it closes.
     pub srtt_sum_us: u64,
     pub srtt_samples: u64,
+    /// The at-close part of the above (the RTT over each connection's whole life).
+    pub srtt_close_sum_us: u64,
+    pub srtt_close_samples: u64,
+}
+
+/// Sockets steered without a socket record, by reason: each went to its backend, but its
+/// `getpeername()` shows the backend and its health is not counted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Unrecorded {
+    /// The socket table was full (`agent.steered_socket_capacity`).
+    pub socket_table_full: u64,
+    /// The client's network namespace held its share of the table
+    /// (`agent.steered_sockets_per_netns`).
+    pub socket_netns_full: u64,
 }
 
 /// Calls left untouched because of a datapath problem, by reason.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct FailOpen {
+    /// The chosen backend slot was missing (a revision being retired).
     pub backend_missing: u64,
-    pub socket_table_full: u64,
 }
 
 impl From<&SideCounters> for SideState {
@@ -162,29 +194,74 @@ impl From<&SideCounters> for SideState {
         Self {
             connections_steered: c.connections_steered,
             datagrams_steered: c.datagrams_steered,
+            open_socket_records: c.open_socket_records(),
             health: SideHealth {
                 established: c.established,
                 failed_attempts: c.failed_attempts,
+                abandoned_attempts: c.abandoned_attempts,
                 resets: c.resets,
                 retransmission_timeouts: c.rto,
+                connections_with_rto: c.rto_connections,
                 srtt_avg_us: c.srtt_sum_us.checked_div(c.srtt_samples),
                 srtt_sum_us: c.srtt_sum_us,
                 srtt_samples: c.srtt_samples,
+                srtt_close_sum_us: c.srtt_close_sum_us,
+                srtt_close_samples: c.srtt_close_samples,
             },
-            fail_open: FailOpen {
-                backend_missing: c.fail_open_backend_missing,
-                socket_table_full: c.fail_open_socket_table_full,
-            },
+            unrecorded: Unrecorded { socket_table_full: c.socket_table_full, socket_netns_full: c.socket_netns_full },
+            fail_open: FailOpen { backend_missing: c.fail_open_backend_missing },
         }
     }
 }
 
-/// `GET /v1/datapath`.
+/// `GET /v1/datapath`: the datapath as the kernel holds it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct DatapathStatus {
+    /// Services in the datapath.
     pub services: usize,
-    pub open_steered_sockets: usize,
+    /// The cgroup v2 directory the programs are attached to.
+    pub cgroup: String,
+    /// Socket records open now: steered TCP and connected UDP sockets (removed services'
+    /// included).
+    pub open_steered_sockets: u64,
+    /// Size of the socket table as pinned in the kernel (not the configured value, if they
+    /// differ); when full, new sockets are still steered but not recorded
+    /// (`unrecorded.socket_table_full`).
     pub steered_socket_capacity: u32,
+    /// Most socket records one client network namespace may hold
+    /// (`agent.steered_sockets_per_netns`); 0: no bound.
+    pub steered_sockets_per_netns: u32,
+    /// Reply translations of unconnected UDP sockets held now.
+    pub udp_flows: usize,
+    /// Size of the UDP flow table as pinned (least recently used flows are evicted when full).
+    pub udp_flow_capacity: u32,
+    /// Ids of removed services not handed out again until their open sockets have closed.
+    pub draining_service_ids: usize,
+    /// Only the host network namespace is steered (`agent.host_netns_only`).
+    pub host_netns_only: bool,
+    /// What happened to each program's pinned link at start, by program.
+    pub links: BTreeMap<String, LinkOutcome>,
+    /// Other programs on sockshift's hooks for this cgroup (another socket load balancer): which
+    /// one steers a connection depends on the order they run in.
+    pub foreign_programs: Vec<ForeignProgram>,
+}
+
+impl From<crate::datapath::DatapathStatus> for DatapathStatus {
+    fn from(status: crate::datapath::DatapathStatus) -> Self {
+        Self {
+            services: status.services,
+            cgroup: status.cgroup.display().to_string(),
+            open_steered_sockets: status.open_steered_sockets,
+            steered_socket_capacity: status.steered_socket_capacity,
+            steered_sockets_per_netns: status.steered_sockets_per_netns,
+            udp_flows: status.udp_flows,
+            udp_flow_capacity: status.udp_flow_capacity,
+            draining_service_ids: status.draining_service_ids,
+            host_netns_only: status.host_netns_only,
+            links: status.links.into_iter().map(|(program, outcome)| (program.to_string(), outcome)).collect(),
+            foreign_programs: status.foreign_programs,
+        }
+    }
 }
 
 /// `GET /v1/audit`.

@@ -461,23 +461,16 @@ fn run_rollout(action: RolloutAction) -> anyhow::Result<()> {
     }
 }
 
-/// Unpins the links (which detaches the programs from the cgroup), then the maps.
+/// Detaches and unpins the links, then removes the maps.
 fn uninstall(bpffs: &Path) -> anyhow::Result<()> {
     require_root()?;
     if !bpffs.exists() {
         println!("nothing to remove: {} does not exist", bpffs.display());
         return Ok(());
     }
-    let links = bpffs.join("links");
-    if links.exists() {
-        for entry in std::fs::read_dir(&links).with_context(|| format!("reading {}", links.display()))? {
-            let path = entry?.path();
-            std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
-            println!("detached {}", path.file_name().unwrap_or_default().to_string_lossy());
-        }
-        std::fs::remove_dir(&links).with_context(|| format!("removing {}", links.display()))?;
+    for name in crate::datapath::uninstall(bpffs).with_context(|| format!("removing {}", bpffs.display()))? {
+        println!("detached {name}");
     }
-    std::fs::remove_dir_all(bpffs).with_context(|| format!("removing the pinned maps in {}", bpffs.display()))?;
     println!("removed {}", bpffs.display());
     Ok(())
 }

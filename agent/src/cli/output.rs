@@ -36,6 +36,9 @@ pub fn services(services: &[ServiceState], output: Output) -> anyhow::Result<()>
     }
     let mut out =
         table(&["SERVICE", "CANARY %", "STABLE CONN", "CANARY CONN", "S FAIL", "C FAIL", "S SRTT", "C SRTT"], 1);
+    // Failed as the rollout gates count it: attempts that never established, refused or timed
+    // out by the kernel or given up by the client.
+    let failed = |side: &SideState| (side.health.failed_attempts + side.health.abandoned_attempts).to_string();
     let srtt = |side: &SideState| match side.health.srtt_avg_us {
         Some(us) => format!("{:.2}ms", us as f64 / 1000.0),
         None => "-".to_string(),
@@ -47,8 +50,8 @@ pub fn services(services: &[ServiceState], output: Output) -> anyhow::Result<()>
             s.canary_percent.to_string(),
             (stable.connections_steered + stable.datagrams_steered).to_string(),
             (canary.connections_steered + canary.datagrams_steered).to_string(),
-            stable.health.failed_attempts.to_string(),
-            canary.health.failed_attempts.to_string(),
+            failed(stable),
+            failed(canary),
             srtt(stable),
             srtt(canary),
         ]);

@@ -35,6 +35,9 @@ struct Change {
     audit: Option<AuditEntry>,
     /// Sent once the change is in effect.
     follow_ups: Vec<FollowUp>,
+    /// Services whose steered canary connections are terminated once the change (weight 0) is
+    /// in effect.
+    terminate_canary: Vec<String>,
 }
 
 impl Change {
@@ -49,19 +52,6 @@ enum DatapathOp {
     Weight(u32),
     Replace(Box<ServiceSpec>),
     Remove,
-}
-
-/// How to undo one applied datapath operation.
-enum Undo {
-    Weight {
-        name: String,
-        ppm: u32,
-    },
-    /// Put back the installed spec, or remove the service if there was none.
-    Restore {
-        name: String,
-        spec: Option<Box<ServiceSpec>>,
-    },
 }
 
 pub(super) struct Core<S: Store> {
@@ -176,8 +166,8 @@ impl<S: Store> Core<S> {
                 core.take_into_state(change, 0);
             }
         }
+        // The whole set: what an earlier run pinned and no service wants any more goes too.
         core.datapath.sync(&specs)?;
-        core.datapath.remove_leftovers();
         if let Err(err) = core.store.applied(&core.state).await {
             log::warn!("recording the applied state: {err}");
         }
@@ -213,11 +203,7 @@ impl<S: Store> Core<S> {
                 let _ = reply.send(self.rollout_view(&name));
             }
             Command::Datapath { reply } => {
-                let _ = reply.send(Ok(DatapathStatus {
-                    services: self.datapath.service_names().len(),
-                    open_steered_sockets: self.datapath.open_steered_sockets(),
-                    steered_socket_capacity: agent_common::MAX_STEERED_SOCKETS,
-                }));
+                let _ = reply.send(Ok(DatapathStatus::from(self.datapath.status())));
             }
             Command::Metrics { reply } => {
                 let _ = reply.send(self.metrics());
@@ -378,7 +364,7 @@ impl<S: Store> Core<S> {
                 // then stops where it was last counted).
                 let counters = self.counters(name).unwrap_or(rollout.step_baseline);
                 let effects = rollout.roll_back(now_ms(), counters, format!("kill switch by {}", caller.name));
-                self.effects(&mut service, &rollout, effects, &mut change_set.follow_ups)?;
+                self.effects(&mut service, &rollout, effects, &mut change_set)?;
                 change_set.rollouts.insert(name.to_string(), Some(rollout));
             }
             (WeightChange::KillSwitch, None) => {}
@@ -436,7 +422,7 @@ impl<S: Store> Core<S> {
         let (rollout, effects) = Rollout::start(plan.clone(), now_ms(), counters, &origin.caller.name);
         let mut change = Change::default();
         let mut service = current.clone();
-        self.effects(&mut service, &rollout, effects, &mut change.follow_ups)?;
+        self.effects(&mut service, &rollout, effects, &mut change)?;
         if service != current {
             change.services.insert(name.to_string(), Some(service));
         }
@@ -487,7 +473,7 @@ impl<S: Store> Core<S> {
         let current = self.config(name)?.clone();
         let mut change = Change::default();
         let mut service = current.clone();
-        self.effects(&mut service, &rollout, effects, &mut change.follow_ups)?;
+        self.effects(&mut service, &rollout, effects, &mut change)?;
         if service != current {
             change.services.insert(name.to_string(), Some(service));
         }
@@ -556,7 +542,7 @@ impl<S: Store> Core<S> {
             return;
         }
         let mut service = current.clone();
-        if let Err(err) = self.effects(&mut service, &rollout, effects, &mut change.follow_ups) {
+        if let Err(err) = self.effects(&mut service, &rollout, effects, change) {
             log::error!("rollout of {name}: {err}");
             return;
         }
@@ -639,7 +625,7 @@ impl<S: Store> Core<S> {
         service: &mut ServiceConfig,
         rollout: &Rollout,
         effects: Vec<Effect>,
-        follow_ups: &mut Vec<FollowUp>,
+        change: &mut Change,
     ) -> Result<(), ControlError> {
         for effect in effects {
             match effect {
@@ -649,13 +635,12 @@ impl<S: Store> Core<S> {
                 Effect::RollBack { terminate_connections } => {
                     service.canary_percent = 0.0;
                     if terminate_connections {
-                        let backends = service.canary.iter().filter_map(|a| a.parse().ok()).collect();
-                        follow_ups.push(FollowUp::TerminateCanary { service: service.name.clone(), backends });
+                        change.terminate_canary.push(service.name.clone());
                     }
                 }
                 Effect::Notify(event) => {
                     if !rollout.plan.webhooks.is_empty() {
-                        follow_ups.push(FollowUp::Notify {
+                        change.follow_ups.push(FollowUp::Notify {
                             service: service.name.clone(),
                             event: event.clone(),
                             webhooks: rollout.plan.webhooks.clone(),
@@ -683,7 +668,17 @@ impl<S: Store> Core<S> {
             self.revert_store(&change, revision).await;
             return Err(ControlError::Datapath(err));
         }
-        let follow_ups = std::mem::take(&mut change.follow_ups);
+        let mut follow_ups = std::mem::take(&mut change.follow_ups);
+        // The weight is 0 in the datapath now, so no new connection goes to the canary. The
+        // datapath picks exactly the sockets it steered there and hands them to its termination
+        // worker (a queue send: the core does not wait for the netlink work); the follow-up task
+        // waits for the count.
+        for service in std::mem::take(&mut change.terminate_canary) {
+            match self.datapath.terminate_canary_sockets(&service) {
+                Ok(termination) => follow_ups.push(FollowUp::TerminateCanary { service, termination }),
+                Err(err) => log::error!("service {service}: closing canary connections: {err}"),
+            }
+        }
         self.take_into_state(change, revision);
         if let Err(err) = self.store.applied(&self.state).await {
             log::warn!("recording the applied state: {err}");
@@ -848,42 +843,48 @@ impl<S: Store> Core<S> {
         Ok(ops)
     }
 
-    /// Applies `ops` in order; on the first refusal, undoes the ones already applied.
+    /// Applies `ops`: the services added, replaced or removed as one whole-set update of the
+    /// datapath (a frontend moving between two of them is overwritten, never deleted), then the
+    /// weight-only changes. On a refusal, what was applied is undone.
     fn apply_datapath(&mut self, ops: Vec<(String, DatapathOp)>) -> Result<(), DatapathError> {
-        let mut undo = Vec::new();
+        let mut set: BTreeMap<String, Option<ServiceSpec>> = BTreeMap::new();
+        let mut weights = Vec::new();
         for (name, op) in ops {
-            let installed = self.datapath.service(&name).map(|v| Box::new(v.spec));
-            let result = match op {
-                DatapathOp::Weight(ppm) => self.datapath.set_weight(&name, ppm).map(|()| {
-                    if let Some(old) = installed {
-                        undo.push(Undo::Weight { name, ppm: old.canary_ppm });
-                    }
-                }),
+            match op {
+                DatapathOp::Weight(ppm) => weights.push((name, ppm)),
                 DatapathOp::Replace(spec) => {
-                    self.datapath.replace_service(*spec).map(|()| undo.push(Undo::Restore { name, spec: installed }))
+                    set.insert(name, Some(*spec));
                 }
-                DatapathOp::Remove => match self.datapath.remove_service(&name) {
-                    Ok(()) => {
-                        undo.push(Undo::Restore { name, spec: installed });
-                        Ok(())
-                    }
-                    Err(DatapathError::UnknownService(_)) => Ok(()),
-                    Err(err) => Err(err),
-                },
-            };
-            if let Err(err) = result {
+                DatapathOp::Remove => {
+                    set.insert(name, None);
+                }
+            }
+        }
+        let before: BTreeMap<String, Option<ServiceSpec>> =
+            set.keys().map(|name| (name.clone(), self.datapath.service(name).map(|v| v.spec))).collect();
+        if !set.is_empty() {
+            // All or nothing: a refused update has changed nothing.
+            self.datapath.update(set)?;
+        }
+        let mut undo: Vec<(String, u32)> = Vec::new();
+        for (name, ppm) in weights {
+            let installed = self.datapath.service(&name).map(|v| v.spec.canary_ppm);
+            if let Err(err) = self.datapath.set_weight(&name, ppm) {
                 log::error!("the datapath refused a change, undoing it: {err}");
-                for step in undo.into_iter().rev() {
-                    let undone = match step {
-                        Undo::Weight { name, ppm } => self.datapath.set_weight(&name, ppm),
-                        Undo::Restore { spec: Some(spec), .. } => self.datapath.replace_service(*spec),
-                        Undo::Restore { name, spec: None } => self.datapath.remove_service(&name),
-                    };
-                    if let Err(err) = undone {
+                for (name, ppm) in undo.into_iter().rev() {
+                    if let Err(err) = self.datapath.set_weight(&name, ppm) {
+                        log::error!("undoing a refused datapath change: {err}");
+                    }
+                }
+                if !before.is_empty() {
+                    if let Err(err) = self.datapath.update(before) {
                         log::error!("undoing a refused datapath change: {err}");
                     }
                 }
                 return Err(err);
+            }
+            if let Some(old) = installed {
+                undo.push((name, old));
             }
         }
         Ok(())

@@ -23,7 +23,7 @@ use self::{
 use crate::{
     api::types::{DatapathStatus, RolloutView, ServiceBody, ServiceState},
     config::{InvalidField, Role, ServiceConfig, ServiceSpec},
-    datapath::{Datapath, DatapathError, ServiceCounters},
+    datapath::{Datapath, DatapathError, ServiceCounters, Termination},
     gates::{
         checks::{CheckResult, WebhookCheck},
         metric::{MetricGate, OnMissing, Reading},
@@ -211,12 +211,14 @@ pub enum GateInput {
 }
 
 /// Work a change asks for that happens outside the core, after the change is committed.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum FollowUp {
     /// POST the rollout's state to its webhooks.
     Notify { service: String, event: String, webhooks: Vec<String>, payload: serde_json::Value },
-    /// Close established TCP connections to these canary backends.
-    TerminateCanary { service: String, backends: Vec<SocketAddr> },
+    /// Wait for the termination of the connections the datapath steered to a rolled-back
+    /// canary (TCP and connected UDP, destroyed on the datapath's termination worker, bounded by
+    /// `datapath::TERMINATION_TIMEOUT`) and record how many there were.
+    TerminateCanary { service: String, termination: Termination },
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -18,7 +18,7 @@ use crate::{
     api::{self, AppState, TaskHealth},
     config::Config,
     control::{self, store::file::FileStore, ControlHandle, Faults, Start},
-    datapath::Datapath,
+    datapath::{Datapath, DatapathOptions},
     gates::GateClients,
     paths,
 };
@@ -51,7 +51,7 @@ async fn serve(config_path: &Path, config: Config, loaded_bytes: Option<Vec<u8>>
     let listener = tokio::net::TcpListener::bind(config.api)
         .await
         .with_context(|| format!("binding the API to {} (agent.api)", config.api))?;
-    let datapath = Datapath::load(&config.cgroup, &config.bpffs).with_context(|| {
+    let datapath = Datapath::load(&DatapathOptions::from(&config)).with_context(|| {
         format!("loading the datapath (cgroup {}, bpffs {})", config.cgroup.display(), config.bpffs.display())
     })?;
     let store = FileStore::open(&config.state_dir)
@@ -95,9 +95,8 @@ async fn serve(config_path: &Path, config: Config, loaded_bytes: Option<Vec<u8>>
     supervisor.spawn("revision-reaper", |cancel, fault| tasks::reap_revisions(control.clone(), cancel, fault));
     supervisor.spawn("follow-ups", {
         let control = control.clone();
-        let cgroup = config.cgroup.clone();
         let gates = gates.clone();
-        move |cancel, fault| tasks::carry_out_follow_ups(control, follow_rx, cgroup, gates, cancel, fault)
+        move |cancel, fault| tasks::carry_out_follow_ups(control, follow_rx, gates, cancel, fault)
     });
     supervisor.spawn("config-watcher", {
         let control = control.clone();

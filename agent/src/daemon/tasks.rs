@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::Config,
     control::{Command, ControlError, ControlHandle, FollowUp, GateInput, GateWork},
+    datapath::DatapathOptions,
     gates::{
         metric::{self, poll_interval, QueryContext, Reading},
         prometheus::read_gates,
@@ -195,7 +196,6 @@ pub async fn reap_revisions(control: ControlHandle, cancel: CancellationToken, f
 pub async fn carry_out_follow_ups(
     control: ControlHandle,
     mut follow_ups: mpsc::UnboundedReceiver<FollowUp>,
-    cgroup: PathBuf,
     gates: GateClients,
     cancel: CancellationToken,
     fault: bool,
@@ -223,19 +223,29 @@ pub async fn carry_out_follow_ups(
                     });
                 }
             }
-            FollowUp::TerminateCanary { service, backends } => {
-                let cgroup = cgroup.clone();
-                let result =
-                    tokio::task::spawn_blocking(move || crate::terminate::terminate_connections(&cgroup, &backends))
-                        .await;
-                match result {
-                    Ok(Ok(count)) => {
-                        log::info!("service {service}: closed {count} canary connections after rollback");
-                        let _ = control.tell(Command::NoteTerminated { name: service, count }).await;
+            FollowUp::TerminateCanary { service, termination } => {
+                // The core has handed the chosen sockets to the datapath's termination worker;
+                // this only waits for the count (bounded by the termination's timeout), on a
+                // task of its own so that notifications do not queue behind it.
+                let control = control.clone();
+                tokio::spawn(async move {
+                    match tokio::task::spawn_blocking(move || termination.wait()).await {
+                        Ok(outcome) => {
+                            log::info!(
+                                "service {service}: closed {} steered canary connections after rollback{}",
+                                outcome.sockets,
+                                if outcome.errors.is_empty() {
+                                    String::new()
+                                } else {
+                                    format!(" ({})", outcome.errors.join("; "))
+                                }
+                            );
+                            let count = outcome.sockets;
+                            let _ = control.tell(Command::NoteTerminated { name: service, count }).await;
+                        }
+                        Err(err) => log::error!("service {service}: closing canary connections: {err}"),
                     }
-                    Ok(Err(err)) => log::error!("service {service}: closing canary connections: {err}"),
-                    Err(err) => log::error!("service {service}: closing canary connections: {err}"),
-                }
+                });
             }
         }
     }
@@ -307,6 +317,7 @@ pub async fn watch_config(
             || config.cgroup != initial.cgroup
             || config.bpffs != initial.bpffs
             || config.state_dir != initial.state_dir
+            || DatapathOptions::from(&config) != DatapathOptions::from(&initial)
         {
             log::warn!("config reload: changes to [agent] take effect at the next restart");
         }

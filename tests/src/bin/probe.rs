@@ -24,7 +24,8 @@ enum Command {
     /// TCP servers: each accepted connection is sent TAG and a newline, then held until the
     /// client closes. `--listen ADDR=TAG`, repeatable; `ADDR=TAG!reset` resets each connection
     /// right after the tag. With `--netns`, one set per namespace. A line `close TAG` on stdin
-    /// closes that tag's listeners (new connections are refused, open ones stay).
+    /// closes that tag's listeners (new connections are refused, open ones stay); `reset TAG`
+    /// resets that tag's open connections (prints `reset TAG N`).
     ServeTcp {
         #[arg(long, required = true)]
         listen: Vec<String>,
@@ -52,6 +53,12 @@ enum Command {
         /// Also report the tags of every SEGMENT consecutive connections.
         #[arg(long, default_value_t = 0)]
         segment: u32,
+        /// Give up a connection attempt after this many milliseconds (closing the socket).
+        #[arg(long, default_value_t = 3000)]
+        connect_timeout_ms: u64,
+        /// After the tag, send a line and wait for the server to acknowledge it (an RTT sample).
+        #[arg(long)]
+        request: bool,
     },
     /// Opens COUNT TCP connections to TARGET and keeps them; prints `held {tags}`, waits for a
     /// line on stdin, then reports per tag how many are still open and how many were reset.
@@ -78,6 +85,36 @@ enum Command {
         count: u32,
         #[arg(long)]
         one_socket: bool,
+    },
+    /// UDP sockets driven from stdin: SOCKETS sockets (connected to TARGET with `--connected`).
+    /// Prints `ready`; then each line `send` sends one datagram on every socket and prints a JSON
+    /// array with, per socket, the reply's tag and whether it came from TARGET, or the error;
+    /// `reconnect` reads each socket's pending error and connects it to TARGET again (what an
+    /// application does after ECONNABORTED), and prints `reconnected [errno or null, ...]`.
+    UdpSession {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        sockets: u32,
+        #[arg(long)]
+        connected: bool,
+    },
+    /// One unconnected UDP socket sends a datagram to each of TARGETS (as musl's resolver asks
+    /// every nameserver at once), then reads the replies: reports each reply's source and tag.
+    UdpMulti {
+        #[arg(long, value_delimiter = ',', required = true)]
+        targets: Vec<SocketAddr>,
+    },
+    /// Another socket load balancer, for the tests: loads a cgroup/connect4 program named NAME
+    /// that rewrites `--rewrite FROM=TO` (ip:port, IPv4) or does nothing, attaches it to CGROUP
+    /// with a bpf link, prints `attached PROGRAM_ID`, and holds it until stdin closes.
+    AttachForeign {
+        #[arg(long)]
+        cgroup: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        rewrite: Option<String>,
     },
     /// Opens and closes COUNT UDP sockets that each send one datagram to TARGET, BATCH open at
     /// a time; pauses (printing `paused`) with a batch open every PAUSE_EVERY sockets until a
@@ -121,6 +158,9 @@ fn enter_netns(path: &PathBuf) {
 
 /// Listening sockets by tag, for `close TAG`.
 static LISTENERS: std::sync::Mutex<Vec<(String, i32)>> = std::sync::Mutex::new(Vec::new());
+/// Open accepted connections by tag, for `reset TAG`. A serving thread removes its entry (under
+/// the lock) before it closes the socket, so a listed fd is always the connection it names.
+static OPEN: std::sync::Mutex<Vec<(String, i32)>> = std::sync::Mutex::new(Vec::new());
 
 fn serve_tcp(listener: TcpListener, tag: String) {
     let (tag, reset) = match tag.strip_suffix("!reset") {
@@ -137,9 +177,12 @@ fn serve_tcp(listener: TcpListener, tag: String) {
                 close_with_reset(&stream);
                 return;
             }
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+            OPEN.lock().unwrap().push((tag.clone(), fd));
             let _ = stream.set_read_timeout(Some(Duration::from_secs(300)));
             let mut sink = [0u8; 256];
             while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
+            OPEN.lock().unwrap().retain(|(_, open)| *open != fd);
         });
     }
 }
@@ -185,6 +228,19 @@ fn main() {
                             unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
                         }
                         println!("closed {tag}");
+                    } else if let Some(tag) = line.strip_prefix("reset ") {
+                        let open = OPEN.lock().unwrap();
+                        let mut count = 0;
+                        for fd in open.iter().filter(|(t, _)| t == tag).map(|(_, fd)| *fd) {
+                            // connect(AF_UNSPEC) disconnects a TCP socket, with a reset to the peer.
+                            let unspec =
+                                libc::sockaddr { sa_family: libc::AF_UNSPEC as libc::sa_family_t, sa_data: [0; 14] };
+                            unsafe {
+                                libc::connect(fd, &unspec, std::mem::size_of::<libc::sockaddr>() as libc::socklen_t)
+                            };
+                            count += 1;
+                        }
+                        println!("reset {tag} {count}");
                     }
                 }
             });
@@ -208,7 +264,7 @@ fn main() {
                 let _ = t.join();
             }
         }
-        Command::Tcp { target, count, max_seconds, drain, segment } => {
+        Command::Tcp { target, count, max_seconds, drain, segment, connect_timeout_ms, request } => {
             let mut segments: Vec<BTreeMap<String, u32>> = Vec::new();
             let deadline = Instant::now() + Duration::from_secs(max_seconds);
             let mut tags: BTreeMap<String, u32> = BTreeMap::new();
@@ -222,7 +278,7 @@ fn main() {
                 if segment > 0 && i % segment == 0 {
                     segments.push(BTreeMap::new());
                 }
-                match tcp_once(target, drain) {
+                match tcp_once(target, drain, Duration::from_millis(connect_timeout_ms), request) {
                     Ok((tag, peer, reset)) => {
                         reset_after_tag += reset as u32;
                         if let Some(current) = segments.last_mut() {
@@ -328,6 +384,30 @@ fn main() {
                 json!({ "tags": tags, "errors": errors, "from_target": from_target, "from_other": from_other })
             );
         }
+        Command::UdpSession { target, sockets, connected } => udp_session(target, sockets, connected),
+        Command::UdpMulti { targets } => {
+            let bind: SocketAddr = if targets[0].is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
+            let socket = UdpSocket::bind(bind).expect("bind");
+            socket.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            let mut errors: BTreeMap<String, u32> = BTreeMap::new();
+            for target in &targets {
+                if let Err(err) = socket.send_to(b"q", target) {
+                    *errors.entry(format!("{:?}", err.kind())).or_default() += 1;
+                }
+            }
+            let mut replies = Vec::new();
+            let mut buf = [0u8; 1500];
+            for _ in &targets {
+                match socket.recv_from(&mut buf) {
+                    Ok((n, from)) => {
+                        replies.push(json!({ "from": from.to_string(), "tag": String::from_utf8_lossy(&buf[..n]) }))
+                    }
+                    Err(err) => *errors.entry(format!("{:?}", err.kind())).or_default() += 1,
+                }
+            }
+            println!("{}", json!({ "replies": replies, "errors": errors }));
+        }
+        Command::AttachForeign { cgroup, name, rewrite } => attach_foreign(&cgroup, &name, rewrite.as_deref()),
         Command::Churn { target, count, batch, pause_every } => {
             let bind: SocketAddr = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
             let mut done = 0u32;
@@ -436,6 +516,19 @@ fn load(target: SocketAddr, rate: f64, seconds: f64, connect_timeout_ms: u64) {
     );
 }
 
+/// Waits (up to a second) until the peer has acknowledged everything sent (TIOCOUTQ is 0).
+fn wait_until_acknowledged(stream: &TcpStream) {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let mut unacked: libc::c_int = 0;
+        let rc = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(stream), libc::TIOCOUTQ, &mut unacked) };
+        if rc != 0 || unacked == 0 || Instant::now() > deadline {
+            return;
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Linger 0: dropping the stream then sends RST instead of FIN (and leaves no TIME_WAIT).
 fn close_with_reset(stream: &TcpStream) {
     let linger = libc::linger { l_onoff: 1, l_linger: 0 };
@@ -450,14 +543,24 @@ fn close_with_reset(stream: &TcpStream) {
     }
 }
 
-fn tcp_once(target: SocketAddr, drain: bool) -> std::io::Result<(String, SocketAddr, bool)> {
-    let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(3))?;
+fn tcp_once(
+    target: SocketAddr,
+    drain: bool,
+    connect_timeout: Duration,
+    request: bool,
+) -> std::io::Result<(String, SocketAddr, bool)> {
+    let mut stream = TcpStream::connect_timeout(&target, connect_timeout)?;
     stream.set_read_timeout(Some(Duration::from_secs(3)))?;
     let peer = stream.peer_addr()?;
     let mut tag = Vec::new();
     let mut byte = [0u8; 1];
     while stream.read(&mut byte)? == 1 && byte[0] != b'\n' {
         tag.push(byte[0]);
+    }
+    if request {
+        stream.write_all(b"request\n")?;
+        // The kernel's ACK of this data is an RTT sample; give it time to arrive.
+        wait_until_acknowledged(&stream);
     }
     let mut reset = false;
     if drain {
@@ -476,4 +579,122 @@ fn tcp_once(target: SocketAddr, drain: bool) -> std::io::Result<(String, SocketA
         }
     }
     Ok((String::from_utf8_lossy(&tag).into_owned(), peer, reset))
+}
+
+/// See `Command::UdpSession`.
+fn udp_session(target: SocketAddr, count: u32, connected: bool) {
+    let bind: SocketAddr = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
+    let sockets: Vec<UdpSocket> = (0..count)
+        .map(|_| {
+            let socket = UdpSocket::bind(bind).expect("bind");
+            socket.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            if connected {
+                socket.connect(target).expect("connect");
+            }
+            socket
+        })
+        .collect();
+    println!("ready");
+    for line in std::io::stdin().lines().map_while(Result::ok) {
+        match line.trim() {
+            "send" => {
+                let mut results = Vec::new();
+                for socket in &sockets {
+                    let mut buf = [0u8; 1500];
+                    let exchange = if connected {
+                        socket.send(b"q").and_then(|_| socket.recv_from(&mut buf))
+                    } else {
+                        socket.send_to(b"q", target).and_then(|_| socket.recv_from(&mut buf))
+                    };
+                    results.push(match exchange {
+                        Ok((n, from)) => {
+                            json!({ "tag": String::from_utf8_lossy(&buf[..n]), "from_target": from == target })
+                        }
+                        Err(err) => json!({ "error": format!("{:?}", err.kind()), "errno": err.raw_os_error() }),
+                    });
+                }
+                println!("{}", json!(results));
+            }
+            "reconnect" => {
+                // An application reads the pending error (ECONNABORTED on a destroyed socket),
+                // then connects again.
+                let pending: Vec<Option<i32>> = sockets
+                    .iter()
+                    .map(|socket| {
+                        let error = socket.take_error().expect("SO_ERROR").and_then(|e| e.raw_os_error());
+                        socket.connect(target).expect("connect");
+                        error
+                    })
+                    .collect();
+                println!("reconnected {}", json!(pending));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// See `Command::AttachForeign`: a hand-assembled program (no compiler needed), loaded and
+/// attached with raw bpf(2) calls.
+fn attach_foreign(cgroup: &std::path::Path, name: &str, rewrite: Option<&str>) {
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+    const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+    /// One instruction: code, dst and src registers, offset, immediate.
+    fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
+        let mut raw = [0u8; 8];
+        raw[0] = code;
+        raw[1] = (src << 4) | dst;
+        raw[2..4].copy_from_slice(&off.to_ne_bytes());
+        raw[4..8].copy_from_slice(&imm.to_ne_bytes());
+        raw
+    }
+    let (ldx_w, jne32_k, mov32_k, stx_w, mov64_k, exit) = (0x61, 0x56, 0xb4, 0x63, 0xb7, 0x95);
+    // bpf_sock_addr: user_ip4 at 4, user_port at 24 (both network order).
+    let mut program = Vec::new();
+    if let Some(spec) = rewrite {
+        let (from, to) = spec.split_once('=').expect("--rewrite FROM=TO");
+        let (from, to): (std::net::SocketAddrV4, std::net::SocketAddrV4) =
+            (from.parse().expect("FROM ip:port"), to.parse().expect("TO ip:port"));
+        let ip = |a: &std::net::SocketAddrV4| u32::from_ne_bytes(a.ip().octets()) as i32;
+        let port = |a: &std::net::SocketAddrV4| a.port().to_be() as i32;
+        program.extend([
+            insn(ldx_w, 2, 1, 4, 0),
+            insn(jne32_k, 2, 0, 6, ip(&from)),
+            insn(ldx_w, 2, 1, 24, 0),
+            insn(jne32_k, 2, 0, 4, port(&from)),
+            insn(mov32_k, 2, 0, 0, ip(&to)),
+            insn(stx_w, 1, 2, 4, 0),
+            insn(mov32_k, 2, 0, 0, port(&to)),
+            insn(stx_w, 1, 2, 24, 0),
+        ]);
+    }
+    program.extend([insn(mov64_k, 0, 0, 0, 1), insn(exit, 0, 0, 0, 0)]);
+    let license = b"GPL\0";
+    let mut attr = [0u8; 128];
+    let put32 = |attr: &mut [u8; 128], at: usize, v: u32| attr[at..at + 4].copy_from_slice(&v.to_ne_bytes());
+    let put64 = |attr: &mut [u8; 128], at: usize, v: u64| attr[at..at + 8].copy_from_slice(&v.to_ne_bytes());
+    put32(&mut attr, 0, BPF_PROG_TYPE_CGROUP_SOCK_ADDR);
+    put32(&mut attr, 4, program.len() as u32);
+    put64(&mut attr, 8, program.as_ptr() as u64);
+    put64(&mut attr, 16, license.as_ptr() as u64);
+    let name_bytes = name.as_bytes();
+    attr[48..48 + name_bytes.len().min(15)].copy_from_slice(&name_bytes[..name_bytes.len().min(15)]);
+    put32(&mut attr, 68, BPF_CGROUP_INET4_CONNECT);
+    let prog = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, attr.as_mut_ptr(), attr.len()) };
+    assert!(prog >= 0, "BPF_PROG_LOAD: {}", std::io::Error::last_os_error());
+    let dir = std::fs::File::open(cgroup).expect("open cgroup");
+    let mut attr = [0u8; 128];
+    put32(&mut attr, 0, prog as u32);
+    put32(&mut attr, 4, std::os::fd::AsRawFd::as_raw_fd(&dir) as u32);
+    put32(&mut attr, 8, BPF_CGROUP_INET4_CONNECT);
+    let link = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_CREATE, attr.as_mut_ptr(), attr.len()) };
+    assert!(link >= 0, "BPF_LINK_CREATE: {}", std::io::Error::last_os_error());
+    // The program's id, from /proc/self/fdinfo of its fd.
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{prog}")).expect("fdinfo");
+    let id = info.lines().find_map(|l| l.strip_prefix("prog_id:")).map(str::trim).unwrap_or("?").to_string();
+    println!("attached {id}");
+    let mut sink = String::new();
+    while std::io::stdin().read_line(&mut sink).is_ok_and(|n| n > 0) {}
+    // Exiting closes the link fd: the program detaches.
 }

@@ -1,0 +1,1006 @@
+//! The one owner of the eBPF programs and map handles. HTTP handlers (and anything else) change
+//! the datapath only through the intent-level methods here.
+//!
+//! Update order is what makes changes atomic for a connecting socket: a new backend revision is
+//! written whole before any frontend points at it; each frontend value (weight, flags, revision,
+//! counts) is replaced in one map update; a revision's backends are deleted only when no
+//! frontend has pointed at it for `REVISION_GRACE`.
+//!
+//! A change is computed as a whole: `sync` works out the complete frontend table (and cohort
+//! table) every service wants, writes what differs, then deletes only the keys absent from it. A
+//! frontend that moves from one service to another (or a renamed service) is therefore
+//! overwritten, never deleted by the service that no longer has it. At start the tables mirror
+//! what an earlier run pinned, so the first `sync` also removes that run's leftovers, and a
+//! service whose pinned revision holds exactly its backends keeps it: a restart rewrites nothing.
+//!
+//! Module layout: `loader` checks pinned maps and links and attaches the programs, `registry`
+//! hands out service ids and revisions, `sockets` finds and destroys chosen steered sockets.
+
+mod loader;
+mod registry;
+mod sockets;
+
+use std::{
+    collections::{BTreeMap, HashMap as StdHashMap, HashSet},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use agent_common::{
+    service_seed, v4_mapped, BackendKey, BackendValue, CohortKey, CounterKey, FrontendKey, FrontendValue, Settings,
+    SideCounters, SideCountersV1, COHORT_ALWAYS_CANARY, COHORT_NEVER_CANARY, FAMILY_V4, FAMILY_V6,
+    FLAG_AFFINITY_CLIENT, FLAG_HAS_COHORTS, MAP_BACKENDS, MAP_COHORTS, MAP_COUNTERS, MAP_COUNTERS_V1, MAP_FRONTENDS,
+    MAP_SETTINGS, MAP_SETTINGS_V1, MAP_SOCKETS, MAP_UDP_FLOWS, MAX_BACKEND_SLOTS, MAX_FRONTENDS, MAX_SERVICES,
+    MAX_STEERED_SOCKETS, SETTING_HOST_NETNS_ONLY, SIDE_CANARY, SIDE_STABLE,
+};
+use aya::{
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuHashMap, PerCpuValues},
+    programs::ProgramError,
+    BtfError, Ebpf, EbpfError,
+};
+pub use loader::{uninstall, ForeignProgram, LinkOutcome};
+use registry::{Revisions, ServiceIds};
+pub use sockets::{Selection, Termination};
+
+use crate::config::{Affinity, CohortCanary, ServiceSpec};
+
+/// The eBPF object built by build.rs from `agent-ebpf`.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sockshift-ebpf"));
+
+/// How long a replaced backend revision stays readable: far longer than any program run, so a
+/// socket that read the old frontend value still finds the old backends. Also how long a removed
+/// service's id drains at least.
+pub const REVISION_GRACE: Duration = Duration::from_secs(2);
+
+/// How long destroying chosen sockets may take before the rest is given up.
+pub const TERMINATION_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("bpffs directory {path}: {source}")]
+    Bpffs { path: PathBuf, source: std::io::Error },
+    #[error("cgroup {path}: {source}")]
+    Cgroup { path: PathBuf, source: std::io::Error },
+    #[error("reading the embedded eBPF object: {0}")]
+    Object(String),
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] EbpfError),
+    #[error("program {name}: {source}")]
+    Program { name: &'static str, source: ProgramError },
+    #[error("attaching {name}: {source}")]
+    Attach { name: &'static str, source: std::io::Error },
+    #[error("pinned link of {name}: {source}")]
+    Link { name: &'static str, source: std::io::Error },
+    #[error("pinned link {path} {problem}")]
+    PinnedLink { path: PathBuf, problem: String },
+    #[error("pinned map {path}: {source}")]
+    PinnedMap { path: PathBuf, source: MapError },
+    #[error(
+        "pinned map {path} does not match this agent's definition: its {field} is {pinned}, this agent needs {wanted}; \
+         nothing was attached or changed. {hint}"
+    )]
+    MapMismatch { path: PathBuf, field: &'static str, pinned: u64, wanted: u64, hint: String },
+    #[error("reading kernel BTF from /sys/kernel/btf/vmlinux: {0}")]
+    Btf(#[from] BtfError),
+    #[error("map {name} is missing from the eBPF object")]
+    MissingMap { name: &'static str },
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: MapError },
+    #[error("service {0:?} not found")]
+    UnknownService(String),
+    #[error(
+        "no free service id: at most {MAX_SERVICES} services, and {draining} ids still belong to removed services \
+         whose sockets are open"
+    )]
+    TooManyServices { draining: usize },
+    #[error("{count} frontends in all, at most {MAX_FRONTENDS} are supported")]
+    TooManyFrontends { count: usize },
+    #[error(
+        "the change needs {needed} backend slots but {free} of {MAX_BACKEND_SLOTS} are free (replaced revisions free \
+         theirs {REVISION_GRACE:?} after the change that replaced them)"
+    )]
+    TooManyBackendSlots { needed: usize, free: usize },
+    #[error("reading the host network namespace cookie: {0}")]
+    NetnsCookie(std::io::Error),
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
+    move |source| DatapathError::Map { name, source }
+}
+
+/// How the datapath is set up: where it attaches and pins, and the socket table's size and
+/// bounds. From `[agent]` in the config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatapathOptions {
+    /// cgroup v2 directory whose processes are steered.
+    pub cgroup: PathBuf,
+    /// bpffs directory of the pinned maps and links.
+    pub bpffs: PathBuf,
+    /// Size of the socket table (and of the UDP flow table).
+    pub steered_socket_capacity: u32,
+    /// Most socket records one network namespace may hold; 0: no bound.
+    pub steered_sockets_per_netns: u32,
+    /// Steer only the host network namespace's sockets.
+    pub host_netns_only: bool,
+}
+
+impl DatapathOptions {
+    /// The defaults for everything but where to attach and pin.
+    pub fn new(cgroup: &Path, bpffs: &Path) -> Self {
+        Self {
+            cgroup: cgroup.to_owned(),
+            bpffs: bpffs.to_owned(),
+            steered_socket_capacity: MAX_STEERED_SOCKETS,
+            steered_sockets_per_netns: default_sockets_per_netns(MAX_STEERED_SOCKETS),
+            host_netns_only: false,
+        }
+    }
+}
+
+impl From<&crate::config::Config> for DatapathOptions {
+    fn from(config: &crate::config::Config) -> Self {
+        Self {
+            cgroup: config.cgroup.clone(),
+            bpffs: config.bpffs.clone(),
+            steered_socket_capacity: config.steered_socket_capacity,
+            steered_sockets_per_netns: config.steered_sockets_per_netns,
+            host_netns_only: config.host_netns_only,
+        }
+    }
+}
+
+/// A quarter of the table: one client namespace cannot take more, and it takes four to fill it.
+pub const fn default_sockets_per_netns(capacity: u32) -> u32 {
+    capacity / 4
+}
+
+/// A service as installed in the maps.
+#[derive(Debug, Clone)]
+struct Installed {
+    id: u32,
+    spec: ServiceSpec,
+    /// The frontend value every frontend of the service carries.
+    value: FrontendValue,
+}
+
+/// Counters of both sides of a service, summed over CPUs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ServiceCounters {
+    pub stable: SideCounters,
+    pub canary: SideCounters,
+}
+
+/// Read-only view of one installed service.
+#[derive(Debug, Clone)]
+pub struct ServiceView {
+    pub id: u32,
+    pub revision: u32,
+    pub spec: ServiceSpec,
+}
+
+/// Datapath-wide figures, for `GET /v1/datapath`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DatapathStatus {
+    pub services: usize,
+    /// The cgroup the programs are attached to.
+    pub cgroup: PathBuf,
+    /// Socket records open now (steered TCP and connected UDP sockets).
+    pub open_steered_sockets: u64,
+    /// The socket table's real size (the pinned map's), not a constant.
+    pub steered_socket_capacity: u32,
+    /// The per-namespace bound; 0: none.
+    pub steered_sockets_per_netns: u32,
+    /// Reply translations of unconnected UDP sockets held now, and the table's size.
+    pub udp_flows: usize,
+    pub udp_flow_capacity: u32,
+    /// Ids of removed services still waiting for their open sockets to close.
+    pub draining_service_ids: usize,
+    pub host_netns_only: bool,
+    /// What happened to each program's pinned link at start.
+    pub links: BTreeMap<&'static str, LinkOutcome>,
+    /// Other programs on sockshift's hooks for this cgroup.
+    pub foreign_programs: Vec<ForeignProgram>,
+}
+
+/// What an earlier run pinned, kept until the first `sync` has adopted what it can.
+struct PinnedStart {
+    /// Each pinned revision's backend slots, sorted.
+    revisions: StdHashMap<u32, Vec<(BackendKey, BackendValue)>>,
+}
+
+pub struct Datapath {
+    // Holds the programs; the links are pinned, so dropping it detaches nothing.
+    _ebpf: Ebpf,
+    options: DatapathOptions,
+    frontends: HashMap<MapData, FrontendKey, FrontendValue>,
+    backends: HashMap<MapData, BackendKey, BackendValue>,
+    udp_flows: HashMap<MapData, agent_common::UdpFlowKey, agent_common::UdpFlow>,
+    counters: PerCpuHashMap<MapData, CounterKey, SideCounters>,
+    cohorts: HashMap<MapData, CohortKey, u32>,
+    services: BTreeMap<String, Installed>,
+    /// What FRONTENDS holds (this process writes it alone).
+    frontend_table: StdHashMap<FrontendKey, FrontendValue>,
+    /// What COHORTS holds.
+    cohort_table: StdHashMap<CohortKey, u32>,
+    /// The backend slots of each revision BACKENDS holds.
+    revisions: StdHashMap<u32, Vec<BackendKey>>,
+    /// Revisions no service refers to any more, since when.
+    retired: BTreeMap<u32, Instant>,
+    pinned_start: Option<PinnedStart>,
+    ids: ServiceIds,
+    revision_ids: Revisions,
+    nr_cpus: usize,
+    socket_capacity: u32,
+    udp_flow_capacity: u32,
+    links: BTreeMap<&'static str, LinkOutcome>,
+    foreign: Vec<ForeignProgram>,
+    terminator: sockets::Terminator,
+}
+
+impl Datapath {
+    /// Loads the programs, pins (or adopts) the maps under the bpffs directory, and makes the
+    /// configured cgroup run every program. Maps already pinned there are checked against the
+    /// programs' definitions first and adopted only if they match; nothing is attached otherwise.
+    pub fn load(options: &DatapathOptions) -> Result<Self, DatapathError> {
+        std::fs::metadata(&options.cgroup)
+            .map_err(|source| DatapathError::Cgroup { path: options.cgroup.clone(), source })?;
+        crate::paths::ensure_bpffs_mounted()
+            .map_err(|source| DatapathError::Bpffs { path: options.bpffs.clone(), source })?;
+        std::fs::create_dir_all(&options.bpffs)
+            .map_err(|source| DatapathError::Bpffs { path: options.bpffs.clone(), source })?;
+
+        loader::check_pinned_maps(options)?;
+        let mut ebpf = loader::load_object(options)?;
+        let frontends: HashMap<MapData, FrontendKey, FrontendValue> = take_map(&mut ebpf, MAP_FRONTENDS)?;
+        let backends: HashMap<MapData, BackendKey, BackendValue> = take_map(&mut ebpf, MAP_BACKENDS)?;
+        let sockets: HashMap<MapData, u64, agent_common::SocketEntry> = take_map(&mut ebpf, MAP_SOCKETS)?;
+        let udp_flows: HashMap<MapData, agent_common::UdpFlowKey, agent_common::UdpFlow> =
+            take_map(&mut ebpf, MAP_UDP_FLOWS)?;
+        let mut counters: PerCpuHashMap<MapData, CounterKey, SideCounters> = take_map(&mut ebpf, MAP_COUNTERS)?;
+        let cohorts: HashMap<MapData, CohortKey, u32> = take_map(&mut ebpf, MAP_COHORTS)?;
+        let mut settings: Array<MapData, Settings> = take_map(&mut ebpf, MAP_SETTINGS)?;
+        // Settings first: the new programs read them from their first run.
+        let value = Settings {
+            host_netns_cookie: host_netns_cookie()?,
+            sockets_per_netns: options.steered_sockets_per_netns,
+            flags: if options.host_netns_only { SETTING_HOST_NETNS_ONLY } else { 0 },
+        };
+        settings.set(0, value, 0).map_err(map_err(MAP_SETTINGS))?;
+        let nr_cpus = aya::util::nr_cpus().map_err(|(_, err)| DatapathError::NetnsCookie(err))?;
+
+        // What an earlier run left, read before anything changes.
+        let frontend_table: StdHashMap<FrontendKey, FrontendValue> = frontends.iter().filter_map(Result::ok).collect();
+        let cohort_table: StdHashMap<CohortKey, u32> = cohorts.iter().filter_map(Result::ok).collect();
+        let mut pinned_revisions: StdHashMap<u32, Vec<(BackendKey, BackendValue)>> = StdHashMap::new();
+        for (key, value) in backends.iter().filter_map(Result::ok) {
+            pinned_revisions.entry(key.revision).or_default().push((key, value));
+        }
+        for slots in pinned_revisions.values_mut() {
+            slots.sort_by_key(|(k, _)| (k.side, k.family, k.index));
+        }
+        let revisions: StdHashMap<u32, Vec<BackendKey>> =
+            pinned_revisions.iter().map(|(r, slots)| (*r, slots.iter().map(|(k, _)| *k).collect())).collect();
+        let migrated = migrate_counters_v1(&options.bpffs, &mut counters, nr_cpus)?;
+        let pinned_ids: HashSet<u32> = frontend_table
+            .values()
+            .map(|v| v.service_id)
+            .chain(counters.keys().filter_map(Result::ok).map(|k| k.service_id))
+            .chain(cohort_table.keys().map(|k| k.service_id))
+            .collect();
+
+        let loader::Attached { links, foreign } = loader::attach_programs(&mut ebpf, options)?;
+        // The new programs run now: maps only older programs used can go.
+        for name in [MAP_COUNTERS_V1, MAP_SETTINGS_V1] {
+            let pin = options.bpffs.join(name);
+            if pin.exists() {
+                if let Err(err) = std::fs::remove_file(&pin) {
+                    log::warn!("removing the obsolete pin {}: {err}", pin.display());
+                }
+            }
+        }
+        if migrated > 0 {
+            log::info!("carried the counters of {migrated} service sides over from {MAP_COUNTERS_V1}");
+        }
+        let updated = links.iter().filter(|(_, o)| *o == LinkOutcome::Updated).count();
+        if updated > 0 {
+            log::info!(
+                "adopted {updated} pinned links from {}: programs replaced in place",
+                options.bpffs.join("links").display()
+            );
+        }
+        for program in &foreign {
+            log::warn!(
+                "another program is on the {} hook of {}: {:?} (id {}), {} and running {} sockshift's; which one \
+                 steers a connection depends on that order (see \"Other socket load balancers\" in the README)",
+                program.hook,
+                options.cgroup.display(),
+                program.name,
+                program.program_id,
+                if program.attached_to_cgroup {
+                    "attached to this cgroup"
+                } else {
+                    "inherited from an ancestor cgroup"
+                },
+                if program.runs_before_sockshift { "before" } else { "after" },
+            );
+        }
+
+        let socket_capacity = sockets_capacity(&options.bpffs.join(MAP_SOCKETS));
+        let udp_flow_capacity = sockets_capacity(&options.bpffs.join(MAP_UDP_FLOWS));
+        let highest_revision = revisions.keys().max().copied();
+        Ok(Self {
+            _ebpf: ebpf,
+            options: options.clone(),
+            frontends,
+            backends,
+            udp_flows,
+            counters,
+            cohorts,
+            services: BTreeMap::new(),
+            frontend_table,
+            cohort_table,
+            revisions,
+            retired: BTreeMap::new(),
+            pinned_start: Some(PinnedStart { revisions: pinned_revisions }),
+            ids: ServiceIds::new(MAX_SERVICES, pinned_ids),
+            revision_ids: Revisions::new(highest_revision),
+            nr_cpus,
+            socket_capacity,
+            udp_flow_capacity,
+            links: links.into_iter().collect(),
+            foreign,
+            terminator: sockets::Terminator::start(options.cgroup.clone(), sockets),
+        })
+    }
+
+    /// Makes the datapath hold exactly `specs` (at start: whatever an earlier run pinned and no
+    /// service wants any more goes too). See [`Datapath::update`] for how a change is applied.
+    pub fn sync(&mut self, specs: &[ServiceSpec]) -> Result<(), DatapathError> {
+        let mut changes: BTreeMap<String, Option<ServiceSpec>> =
+            self.services.keys().map(|name| (name.clone(), None)).collect();
+        for spec in specs {
+            changes.insert(spec.name.clone(), Some(spec.clone()));
+        }
+        self.apply(changes, true)
+    }
+
+    /// Adds, replaces (`Some`) or removes (`None`) the named services, computed as a whole:
+    /// every changed service's new backends and cohort entries are written first, then each
+    /// frontend whose value differs from the target, then the keys the changed services had and
+    /// no longer have are deleted. A frontend that moves between two services of one change (a
+    /// renamed service, say) is therefore overwritten, never deleted by the service that gave it
+    /// up. If a step before the frontends fails, what it wrote is undone and nothing has changed.
+    /// The cost is that of the changed services, whatever the number of others; a frontend the
+    /// change gives a service must not belong to a service outside the change (the control core
+    /// checks that).
+    pub fn update(&mut self, changes: BTreeMap<String, Option<ServiceSpec>>) -> Result<(), DatapathError> {
+        self.apply(changes, false)
+    }
+
+    /// `update`, or with `whole`, the change of every service: then keys that no service had
+    /// (an earlier run's leftovers) go as well.
+    fn apply(&mut self, changes: BTreeMap<String, Option<ServiceSpec>>, whole: bool) -> Result<(), DatapathError> {
+        let now = Instant::now();
+        let specs: Vec<ServiceSpec> = changes.values().flatten().cloned().collect();
+        let incoming: usize = specs.iter().map(|s| s.frontends.len()).sum();
+        let count = if whole {
+            incoming
+        } else {
+            let outgoing: usize =
+                changes.keys().filter_map(|name| self.services.get(name)).map(|s| s.spec.frontends.len()).sum();
+            self.frontend_table.len().saturating_sub(outgoing) + incoming
+        };
+        if count > MAX_FRONTENDS as usize {
+            return Err(DatapathError::TooManyFrontends { count });
+        }
+        let mut undo = Undo::default();
+        let planned = self.plan(&specs, &mut undo);
+        let plans = match planned {
+            Ok(plans) => plans,
+            Err(err) => {
+                self.undo(undo);
+                return Err(err);
+            }
+        };
+
+        // The switch: every frontend to its target value, then what no service has any more.
+        let mut target: StdHashMap<FrontendKey, FrontendValue> = StdHashMap::new();
+        for plan in &plans {
+            for key in frontend_keys(&plan.spec) {
+                target.insert(key, plan.value);
+            }
+        }
+        let mut written: Vec<(FrontendKey, Option<FrontendValue>)> = Vec::new();
+        for (key, value) in &target {
+            let previous = self.frontend_table.get(key).copied();
+            if previous == Some(*value) {
+                continue;
+            }
+            if let Err(err) = self.frontends.insert(key, value, 0) {
+                // Put the frontends switched so far back, then undo the rest: nothing changed.
+                for (key, previous) in written.into_iter().rev() {
+                    match previous {
+                        Some(value) => {
+                            let _ = self.frontends.insert(key, value, 0);
+                        }
+                        None => {
+                            let _ = self.frontends.remove(&key);
+                        }
+                    }
+                }
+                self.undo(undo);
+                return Err(map_err(MAP_FRONTENDS)(err));
+            }
+            written.push((*key, previous));
+        }
+        for (key, _) in &written {
+            self.frontend_table.insert(*key, target[key]);
+        }
+        let wanted_cohorts: HashSet<CohortKey> = plans.iter().flat_map(|p| p.cohorts.iter().map(|(k, _)| *k)).collect();
+        let (stale_frontends, stale_cohorts): (Vec<FrontendKey>, Vec<CohortKey>) = if whole {
+            (
+                self.frontend_table.keys().filter(|k| !target.contains_key(k)).copied().collect(),
+                self.cohort_table.keys().filter(|k| !wanted_cohorts.contains(k)).copied().collect(),
+            )
+        } else {
+            // Only the changed services' keys: every other key belongs to a service the change
+            // leaves alone.
+            let before: Vec<&Installed> = changes.keys().filter_map(|name| self.services.get(name)).collect();
+            (
+                before
+                    .iter()
+                    .flat_map(|s| frontend_keys(&s.spec))
+                    .filter(|k| !target.contains_key(k))
+                    .collect(),
+                before
+                    .iter()
+                    .flat_map(|s| cohort_keys(&s.spec, s.id))
+                    .filter(|(k, _)| !wanted_cohorts.contains(k))
+                    .map(|(k, _)| k)
+                    .collect(),
+            )
+        };
+        for key in stale_frontends {
+            let _ = self.frontends.remove(&key);
+            self.frontend_table.remove(&key);
+        }
+        for key in stale_cohorts {
+            let _ = self.cohorts.remove(&key);
+            self.cohort_table.remove(&key);
+        }
+
+        // Bookkeeping, and the sockets the change leaves on backends that are gone.
+        let mut before: BTreeMap<String, Installed> =
+            changes.keys().filter_map(|name| self.services.remove(name).map(|s| (name.clone(), s))).collect();
+        for plan in plans {
+            let previous = before.remove(&plan.spec.name);
+            if let Some(old) = &previous {
+                let removed_backends = removed(&old.spec, &plan.spec);
+                if !removed_backends.is_empty() {
+                    self.terminator.destroy_connected_udp(Selection::backends(old.id, removed_backends));
+                }
+                if old.value.canary_ppm > 0 && plan.value.canary_ppm == 0 {
+                    self.terminator.destroy_connected_udp(Selection::side(old.id, SIDE_CANARY));
+                }
+                if old.value.revision != plan.value.revision {
+                    self.retired.entry(old.value.revision).or_insert(now);
+                }
+            }
+            self.services
+                .insert(plan.spec.name.clone(), Installed { id: plan.id, spec: plan.spec, value: plan.value });
+        }
+        for (_, gone) in before {
+            self.ids.release(gone.id, now);
+            self.retired.entry(gone.value.revision).or_insert(now);
+            let backends: Vec<SocketAddr> = gone.spec.stable.iter().chain(&gone.spec.canary).copied().collect();
+            if !backends.is_empty() {
+                self.terminator.destroy_connected_udp(Selection::backends(gone.id, backends));
+            }
+        }
+        if whole {
+            if self.pinned_start.take().is_some() {
+                self.ids.drain_unclaimed(now);
+            }
+            let referenced: HashSet<u32> = self.services.values().map(|s| s.value.revision).collect();
+            for revision in self.revisions.keys() {
+                if !referenced.contains(revision) {
+                    self.retired.entry(*revision).or_insert(now);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Works out each service's id, revision and frontend value, writing the new revisions, the
+    /// counters of new ids and the cohort entries (all recorded in `undo`).
+    fn plan(&mut self, specs: &[ServiceSpec], undo: &mut Undo) -> Result<Vec<Plan>, DatapathError> {
+        let mut plans = Vec::with_capacity(specs.len());
+        let mut adopted: HashSet<u32> = HashSet::new();
+        let mut new_slots = 0usize;
+        for spec in specs {
+            let installed = self.services.get(&spec.name);
+            let layout = backend_layout(spec);
+            let (id, revision) = match installed {
+                Some(i) if i.spec.stable == spec.stable && i.spec.canary == spec.canary => (i.id, i.value.revision),
+                Some(i) => (i.id, 0), // new backends: a new revision
+                None => {
+                    let (id, claimed) = self.id_for_new(spec)?;
+                    if claimed {
+                        undo.claimed.push(id);
+                    } else {
+                        undo.ids.push(id);
+                    }
+                    (id, 0)
+                }
+            };
+            let revision = if revision != 0 {
+                revision
+            } else if let Some(r) = self.adoptable_revision(spec, id, &layout).filter(|r| adopted.insert(*r)) {
+                r
+            } else {
+                new_slots += layout.len();
+                0 // written below, once the total is known to fit
+            };
+            plans.push(Plan {
+                spec: spec.clone(),
+                id,
+                value: FrontendValue { revision, ..Default::default() },
+                cohorts: Vec::new(),
+            });
+        }
+        let used: usize = self.revisions.values().map(Vec::len).sum();
+        let free = (MAX_BACKEND_SLOTS as usize).saturating_sub(used);
+        if new_slots > free {
+            return Err(DatapathError::TooManyBackendSlots { needed: new_slots, free });
+        }
+
+        for plan in &mut plans {
+            let spec = &plan.spec;
+            let layout = backend_layout(spec);
+            if plan.value.revision == 0 {
+                plan.value.revision = self.write_revision(&layout, undo)?;
+            }
+            if !self.services.contains_key(&spec.name) {
+                for side in [SIDE_STABLE, SIDE_CANARY] {
+                    let key = CounterKey { service_id: plan.id, side: side as u32 };
+                    // Keep counts a previous run left for this id: it is this service's (same
+                    // frontends, same name), claimed above.
+                    if self.counters.get(&key, 0).is_err() {
+                        self.insert_zero_counters(key)?;
+                        undo.counters.push(key);
+                    }
+                }
+            }
+            let mut value = FrontendValue {
+                service_id: plan.id,
+                revision: plan.value.revision,
+                canary_ppm: spec.canary_ppm,
+                flags: 0,
+                seed: service_seed(spec.name.as_bytes()),
+                ..Default::default()
+            };
+            for (key, _) in &layout {
+                match (key.side, key.family) {
+                    (SIDE_STABLE, FAMILY_V4) => value.stable_v4 += 1,
+                    (SIDE_STABLE, _) => value.stable_v6 += 1,
+                    (_, FAMILY_V4) => value.canary_v4 += 1,
+                    _ => value.canary_v6 += 1,
+                }
+            }
+            if spec.affinity == Affinity::Client {
+                value.flags |= FLAG_AFFINITY_CLIENT;
+            }
+            // Cohort entries before the flag that makes the programs look for them.
+            plan.cohorts = cohort_keys(spec, plan.id);
+            for (key, mode) in &plan.cohorts {
+                let previous = self.cohort_table.get(key).copied();
+                if previous == Some(*mode) {
+                    continue;
+                }
+                self.cohorts.insert(key, mode, 0).map_err(map_err(MAP_COHORTS))?;
+                self.cohort_table.insert(*key, *mode);
+                undo.cohorts.push((*key, previous));
+            }
+            if !plan.cohorts.is_empty() {
+                value.flags |= FLAG_HAS_COHORTS;
+            }
+            plan.value = value;
+        }
+        Ok(plans)
+    }
+
+    /// An id for a service this run has not installed yet: the one an earlier run gave it (its
+    /// frontends carried it, with the seed of its name) if that is still unclaimed, else a free
+    /// one. Never an id that pinned state or open sockets of another service still use.
+    /// `true` with an id claimed from pinned state.
+    fn id_for_new(&mut self, spec: &ServiceSpec) -> Result<(u32, bool), DatapathError> {
+        let seed = service_seed(spec.name.as_bytes());
+        for key in frontend_keys(spec) {
+            if let Some(value) = self.frontend_table.get(&key) {
+                if value.seed == seed && self.ids.claim(value.service_id) {
+                    return Ok((value.service_id, true));
+                }
+            }
+        }
+        let id = self.ids.allocate().ok_or(DatapathError::TooManyServices { draining: self.ids.draining() })?;
+        Ok((id, false))
+    }
+
+    /// At the first sync of a run: the pinned revision this service's frontends all point at, if
+    /// it was written for this service (same id and name) and holds exactly its backends. Adopting
+    /// it makes a restart rewrite nothing and need no room for a second copy.
+    fn adoptable_revision(&self, spec: &ServiceSpec, id: u32, layout: &[(BackendKey, BackendValue)]) -> Option<u32> {
+        let start = self.pinned_start.as_ref()?;
+        let seed = service_seed(spec.name.as_bytes());
+        let mut revision = None;
+        for key in frontend_keys(spec) {
+            let value = self.frontend_table.get(&key)?;
+            if value.service_id != id || value.seed != seed || revision.is_some_and(|r| r != value.revision) {
+                return None;
+            }
+            revision = Some(value.revision);
+        }
+        let revision = revision?;
+        let pinned = start.revisions.get(&revision)?;
+        let same = pinned.len() == layout.len()
+            && pinned
+                .iter()
+                .zip(layout)
+                .all(|((pk, pv), (k, v))| (pk.side, pk.family, pk.index) == (k.side, k.family, k.index) && pv == v);
+        same.then_some(revision)
+    }
+
+    /// Writes a new revision's backends; returns the revision.
+    fn write_revision(&mut self, layout: &[(BackendKey, BackendValue)], undo: &mut Undo) -> Result<u32, DatapathError> {
+        let revisions = &self.revisions;
+        let revision = self.revision_ids.allocate(|r| revisions.contains_key(&r));
+        let mut slots = Vec::with_capacity(layout.len());
+        self.revisions.insert(revision, Vec::new());
+        undo.revisions.push(revision);
+        for (key, value) in layout {
+            let key = BackendKey { revision, ..*key };
+            self.backends.insert(key, value, 0).map_err(map_err(MAP_BACKENDS))?;
+            slots.push(key);
+            self.revisions.insert(revision, slots.clone());
+        }
+        Ok(revision)
+    }
+
+    /// Reverts what `plan` wrote.
+    fn undo(&mut self, undo: Undo) {
+        for (key, previous) in undo.cohorts.into_iter().rev() {
+            match previous {
+                Some(mode) => {
+                    let _ = self.cohorts.insert(key, mode, 0);
+                    self.cohort_table.insert(key, mode);
+                }
+                None => {
+                    let _ = self.cohorts.remove(&key);
+                    self.cohort_table.remove(&key);
+                }
+            }
+        }
+        for revision in undo.revisions {
+            for key in self.revisions.remove(&revision).unwrap_or_default() {
+                let _ = self.backends.remove(&key);
+            }
+        }
+        for key in undo.counters {
+            let _ = self.counters.remove(&key);
+        }
+        for id in undo.ids {
+            self.ids.unallocate(id);
+        }
+        for id in undo.claimed {
+            self.ids.unclaim(id);
+        }
+    }
+
+    /// Sets a service's canary weight: one map update per frontend, nothing else changes. At 0
+    /// (a rollback), connected UDP sockets steered to the canary are destroyed so their
+    /// applications connect again, to stable.
+    pub fn set_weight(&mut self, name: &str, canary_ppm: u32) -> Result<(), DatapathError> {
+        let installed = self.services.get_mut(name).ok_or_else(|| DatapathError::UnknownService(name.into()))?;
+        let value = FrontendValue { canary_ppm, ..installed.value };
+        for key in frontend_keys(&installed.spec) {
+            self.frontends.insert(key, value, 0).map_err(map_err(MAP_FRONTENDS))?;
+            self.frontend_table.insert(key, value);
+        }
+        let was = installed.value.canary_ppm;
+        installed.value = value;
+        installed.spec.canary_ppm = canary_ppm;
+        installed.spec.source.canary_percent = agent_common::ppm_to_percent(canary_ppm);
+        if was > 0 && canary_ppm == 0 {
+            self.terminator.destroy_connected_udp(Selection::side(installed.id, SIDE_CANARY));
+        }
+        Ok(())
+    }
+
+    /// Destroys, off the caller's thread, exactly the sockets the datapath steered to `service`'s
+    /// canary that are still open: TCP connections (reset) and connected UDP sockets. Direct
+    /// connections to a canary pod, never steered, are not touched. The returned handle tells how
+    /// many were destroyed, within `TERMINATION_TIMEOUT`.
+    pub fn terminate_canary_sockets(&self, service: &str) -> Result<Termination, DatapathError> {
+        let installed = self.services.get(service).ok_or_else(|| DatapathError::UnknownService(service.into()))?;
+        Ok(self.terminator.destroy(Selection::side(installed.id, SIDE_CANARY).with_tcp()))
+    }
+
+    pub fn service(&self, name: &str) -> Option<ServiceView> {
+        self.services.get(name).map(|s| ServiceView { id: s.id, revision: s.value.revision, spec: s.spec.clone() })
+    }
+
+    /// The service that has `frontend`, if any.
+    pub fn frontend_owner(&self, frontend: &SocketAddr) -> Option<&str> {
+        self.services.values().find(|s| s.spec.frontends.contains(frontend)).map(|s| s.spec.name.as_str())
+    }
+
+    pub fn service_names(&self) -> Vec<String> {
+        self.services.keys().cloned().collect()
+    }
+
+    /// Counters of a service, summed over CPUs.
+    pub fn counters(&self, name: &str) -> Result<ServiceCounters, DatapathError> {
+        let installed = self.services.get(name).ok_or_else(|| DatapathError::UnknownService(name.into()))?;
+        Ok(ServiceCounters {
+            stable: self.side_counters(installed.id, SIDE_STABLE)?,
+            canary: self.side_counters(installed.id, SIDE_CANARY)?,
+        })
+    }
+
+    fn side_counters(&self, id: u32, side: u8) -> Result<SideCounters, DatapathError> {
+        let key = CounterKey { service_id: id, side: side as u32 };
+        let per_cpu = self.counters.get(&key, 0).map_err(map_err(MAP_COUNTERS))?;
+        let mut total = SideCounters::default();
+        for cpu in per_cpu.iter() {
+            total.add(cpu);
+        }
+        Ok(total)
+    }
+
+    /// Socket records still open that carry `id`, on both sides (0 if it has no counters).
+    fn open_records(&self, id: u32) -> u64 {
+        [SIDE_STABLE, SIDE_CANARY]
+            .into_iter()
+            .filter_map(|side| self.side_counters(id, side).ok())
+            .map(|c| c.open_socket_records())
+            .sum()
+    }
+
+    /// Steered sockets currently open: socket records of every service, removed ones included.
+    pub fn open_steered_sockets(&self) -> u64 {
+        let mut total = SideCounters::default();
+        for key in self.counters.keys().filter_map(Result::ok) {
+            if let Ok(per_cpu) = self.counters.get(&key, 0) {
+                for cpu in per_cpu.iter() {
+                    total.add(cpu);
+                }
+            }
+        }
+        total.open_socket_records()
+    }
+
+    /// Datapath-wide figures.
+    pub fn status(&self) -> DatapathStatus {
+        DatapathStatus {
+            services: self.services.len(),
+            cgroup: self.options.cgroup.clone(),
+            open_steered_sockets: self.open_steered_sockets(),
+            steered_socket_capacity: self.socket_capacity,
+            steered_sockets_per_netns: self.options.steered_sockets_per_netns,
+            udp_flows: self.udp_flows.keys().count(),
+            udp_flow_capacity: self.udp_flow_capacity,
+            draining_service_ids: self.ids.draining(),
+            host_netns_only: self.options.host_netns_only,
+            links: self.links.clone(),
+            foreign_programs: self.foreign.clone(),
+        }
+    }
+
+    /// Periodic upkeep (the agent calls it every half second): deletes the backends of
+    /// revisions unreferenced for `REVISION_GRACE`, and frees the ids of removed services once no
+    /// socket record of theirs is open (deleting their counters).
+    pub fn reap_retired(&mut self) {
+        let now = Instant::now();
+        let referenced: HashSet<u32> = self.services.values().map(|s| s.value.revision).collect();
+        let due: Vec<u32> = self
+            .retired
+            .iter()
+            .filter(|(_, since)| now.duration_since(**since) >= REVISION_GRACE)
+            .map(|(revision, _)| *revision)
+            .collect();
+        for revision in due {
+            self.retired.remove(&revision);
+            if referenced.contains(&revision) {
+                continue; // adopted again at start
+            }
+            for key in self.revisions.remove(&revision).unwrap_or_default() {
+                let _ = self.backends.remove(&key);
+            }
+        }
+        if let Some(drained_before) = now.checked_sub(REVISION_GRACE) {
+            for id in self.ids.draining_since(drained_before) {
+                if self.open_records(id) == 0 {
+                    for side in [SIDE_STABLE, SIDE_CANARY] {
+                        let _ = self.counters.remove(&CounterKey { service_id: id, side: side as u32 });
+                    }
+                    self.ids.free(id);
+                }
+            }
+        }
+    }
+
+    /// Creates a side's counters. Per-CPU entries come from the kernel's per-CPU allocator,
+    /// which fails with ENOMEM while it grows its pool in the background (it may not sleep in
+    /// this path), so a short retry rides that out.
+    fn insert_zero_counters(&mut self, key: CounterKey) -> Result<(), DatapathError> {
+        insert_counters(&mut self.counters, key, vec![SideCounters::default(); self.nr_cpus])
+    }
+}
+
+/// One service's part of a `sync`.
+struct Plan {
+    spec: ServiceSpec,
+    id: u32,
+    value: FrontendValue,
+    cohorts: Vec<(CohortKey, u32)>,
+}
+
+/// What a `sync` wrote before its switch, to revert it if a later step fails.
+#[derive(Default)]
+struct Undo {
+    ids: Vec<u32>,
+    /// Ids claimed from pinned state: they go back to being pinned.
+    claimed: Vec<u32>,
+    revisions: Vec<u32>,
+    counters: Vec<CounterKey>,
+    cohorts: Vec<(CohortKey, Option<u32>)>,
+}
+
+fn insert_counters(
+    counters: &mut PerCpuHashMap<MapData, CounterKey, SideCounters>,
+    key: CounterKey,
+    values: Vec<SideCounters>,
+) -> Result<(), DatapathError> {
+    let mut attempt = 0;
+    loop {
+        let per_cpu =
+            PerCpuValues::try_from(values.clone()).map_err(|err| map_err(MAP_COUNTERS)(MapError::from(err)))?;
+        match counters.insert(key, per_cpu, 0) {
+            Ok(()) => return Ok(()),
+            Err(MapError::SyscallError(err)) if err.io_error.raw_os_error() == Some(libc::ENOMEM) && attempt < 200 => {
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(err) => return Err(map_err(MAP_COUNTERS)(err)),
+        }
+    }
+}
+
+/// Copies the counters an older agent kept in COUNTERS_V1 into COUNTERS_V2 (for ids that have
+/// none there yet), before the new programs run, so rollout windows and totals carry on across
+/// the upgrade. Events counted between this copy and the program switch (milliseconds) are lost.
+fn migrate_counters_v1(
+    bpffs: &Path,
+    counters: &mut PerCpuHashMap<MapData, CounterKey, SideCounters>,
+    nr_cpus: usize,
+) -> Result<usize, DatapathError> {
+    let pin = bpffs.join(MAP_COUNTERS_V1);
+    if !pin.exists() {
+        return Ok(0);
+    }
+    let data = MapData::from_pin(&pin).map_err(|source| DatapathError::PinnedMap { path: pin.clone(), source })?;
+    let old: PerCpuHashMap<MapData, CounterKey, SideCountersV1> = PerCpuHashMap::try_from(Map::PerCpuHashMap(data))
+        .map_err(|source| DatapathError::PinnedMap { path: pin, source })?;
+    let mut migrated = 0;
+    for (key, values) in old.iter().filter_map(Result::ok) {
+        if counters.get(&key, 0).is_ok() {
+            continue;
+        }
+        let mut converted: Vec<SideCounters> = values.iter().map(|v| SideCounters::from(*v)).collect();
+        converted.resize(nr_cpus, SideCounters::default());
+        insert_counters(counters, key, converted)?;
+        migrated += 1;
+    }
+    Ok(migrated)
+}
+
+/// The real size of a pinned map (0 if it cannot be read).
+fn sockets_capacity(pin: &Path) -> u32 {
+    aya::maps::MapInfo::from_pin(pin).map(|info| info.max_entries()).unwrap_or(0)
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap { name })?;
+    T::try_from(map).map_err(map_err(name))
+}
+
+fn family_of(addr: &SocketAddr) -> u8 {
+    if addr.is_ipv4() {
+        FAMILY_V4
+    } else {
+        FAMILY_V6
+    }
+}
+
+/// The map form of an address: IPv6 bytes (IPv4 v4-mapped) as native-endian words.
+pub fn addr_words(addr: &SocketAddr) -> [u32; 4] {
+    match addr {
+        SocketAddr::V4(v4) => v4_mapped(u32::from_ne_bytes(v4.ip().octets())),
+        SocketAddr::V6(v6) => {
+            let o = v6.ip().octets();
+            std::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
+        }
+    }
+}
+
+fn backend_value(addr: &SocketAddr) -> BackendValue {
+    BackendValue { addr_be: addr_words(addr), port_be: addr.port().to_be(), _pad: 0 }
+}
+
+/// A service's backend slots (revision 0: filled in when written), in the order the programs
+/// index them: per side and family, in the order the spec lists them.
+fn backend_layout(spec: &ServiceSpec) -> Vec<(BackendKey, BackendValue)> {
+    let mut layout = Vec::new();
+    for (side, addrs) in [(SIDE_STABLE, &spec.stable), (SIDE_CANARY, &spec.canary)] {
+        for family in [FAMILY_V4, FAMILY_V6] {
+            for (index, addr) in addrs.iter().filter(|a| family_of(a) == family).enumerate() {
+                layout.push((BackendKey { revision: 0, side, family, index: index as u16 }, backend_value(addr)));
+            }
+        }
+    }
+    layout
+}
+
+/// Backends `old` had that `new` does not, on either side.
+fn removed(old: &ServiceSpec, new: &ServiceSpec) -> Vec<SocketAddr> {
+    let kept: HashSet<&SocketAddr> = new.stable.iter().chain(&new.canary).collect();
+    old.stable.iter().chain(&old.canary).filter(|a| !kept.contains(a)).copied().collect()
+}
+
+/// A service's cohort entries under id `id`, with their modes.
+fn cohort_keys(spec: &ServiceSpec, id: u32) -> Vec<(CohortKey, u32)> {
+    let mut keys = Vec::new();
+    for cohort in &spec.cohorts {
+        let mode = match cohort.canary {
+            CohortCanary::Always => COHORT_ALWAYS_CANARY,
+            CohortCanary::Never => COHORT_NEVER_CANARY,
+        };
+        for &cgroup_id in &cohort.cgroup_ids {
+            keys.push((CohortKey { cgroup_id, service_id: id, _pad: 0 }, mode));
+        }
+    }
+    keys
+}
+
+fn frontend_keys(spec: &ServiceSpec) -> Vec<FrontendKey> {
+    spec.frontends
+        .iter()
+        .map(|addr| FrontendKey { addr_be: addr_words(addr), port_be: addr.port().to_be(), _pad: 0 })
+        .collect()
+}
+
+/// Cookie of the agent's own network namespace, which is the host's for a DaemonSet with
+/// hostNetwork.
+fn host_netns_cookie() -> Result<u64, DatapathError> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").map_err(DatapathError::NetnsCookie)?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(DatapathError::NetnsCookie(std::io::Error::last_os_error()));
+    }
+    Ok(cookie)
+}

@@ -1,0 +1,191 @@
+//! Finding the steered sockets a change leaves on the wrong backend, by their records in SOCKETS,
+//! and destroying exactly those, on a worker thread of their own so that the control path never
+//! waits for it.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    sync::mpsc::{channel, Receiver, Sender},
+    time::Duration,
+};
+
+use agent_common::{is_v4_mapped, SocketEntry, SOCKET_UDP};
+use aya::maps::{HashMap as BpfHashMap, MapData};
+
+use super::{addr_words, TERMINATION_TIMEOUT};
+use crate::terminate::{destroy_sockets, Destroyed};
+
+/// Which socket records to act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selection {
+    pub service_id: u32,
+    /// Only sockets steered to this side.
+    pub side: Option<u8>,
+    /// Only sockets steered to one of these backends (address words, port in network order).
+    pub backends: Option<HashSet<([u32; 4], u16)>>,
+    /// TCP connections too (connected UDP sockets always).
+    pub tcp: bool,
+}
+
+impl Selection {
+    /// Connected UDP sockets of a service steered to `side`.
+    pub fn side(service_id: u32, side: u8) -> Self {
+        Self { service_id, side: Some(side), backends: None, tcp: false }
+    }
+
+    /// Connected UDP sockets of a service steered to one of `backends`.
+    pub fn backends(service_id: u32, backends: Vec<SocketAddr>) -> Self {
+        let backends = backends.iter().map(|b| (addr_words(b), b.port().to_be())).collect();
+        Self { service_id, side: None, backends: Some(backends), tcp: false }
+    }
+
+    /// TCP connections as well.
+    pub fn with_tcp(self) -> Self {
+        Self { tcp: true, ..self }
+    }
+
+    pub fn matches(&self, entry: &SocketEntry) -> bool {
+        entry.service_id == self.service_id
+            && (self.tcp || entry.flags & SOCKET_UDP != 0)
+            && self.side.is_none_or(|side| entry.side == side)
+            && self
+                .backends
+                .as_ref()
+                .is_none_or(|backends| backends.contains(&(entry.backend_addr_be, entry.backend_port_be)))
+    }
+}
+
+/// The backend a record says its socket was steered to.
+fn backend_of(entry: &SocketEntry) -> SocketAddr {
+    let mut octets = [0u8; 16];
+    for (i, word) in entry.backend_addr_be.iter().enumerate() {
+        octets[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    let v6 = Ipv6Addr::from(octets);
+    let ip = if is_v4_mapped(&entry.backend_addr_be) {
+        IpAddr::V4(v6.to_ipv4_mapped().expect("v4-mapped"))
+    } else {
+        IpAddr::V6(v6)
+    };
+    SocketAddr::new(ip, u16::from_be(entry.backend_port_be))
+}
+
+/// A termination under way; `wait` gives its outcome.
+#[derive(Debug)]
+pub struct Termination {
+    outcome: Receiver<Destroyed>,
+}
+
+impl Termination {
+    /// Blocks until the termination is done (at most a little over `TERMINATION_TIMEOUT`).
+    pub fn wait(self) -> Destroyed {
+        self.outcome.recv_timeout(TERMINATION_TIMEOUT + Duration::from_secs(5)).unwrap_or_else(|_| Destroyed {
+            errors: vec!["the termination worker did not answer".into()],
+            ..Default::default()
+        })
+    }
+}
+
+struct Job {
+    selection: Selection,
+    outcome: Option<Sender<Destroyed>>,
+}
+
+/// The worker: one thread that takes jobs in order. It reads SOCKETS through its own handle.
+pub struct Terminator {
+    jobs: Sender<Job>,
+}
+
+impl Terminator {
+    pub fn start(cgroup: PathBuf, sockets: BpfHashMap<MapData, u64, SocketEntry>) -> Self {
+        let (jobs, queue) = channel::<Job>();
+        std::thread::Builder::new()
+            .name("sockshift-terminate".into())
+            .spawn(move || {
+                // Ends when the Datapath (the only sender) is dropped.
+                for job in queue {
+                    // Each chosen socket with the backend it was steered to: a socket now
+                    // connected elsewhere (a UDP socket that connected again) is left alone.
+                    let chosen: HashMap<u64, SocketAddr> = sockets
+                        .iter()
+                        .filter_map(Result::ok)
+                        .filter(|(_, entry)| job.selection.matches(entry))
+                        .map(|(cookie, entry)| (cookie, backend_of(&entry)))
+                        .collect();
+                    let outcome = destroy_sockets(&cgroup, &chosen, TERMINATION_TIMEOUT);
+                    if outcome.sockets > 0 || !outcome.errors.is_empty() || outcome.not_found > 0 {
+                        log::info!(
+                            "service id {}: destroyed {} steered sockets ({} chosen ones not found, searched {} \
+                             network namespaces){}",
+                            job.selection.service_id,
+                            outcome.sockets,
+                            outcome.not_found,
+                            outcome.namespaces,
+                            if outcome.errors.is_empty() {
+                                String::new()
+                            } else {
+                                format!("; {}", outcome.errors.join("; "))
+                            }
+                        );
+                    }
+                    if let Some(reply) = job.outcome {
+                        let _ = reply.send(outcome);
+                    }
+                }
+            })
+            .expect("spawning the termination worker");
+        Self { jobs }
+    }
+
+    /// Destroys the selected sockets; the handle tells how many.
+    pub fn destroy(&self, selection: Selection) -> Termination {
+        let (outcome, receiver) = channel();
+        let _ = self.jobs.send(Job { selection, outcome: Some(outcome) });
+        Termination { outcome: receiver }
+    }
+
+    /// Destroys the selected connected UDP sockets, without waiting.
+    pub fn destroy_connected_udp(&self, selection: Selection) {
+        let _ = self.jobs.send(Job { selection: Selection { tcp: false, ..selection }, outcome: None });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(service_id: u32, side: u8, backend: &str, udp: bool) -> SocketEntry {
+        let backend: SocketAddr = backend.parse().unwrap();
+        SocketEntry {
+            backend_addr_be: addr_words(&backend),
+            backend_port_be: backend.port().to_be(),
+            service_id,
+            side,
+            flags: if udp { SOCKET_UDP } else { 0 },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_record_gives_back_its_backend() {
+        for backend in ["10.0.0.2:53", "[fd00::7]:8080"] {
+            let backend: SocketAddr = backend.parse().unwrap();
+            assert_eq!(backend_of(&entry(1, 0, &backend.to_string(), true)), backend);
+        }
+    }
+
+    #[test]
+    fn selections_pick_exactly_their_sockets() {
+        let canary_udp = Selection::side(7, 1);
+        assert!(canary_udp.matches(&entry(7, 1, "10.0.0.1:53", true)));
+        assert!(!canary_udp.matches(&entry(7, 1, "10.0.0.1:53", false)), "TCP only with with_tcp");
+        assert!(!canary_udp.matches(&entry(7, 0, "10.0.0.1:53", true)), "stable side");
+        assert!(!canary_udp.matches(&entry(8, 1, "10.0.0.1:53", true)), "another service");
+        assert!(Selection::side(7, 1).with_tcp().matches(&entry(7, 1, "10.0.0.1:80", false)));
+        let gone = Selection::backends(7, vec!["10.0.0.2:53".parse().unwrap()]);
+        assert!(gone.matches(&entry(7, 0, "10.0.0.2:53", true)));
+        assert!(!gone.matches(&entry(7, 0, "10.0.0.3:53", true)));
+        assert!(!gone.matches(&entry(7, 0, "10.0.0.2:54", true)), "same address, other port");
+    }
+}
