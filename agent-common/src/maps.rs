@@ -16,6 +16,9 @@ pub const MAP_SOCKETS: &str = "SOCKETS_V1";
 pub const MAP_UDP_FLOWS: &str = "UDP_FLOWS_V1";
 /// Network namespace bucket -> SOCKETS records its sockets hold (the per-namespace bound).
 pub const MAP_NETNS_SOCKETS: &str = "NETNS_SOCKETS_V1";
+/// `socket_filter_slot(cookie)` -> socket records and UDP flow heads of the sockets hashing
+/// there: lets sock_release skip the table lookups for a socket that was never steered.
+pub const MAP_SOCKET_FILTER: &str = "SOCKET_FILTER_V1";
 /// (service id, side) -> per-CPU counters.
 pub const MAP_COUNTERS: &str = "COUNTERS_V2";
 /// (client cgroup id, service id) -> cohort override.
@@ -44,6 +47,10 @@ pub const MAX_STEERED_SOCKETS: u32 = 1 << 18;
 /// `netns_bucket(cookie)`. Two namespaces share a bound only if they share a bucket (one pair in
 /// 65,536), and an array needs no upkeep as namespaces come and go.
 pub const NETNS_BUCKETS: u32 = 65_536;
+/// Slots of SOCKET_FILTER (u64 counts): 64 KiB, small enough to stay in cache. A slot is non-zero while a
+/// socket hashing there may hold a record, so with N steered sockets open a socket that was never
+/// steered still takes the table lookups with odds of about 1 - e^(-N/8192).
+pub const SOCKET_FILTER_SLOTS: u32 = 8_192;
 /// Reply translations kept per unconnected UDP socket: one per backend it sent to (musl's
 /// resolver sends every query to up to 3 nameservers from one socket), the oldest replaced
 /// first when a socket has talked to more.
@@ -367,3 +374,35 @@ mod user {
     unsafe impl aya::Pod for super::CohortKey {}
     unsafe impl aya::Pod for super::Settings {}
 }
+
+/// aya-log's level global in the object: the agent patches it at load (`agent.datapath_log`). It
+/// lives in read-only data, so the verifier knows its value and removes every log statement above
+/// it as dead code: a datapath loaded with logging off runs no log instruction at all.
+pub const LOG_LEVEL_GLOBAL: &str = "AYA_LOG_LEVEL";
+/// `LOG_LEVEL_GLOBAL` values (aya-log's: error 1, warn 2, info 3, debug 4, trace 5). Off: none.
+pub const LOG_LEVEL_OFF: u8 = 0;
+/// Fail-open events: a connection to a frontend left untouched, or steered without its record.
+pub const LOG_LEVEL_INFO: u8 = 3;
+/// Also every steering decision, with what explains it.
+pub const LOG_LEVEL_DEBUG: u8 = 4;
+
+// Log records carry numbers only (copying strings in the kernel costs instructions); the agent
+// names them when it reads a record. Shared so that both sides agree.
+/// `key=` of a decision record: what the side was hashed on (the affinity key kind).
+pub const LOG_KEY_CONNECTION: u8 = 0;
+pub const LOG_KEY_NETNS: u8 = 1;
+pub const LOG_KEY_CGROUP: u8 = 2;
+/// `reason=` of a fail-open record: the frontend has no backend of the destination's family on
+/// the side it would take, so the connection goes on untouched.
+pub const LOG_REASON_NO_BACKEND_FAMILY: u8 = 0;
+/// The revision's backend slot is missing (the connection goes on untouched).
+pub const LOG_REASON_BACKEND_MISSING: u8 = 1;
+/// Steered, but the socket table was full: no record (getpeername shows the backend, no health).
+pub const LOG_REASON_TABLE_FULL: u8 = 2;
+/// Steered, but the socket's namespace holds its share of the table: no record.
+pub const LOG_REASON_NETNS_FULL: u8 = 3;
+/// Steered datagram whose reply translation could not be recorded.
+pub const LOG_REASON_FLOW_TABLE_FULL: u8 = 4;
+/// `call=` of a record.
+pub const LOG_CALL_CONNECT: u8 = 0;
+pub const LOG_CALL_DATAGRAM: u8 = 1;

@@ -2,9 +2,12 @@
 //! record or UDP flow, counters. Each returns `None` to leave the call untouched.
 
 use agent_common::{
-    backend_index, family_of, netns_bucket, pick_side, BackendKey, BackendValue, CohortKey, CounterKey, FrontendKey,
-    FrontendValue, Settings, SideCounters, SocketEntry, UdpFlow, UdpFlowKey, FLAG_AFFINITY_CLIENT, FLAG_HAS_COHORTS,
-    MAX_COHORT_DEPTH, SETTING_HOST_NETNS_ONLY, SOCKET_NETNS_COUNTED, SOCKET_UDP, UDP_FLOW_SLOTS,
+    backend_index, family_of, netns_bucket, pick_side, socket_filter_slot, split_bucket, BackendKey, BackendValue,
+    CohortKey, CounterKey, FrontendKey, FrontendValue, Settings, SideCounters, SocketEntry, UdpFlow, UdpFlowKey,
+    FLAG_AFFINITY_CLIENT, FLAG_HAS_COHORTS, LOG_CALL_CONNECT, LOG_CALL_DATAGRAM, LOG_KEY_CGROUP, LOG_KEY_CONNECTION,
+    LOG_KEY_NETNS, LOG_REASON_BACKEND_MISSING, LOG_REASON_FLOW_TABLE_FULL, LOG_REASON_NETNS_FULL,
+    LOG_REASON_NO_BACKEND_FAMILY, LOG_REASON_TABLE_FULL, MAX_COHORT_DEPTH, SETTING_HOST_NETNS_ONLY,
+    SOCKET_NETNS_COUNTED, SOCKET_UDP, UDP_FLOW_SLOTS,
 };
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
@@ -14,21 +17,24 @@ use aya_ebpf::{
     programs::SockAddrContext,
     EbpfContext,
 };
+use aya_log_ebpf::{debug, info};
 
-use crate::maps::{BACKENDS, COHORTS, COUNTERS, FRONTENDS, NETNS_SOCKETS, SETTINGS, SOCKETS, UDP_FLOWS};
+use crate::maps::{BACKENDS, COHORTS, COUNTERS, FRONTENDS, NETNS_SOCKETS, SETTINGS, SOCKETS, SOCKET_FILTER, UDP_FLOWS};
 
 const EEXIST: i32 = 17;
 const IPPROTO_UDP: u32 = 17;
 
-/// Which call is being steered: it decides what is recorded and which counter moves.
+/// Which call is being steered: it decides what is recorded and which counter moves. Its value
+/// is the log's `call=`.
 #[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Call {
     /// connect(): the socket keeps this backend for its life (a socket record).
-    Connect,
+    Connect = LOG_CALL_CONNECT,
     /// sendmsg on an unconnected UDP socket: decided again for every datagram, so the socket
     /// follows weight and backend changes; the cookie keeps the choice the same while nothing
     /// changes. Each backend it sent to gets a reply translation (a UDP flow).
-    Datagram,
+    Datagram = LOG_CALL_DATAGRAM,
 }
 
 #[inline(always)]
@@ -68,6 +74,23 @@ pub fn atomic_add(counter: *mut u64, delta: u64) {
     }
 }
 
+/// Adds `delta` (wrapping: `u64::MAX` subtracts one) to the socket's SOCKET_FILTER slot.
+#[inline(always)]
+pub fn filter_add(cookie: u64, delta: u64) {
+    if let Some(slot) = SOCKET_FILTER.get_ptr_mut(socket_filter_slot(cookie)) {
+        atomic_add(slot, delta);
+    }
+}
+
+/// Whether the socket may hold a record or a UDP flow; `false` means it certainly holds neither.
+#[inline(always)]
+pub fn maybe_steered(cookie: u64) -> bool {
+    match SOCKET_FILTER.get_ptr(socket_filter_slot(cookie)) {
+        Some(slot) => (unsafe { core::ptr::read_volatile(slot) }) != 0,
+        None => true,
+    }
+}
+
 /// Forgets a socket record: deletes it, counts it closed (with `update`, in the same counter
 /// lookup), and gives its namespace's share back. `netns` gives the socket's network namespace
 /// cookie (asked only when needed).
@@ -81,6 +104,7 @@ pub fn forget_socket(
     if SOCKETS.remove(cookie).is_err() {
         return; // deleted meanwhile by another path: counted there
     }
+    filter_add(cookie, u64::MAX);
     bump(entry.service_id, entry.side, |c| {
         c.socket_records_closed += 1;
         update(c);
@@ -100,18 +124,26 @@ fn svc_lookup(dst_be: &[u32; 4], port_be: u16) -> Option<FrontendValue> {
 }
 
 /// What is hashed to pick the side: the connection, or the client (its network namespace; in the
-/// host namespace, where every pod-less process shares one namespace, its cgroup).
+/// host namespace, where every pod-less process shares one namespace, its cgroup). With the
+/// key's kind (`LOG_KEY_*`), for the debug log.
 #[inline(always)]
-fn split_key(ctx: &SockAddrContext, frontend: &FrontendValue, settings: &Settings, cookie: u64) -> u64 {
+fn split_key(ctx: &SockAddrContext, frontend: &FrontendValue, settings: &Settings, cookie: u64) -> (u64, u8) {
     if frontend.flags & FLAG_AFFINITY_CLIENT == 0 {
-        return cookie;
+        return (cookie, LOG_KEY_CONNECTION);
     }
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     if netns == settings.host_netns_cookie {
-        unsafe { bpf_get_current_cgroup_id() }
+        (unsafe { bpf_get_current_cgroup_id() }, LOG_KEY_CGROUP)
     } else {
-        netns
+        (netns, LOG_KEY_NETNS)
     }
+}
+
+/// An address as its network-order bytes, for the log's `{:i}`.
+#[inline(always)]
+fn addr_bytes(addr_be: &[u32; 4]) -> [u8; 16] {
+    // Sound: same size, and every bit pattern of either is valid.
+    unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(*addr_be) }
 }
 
 /// Cohort override of the calling process: the deepest of its cgroup and their ancestors that
@@ -151,15 +183,52 @@ pub fn steer(ctx: &SockAddrContext, dst_be: &[u32; 4], port_be: u16, call: Call)
     }
     let family = family_of(dst_be);
     let cookie = socket_cookie(ctx);
-    let key = split_key(ctx, &frontend, &settings, cookie);
-    let side = pick_side(&frontend, family, key, cohort_lookup(&frontend))?;
+    let (key, key_kind) = split_key(ctx, &frontend, &settings, cookie);
+    let cohort = cohort_lookup(&frontend);
+    let Some(side) = pick_side(&frontend, family, key, cohort) else {
+        info!(
+            ctx,
+            "fail_open service_id={} call={} reason={} frontend={:i} port={}",
+            frontend.service_id,
+            call as u8,
+            LOG_REASON_NO_BACKEND_FAMILY,
+            addr_bytes(dst_be),
+            u16::from_be(port_be)
+        );
+        return None;
+    };
     let count = frontend.backend_count(side, family);
     let index = backend_index(cookie, frontend.seed, count);
     let slot = BackendKey { revision: frontend.revision, side, family, index };
     let Some(backend) = (unsafe { BACKENDS.get(slot).copied() }) else {
         bump(frontend.service_id, side, |c| c.fail_open_backend_missing += 1);
+        info!(
+            ctx,
+            "fail_open service_id={} call={} side={} reason={} revision={} index={}",
+            frontend.service_id,
+            call as u8,
+            side,
+            LOG_REASON_BACKEND_MISSING,
+            frontend.revision,
+            index
+        );
         return None;
     };
+    // Every decision, with what explains it: the bucket against the weight (a cohort override
+    // wins over both), and what the bucket was hashed from.
+    debug!(
+        ctx,
+        "steer service_id={} call={} side={} backend={:i} port={} bucket={} weight_ppm={} key={} cohort={}",
+        frontend.service_id,
+        call as u8,
+        side,
+        addr_bytes(&backend.addr_be),
+        u16::from_be(backend.port_be),
+        split_bucket(key, frontend.seed),
+        frontend.canary_ppm,
+        key_kind,
+        cohort
+    );
 
     match call {
         Call::Connect => {
@@ -179,6 +248,17 @@ pub fn steer(ctx: &SockAddrContext, dst_be: &[u32; 4], port_be: u16, call: Call)
             // The record is for reverse translation and health only: a TCP (or connected UDP)
             // socket reaches its backend without it, so a full table steers anyway.
             let recorded = record_socket(ctx, cookie, &settings, entry);
+            match recorded {
+                Recorded::Yes => {}
+                Recorded::TableFull | Recorded::NetnsFull => info!(
+                    ctx,
+                    "fail_open service_id={} call={} side={} reason={}",
+                    frontend.service_id,
+                    call as u8,
+                    side,
+                    if matches!(recorded, Recorded::TableFull) { LOG_REASON_TABLE_FULL } else { LOG_REASON_NETNS_FULL }
+                ),
+            }
             bump(frontend.service_id, side, |c| {
                 c.connections_steered += 1;
                 match recorded {
@@ -190,6 +270,16 @@ pub fn steer(ctx: &SockAddrContext, dst_be: &[u32; 4], port_be: u16, call: Call)
         }
         Call::Datagram => {
             let recorded = record_flow(cookie, dst_be, port_be, &backend);
+            if !recorded {
+                info!(
+                    ctx,
+                    "fail_open service_id={} call={} side={} reason={}",
+                    frontend.service_id,
+                    call as u8,
+                    side,
+                    LOG_REASON_FLOW_TABLE_FULL
+                );
+            }
             bump(frontend.service_id, side, |c| {
                 c.datagrams_steered += 1;
                 if !recorded {
@@ -201,6 +291,7 @@ pub fn steer(ctx: &SockAddrContext, dst_be: &[u32; 4], port_be: u16, call: Call)
     Some(backend)
 }
 
+#[derive(Clone, Copy)]
 enum Recorded {
     Yes,
     TableFull,
@@ -227,6 +318,8 @@ fn record_socket(ctx: &SockAddrContext, cookie: u64, settings: &Settings, mut en
             netns_count = Some(count);
         }
     }
+    // Counted before it exists, so that the filter never reads zero while it does.
+    filter_add(cookie, 1);
     match SOCKETS.insert(cookie, entry, BPF_NOEXIST as u64) {
         Ok(()) => {
             if let Some(count) = netns_count {
@@ -235,8 +328,9 @@ fn record_socket(ctx: &SockAddrContext, cookie: u64, settings: &Settings, mut en
             Recorded::Yes
         }
         Err(err) if err == -EEXIST => {
-            // The socket connects again (after a failed attempt, or a UDP socket re-connecting):
-            // its new record replaces the old, which is counted closed where it was opened.
+            filter_add(cookie, u64::MAX); // the record it replaces is counted already
+                                          // The socket connects again (after a failed attempt, or a UDP socket re-connecting):
+                                          // its new record replaces the old, which is counted closed where it was opened.
             if let Some(old) = unsafe { SOCKETS.get(cookie) }.copied() {
                 // Counted closed where it was opened; the new record is counted opened below.
                 bump(old.service_id, old.side, |c| c.socket_records_closed += 1);
@@ -252,7 +346,10 @@ fn record_socket(ctx: &SockAddrContext, cookie: u64, settings: &Settings, mut en
                 Recorded::TableFull
             }
         }
-        Err(_) => Recorded::TableFull,
+        Err(_) => {
+            filter_add(cookie, u64::MAX);
+            Recorded::TableFull
+        }
     }
 }
 
@@ -281,10 +378,15 @@ fn record_flow(cookie: u64, dst_be: &[u32; 4], port_be: u16, backend: &BackendVa
             None => {
                 if slot == 0 {
                     flow.written = 1;
+                    filter_add(cookie, 1); // the head is counted in the filter
                 } else if let Some(head) = UDP_FLOWS.get_ptr_mut(head_key) {
                     unsafe { (*head).written = slot + 1 };
                 }
-                return UDP_FLOWS.insert(key, flow, BPF_ANY as u64).is_ok();
+                let inserted = UDP_FLOWS.insert(key, flow, BPF_ANY as u64).is_ok();
+                if slot == 0 && !inserted {
+                    filter_add(cookie, u64::MAX);
+                }
+                return inserted;
             }
         }
         slot += 1;
@@ -348,7 +450,9 @@ pub fn forget_flows(cookie: u64) {
         if slot >= used && slot > 0 {
             break;
         }
-        let _ = UDP_FLOWS.remove(UdpFlowKey { cookie, slot, _pad: 0 });
+        if UDP_FLOWS.remove(UdpFlowKey { cookie, slot, _pad: 0 }).is_ok() && slot == 0 {
+            filter_add(cookie, u64::MAX);
+        }
         slot += 1;
     }
 }

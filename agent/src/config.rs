@@ -81,6 +81,46 @@ pub struct AgentSection {
     /// Steer only the host network namespace (hostNetwork pods and node processes), for nodes
     /// whose pods run a sidecar mesh.
     pub host_netns_only: bool,
+    /// The datapath's own log: `off` (default), `info` (fail-open events), `debug` (every
+    /// steering decision). Applied on reload by replacing the programs in place.
+    pub datapath_log: DatapathLog,
+}
+
+/// `agent.datapath_log`: what the eBPF programs log (into the agent's log, target `datapath`).
+/// The level is fixed when the programs load, so a statement above it is dead code the verifier
+/// removes: `off` costs nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DatapathLog {
+    /// No datapath log (the default).
+    #[default]
+    Off,
+    /// Fail-open events: a connection to a frontend left untouched, or steered without its record.
+    Info,
+    /// Also every steering decision: service, side, backend, bucket against weight, affinity key
+    /// kind, cohort override.
+    Debug,
+}
+
+impl std::fmt::Display for DatapathLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Off => "off",
+            Self::Info => "info",
+            Self::Debug => "debug",
+        })
+    }
+}
+
+impl DatapathLog {
+    /// The value of aya-log's level global in the programs.
+    pub fn level(self) -> u8 {
+        match self {
+            Self::Off => agent_common::LOG_LEVEL_OFF,
+            Self::Info => agent_common::LOG_LEVEL_INFO,
+            Self::Debug => agent_common::LOG_LEVEL_DEBUG,
+        }
+    }
 }
 
 impl Default for AgentSection {
@@ -98,6 +138,7 @@ impl Default for AgentSection {
             steered_socket_capacity: MAX_STEERED_SOCKETS,
             steered_sockets_per_netns: None,
             host_netns_only: false,
+            datapath_log: DatapathLog::Off,
         }
     }
 }
@@ -250,6 +291,7 @@ pub struct Config {
     pub steered_socket_capacity: u32,
     pub steered_sockets_per_netns: u32,
     pub host_netns_only: bool,
+    pub datapath_log: DatapathLog,
 }
 
 /// Smallest and largest socket table the agent accepts.
@@ -339,6 +381,7 @@ impl Config {
             steered_socket_capacity: capacity,
             steered_sockets_per_netns: per_netns,
             host_netns_only: file.agent.host_netns_only,
+            datapath_log: file.agent.datapath_log,
         })
     }
 }
@@ -654,6 +697,16 @@ mod tests {
             [[service]]\nname = \"a\"\nfrontends = [\"1.2.3.4:80\"]\n\
             [[service]]\nname = \"b\"\nfrontends = [\"1.2.3.4:80\"]\n";
         assert!(error_of(shared).contains("service[1] \"b\".frontends"));
+    }
+
+    #[test]
+    fn datapath_log_defaults_off_and_names_bad_values() {
+        assert_eq!(Config::parse("[agent]\ncgroup = \"/tmp\"").unwrap().datapath_log, DatapathLog::Off);
+        let debug = Config::parse("[agent]\ncgroup = \"/tmp\"\ndatapath_log = \"debug\"").unwrap();
+        assert_eq!(debug.datapath_log, DatapathLog::Debug);
+        assert_eq!(debug.datapath_log.level(), agent_common::LOG_LEVEL_DEBUG);
+        let error = error_of("[agent]\ncgroup = \"/tmp\"\ndatapath_log = \"verbose\"");
+        assert!(error.contains("datapath_log") && error.contains("off"), "{error}");
     }
 
     #[test]

@@ -239,6 +239,8 @@ pub struct DatapathStatus {
     pub draining_service_ids: usize,
     /// Only the host network namespace is steered (`agent.host_netns_only`).
     pub host_netns_only: bool,
+    /// What the programs log into the agent's log, target `datapath` (`agent.datapath_log`).
+    pub datapath_log: crate::config::DatapathLog,
     /// What happened to each program's pinned link at start, by program.
     pub links: BTreeMap<String, LinkOutcome>,
     /// Other programs on sockshift's hooks for this cgroup (another socket load balancer): which
@@ -258,6 +260,7 @@ impl From<crate::datapath::DatapathStatus> for DatapathStatus {
             udp_flow_capacity: status.udp_flow_capacity,
             draining_service_ids: status.draining_service_ids,
             host_netns_only: status.host_netns_only,
+            datapath_log: status.datapath_log,
             links: status.links.into_iter().map(|(program, outcome)| (program.to_string(), outcome)).collect(),
             foreign_programs: status.foreign_programs,
         }

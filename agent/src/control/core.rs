@@ -223,6 +223,9 @@ impl<S: Store> Core<S> {
             Command::RolloutAction { name, action, origin, reply } => {
                 let _ = reply.send(self.rollout_action(&name, action, &origin).await);
             }
+            Command::SetDatapathLog { level, reply } => {
+                let _ = reply.send(self.datapath.set_log(level).map_err(ControlError::Datapath));
+            }
             Command::ReloadFile { services, reply } => {
                 let _ = reply.send(self.reload_file(services).await);
             }

@@ -155,6 +155,11 @@ pub enum Command {
         origin: Origin,
         reply: Reply<RolloutView>,
     },
+    /// A reloaded config's `agent.datapath_log`: the programs are replaced in place.
+    SetDatapathLog {
+        level: crate::config::DatapathLog,
+        reply: Reply<()>,
+    },
     /// The config file now holds these services (validated); answers how many.
     ReloadFile {
         services: Vec<ServiceConfig>,

@@ -272,6 +272,7 @@ pub async fn watch_config(
         }
     };
     let mut last = loaded_bytes;
+    let mut datapath_log = initial.datapath_log;
     let mut tick = tokio::time::interval(CONFIG_POLL);
     loop {
         let forced = tokio::select! {
@@ -313,13 +314,30 @@ pub async fn watch_config(
                 continue;
             }
         };
+        // agent.datapath_log applies at once (the programs are replaced in place); the rest of
+        // [agent] at the next start.
+        let restart_only = DatapathOptions { log: initial.datapath_log, ..DatapathOptions::from(&config) };
         if config.api != initial.api
             || config.cgroup != initial.cgroup
             || config.bpffs != initial.bpffs
             || config.state_dir != initial.state_dir
-            || DatapathOptions::from(&config) != DatapathOptions::from(&initial)
+            || restart_only != DatapathOptions::from(&initial)
         {
             log::warn!("config reload: changes to [agent] take effect at the next restart");
+        }
+        if config.datapath_log != datapath_log {
+            let level = config.datapath_log;
+            let result = tokio::select! {
+                () = cancel.cancelled() => return,
+                result = control.ask(|reply| Command::SetDatapathLog { level, reply }) => result,
+            };
+            match result {
+                Ok(()) => {
+                    log::info!("config reload: agent.datapath_log = \"{level}\" applied");
+                    datapath_log = level;
+                }
+                Err(err) => log::error!("config reload: agent.datapath_log = \"{level}\" refused: {err}"),
+            }
         }
         // These two apply at once, also to running rollouts' next reads and deliveries.
         if gates.reconfigure(config.prometheus.clone(), config.webhook_allow.clone()) {

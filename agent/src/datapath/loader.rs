@@ -10,7 +10,7 @@ use std::{
     path::Path,
 };
 
-use agent_common::{MAP_SOCKETS, MAP_UDP_FLOWS};
+use agent_common::{LOG_LEVEL_GLOBAL, MAP_SOCKETS, MAP_UDP_FLOWS};
 use aya::{
     maps::MapInfo,
     programs::{
@@ -150,10 +150,13 @@ fn configured_max_entries(options: &DatapathOptions, name: &str) -> Option<u32> 
     (name == MAP_SOCKETS || name == MAP_UDP_FLOWS).then_some(options.steered_socket_capacity)
 }
 
-/// Loads the object with its maps pinned (adopting matching pins).
+/// Loads the object with its maps pinned (adopting matching pins), its log statements at
+/// `options.log` (aya-log's level global, in read-only data: the verifier removes what is off).
 pub fn load_object(options: &DatapathOptions) -> Result<Ebpf, DatapathError> {
+    let level = options.log.level();
     let mut loader = EbpfLoader::new();
     loader
+        .override_global(LOG_LEVEL_GLOBAL, &level, true)
         .default_map_pin_directory(&options.bpffs)
         .map_max_entries(MAP_SOCKETS, options.steered_socket_capacity)
         .map_max_entries(MAP_UDP_FLOWS, options.steered_socket_capacity);

@@ -17,6 +17,7 @@
 //! hands out service ids and revisions, `sockets` finds and destroys chosen steered sockets.
 
 mod loader;
+pub mod program_log;
 mod registry;
 mod sockets;
 
@@ -31,8 +32,8 @@ use agent_common::{
     service_seed, v4_mapped, BackendKey, BackendValue, CohortKey, CounterKey, FrontendKey, FrontendValue, Settings,
     SideCounters, SideCountersV1, COHORT_ALWAYS_CANARY, COHORT_NEVER_CANARY, FAMILY_V4, FAMILY_V6,
     FLAG_AFFINITY_CLIENT, FLAG_HAS_COHORTS, MAP_BACKENDS, MAP_COHORTS, MAP_COUNTERS, MAP_COUNTERS_V1, MAP_FRONTENDS,
-    MAP_SETTINGS, MAP_SETTINGS_V1, MAP_SOCKETS, MAP_UDP_FLOWS, MAX_BACKEND_SLOTS, MAX_FRONTENDS, MAX_SERVICES,
-    MAX_STEERED_SOCKETS, SETTING_HOST_NETNS_ONLY, SIDE_CANARY, SIDE_STABLE,
+    MAP_SETTINGS, MAP_SETTINGS_V1, MAP_SOCKETS, MAP_SOCKET_FILTER, MAP_UDP_FLOWS, MAX_BACKEND_SLOTS, MAX_FRONTENDS,
+    MAX_SERVICES, MAX_STEERED_SOCKETS, SETTING_HOST_NETNS_ONLY, SIDE_CANARY, SIDE_STABLE, SOCKET_FILTER_SLOTS,
 };
 use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuHashMap, PerCpuValues},
@@ -43,6 +44,7 @@ pub use loader::{uninstall, ForeignProgram, LinkOutcome};
 use registry::{Revisions, ServiceIds};
 pub use sockets::{Selection, Termination};
 
+pub use crate::config::DatapathLog;
 use crate::config::{Affinity, CohortCanary, ServiceSpec};
 
 /// The eBPF object built by build.rs from `agent-ebpf`.
@@ -123,6 +125,8 @@ pub struct DatapathOptions {
     pub steered_sockets_per_netns: u32,
     /// Steer only the host network namespace's sockets.
     pub host_netns_only: bool,
+    /// What the programs log (fixed at load; `Datapath::set_log` reloads them).
+    pub log: DatapathLog,
 }
 
 impl DatapathOptions {
@@ -134,6 +138,7 @@ impl DatapathOptions {
             steered_socket_capacity: MAX_STEERED_SOCKETS,
             steered_sockets_per_netns: default_sockets_per_netns(MAX_STEERED_SOCKETS),
             host_netns_only: false,
+            log: DatapathLog::Off,
         }
     }
 }
@@ -146,6 +151,7 @@ impl From<&crate::config::Config> for DatapathOptions {
             steered_socket_capacity: config.steered_socket_capacity,
             steered_sockets_per_netns: config.steered_sockets_per_netns,
             host_netns_only: config.host_netns_only,
+            log: config.datapath_log,
         }
     }
 }
@@ -197,6 +203,8 @@ pub struct DatapathStatus {
     /// Ids of removed services still waiting for their open sockets to close.
     pub draining_service_ids: usize,
     pub host_netns_only: bool,
+    /// What the programs log now.
+    pub datapath_log: DatapathLog,
     /// What happened to each program's pinned link at start.
     pub links: BTreeMap<&'static str, LinkOutcome>,
     /// Other programs on sockshift's hooks for this cgroup.
@@ -212,6 +220,8 @@ struct PinnedStart {
 pub struct Datapath {
     // Holds the programs; the links are pinned, so dropping it detaches nothing.
     _ebpf: Ebpf,
+    /// Reads the programs' log (when `options.log` is not off).
+    log_reader: program_log::LogReader,
     options: DatapathOptions,
     frontends: HashMap<MapData, FrontendKey, FrontendValue>,
     backends: HashMap<MapData, BackendKey, BackendValue>,
@@ -251,6 +261,8 @@ impl Datapath {
             .map_err(|source| DatapathError::Bpffs { path: options.bpffs.clone(), source })?;
 
         loader::check_pinned_maps(options)?;
+        // An older agent's programs kept no socket filter: it is filled from their records below.
+        let filter_was_pinned = options.bpffs.join(MAP_SOCKET_FILTER).exists();
         let mut ebpf = loader::load_object(options)?;
         let frontends: HashMap<MapData, FrontendKey, FrontendValue> = take_map(&mut ebpf, MAP_FRONTENDS)?;
         let backends: HashMap<MapData, BackendKey, BackendValue> = take_map(&mut ebpf, MAP_BACKENDS)?;
@@ -289,7 +301,18 @@ impl Datapath {
             .chain(cohort_table.keys().map(|k| k.service_id))
             .collect();
 
+        // Before the new programs run (their sock_release reads the filter) and again after (an
+        // older program may have inserted records in between).
+        let mut counted = HashSet::new();
+        if !filter_was_pinned {
+            fill_socket_filter(&options.bpffs, &sockets, &udp_flows, &mut counted)?;
+        }
+        let log_reader = program_log::LogReader::start();
+        log_reader.follow((options.log != DatapathLog::Off).then_some(&mut ebpf));
         let loader::Attached { links, foreign } = loader::attach_programs(&mut ebpf, options)?;
+        if !filter_was_pinned {
+            fill_socket_filter(&options.bpffs, &sockets, &udp_flows, &mut counted)?;
+        }
         // The new programs run now: maps only older programs used can go.
         for name in [MAP_COUNTERS_V1, MAP_SETTINGS_V1] {
             let pin = options.bpffs.join(name);
@@ -331,6 +354,7 @@ impl Datapath {
         let highest_revision = revisions.keys().max().copied();
         Ok(Self {
             _ebpf: ebpf,
+            log_reader,
             options: options.clone(),
             frontends,
             backends,
@@ -352,6 +376,53 @@ impl Datapath {
             foreign,
             terminator: sockets::Terminator::start(options.cgroup.clone(), sockets),
         })
+    }
+
+    /// Replaces the programs with ones that log at `level` (`agent.datapath_log`): the object is
+    /// loaded again with the new level, on the same pinned maps, and every pinned link is switched
+    /// to the new program in place, so every hook runs the old or the new program at every moment
+    /// and steering never stops. On error the running programs stay.
+    pub fn set_log(&mut self, level: DatapathLog) -> Result<(), DatapathError> {
+        if level == self.options.log {
+            return Ok(());
+        }
+        let options = DatapathOptions { log: level, ..self.options.clone() };
+        let mut ebpf = loader::load_object(&options)?;
+        // The new object's buffer is read from before its programs run.
+        if level != DatapathLog::Off {
+            self.publish_names();
+        }
+        self.log_reader.follow((level != DatapathLog::Off).then_some(&mut ebpf));
+        let attached = loader::attach_programs(&mut ebpf, &options);
+        let loader::Attached { links, foreign } = match attached {
+            Ok(attached) => attached,
+            Err(err) => {
+                // Links switched before the error run the new programs; put the old level's
+                // programs back on every hook (loaded again: the object's fds were taken).
+                log::error!("replacing the programs for datapath_log = \"{level}\" failed: {err}");
+                let mut again = loader::load_object(&self.options)?;
+                self.log_reader.follow((self.options.log != DatapathLog::Off).then_some(&mut again));
+                loader::attach_programs(&mut again, &self.options)?;
+                self._ebpf = again;
+                return Err(err);
+            }
+        };
+        self._ebpf = ebpf; // the old programs go with their last reference
+        self.links = links.into_iter().collect();
+        self.foreign = foreign;
+        log::info!("datapath_log = \"{level}\": programs replaced in place");
+        self.options.log = level;
+        Ok(())
+    }
+
+    /// What the datapath logs now.
+    pub fn log_level(&self) -> DatapathLog {
+        self.options.log
+    }
+
+    /// Gives the log reader the names of the installed services.
+    fn publish_names(&self) {
+        self.log_reader.set_names(self.services.iter().map(|(name, s)| (s.id, name.clone())).collect());
     }
 
     /// Makes the datapath hold exactly `specs` (at start: whatever an earlier run pinned and no
@@ -448,11 +519,7 @@ impl Datapath {
             // leaves alone.
             let before: Vec<&Installed> = changes.keys().filter_map(|name| self.services.get(name)).collect();
             (
-                before
-                    .iter()
-                    .flat_map(|s| frontend_keys(&s.spec))
-                    .filter(|k| !target.contains_key(k))
-                    .collect(),
+                before.iter().flat_map(|s| frontend_keys(&s.spec)).filter(|k| !target.contains_key(k)).collect(),
                 before
                     .iter()
                     .flat_map(|s| cohort_keys(&s.spec, s.id))
@@ -487,8 +554,7 @@ impl Datapath {
                     self.retired.entry(old.value.revision).or_insert(now);
                 }
             }
-            self.services
-                .insert(plan.spec.name.clone(), Installed { id: plan.id, spec: plan.spec, value: plan.value });
+            self.services.insert(plan.spec.name.clone(), Installed { id: plan.id, spec: plan.spec, value: plan.value });
         }
         for (_, gone) in before {
             self.ids.release(gone.id, now);
@@ -508,6 +574,9 @@ impl Datapath {
                     self.retired.entry(*revision).or_insert(now);
                 }
             }
+        }
+        if self.options.log != DatapathLog::Off {
+            self.publish_names();
         }
         Ok(())
     }
@@ -792,6 +861,7 @@ impl Datapath {
             udp_flow_capacity: self.udp_flow_capacity,
             draining_service_ids: self.ids.draining(),
             host_netns_only: self.options.host_netns_only,
+            datapath_log: self.options.log,
             links: self.links.clone(),
             foreign_programs: self.foreign.clone(),
         }
@@ -906,6 +976,52 @@ fn migrate_counters_v1(
 }
 
 /// The real size of a pinned map (0 if it cannot be read).
+/// Counts the records and UDP flow heads in the tables that are not in `counted` yet into a new
+/// SOCKET_FILTER, so that sock_release still finds the records an older agent's programs made.
+/// The adds are atomic, through the map's memory (it is mmapable): the new programs may be
+/// adding to the same slots. A record the new programs made and counted may be counted again
+/// here, which only costs its slot a lookup it could have skipped.
+fn fill_socket_filter(
+    bpffs: &Path,
+    sockets: &HashMap<MapData, u64, agent_common::SocketEntry>,
+    udp_flows: &HashMap<MapData, agent_common::UdpFlowKey, agent_common::UdpFlow>,
+    counted: &mut HashSet<(bool, u64)>,
+) -> Result<(), DatapathError> {
+    let records = sockets.keys().filter_map(Result::ok).map(|cookie| (false, cookie));
+    let heads = udp_flows.keys().filter_map(Result::ok).filter(|k| k.slot == 0).map(|k| (true, k.cookie));
+    let fresh: Vec<u64> = records.chain(heads).filter(|key| counted.insert(*key)).map(|(_, cookie)| cookie).collect();
+    if fresh.is_empty() {
+        return Ok(());
+    }
+    let path = bpffs.join(MAP_SOCKET_FILTER);
+    let fd = crate::bpf_sys::obj_get(&path).map_err(|source| DatapathError::Bpffs { path: path.clone(), source })?;
+    let len = SOCKET_FILTER_SLOTS as usize * std::mem::size_of::<u64>();
+    // Sound: a shared mapping of the whole array (an mmapable BPF array maps its values, in
+    // order, from offset 0), used only as atomics and unmapped below.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(DatapathError::Bpffs { path, source: std::io::Error::last_os_error() });
+    }
+    let slots = unsafe {
+        std::slice::from_raw_parts(base.cast::<std::sync::atomic::AtomicU64>(), SOCKET_FILTER_SLOTS as usize)
+    };
+    for cookie in &fresh {
+        slots[agent_common::socket_filter_slot(*cookie) as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    unsafe { libc::munmap(base, len) };
+    log::info!("{MAP_SOCKET_FILTER}: counted {} socket records and flows an older agent's programs made", fresh.len());
+    Ok(())
+}
+
 fn sockets_capacity(pin: &Path) -> u32 {
     aya::maps::MapInfo::from_pin(pin).map(|info| info.max_entries()).unwrap_or(0)
 }

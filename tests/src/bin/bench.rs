@@ -250,6 +250,9 @@ fn sockshift_services(services: usize) -> String {
 #[derive(Clone, Copy, PartialEq)]
 enum Peer {
     Direct,
+    /// The fair floor: no translation either, but the client itself spreads its connections
+    /// over both backends by the weight, as the steering peers do.
+    DirectSplit,
     Iptables,
     Haproxy,
     Sockshift,
@@ -259,6 +262,7 @@ impl Peer {
     fn name(self) -> &'static str {
         match self {
             Peer::Direct => "direct",
+            Peer::DirectSplit => "direct_split",
             Peer::Iptables => "iptables",
             Peer::Haproxy => "haproxy",
             Peer::Sockshift => "sockshift",
@@ -275,7 +279,7 @@ fn run_peer(peer: Peer, services: usize, keepalive: bool, seconds: u32) -> Value
     let mut _agent = None;
     let mut client = backends.placement();
     let target = match peer {
-        Peer::Direct => STABLE,
+        Peer::Direct | Peer::DirectSplit => STABLE,
         Peer::Iptables => {
             iptables_restore(&backends.netns, &iptables_rules(services));
             FRONTEND
@@ -305,8 +309,18 @@ fn run_peer(peer: Peer, services: usize, keepalive: bool, seconds: u32) -> Value
         }
     };
     let before = backends.requests().unwrap_or((0, 0));
-    // Direct is the floor: the same client straight to one backend, no translation at all.
-    let jobs: Vec<(String, &str, &str)> = vec![(format!("http://{target}/"), "2", "32")];
+    // Direct is the floor: the same client straight to one backend, no translation at all. The
+    // split floor sends the weight's share of the 32 connections straight to the canary.
+    let canary_connections = ((32.0 * TARGET_PERCENT / 100.0) as u32).to_string();
+    let stable_connections = (32 - (32.0 * TARGET_PERCENT / 100.0) as u32).to_string();
+    let jobs: Vec<(String, &str, &str)> = if peer == Peer::DirectSplit {
+        vec![
+            (format!("http://{STABLE}/"), "1", stable_connections.as_str()),
+            (format!("http://{CANARY}/"), "1", canary_connections.as_str()),
+        ]
+    } else {
+        vec![(format!("http://{target}/"), "2", "32")]
+    };
     let duration = format!("{seconds}s");
     let children: Vec<_> = jobs
         .iter()
@@ -385,7 +399,7 @@ fn spread(values: &[f64]) -> (f64, f64) {
 
 /// Peers side by side, new connection per request and keep-alive, interleaved rounds.
 fn throughput(settings: &Settings) -> Value {
-    let peers = [Peer::Direct, Peer::Iptables, Peer::Haproxy, Peer::Sockshift];
+    let peers = [Peer::Direct, Peer::DirectSplit, Peer::Iptables, Peer::Haproxy, Peer::Sockshift];
     let mut runs = Vec::new();
     for round in 0..settings.rounds {
         for keepalive in [false, true] {
@@ -430,8 +444,19 @@ fn throughput(settings: &Settings) -> Value {
             let mut p99: Vec<f64> = (0..settings.rounds).filter_map(|r| of(peer, r)["p99_us"].as_f64()).collect();
             let mut share: Vec<f64> =
                 (0..settings.rounds).map(|r| of(peer, r)["canary_percent"].as_f64().unwrap()).collect();
+            // Against the fair floor (the same split, sent directly by the client).
+            let mut vs_split: Vec<f64> = (0..settings.rounds)
+                .map(|r| {
+                    of(peer, r)["requests_per_second"].as_f64().unwrap()
+                        / of(Peer::DirectSplit, r)["requests_per_second"].as_f64().unwrap().max(1.0)
+                })
+                .collect();
             let (lo, hi) = spread(&ratios);
+            let (split_lo, split_hi) = spread(&vs_split);
             summary.push(json!({
+                "ratio_to_direct_split": median(&mut vs_split),
+                "ratio_to_direct_split_min": split_lo,
+                "ratio_to_direct_split_max": split_hi,
                 "peer": peer.name(),
                 "keepalive": keepalive,
                 "requests_per_second": median(&mut rps),
@@ -465,28 +490,36 @@ fn connect_cost(settings: &Settings) -> Value {
         [("no_program", outside, STABLE), ("attached_not_matching", inside, STABLE), ("steering", inside, FRONTEND)];
     let mut medians: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     let mut kernel: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+    // sock_release runs once per socket closed: for the connections that were not steered, it is
+    // what closing a socket costs every process in the cgroup.
+    let mut release: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
     for round in 0..rounds {
         check_interrupted();
         for i in 0..configs.len() {
             let (name, placement, target) = configs[(i + round) % configs.len()];
-            let before = prog_stats("sock4_connect");
+            let before = (prog_stats("sock4_connect"), prog_stats("sock_release"));
             let report = probe(placement, &["connect-cost", "--target", target, "--count", count]);
-            let after = prog_stats("sock4_connect");
+            let after = (prog_stats("sock4_connect"), prog_stats("sock_release"));
             let entry = kernel.entry(name).or_default();
-            entry.0 += after.0 - before.0;
-            entry.1 += after.1 - before.1;
+            entry.0 += after.0 .0 - before.0 .0;
+            entry.1 += after.0 .1 - before.0 .1;
+            let entry = release.entry(name).or_default();
+            entry.0 += after.1 .0 - before.1 .0;
+            entry.1 += after.1 .1 - before.1 .1;
             medians.entry(name).or_default().push(report["median_ns"].as_f64().unwrap());
         }
     }
+    let per_run = |(time, runs): (u64, u64)| if runs > 0 { Some(time as f64 / runs as f64) } else { None };
     let mut out = serde_json::Map::new();
     for (name, mut values) in medians {
-        let (time, runs) = kernel[name];
         out.insert(
             name.into(),
             json!({
                 "connect_ns_median": median(&mut values),
-                "kernel_program_ns_per_run": if runs > 0 { Some(time as f64 / runs as f64) } else { None },
-                "kernel_program_runs": runs,
+                "kernel_program_ns_per_run": per_run(kernel[name]),
+                "kernel_program_runs": kernel[name].1,
+                "kernel_release_ns_per_run": per_run(release[name]),
+                "kernel_release_runs": release[name].1,
             }),
         );
     }
@@ -735,16 +768,20 @@ fn render(r: &Value) -> (String, String) {
         "## Throughput and latency\n\nwrk, 2 threads, {} connections, {} s per run, {} interleaved rounds, each run in a fresh network namespace; nginx backends. Medians over rounds; the ratio's range is min–max over rounds. Canary share target: {TARGET_PERCENT} %.\n\n",
         t["connections"], t["seconds"], t["rounds"]
     ));
-    md.push_str("| mode | peer | req/s | ratio to direct (range) | ratio to haproxy | p50 µs | p99 µs | canary share % |\n|---|---|---|---|---|---|---|---|\n");
+    md.push_str("`direct_split` is the fair floor for keep-alive: the client sends the weight's share of its connections straight to the canary (no translation), so it drives both backends as the steering peers do.\n\n");
+    md.push_str("| mode | peer | req/s | ratio to direct (range) | ratio to direct_split (range) | ratio to haproxy | p50 µs | p99 µs | canary share % |\n|---|---|---|---|---|---|---|---|---|\n");
     for s in t["summary"].as_array().into_iter().flatten() {
         md.push_str(&format!(
-            "| {} | {} | {} | {} ({}–{}) | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} ({}–{}) | {} ({}–{}) | {} | {} | {} | {} |\n",
             if s["keepalive"] == json!(true) { "keep-alive" } else { "new conn/request" },
             s["peer"].as_str().unwrap(),
             f(&s["requests_per_second"], 0),
             f(&s["ratio_to_direct"], 3),
             f(&s["ratio_to_direct_min"], 3),
             f(&s["ratio_to_direct_max"], 3),
+            f(&s["ratio_to_direct_split"], 3),
+            f(&s["ratio_to_direct_split_min"], 3),
+            f(&s["ratio_to_direct_split_max"], 3),
             f(&s["ratio_to_haproxy"], 2),
             f(&s["p50_us"], 0),
             f(&s["p99_us"], 0),
@@ -752,12 +789,13 @@ fn render(r: &Value) -> (String, String) {
         ));
     }
     let c = &r["connect_cost"];
-    md.push_str(&format!("\n## connect() cost\n\nMedian of per-round medians over {} interleaved rounds; kernel run time from `kernel.bpf_stats_enabled` for `sock4_connect`.\n\n| case | connect() ns | program ns per run |\n|---|---|---|\n", c["rounds"]));
+    md.push_str(&format!("\n## connect() cost\n\nMedian of per-round medians over {} interleaved rounds; kernel run time from `kernel.bpf_stats_enabled` for `sock4_connect`, and for `sock_release` when the socket is closed.\n\n| case | connect() ns | connect4 program ns per run | sock_release ns per run |\n|---|---|---|---|\n", c["rounds"]));
     for name in ["no_program", "attached_not_matching", "steering"] {
         md.push_str(&format!(
-            "| {name} | {} | {} |\n",
+            "| {name} | {} | {} | {} |\n",
             f(&c[name]["connect_ns_median"], 0),
-            f(&c[name]["kernel_program_ns_per_run"], 0)
+            f(&c[name]["kernel_program_ns_per_run"], 0),
+            f(&c[name]["kernel_release_ns_per_run"], 0)
         ));
     }
     md.push_str(&format!(
@@ -827,16 +865,19 @@ fn render(r: &Value) -> (String, String) {
     let check = |ok: bool| if ok { "met   " } else { "MISSED" };
     let targets = [
         (
-            format!("new connection/request: sockshift {} of direct (≥ 0.95)", f(&new_conn["ratio_to_direct"], 3)),
-            new_conn["ratio_to_direct"].as_f64().unwrap_or(0.0) >= 0.95,
+            format!("new connection/request: sockshift {} of direct (≥ 0.97)", f(&new_conn["ratio_to_direct"], 3)),
+            new_conn["ratio_to_direct"].as_f64().unwrap_or(0.0) >= 0.97,
         ),
         (
             format!("new connection/request: sockshift {} × haproxy (≥ 1.8)", f(&new_conn["ratio_to_haproxy"], 2)),
             new_conn["ratio_to_haproxy"].as_f64().unwrap_or(0.0) >= 1.8,
         ),
         (
-            format!("keep-alive: sockshift {} of direct (≥ 0.98)", f(&keep["ratio_to_direct"], 3)),
-            keep["ratio_to_direct"].as_f64().unwrap_or(0.0) >= 0.98,
+            format!(
+                "keep-alive: sockshift {} of the fair floor, direct_split (≥ 0.99)",
+                f(&keep["ratio_to_direct_split"], 3)
+            ),
+            keep["ratio_to_direct_split"].as_f64().unwrap_or(0.0) >= 0.99,
         ),
         (
             format!(
@@ -858,6 +899,13 @@ fn render(r: &Value) -> (String, String) {
         (
             format!("steered connect() costs {} ns more than unsteered (≤ 150)", f(&c["kernel_steering_extra_ns"], 0)),
             c["kernel_steering_extra_ns"].as_f64().unwrap_or(f64::MAX) <= 150.0,
+        ),
+        (
+            format!(
+                "closing an unsteered socket costs {} ns in sock_release (≤ 60)",
+                f(&c["attached_not_matching"]["kernel_release_ns_per_run"], 0)
+            ),
+            c["attached_not_matching"]["kernel_release_ns_per_run"].as_f64().unwrap_or(f64::MAX) <= 60.0,
         ),
         (
             format!("API request to effect p99 {} µs (< 2000)", f(&cp["update_to_effect_p99_us"], 0)),
@@ -882,7 +930,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 r = json.load(open(sys.argv[1] + "/results.json"))
 fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-peers = ["direct", "iptables", "haproxy", "sockshift"]
+peers = ["direct", "direct_split", "iptables", "haproxy", "sockshift"]
 for i, keepalive in enumerate([False, True]):
     vals = [next(s["ratio_to_direct"] for s in r["throughput"]["summary"] if s["peer"] == p and s["keepalive"] == keepalive) for p in peers]
     axes[0].bar([x + i * 0.4 for x in range(len(peers))], vals, width=0.4, label="keep-alive" if keepalive else "new connection per request")
