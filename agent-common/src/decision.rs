@@ -92,12 +92,6 @@ pub const fn netns_bucket(netns_cookie: u64) -> u32 {
     hash_into(netns_cookie, 0x6e65_746e, crate::maps::NETNS_BUCKETS)
 }
 
-/// The SOCKET_FILTER slot of a socket (by cookie).
-#[inline(always)]
-pub const fn socket_filter_slot(socket_cookie: u64) -> u32 {
-    (mix64(socket_cookie) >> 32) as u32 & (crate::maps::SOCKET_FILTER_SLOTS - 1)
-}
-
 /// Family of a destination given the stored (possibly v4-mapped) address.
 #[inline(always)]
 pub const fn family_of(addr_be: &[u32; 4]) -> u8 {

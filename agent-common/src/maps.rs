@@ -16,9 +16,6 @@ pub const MAP_SOCKETS: &str = "SOCKETS_V1";
 pub const MAP_UDP_FLOWS: &str = "UDP_FLOWS_V1";
 /// Network namespace bucket -> SOCKETS records its sockets hold (the per-namespace bound).
 pub const MAP_NETNS_SOCKETS: &str = "NETNS_SOCKETS_V1";
-/// `socket_filter_slot(cookie)` -> socket records and UDP flow heads of the sockets hashing
-/// there: lets sock_release skip the table lookups for a socket that was never steered.
-pub const MAP_SOCKET_FILTER: &str = "SOCKET_FILTER_V1";
 /// (service id, side) -> per-CPU counters.
 pub const MAP_COUNTERS: &str = "COUNTERS_V2";
 /// (client cgroup id, service id) -> cohort override.
@@ -47,10 +44,6 @@ pub const MAX_STEERED_SOCKETS: u32 = 1 << 18;
 /// `netns_bucket(cookie)`. Two namespaces share a bound only if they share a bucket (one pair in
 /// 65,536), and an array needs no upkeep as namespaces come and go.
 pub const NETNS_BUCKETS: u32 = 65_536;
-/// Slots of SOCKET_FILTER (u64 counts): 64 KiB, small enough to stay in cache. A slot is non-zero while a
-/// socket hashing there may hold a record, so with N steered sockets open a socket that was never
-/// steered still takes the table lookups with odds of about 1 - e^(-N/8192).
-pub const SOCKET_FILTER_SLOTS: u32 = 8_192;
 /// Reply translations kept per unconnected UDP socket: one per backend it sent to (musl's
 /// resolver sends every query to up to 3 nameservers from one socket), the oldest replaced
 /// first when a socket has talked to more.

@@ -5,10 +5,10 @@
 use agent_common::{
     BackendKey, BackendValue, CohortKey, CounterKey, FrontendKey, FrontendValue, Settings, SideCounters, SocketEntry,
     UdpFlow, UdpFlowKey, MAX_BACKEND_SLOTS, MAX_COHORT_ENTRIES, MAX_FRONTENDS, MAX_SERVICES, MAX_STEERED_SOCKETS,
-    NETNS_BUCKETS, SOCKET_FILTER_SLOTS,
+    NETNS_BUCKETS,
 };
 use aya_ebpf::{
-    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
 };
@@ -42,18 +42,6 @@ pub static SOCKETS: HashMap<u64, SocketEntry> = HashMap::pinned(MAX_STEERED_SOCK
 /// used flows, and a live socket whose flow was evicted records it again with its next datagram.
 #[map(name = "UDP_FLOWS_V1")]
 pub static UDP_FLOWS: LruHashMap<UdpFlowKey, UdpFlow> = LruHashMap::pinned(MAX_STEERED_SOCKETS, 0);
-
-/// `socket_filter_slot(cookie)` -> SOCKETS records plus UDP flow heads (slot 0) of the sockets
-/// hashing there: a counting filter, so sock_release skips both table lookups for a socket that
-/// was never steered (almost every socket a node closes) with one inlined array read that stays
-/// in cache. A slot is incremented before a record or flow head is inserted and decremented after
-/// one is deleted, so it is never zero while a socket hashing there holds either: a zero never
-/// skips a record. Flow heads the LRU evicts leave their count behind, which only makes the
-/// filter let more sockets through to the lookups. Writers: connect4/6, sendmsg4/6, sock_ops,
-/// sock_release (atomic adds), and the agent once at start (records an older agent's programs
-/// made, through the map's memory: mmapable). Reader: sock_release.
-#[map(name = "SOCKET_FILTER_V1")]
-pub static SOCKET_FILTER: Array<u64> = Array::pinned(SOCKET_FILTER_SLOTS, BPF_F_MMAPABLE);
 
 /// `netns_bucket(network namespace cookie)` -> SOCKETS records its sockets hold, so one client
 /// cannot take the whole table (the bound is `Settings::sockets_per_netns`). An array: its

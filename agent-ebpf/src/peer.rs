@@ -11,7 +11,7 @@ use aya_ebpf::{
 use crate::{
     maps::SOCKETS,
     sockaddr::{set_user_ip4, set_user_ip6, set_user_port_be, user_ip4, user_ip6, user_port_be},
-    steer::{forget_flows, forget_socket, maybe_steered, reverse_socket, socket_cookie},
+    steer::{forget_flows, forget_socket, reverse_socket, socket_cookie},
 };
 
 const IPPROTO_UDP: u32 = 17;
@@ -40,11 +40,6 @@ pub fn sock6_getpeername(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock(sock_release)]
 pub fn sock_release(ctx: SockContext) -> i32 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // An inlined array read: almost every socket a node closes was never steered and ends here,
-    // without a hash lookup.
-    if !maybe_steered(cookie) {
-        return 1;
-    }
     let (protocol, state) = unsafe { ((*ctx.sock).protocol, (*ctx.sock).state) };
     if protocol == IPPROTO_UDP {
         forget_flows(cookie);

@@ -2,12 +2,11 @@
 //! record or UDP flow, counters. Each returns `None` to leave the call untouched.
 
 use agent_common::{
-    backend_index, family_of, netns_bucket, pick_side, socket_filter_slot, split_bucket, BackendKey, BackendValue,
-    CohortKey, CounterKey, FrontendKey, FrontendValue, Settings, SideCounters, SocketEntry, UdpFlow, UdpFlowKey,
-    FLAG_AFFINITY_CLIENT, FLAG_HAS_COHORTS, LOG_CALL_CONNECT, LOG_CALL_DATAGRAM, LOG_KEY_CGROUP, LOG_KEY_CONNECTION,
-    LOG_KEY_NETNS, LOG_REASON_BACKEND_MISSING, LOG_REASON_FLOW_TABLE_FULL, LOG_REASON_NETNS_FULL,
-    LOG_REASON_NO_BACKEND_FAMILY, LOG_REASON_TABLE_FULL, MAX_COHORT_DEPTH, SETTING_HOST_NETNS_ONLY,
-    SOCKET_NETNS_COUNTED, SOCKET_UDP, UDP_FLOW_SLOTS,
+    backend_index, family_of, netns_bucket, pick_side, split_bucket, BackendKey, BackendValue, CohortKey, CounterKey,
+    FrontendKey, FrontendValue, Settings, SideCounters, SocketEntry, UdpFlow, UdpFlowKey, FLAG_AFFINITY_CLIENT,
+    FLAG_HAS_COHORTS, LOG_CALL_CONNECT, LOG_CALL_DATAGRAM, LOG_KEY_CGROUP, LOG_KEY_CONNECTION, LOG_KEY_NETNS,
+    LOG_REASON_BACKEND_MISSING, LOG_REASON_FLOW_TABLE_FULL, LOG_REASON_NETNS_FULL, LOG_REASON_NO_BACKEND_FAMILY,
+    LOG_REASON_TABLE_FULL, MAX_COHORT_DEPTH, SETTING_HOST_NETNS_ONLY, SOCKET_NETNS_COUNTED, SOCKET_UDP, UDP_FLOW_SLOTS,
 };
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
@@ -19,7 +18,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, info};
 
-use crate::maps::{BACKENDS, COHORTS, COUNTERS, FRONTENDS, NETNS_SOCKETS, SETTINGS, SOCKETS, SOCKET_FILTER, UDP_FLOWS};
+use crate::maps::{BACKENDS, COHORTS, COUNTERS, FRONTENDS, NETNS_SOCKETS, SETTINGS, SOCKETS, UDP_FLOWS};
 
 const EEXIST: i32 = 17;
 const IPPROTO_UDP: u32 = 17;
@@ -74,23 +73,6 @@ pub fn atomic_add(counter: *mut u64, delta: u64) {
     }
 }
 
-/// Adds `delta` (wrapping: `u64::MAX` subtracts one) to the socket's SOCKET_FILTER slot.
-#[inline(always)]
-pub fn filter_add(cookie: u64, delta: u64) {
-    if let Some(slot) = SOCKET_FILTER.get_ptr_mut(socket_filter_slot(cookie)) {
-        atomic_add(slot, delta);
-    }
-}
-
-/// Whether the socket may hold a record or a UDP flow; `false` means it certainly holds neither.
-#[inline(always)]
-pub fn maybe_steered(cookie: u64) -> bool {
-    match SOCKET_FILTER.get_ptr(socket_filter_slot(cookie)) {
-        Some(slot) => (unsafe { core::ptr::read_volatile(slot) }) != 0,
-        None => true,
-    }
-}
-
 /// Forgets a socket record: deletes it, counts it closed (with `update`, in the same counter
 /// lookup), and gives its namespace's share back. `netns` gives the socket's network namespace
 /// cookie (asked only when needed).
@@ -104,7 +86,6 @@ pub fn forget_socket(
     if SOCKETS.remove(cookie).is_err() {
         return; // deleted meanwhile by another path: counted there
     }
-    filter_add(cookie, u64::MAX);
     bump(entry.service_id, entry.side, |c| {
         c.socket_records_closed += 1;
         update(c);
@@ -318,8 +299,6 @@ fn record_socket(ctx: &SockAddrContext, cookie: u64, settings: &Settings, mut en
             netns_count = Some(count);
         }
     }
-    // Counted before it exists, so that the filter never reads zero while it does.
-    filter_add(cookie, 1);
     match SOCKETS.insert(cookie, entry, BPF_NOEXIST as u64) {
         Ok(()) => {
             if let Some(count) = netns_count {
@@ -328,9 +307,8 @@ fn record_socket(ctx: &SockAddrContext, cookie: u64, settings: &Settings, mut en
             Recorded::Yes
         }
         Err(err) if err == -EEXIST => {
-            filter_add(cookie, u64::MAX); // the record it replaces is counted already
-                                          // The socket connects again (after a failed attempt, or a UDP socket re-connecting):
-                                          // its new record replaces the old, which is counted closed where it was opened.
+            // The socket connects again (after a failed attempt, or a UDP socket re-connecting):
+            // its new record replaces the old, which is counted closed where it was opened.
             if let Some(old) = unsafe { SOCKETS.get(cookie) }.copied() {
                 // Counted closed where it was opened; the new record is counted opened below.
                 bump(old.service_id, old.side, |c| c.socket_records_closed += 1);
@@ -346,10 +324,7 @@ fn record_socket(ctx: &SockAddrContext, cookie: u64, settings: &Settings, mut en
                 Recorded::TableFull
             }
         }
-        Err(_) => {
-            filter_add(cookie, u64::MAX);
-            Recorded::TableFull
-        }
+        Err(_) => Recorded::TableFull,
     }
 }
 
@@ -378,15 +353,10 @@ fn record_flow(cookie: u64, dst_be: &[u32; 4], port_be: u16, backend: &BackendVa
             None => {
                 if slot == 0 {
                     flow.written = 1;
-                    filter_add(cookie, 1); // the head is counted in the filter
                 } else if let Some(head) = UDP_FLOWS.get_ptr_mut(head_key) {
                     unsafe { (*head).written = slot + 1 };
                 }
-                let inserted = UDP_FLOWS.insert(key, flow, BPF_ANY as u64).is_ok();
-                if slot == 0 && !inserted {
-                    filter_add(cookie, u64::MAX);
-                }
-                return inserted;
+                return UDP_FLOWS.insert(key, flow, BPF_ANY as u64).is_ok();
             }
         }
         slot += 1;
@@ -450,9 +420,7 @@ pub fn forget_flows(cookie: u64) {
         if slot >= used && slot > 0 {
             break;
         }
-        if UDP_FLOWS.remove(UdpFlowKey { cookie, slot, _pad: 0 }).is_ok() && slot == 0 {
-            filter_add(cookie, u64::MAX);
-        }
+        let _ = UDP_FLOWS.remove(UdpFlowKey { cookie, slot, _pad: 0 });
         slot += 1;
     }
 }

@@ -32,8 +32,8 @@ use agent_common::{
     service_seed, v4_mapped, BackendKey, BackendValue, CohortKey, CounterKey, FrontendKey, FrontendValue, Settings,
     SideCounters, SideCountersV1, COHORT_ALWAYS_CANARY, COHORT_NEVER_CANARY, FAMILY_V4, FAMILY_V6,
     FLAG_AFFINITY_CLIENT, FLAG_HAS_COHORTS, MAP_BACKENDS, MAP_COHORTS, MAP_COUNTERS, MAP_COUNTERS_V1, MAP_FRONTENDS,
-    MAP_SETTINGS, MAP_SETTINGS_V1, MAP_SOCKETS, MAP_SOCKET_FILTER, MAP_UDP_FLOWS, MAX_BACKEND_SLOTS, MAX_FRONTENDS,
-    MAX_SERVICES, MAX_STEERED_SOCKETS, SETTING_HOST_NETNS_ONLY, SIDE_CANARY, SIDE_STABLE, SOCKET_FILTER_SLOTS,
+    MAP_SETTINGS, MAP_SETTINGS_V1, MAP_SOCKETS, MAP_UDP_FLOWS, MAX_BACKEND_SLOTS, MAX_FRONTENDS, MAX_SERVICES,
+    MAX_STEERED_SOCKETS, SETTING_HOST_NETNS_ONLY, SIDE_CANARY, SIDE_STABLE,
 };
 use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuHashMap, PerCpuValues},
@@ -261,8 +261,6 @@ impl Datapath {
             .map_err(|source| DatapathError::Bpffs { path: options.bpffs.clone(), source })?;
 
         loader::check_pinned_maps(options)?;
-        // An older agent's programs kept no socket filter: it is filled from their records below.
-        let filter_was_pinned = options.bpffs.join(MAP_SOCKET_FILTER).exists();
         let mut ebpf = loader::load_object(options)?;
         let frontends: HashMap<MapData, FrontendKey, FrontendValue> = take_map(&mut ebpf, MAP_FRONTENDS)?;
         let backends: HashMap<MapData, BackendKey, BackendValue> = take_map(&mut ebpf, MAP_BACKENDS)?;
@@ -301,18 +299,9 @@ impl Datapath {
             .chain(cohort_table.keys().map(|k| k.service_id))
             .collect();
 
-        // Before the new programs run (their sock_release reads the filter) and again after (an
-        // older program may have inserted records in between).
-        let mut counted = HashSet::new();
-        if !filter_was_pinned {
-            fill_socket_filter(&options.bpffs, &sockets, &udp_flows, &mut counted)?;
-        }
         let log_reader = program_log::LogReader::start();
         log_reader.follow((options.log != DatapathLog::Off).then_some(&mut ebpf));
         let loader::Attached { links, foreign } = loader::attach_programs(&mut ebpf, options)?;
-        if !filter_was_pinned {
-            fill_socket_filter(&options.bpffs, &sockets, &udp_flows, &mut counted)?;
-        }
         // The new programs run now: maps only older programs used can go.
         for name in [MAP_COUNTERS_V1, MAP_SETTINGS_V1] {
             let pin = options.bpffs.join(name);
@@ -976,52 +965,6 @@ fn migrate_counters_v1(
 }
 
 /// The real size of a pinned map (0 if it cannot be read).
-/// Counts the records and UDP flow heads in the tables that are not in `counted` yet into a new
-/// SOCKET_FILTER, so that sock_release still finds the records an older agent's programs made.
-/// The adds are atomic, through the map's memory (it is mmapable): the new programs may be
-/// adding to the same slots. A record the new programs made and counted may be counted again
-/// here, which only costs its slot a lookup it could have skipped.
-fn fill_socket_filter(
-    bpffs: &Path,
-    sockets: &HashMap<MapData, u64, agent_common::SocketEntry>,
-    udp_flows: &HashMap<MapData, agent_common::UdpFlowKey, agent_common::UdpFlow>,
-    counted: &mut HashSet<(bool, u64)>,
-) -> Result<(), DatapathError> {
-    let records = sockets.keys().filter_map(Result::ok).map(|cookie| (false, cookie));
-    let heads = udp_flows.keys().filter_map(Result::ok).filter(|k| k.slot == 0).map(|k| (true, k.cookie));
-    let fresh: Vec<u64> = records.chain(heads).filter(|key| counted.insert(*key)).map(|(_, cookie)| cookie).collect();
-    if fresh.is_empty() {
-        return Ok(());
-    }
-    let path = bpffs.join(MAP_SOCKET_FILTER);
-    let fd = crate::bpf_sys::obj_get(&path).map_err(|source| DatapathError::Bpffs { path: path.clone(), source })?;
-    let len = SOCKET_FILTER_SLOTS as usize * std::mem::size_of::<u64>();
-    // Sound: a shared mapping of the whole array (an mmapable BPF array maps its values, in
-    // order, from offset 0), used only as atomics and unmapped below.
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            std::os::fd::AsRawFd::as_raw_fd(&fd),
-            0,
-        )
-    };
-    if base == libc::MAP_FAILED {
-        return Err(DatapathError::Bpffs { path, source: std::io::Error::last_os_error() });
-    }
-    let slots = unsafe {
-        std::slice::from_raw_parts(base.cast::<std::sync::atomic::AtomicU64>(), SOCKET_FILTER_SLOTS as usize)
-    };
-    for cookie in &fresh {
-        slots[agent_common::socket_filter_slot(*cookie) as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-    unsafe { libc::munmap(base, len) };
-    log::info!("{MAP_SOCKET_FILTER}: counted {} socket records and flows an older agent's programs made", fresh.len());
-    Ok(())
-}
-
 fn sockets_capacity(pin: &Path) -> u32 {
     aya::maps::MapInfo::from_pin(pin).map(|info| info.max_entries()).unwrap_or(0)
 }

@@ -497,9 +497,9 @@ fn connect_cost(settings: &Settings) -> Value {
         check_interrupted();
         for i in 0..configs.len() {
             let (name, placement, target) = configs[(i + round) % configs.len()];
-            let before = (prog_stats("sock4_connect"), prog_stats("sock_release"));
+            let before = (prog_stats(&cgroup, "sock4_connect"), prog_stats(&cgroup, "sock_release"));
             let report = probe(placement, &["connect-cost", "--target", target, "--count", count]);
-            let after = (prog_stats("sock4_connect"), prog_stats("sock_release"));
+            let after = (prog_stats(&cgroup, "sock4_connect"), prog_stats(&cgroup, "sock_release"));
             let entry = kernel.entry(name).or_default();
             entry.0 += after.0 .0 - before.0 .0;
             entry.1 += after.0 .1 - before.0 .1;
@@ -530,12 +530,29 @@ fn connect_cost(settings: &Settings) -> Value {
     Value::Object(out)
 }
 
-/// (run_time_ns, run_cnt) summed over loaded programs named `name` (bpf_stats_enabled on).
-fn prog_stats(name: &str) -> (u64, u64) {
-    let output = std::process::Command::new("bpftool").args(["-j", "prog", "show"]).output();
-    let Ok(output) = output else { return (0, 0) };
-    let progs: Value = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
-    progs.as_array().into_iter().flatten().filter(|p| p["name"] == json!(name)).fold((0, 0), |acc, p| {
+/// (run_time_ns, run_cnt) of the program named `name` attached to `cgroup` (bpf_stats_enabled
+/// on): only this agent's, not those of other agents running on the machine.
+fn prog_stats(cgroup: &Cgroup, name: &str) -> (u64, u64) {
+    let json = |args: &[&str]| -> Value {
+        std::process::Command::new("bpftool")
+            .arg("-j")
+            .args(args)
+            .output()
+            .ok()
+            .and_then(|o| serde_json::from_slice(&o.stdout).ok())
+            .unwrap_or(Value::Null)
+    };
+    let path = cgroup.path.display().to_string();
+    let attached = json(&["cgroup", "show", &path]);
+    let ids: Vec<u64> = attached
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["name"] == json!(name))
+        .filter_map(|p| p["id"].as_u64())
+        .collect();
+    ids.iter().fold((0, 0), |acc, id| {
+        let p = json(&["prog", "show", "id", &id.to_string()]);
         (acc.0 + p["run_time_ns"].as_u64().unwrap_or(0), acc.1 + p["run_cnt"].as_u64().unwrap_or(0))
     })
 }
