@@ -747,6 +747,10 @@ fn footprint(settings: &Settings) -> Value {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap_or(0);
         let mut map_bytes = 0u64;
+        // The same maps on a 96-CPU node: a per-CPU map's memory is its per-CPU part times the
+        // CPU count (the kernel charges a per-CPU value once per possible CPU).
+        let mut map_bytes_96 = 0f64;
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         if let Ok(entries) = std::fs::read_dir(&agent.bpffs) {
             for entry in entries.filter_map(Result::ok).filter(|e| e.path().is_file()) {
                 let output = std::process::Command::new("bpftool")
@@ -755,11 +759,19 @@ fn footprint(settings: &Settings) -> Value {
                     .output();
                 if let Ok(output) = output {
                     let info: Value = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
-                    map_bytes += info["bytes_memlock"].as_u64().unwrap_or(0);
+                    let bytes = info["bytes_memlock"].as_u64().unwrap_or(0);
+                    map_bytes += bytes;
+                    let per_cpu = info["type"].as_str().is_some_and(|t| t.starts_with("percpu"));
+                    map_bytes_96 += if per_cpu { bytes as f64 * 96.0 / cpus } else { bytes as f64 };
                 }
             }
         }
-        rows.push(json!({ "services": services, "agent_rss_kib": rss_kib, "map_memory_bytes": map_bytes }));
+        rows.push(json!({
+            "services": services,
+            "agent_rss_kib": rss_kib,
+            "map_memory_bytes": map_bytes,
+            "map_memory_bytes_96_cpus": map_bytes_96,
+        }));
     }
     json!(rows)
 }
@@ -857,13 +869,14 @@ fn render(r: &Value) -> (String, String) {
             f(&row["ci95_high"], 2)
         ));
     }
-    md.push_str("\n## Footprint\n\n| services | agent RSS MiB | map memory MiB |\n|---|---|---|\n");
+    md.push_str("\n## Footprint\n\nMap memory as the kernel charges it (`bytes_memlock`) on this machine, and computed for a 96-CPU node (per-CPU maps scaled by 96 / this machine's CPUs).\n\n| services | agent RSS MiB | map memory MiB | map memory MiB at 96 CPUs |\n|---|---|---|---|\n");
     for row in r["footprint"].as_array().into_iter().flatten() {
         md.push_str(&format!(
-            "| {} | {:.1} | {:.1} |\n",
+            "| {} | {:.1} | {:.1} | {:.1} |\n",
             row["services"],
             row["agent_rss_kib"].as_f64().unwrap_or(0.0) / 1024.0,
-            row["map_memory_bytes"].as_f64().unwrap_or(0.0) / 1048576.0
+            row["map_memory_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+            row["map_memory_bytes_96_cpus"].as_f64().unwrap_or(0.0) / 1048576.0
         ));
     }
 
@@ -877,6 +890,7 @@ fn render(r: &Value) -> (String, String) {
             .cloned()
             .unwrap_or(Value::Null)
     };
+    let largest_footprint = r["footprint"].as_array().and_then(|rows| rows.last()).cloned().unwrap_or(Value::Null);
     let new_conn = summary_of("sockshift", false);
     let keep = summary_of("sockshift", true);
     let check = |ok: bool| if ok { "met   " } else { "MISSED" };
@@ -923,6 +937,14 @@ fn render(r: &Value) -> (String, String) {
                 f(&c["attached_not_matching"]["kernel_release_ns_per_run"], 0)
             ),
             c["attached_not_matching"]["kernel_release_ns_per_run"].as_f64().unwrap_or(f64::MAX) <= 60.0,
+        ),
+        (
+            format!(
+                "map memory at {} services on 96 CPUs {} MiB (≤ 64)",
+                largest_footprint["services"],
+                f(&json!(largest_footprint["map_memory_bytes_96_cpus"].as_f64().unwrap_or(0.0) / 1048576.0), 1)
+            ),
+            largest_footprint["map_memory_bytes_96_cpus"].as_f64().unwrap_or(f64::MAX) <= 64.0 * 1048576.0,
         ),
         (
             format!("API request to effect p99 {} µs (< 2000)", f(&cp["update_to_effect_p99_us"], 0)),
