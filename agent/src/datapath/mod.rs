@@ -219,7 +219,7 @@ struct PinnedStart {
 
 pub struct Datapath {
     // Holds the programs; the links are pinned, so dropping it detaches nothing.
-    _ebpf: Ebpf,
+    ebpf_object: Ebpf,
     /// Reads the programs' log (when `options.log` is not off).
     log_reader: program_log::LogReader,
     options: DatapathOptions,
@@ -342,7 +342,7 @@ impl Datapath {
         let udp_flow_capacity = sockets_capacity(&options.bpffs.join(MAP_UDP_FLOWS));
         let highest_revision = revisions.keys().max().copied();
         Ok(Self {
-            _ebpf: ebpf,
+            ebpf_object: ebpf,
             log_reader,
             options: options.clone(),
             frontends,
@@ -392,11 +392,11 @@ impl Datapath {
                 let mut again = loader::load_object(&self.options)?;
                 self.log_reader.follow((self.options.log != DatapathLog::Off).then_some(&mut again));
                 loader::attach_programs(&mut again, &self.options)?;
-                self._ebpf = again;
+                self.ebpf_object = again;
                 return Err(err);
             }
         };
-        self._ebpf = ebpf; // the old programs go with their last reference
+        self.ebpf_object = ebpf; // the old programs go with their last reference
         self.links = links.into_iter().collect();
         self.foreign = foreign;
         log::info!("datapath_log = \"{level}\": programs replaced in place");
