@@ -747,10 +747,11 @@ fn footprint(settings: &Settings) -> Value {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap_or(0);
         let mut map_bytes = 0u64;
-        // The same maps on a 96-CPU node: a per-CPU map's memory is its per-CPU part times the
-        // CPU count (the kernel charges a per-CPU value once per possible CPU).
+        // The same maps on a 96-CPU node: a per-CPU map holds each entry's value once per
+        // possible CPU (bucket arrays and elements are not per CPU), so 96 CPUs add
+        // entries × value size × (96 - this machine's CPUs).
         let mut map_bytes_96 = 0f64;
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let cpus = possible_cpus() as f64;
         if let Ok(entries) = std::fs::read_dir(&agent.bpffs) {
             for entry in entries.filter_map(Result::ok).filter(|e| e.path().is_file()) {
                 let output = std::process::Command::new("bpftool")
@@ -761,8 +762,20 @@ fn footprint(settings: &Settings) -> Value {
                     let info: Value = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
                     let bytes = info["bytes_memlock"].as_u64().unwrap_or(0);
                     map_bytes += bytes;
-                    let per_cpu = info["type"].as_str().is_some_and(|t| t.starts_with("percpu"));
-                    map_bytes_96 += if per_cpu { bytes as f64 * 96.0 / cpus } else { bytes as f64 };
+                    map_bytes_96 += bytes as f64;
+                    if info["type"].as_str().is_some_and(|t| t.starts_with("percpu")) {
+                        let dump = std::process::Command::new("bpftool")
+                            .args(["-j", "map", "dump", "pinned"])
+                            .arg(entry.path())
+                            .output();
+                        let entries = dump
+                            .ok()
+                            .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
+                            .and_then(|v| v.as_array().map(Vec::len))
+                            .unwrap_or(0);
+                        let value = info["bytes_value"].as_u64().unwrap_or(0).next_multiple_of(8);
+                        map_bytes_96 += (entries as u64 * value) as f64 * (96.0 - cpus).max(0.0);
+                    }
                 }
             }
         }
@@ -774,6 +787,20 @@ fn footprint(settings: &Settings) -> Value {
         }));
     }
     json!(rows)
+}
+
+/// The kernel's possible CPUs (what per-CPU maps are sized by), from
+/// /sys/devices/system/cpu/possible ("0-1").
+fn possible_cpus() -> usize {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap_or_default();
+    text.trim()
+        .split(',')
+        .map(|range| match range.split_once('-') {
+            Some((a, b)) => b.parse::<usize>().unwrap_or(0) + 1 - a.parse::<usize>().unwrap_or(0),
+            None => usize::from(!range.is_empty()),
+        })
+        .sum::<usize>()
+        .max(1)
 }
 
 fn f(v: &Value, digits: usize) -> String {
@@ -869,7 +896,7 @@ fn render(r: &Value) -> (String, String) {
             f(&row["ci95_high"], 2)
         ));
     }
-    md.push_str("\n## Footprint\n\nMap memory as the kernel charges it (`bytes_memlock`) on this machine, and computed for a 96-CPU node (per-CPU maps scaled by 96 / this machine's CPUs).\n\n| services | agent RSS MiB | map memory MiB | map memory MiB at 96 CPUs |\n|---|---|---|---|\n");
+    md.push_str("\n## Footprint\n\nMap memory as the kernel charges it (`bytes_memlock`) on this machine, and computed for a 96-CPU node (a per-CPU map's entries hold their value once per CPU: entries × value size × the extra CPUs added).\n\n| services | agent RSS MiB | map memory MiB | map memory MiB at 96 CPUs |\n|---|---|---|---|\n");
     for row in r["footprint"].as_array().into_iter().flatten() {
         md.push_str(&format!(
             "| {} | {:.1} | {:.1} | {:.1} |\n",
