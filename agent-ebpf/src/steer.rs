@@ -154,7 +154,10 @@ fn cohort_lookup(frontend: &FrontendValue) -> u32 {
 /// Decides where a call to `dst_be:port_be` goes, records the socket (or the UDP flow) and
 /// counts it.
 #[inline(always)]
-pub fn steer(ctx: &SockAddrContext, dst_be: &[u32; 4], port_be: u16, call: Call) -> Option<BackendValue> {
+/// `DATAGRAM` picks the call (`Call::Datagram` when true) at compile time: each program gets its
+/// own copy with the other call's code gone, whatever LLVM makes of the log statements.
+pub fn steer<const DATAGRAM: bool>(ctx: &SockAddrContext, dst_be: &[u32; 4], port_be: u16) -> Option<BackendValue> {
+    let call = if DATAGRAM { Call::Datagram } else { Call::Connect };
     let frontend = svc_lookup(dst_be, port_be)?;
     let settings = settings();
     if settings.flags & SETTING_HOST_NETNS_ONLY != 0

@@ -7,18 +7,18 @@ use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use crate::{
     connect::{sock4_forward, sock6_forward},
     sockaddr::{set_user_ip4, set_user_ip6, set_user_port_be, user_ip4, user_ip6, user_port_be},
-    steer::{reverse_flow, reverse_socket, socket_cookie, Call},
+    steer::{reverse_flow, reverse_socket, socket_cookie},
 };
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sock4_sendmsg(ctx: SockAddrContext) -> i32 {
-    sock4_forward(&ctx, Call::Datagram);
+    sock4_forward::<true>(&ctx);
     1
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sock6_sendmsg(ctx: SockAddrContext) -> i32 {
-    sock6_forward(&ctx, Call::Datagram);
+    sock6_forward::<true>(&ctx);
     1
 }
 
