@@ -21,7 +21,7 @@ use crate::{
     audit::AuditLog,
     config::{Role, ServiceConfig, Token},
     control::{ControlError, Core, FollowUp},
-    datapath::{Datapath, DatapathError},
+    datapath::DatapathError,
     rollout::{Plan, Rollout},
 };
 
@@ -203,7 +203,7 @@ async fn list_services(State(state): State<Arc<AppState>>, headers: HeaderMap) -
         .datapath
         .service_names()
         .iter()
-        .map(|name| service_state(&core.datapath, name))
+        .map(|name| service_state(&core, name))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Json(json!({ "services": services })))
 }
@@ -215,7 +215,7 @@ async fn get_service(
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers, Role::Viewer)?;
     let core = state.core.lock().expect("core lock");
-    Ok(Json(service_state(&core.datapath, &name)?))
+    Ok(Json(service_state(&core, &name)?))
 }
 
 async fn put_canary(
@@ -422,7 +422,7 @@ fn change_weight(state: &AppState, caller: &Caller, name: &str, change: WeightCh
     let after = core.service(name)?.clone();
     state.audit.record(&caller.name, role_name(caller.role), "PUT/POST", route, json!(before), json!(after));
     log::info!("service {name}: canary weight set to {percent} % by {}", caller.name);
-    let reply = service_state(&core.datapath, name)?;
+    let reply = service_state(&core, name)?;
     drop(core);
     send_follow_ups(state, follow);
     Ok(Json(reply))
@@ -470,7 +470,7 @@ async fn put_service(
     );
     log::info!("service {name}: {} by {}", if created { "added" } else { "replaced" }, caller.name);
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok((status, Json(service_state(&core.datapath, &name)?)))
+    Ok((status, Json(service_state(&core, &name)?)))
 }
 
 async fn delete_service(
@@ -480,7 +480,7 @@ async fn delete_service(
 ) -> Result<Json<Value>, ApiError> {
     let caller = authorize(&state, &headers, Role::Release)?;
     let mut core = state.core.lock().expect("core lock");
-    let last_state = service_state(&core.datapath, &name)?;
+    let last_state = service_state(&core, &name)?;
     let removed = core.delete_service(&name)?;
     state.audit.record(
         &caller.name,
@@ -602,11 +602,12 @@ fn json_type(value: &Value) -> &'static str {
 }
 
 /// The JSON state of one service: its config, current weight and what the kernel counted.
-pub fn service_state(datapath: &Datapath, name: &str) -> Result<Value, ApiError> {
+pub fn service_state(core: &Core, name: &str) -> Result<Value, ApiError> {
+    let datapath = &core.datapath;
     let view = datapath.service(name).ok_or_else(|| DatapathError::UnknownService(name.to_string()))?;
     let counters = datapath.counters(name)?;
     let spec = &view.spec;
-    Ok(json!({
+    let mut state = json!({
         "name": spec.name,
         "canary_percent": ppm_to_percent(spec.canary_ppm),
         "canary_ppm": spec.canary_ppm,
@@ -621,7 +622,11 @@ pub fn service_state(datapath: &Datapath, name: &str) -> Result<Value, ApiError>
             "stable": render_side(&counters.stable),
             "canary": render_side(&counters.canary),
         },
-    }))
+    });
+    if let Some(kubernetes) = core.service(name).ok().and_then(|config| core.discovery().status(config)) {
+        state["kubernetes"] = json!(kubernetes);
+    }
+    Ok(state)
 }
 
 fn render_side(c: &SideCounters) -> Value {

@@ -495,6 +495,7 @@ fn run_agent(config_path: &Path, check_only: bool) -> anyhow::Result<()> {
         })?;
         let core = Core::start(datapath, &config.state_dir, &config.services, paths::cgroup2_root().ok())
             .context("restoring the desired state into the datapath")?;
+        let discovery_wanted = core.discovery().subscribe();
         let audit = AuditLog::open(&config.state_dir)
             .with_context(|| format!("opening the audit log in {}", config.state_dir.display()))?;
         log::info!(
@@ -523,6 +524,10 @@ fn run_agent(config_path: &Path, check_only: bool) -> anyhow::Result<()> {
         });
         tokio::spawn(drive_rollouts(state.clone()));
         tokio::spawn(carry_out_follow_ups(state.clone(), follow_rx, config.cgroup.clone()));
+        let discovery_state = state.clone();
+        tokio::spawn(crate::discovery::run(discovery_wanted, config.kubeconfig.clone(), move |name, update| {
+            discovery_state.core.lock().expect("core lock").set_discovered(name, update)
+        }));
         tokio::spawn(watch_config(state.clone(), config, loaded_bytes));
 
         axum::serve(listener, api::router(state))

@@ -4,14 +4,15 @@
 //! than the kernel does.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     net::SocketAddr,
     path::{Path, PathBuf},
 };
 
 use crate::{
-    config::{validate_percent, validate_services, InvalidField, ServiceConfig, ServiceSpec},
+    config::{validate_percent, validate_service, validate_services, InvalidField, ServiceConfig, ServiceSpec},
     datapath::{Datapath, DatapathError},
+    discovery::{Discovered, Discovery},
     rollout::{Effect, Plan, Rollout, RolloutState, Snapshot},
     state::{DesiredState, StateError},
 };
@@ -57,6 +58,8 @@ pub struct Core {
     desired: DesiredState,
     state_dir: PathBuf,
     cgroup_root: Option<PathBuf>,
+    /// Kubernetes services' discovered addresses: runtime facts of this node, never persisted.
+    discovery: Discovery,
 }
 
 fn by_name(services: &[ServiceConfig]) -> BTreeMap<String, ServiceConfig> {
@@ -73,7 +76,8 @@ impl Core {
         cgroup_root: Option<PathBuf>,
     ) -> Result<Self, ControlError> {
         let desired = DesiredState::load(state_dir)?.unwrap_or_default();
-        let mut core = Self { datapath, desired, state_dir: state_dir.to_owned(), cgroup_root };
+        let mut core =
+            Self { datapath, desired, state_dir: state_dir.to_owned(), cgroup_root, discovery: Discovery::default() };
         let file: Vec<ServiceConfig> = file_services.iter().map(|s| s.source.clone()).collect();
         if let Err(err) = core.reload_file(&file) {
             // The persisted API changes no longer fit with the file (say, a frontend the file
@@ -291,12 +295,49 @@ impl Core {
         Ok(follow)
     }
 
-    /// Validates `services` as a whole and makes the datapath hold exactly them.
+    /// Validates `services` as a whole and makes the datapath hold exactly them (Kubernetes
+    /// services with the addresses discovery last gave them).
     fn apply(&mut self, services: BTreeMap<String, ServiceConfig>) -> Result<(), ControlError> {
         let list: Vec<ServiceConfig> = services.values().cloned().collect();
-        let specs = validate_services(&list, self.cgroup_root.as_deref())?;
+        let mut specs = validate_services(&list, self.cgroup_root.as_deref())?;
+        self.discovery.overlay(&mut specs, &HashSet::new());
         self.datapath.sync(&specs)?;
         self.desired.services = services;
+        self.discovery.publish_wanted(self.desired.services.values());
         Ok(())
+    }
+
+    /// Kubernetes discovery's one way in: `name`'s frontends and backends are now `update`'s.
+    /// Applied as one backend-set switch when they differ from what the datapath holds; nothing
+    /// is persisted (each node watches for itself, in cluster mode too).
+    pub fn set_discovered(&mut self, name: &str, update: Discovered) {
+        let Some(config) = self.desired.services.get(name) else { return };
+        // Frontends other services have keep their owner.
+        let claimed: HashSet<SocketAddr> = update
+            .groups
+            .iter()
+            .flat_map(|g| g.frontends.iter().copied())
+            .filter(|f| self.datapath.frontend_owner(f).is_some_and(|owner| owner != name))
+            .collect();
+        if !self.discovery.record(config, update) {
+            return; // for a table the service no longer has
+        }
+        let mut spec = match validate_service(config, "", self.cgroup_root.as_deref()) {
+            Ok(spec) => spec,
+            Err(err) => return log::error!("service {name}: {err}"),
+        };
+        self.discovery.overlay(std::slice::from_mut(&mut spec), &claimed);
+        if self.datapath.service(name).is_some_and(|installed| installed.spec == spec) {
+            return; // a status change only
+        }
+        match self.datapath.replace_service(spec) {
+            Ok(()) => self.discovery.note_applied(name, now_ms()),
+            Err(err) => log::error!("service {name}: applying discovered backends: {err}"),
+        }
+    }
+
+    /// Discovery's state, for the API and metrics.
+    pub fn discovery(&self) -> &Discovery {
+        &self.discovery
     }
 }

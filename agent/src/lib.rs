@@ -9,6 +9,7 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod datapath;
+pub mod discovery;
 pub mod metrics;
 pub mod paths;
 pub mod rollout;

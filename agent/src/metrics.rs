@@ -64,8 +64,26 @@ pub fn render(core: &Core) -> Result<String, DatapathError> {
         Info::new(BuildLabels { version: env!("CARGO_PKG_VERSION").to_string() }),
     );
 
+    let kubernetes_stale = Family::<ServiceLabels, Gauge>::default();
+    registry.register(
+        "kubernetes_stale",
+        "1 while the Kubernetes API server does not answer and the service steers with the last state it gave",
+        kubernetes_stale.clone(),
+    );
+    let kubernetes_changes = Family::<ServiceLabels, Counter>::default();
+    registry.register(
+        "kubernetes_backend_changes",
+        "Backend-set switches made because Kubernetes Services or EndpointSlices changed",
+        kubernetes_changes.clone(),
+    );
+
     for name in core.datapath.service_names() {
         let Some(view) = core.datapath.service(&name) else { continue };
+        if let Some(stale) = core.discovery().is_stale(&name) {
+            let labels = ServiceLabels { service: name.clone() };
+            kubernetes_stale.get_or_create(&labels).set(i64::from(stale));
+            kubernetes_changes.get_or_create(&labels).inc_by(core.discovery().changes_applied(&name));
+        }
         weight
             .get_or_create(&ServiceLabels { service: name.clone() })
             .set(agent_common::ppm_to_percent(view.spec.canary_ppm));

@@ -1,0 +1,250 @@
+//! Kubernetes discovery: services whose frontends and backends are named by Kubernetes objects.
+//!
+//! Like kube-proxy, each agent watches the Services and `discovery.k8s.io/v1` EndpointSlices it
+//! needs (only those: one field-selected Service watch per frontend Service, one label-selected
+//! EndpointSlice watch per backend Service) with kube-rs' watcher and reflector, and turns them
+//! into frontends (the Service's ClusterIPs and ports) and backends (the ready endpoints, with
+//! target ports matched by port name as kube-proxy does).
+//!
+//! Split of responsibilities:
+//! - `spec`: the `[service.kubernetes]` table and its validation.
+//! - `resolve`: pure functions from Kubernetes objects to port groups (unit-tested).
+//! - `watch`: the watch tasks and the loop that sends each service's result to the control core
+//!   through ONE call (`Core::set_discovered`).
+//! - `Discovery` (here): what the control core keeps of it. The discovered addresses are
+//!   runtime facts of this node, never desired state: they are not persisted, and in cluster mode
+//!   each node has its own (weights and rollouts come from the store; backends from the node's
+//!   own watch). sockshift never writes a Kubernetes object.
+
+mod resolve;
+mod spec;
+mod watch;
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::SocketAddr,
+};
+
+use serde::Serialize;
+pub use spec::{KubernetesConfig, PortSelector};
+pub use watch::run;
+
+use crate::config::{PortGroup, ServiceConfig, ServiceSpec};
+
+/// What each Kubernetes service should be built from: the services the core holds that have a
+/// `kubernetes` table. The core publishes it on every change; the watch loop follows it.
+pub type Wanted = BTreeMap<String, KubernetesConfig>;
+
+/// Where a Kubernetes service stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiscoveryState {
+    /// The Service and its endpoints are known and steered.
+    Synced,
+    /// Not steering yet: the Service does not exist (yet), or is not listed yet, or there are no
+    /// credentials. `message` says which.
+    Waiting,
+    /// The Service exists but cannot be steered (headless, ExternalName, no such port).
+    Refused,
+    /// The API server cannot be reached: steering goes on with the last state it gave.
+    Stale,
+}
+
+/// One service's discovery result, sent by the watch loop to the core.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Discovered {
+    /// The table this was built from: a result for an older table is ignored.
+    pub reference: KubernetesConfig,
+    pub state: DiscoveryState,
+    /// Why waiting or refused, what is stale, or a note (a port without ready endpoints).
+    pub message: Option<String>,
+    /// Unix ms since the API server has been unreachable (only `Stale`).
+    pub stale_since_ms: Option<u64>,
+    /// Frontends and backends per Service port; while stale, the last state the API server gave.
+    pub groups: Vec<PortGroup>,
+}
+
+/// The `kubernetes` object of `GET /v1/services/{name}`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiscoveryStatus {
+    #[serde(flatten)]
+    pub reference: KubernetesConfig,
+    pub state: DiscoveryState,
+    pub message: Option<String>,
+    /// RFC 3339, set while `stale`.
+    pub stale_since: Option<String>,
+    /// Backend-set switches discovery made in the datapath since the agent started.
+    pub changes_applied: u64,
+    /// RFC 3339 time of the last of them.
+    pub last_change: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    update: Discovered,
+    /// A discovered frontend another service already has.
+    conflict: Option<String>,
+    changes_applied: u64,
+    last_change_ms: Option<u64>,
+}
+
+/// The control core's side of discovery: the last result per service, and the channel that
+/// tells the watch loop which services to watch for.
+pub struct Discovery {
+    entries: BTreeMap<String, Entry>,
+    wanted: tokio::sync::watch::Sender<Wanted>,
+}
+
+impl Default for Discovery {
+    fn default() -> Self {
+        Self { entries: BTreeMap::new(), wanted: tokio::sync::watch::Sender::new(Wanted::new()) }
+    }
+}
+
+impl Discovery {
+    /// The services to watch for, updated whenever the core's services change.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Wanted> {
+        self.wanted.subscribe()
+    }
+
+    /// Called by the core after every change of its services: drops results of services that
+    /// are gone or now name other objects, and tells the watch loop.
+    pub fn publish_wanted<'a>(&mut self, services: impl Iterator<Item = &'a ServiceConfig>) {
+        let wanted: Wanted =
+            services.filter_map(|s| Some((s.name.clone(), s.kubernetes.clone()?))).collect();
+        self.entries.retain(|name, entry| wanted.get(name) == Some(&entry.update.reference));
+        self.wanted.send_if_modified(|current| {
+            let changed = *current != wanted;
+            *current = wanted;
+            changed
+        });
+    }
+
+    /// Stores a result; `false` when it is for a service or table the core no longer has.
+    pub fn record(&mut self, service: &ServiceConfig, update: Discovered) -> bool {
+        if service.kubernetes.as_ref() != Some(&update.reference) {
+            return false;
+        }
+        let entry = self.entries.entry(service.name.clone()).or_insert_with(|| Entry {
+            update: update.clone(),
+            conflict: None,
+            changes_applied: 0,
+            last_change_ms: None,
+        });
+        entry.update = update;
+        true
+    }
+
+    /// Counts a backend-set switch made because of discovery.
+    pub fn note_applied(&mut self, name: &str, now_ms: u64) {
+        if let Some(entry) = self.entries.get_mut(name) {
+            entry.changes_applied += 1;
+            entry.last_change_ms = Some(now_ms);
+        }
+    }
+
+    /// Fills the addresses of the Kubernetes services among `specs` from their last result.
+    /// Services written by hand keep their frontends; a discovered frontend that another
+    /// service already has (`claimed`, plus hand-written ones and earlier specs) is left out,
+    /// and the service's status says so.
+    pub fn overlay(&mut self, specs: &mut [ServiceSpec], claimed: &HashSet<SocketAddr>) {
+        let mut claimed = claimed.clone();
+        claimed.extend(specs.iter().filter(|s| s.source.kubernetes.is_none()).flat_map(|s| s.frontends.iter().copied()));
+        for spec in specs.iter_mut().filter(|s| s.source.kubernetes.is_some()) {
+            let Some(entry) = self.entries.get_mut(&spec.name) else { continue };
+            if spec.source.kubernetes.as_ref() != Some(&entry.update.reference) {
+                continue;
+            }
+            let mut conflicts = Vec::new();
+            let groups: Vec<PortGroup> = entry
+                .update
+                .groups
+                .iter()
+                .map(|group| {
+                    let (free, taken): (Vec<SocketAddr>, Vec<SocketAddr>) =
+                        group.frontends.iter().partition(|f| !claimed.contains(f));
+                    conflicts.extend(taken);
+                    PortGroup { frontends: free, ..group.clone() }
+                })
+                .collect();
+            claimed.extend(groups.iter().flat_map(|g| g.frontends.iter().copied()));
+            entry.conflict = (!conflicts.is_empty()).then(|| {
+                let list: Vec<String> = conflicts.iter().map(ToString::to_string).collect();
+                format!("frontend {} already belongs to another service: not steered by this one", list.join(", "))
+            });
+            fill_spec(spec, groups);
+        }
+    }
+
+    /// The status of a Kubernetes service, `None` for others.
+    pub fn status(&self, service: &ServiceConfig) -> Option<DiscoveryStatus> {
+        let reference = service.kubernetes.clone()?;
+        let Some(entry) = self.entries.get(&service.name).filter(|e| e.update.reference == reference) else {
+            return Some(DiscoveryStatus {
+                reference,
+                state: DiscoveryState::Waiting,
+                message: Some("waiting for the first answer from the Kubernetes API server".into()),
+                stale_since: None,
+                changes_applied: 0,
+                last_change: None,
+            });
+        };
+        let update = &entry.update;
+        let stale_since = update.stale_since_ms.map(rfc3339);
+        let mut message = match (&stale_since, &update.message) {
+            (Some(since), Some(why)) => Some(format!("kubernetes: stale since {since}: {why}")),
+            (_, message) => message.clone(),
+        };
+        if let Some(conflict) = &entry.conflict {
+            message = Some(match message {
+                Some(m) => format!("{m}; {conflict}"),
+                None => conflict.clone(),
+            });
+        }
+        Some(DiscoveryStatus {
+            reference,
+            state: update.state,
+            message,
+            stale_since,
+            changes_applied: entry.changes_applied,
+            last_change: entry.last_change_ms.map(rfc3339),
+        })
+    }
+
+    /// Whether a service's watch is stale, for the metrics.
+    pub fn is_stale(&self, name: &str) -> Option<bool> {
+        self.entries.get(name).map(|e| e.update.state == DiscoveryState::Stale)
+    }
+
+    /// Backend-set switches discovery made for a service, for the metrics.
+    pub fn changes_applied(&self, name: &str) -> u64 {
+        self.entries.get(name).map_or(0, |e| e.changes_applied)
+    }
+}
+
+/// Sets a spec's addresses from port groups: the unions for display, health and connection
+/// termination, the groups for the datapath.
+fn fill_spec(spec: &mut ServiceSpec, groups: Vec<PortGroup>) {
+    let union = |pick: fn(&PortGroup) -> &Vec<SocketAddr>| {
+        let mut all: Vec<SocketAddr> = Vec::new();
+        for addr in groups.iter().flat_map(|g| pick(g).iter()) {
+            if !all.contains(addr) {
+                all.push(*addr);
+            }
+        }
+        all
+    };
+    spec.frontends = union(|g| &g.frontends);
+    spec.stable = union(|g| &g.stable);
+    spec.canary = union(|g| &g.canary);
+    spec.port_groups = groups;
+}
+
+fn rfc3339(unix_ms: u64) -> String {
+    jiff::Timestamp::from_millisecond(unix_ms as i64).map(|t| t.round(jiff::Unit::Millisecond).unwrap_or(t).to_string()).unwrap_or_default()
+}
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
