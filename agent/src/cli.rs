@@ -93,18 +93,26 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum ServiceAction {
-    /// Add a service, or replace it whole.
+    /// Add a service, or replace it whole: by addresses (`--frontend`), or by Kubernetes
+    /// Services (`--k8s NAMESPACE/SERVICE --stable SERVICE --canary SERVICE`).
     Add {
         name: String,
         /// Frontend `ip:port`, repeatable.
-        #[arg(long = "frontend", required = true)]
+        #[arg(long = "frontend", required_unless_present = "k8s")]
         frontends: Vec<String>,
-        /// Stable backend `ip:port`, repeatable.
+        /// Stable backend `ip:port`, repeatable; with --k8s: the stable Service's name.
         #[arg(long = "stable")]
         stable: Vec<String>,
-        /// Canary backend `ip:port`, repeatable.
+        /// Canary backend `ip:port`, repeatable; with --k8s: the canary Service's name.
         #[arg(long = "canary")]
         canary: Vec<String>,
+        /// Frontend Service NAMESPACE/NAME: its ClusterIPs and ports are the frontends, and the
+        /// ready endpoints of --stable and --canary (Service names) the backends.
+        #[arg(long, conflicts_with = "frontends")]
+        k8s: Option<String>,
+        /// With --k8s: a Service port to steer, by name or number; repeatable; default all.
+        #[arg(long = "port", requires = "k8s")]
+        ports: Vec<String>,
         #[arg(long, default_value_t = 0.0)]
         percent: f64,
         #[arg(long, value_enum, default_value_t = AffinityArg::Connection)]
@@ -278,16 +286,35 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Service {
-            action: ServiceAction::Add { name, frontends, stable, canary, percent, affinity, max_operator_percent, api },
+            action:
+                ServiceAction::Add {
+                    name,
+                    frontends,
+                    stable,
+                    canary,
+                    k8s,
+                    ports,
+                    percent,
+                    affinity,
+                    max_operator_percent,
+                    api,
+                },
         } => {
             let affinity = match affinity {
                 AffinityArg::Connection => Affinity::Connection,
                 AffinityArg::Client => Affinity::Client,
             };
-            let body = json!({
-                "frontends": frontends, "stable": stable, "canary": canary,
+            let mut body = json!({
                 "canary_percent": percent, "affinity": affinity, "max_operator_percent": max_operator_percent,
             });
+            match k8s {
+                None => {
+                    body["frontends"] = json!(frontends);
+                    body["stable"] = json!(stable);
+                    body["canary"] = json!(canary);
+                }
+                Some(frontend) => body["kubernetes"] = kubernetes_body(&frontend, &stable, &canary, &ports)?,
+            }
             let state = api.call("PUT", &format!("/v1/services/{name}"), Some(&body))?;
             print_services(&[state], api.output);
             Ok(())
@@ -324,6 +351,24 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The `kubernetes` object of `service add --k8s`: names are checked by the agent, which names
+/// the field it refuses.
+fn kubernetes_body(frontend: &str, stable: &[String], canary: &[String], ports: &[String]) -> anyhow::Result<Value> {
+    let (namespace, service) =
+        frontend.split_once('/').with_context(|| format!("--k8s takes NAMESPACE/SERVICE, got {frontend:?}"))?;
+    let [stable] = stable else { bail!("with --k8s, give exactly one --stable SERVICE (a Service name)") };
+    if canary.len() > 1 {
+        bail!("with --k8s, give at most one --canary SERVICE (a Service name)");
+    }
+    let ports: Vec<Value> =
+        ports.iter().map(|p| p.parse::<i64>().map_or_else(|_| json!(p), |number| json!(number))).collect();
+    let mut body = json!({ "namespace": namespace, "frontend": service, "stable": stable, "ports": ports });
+    if let Some(canary) = canary.first() {
+        body["canary"] = json!(canary);
+    }
+    Ok(body)
 }
 
 fn run_rollout(action: RolloutAction) -> anyhow::Result<()> {
@@ -709,6 +754,16 @@ fn print_services(services: &[Value], output: Output) {
             srtt("stable"),
             srtt("canary"),
         );
+        if let Some(kubernetes) = s["kubernetes"].as_object() {
+            let text = |key: &str| kubernetes.get(key).and_then(Value::as_str).unwrap_or("");
+            println!(
+                "  kubernetes {}/{}: {}{}",
+                text("namespace"),
+                text("frontend"),
+                text("state"),
+                kubernetes.get("message").and_then(Value::as_str).map(|m| format!(" ({m})")).unwrap_or_default()
+            );
+        }
     }
 }
 

@@ -18,6 +18,8 @@ use std::{
 
 use serde_json::Value;
 
+pub mod kube_double;
+
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);
 
 /// A name unique to this process and call, for namespaces, cgroups and pin directories.
