@@ -607,7 +607,9 @@ pub fn service_state(core: &Core, name: &str) -> Result<Value, ApiError> {
     let view = datapath.service(name).ok_or_else(|| DatapathError::UnknownService(name.to_string()))?;
     let counters = datapath.counters(name)?;
     let spec = &view.spec;
-    let mut state = json!({
+    // `null` for services written by hand.
+    let kubernetes = core.service(name).ok().and_then(|config| core.discovery().status(config));
+    Ok(json!({
         "name": spec.name,
         "canary_percent": ppm_to_percent(spec.canary_ppm),
         "canary_ppm": spec.canary_ppm,
@@ -618,15 +620,12 @@ pub fn service_state(core: &Core, name: &str) -> Result<Value, ApiError> {
         "canary": spec.canary.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "cohorts": spec.source.cohorts,
         "revision": view.revision,
+        "kubernetes": kubernetes,
         "sides": {
             "stable": render_side(&counters.stable),
             "canary": render_side(&counters.canary),
         },
-    });
-    if let Some(kubernetes) = core.service(name).ok().and_then(|config| core.discovery().status(config)) {
-        state["kubernetes"] = json!(kubernetes);
-    }
-    Ok(state)
+    }))
 }
 
 fn render_side(c: &SideCounters) -> Value {
