@@ -400,6 +400,32 @@ fn api_server_outage_keeps_steering_and_the_relist_after_410_applies_only_the_di
 }
 
 #[test]
+fn a_short_outage_resumes_the_watches_without_a_relist() {
+    let lab = KubeLab::new(&[Pod::ready("127.0.0.21")], true, &web_config(50.0, ""));
+    let (_, before) = lab.wait_for("web", "the first sync", |s| kube_state(s) == "synced");
+    lab.double.stop();
+    lab.wait_for("web", "stale", |s| kube_state(s) == "stale");
+    std::thread::sleep(Duration::from_secs(2));
+    let requests_before = lab.double.requests().len();
+    lab.double.restart(false);
+    // Nothing changed and nothing was compacted: the watches resume from their resourceVersion and
+    // deliver nothing. The agent still sees that they work again (their retry came and went
+    // without an error, and a probe list answers) and stops reporting stale.
+    let (_, after) = lab.wait_for("web", "recovery without an event", |s| kube_state(s) == "synced");
+    assert_eq!(after["revision"], before["revision"], "nothing was switched");
+    assert_eq!(lab.double.gone_sent(), 0);
+    let requests: Vec<String> = lab.double.requests().split_off(requests_before);
+    assert!(
+        !requests.iter().any(|r| !r.contains("watch=") && r.contains("limit=500")),
+        "no relist, only resumed watches (and limit=1 probes): {requests:#?}"
+    );
+    assert!(requests.iter().any(|r| r.contains("watch=true") && r.contains("resourceVersion=")), "{requests:#?}");
+    // The resumed watches deliver the next change.
+    lab.double.apply(&canary_slice(&[Pod::ready("127.0.0.21"), Pod::ready("127.0.0.22")]));
+    lab.wait_for("web", "a change after the outage", |s| strings(&s["canary"]).len() == 3);
+}
+
+#[test]
 fn named_target_ports_resolve_like_kube_proxy() {
     // Service port http (80) targets the container port named "http", admin (81) the number
     // 9090; the slices publish admin first. Each frontend port goes to its own target port.
