@@ -630,6 +630,17 @@ mod tests {
     }
 
     #[test]
+    fn the_example_kubernetes_service_is_valid() {
+        // The commented-out example at the end of config/sockshift.toml, uncommented.
+        let example = include_str!("../../config/sockshift.toml");
+        let start = example.find("# [[service]]\n# name = \"shop\"").expect("the example is in config/sockshift.toml");
+        let service: String = example[start..].lines().map(|l| format!("{}\n", l.trim_start_matches("# "))).collect();
+        let config = Config::parse(&format!("[agent]\ncgroup = \"/tmp\"\n{service}")).unwrap_or_else(|e| panic!("{e}\n{service}"));
+        let kubernetes = config.services[0].source.kubernetes.as_ref().unwrap();
+        assert_eq!((kubernetes.frontend.as_str(), kubernetes.canary.as_deref()), ("web", Some("web-canary")));
+    }
+
+    #[test]
     fn kubernetes_errors_name_the_field() {
         let k8s = "[service.kubernetes]\nnamespace = \"shop\"\nfrontend = \"web\"\nstable = \"web-stable\"\n";
         let cases = [
