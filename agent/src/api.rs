@@ -199,12 +199,8 @@ async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Resu
 async fn list_services(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers, Role::Viewer)?;
     let core = state.core.lock().expect("core lock");
-    let services = core
-        .datapath
-        .service_names()
-        .iter()
-        .map(|name| service_state(&core, name))
-        .collect::<Result<Vec<_>, _>>()?;
+    let services =
+        core.datapath.service_names().iter().map(|name| service_state(&core, name)).collect::<Result<Vec<_>, _>>()?;
     Ok(Json(json!({ "services": services })))
 }
 

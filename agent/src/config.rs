@@ -380,7 +380,8 @@ pub fn validate_service(
     let field = |rest: &str| join(&prefix, rest);
     if let Some(kubernetes) = &service.kubernetes {
         // Addresses come from the cluster (discovery fills them in at run time).
-        for (key, list) in [("frontends", &service.frontends), ("stable", &service.stable), ("canary", &service.canary)] {
+        for (key, list) in [("frontends", &service.frontends), ("stable", &service.stable), ("canary", &service.canary)]
+        {
             if !list.is_empty() {
                 return Err(InvalidField::new(
                     field(key),
@@ -635,7 +636,8 @@ mod tests {
         let example = include_str!("../../config/sockshift.toml");
         let start = example.find("# [[service]]\n# name = \"shop\"").expect("the example is in config/sockshift.toml");
         let service: String = example[start..].lines().map(|l| format!("{}\n", l.trim_start_matches("# "))).collect();
-        let config = Config::parse(&format!("[agent]\ncgroup = \"/tmp\"\n{service}")).unwrap_or_else(|e| panic!("{e}\n{service}"));
+        let config = Config::parse(&format!("[agent]\ncgroup = \"/tmp\"\n{service}"))
+            .unwrap_or_else(|e| panic!("{e}\n{service}"));
         let kubernetes = config.services[0].source.kubernetes.as_ref().unwrap();
         assert_eq!((kubernetes.frontend.as_str(), kubernetes.canary.as_deref()), ("web", Some("web-canary")));
     }

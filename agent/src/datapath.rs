@@ -364,7 +364,11 @@ impl Datapath {
             frontend_values.extend(frontends.iter().map(|addr| (frontend_key(addr), value)));
         }
         let value = group_values.first().map(|(_, v)| *v).unwrap_or_default();
-        let value = if cohort_keys.is_empty() { value } else { FrontendValue { flags: value.flags | FLAG_HAS_COHORTS, ..value } };
+        let value = if cohort_keys.is_empty() {
+            value
+        } else {
+            FrontendValue { flags: value.flags | FLAG_HAS_COHORTS, ..value }
+        };
 
         // 3. The switch: one update per frontend.
         for (key, value) in &frontend_values {

@@ -89,7 +89,8 @@ impl KubeLab {
         std::fs::create_dir_all(&dir).unwrap();
         let kubeconfig = dir.join("kubeconfig");
         double.write_kubeconfig(&kubeconfig);
-        let agent = Agent::start_with(&cgroup, &format!("kubeconfig = {:?}", kubeconfig.display().to_string()), services);
+        let agent =
+            Agent::start_with(&cgroup, &format!("kubeconfig = {:?}", kubeconfig.display().to_string()), services);
         Self { agent, pods, double, dir, cgroup, netns }
     }
 
@@ -131,7 +132,14 @@ fn web_service(cluster_ip: &str, ports: &[(&str, i32, &str)]) -> k8s_openapi::ap
 }
 
 fn stable_slice() -> k8s_openapi::api::discovery::v1::EndpointSlice {
-    endpoint_slice(NS, "web-stable-v4", "web-stable", "IPv4", &SLICE_PORTS, &[Pod::ready("127.0.0.11"), Pod::ready("127.0.0.12")])
+    endpoint_slice(
+        NS,
+        "web-stable-v4",
+        "web-stable",
+        "IPv4",
+        &SLICE_PORTS,
+        &[Pod::ready("127.0.0.11"), Pod::ready("127.0.0.12")],
+    )
 }
 
 fn canary_slice(pods: &[Pod<'_>]) -> k8s_openapi::api::discovery::v1::EndpointSlice {
@@ -182,7 +190,11 @@ fn steers_to_the_ready_endpoints_of_both_services_at_the_weight() {
 
     let report = tcp_connects(lab.inside(), FRONTEND, 1000);
     assert_eq!(report.errors_total(), 0, "{:?}", report.raw);
-    assert!(tags(&report).is_subset(&set(&["stable-1", "stable-2", "canary-1"])), "only ready endpoints: {:?}", report.raw);
+    assert!(
+        tags(&report).is_subset(&set(&["stable-1", "stable-2", "canary-1"])),
+        "only ready endpoints: {:?}",
+        report.raw
+    );
     let share = report.share("canary");
     assert!((share - 30.0).abs() <= 6.0, "canary share {share:.1} %, weight 30 %");
     assert!(report.tag("stable-1") > 0 && report.tag("stable-2") > 0, "both stable pods get connections");
@@ -195,13 +207,21 @@ fn steers_to_the_ready_endpoints_of_both_services_at_the_weight() {
     // all in the service's namespace, with watch bookmarks.
     let requests = lab.double.requests();
     for request in &requests {
-        assert!(request.starts_with(&format!("/api/v1/namespaces/{NS}/services?"))
-            || request.starts_with(&format!("/apis/discovery.k8s.io/v1/namespaces/{NS}/endpointslices?")),
-            "unexpected request {request}");
-        assert!(request.contains("fieldSelector=metadata.name%3Dweb") || request.contains("labelSelector=kubernetes.io%2Fservice-name%3Dweb-"),
-            "request without a selector: {request}");
+        assert!(
+            request.starts_with(&format!("/api/v1/namespaces/{NS}/services?"))
+                || request.starts_with(&format!("/apis/discovery.k8s.io/v1/namespaces/{NS}/endpointslices?")),
+            "unexpected request {request}"
+        );
+        assert!(
+            request.contains("fieldSelector=metadata.name%3Dweb")
+                || request.contains("labelSelector=kubernetes.io%2Fservice-name%3Dweb-"),
+            "request without a selector: {request}"
+        );
     }
-    assert!(requests.iter().any(|r| r.contains("watch=true") && r.contains("allowWatchBookmarks=true")), "{requests:#?}");
+    assert!(
+        requests.iter().any(|r| r.contains("watch=true") && r.contains("allowWatchBookmarks=true")),
+        "{requests:#?}"
+    );
 }
 
 #[test]
@@ -210,27 +230,47 @@ fn endpoint_changes_reach_the_datapath_within_100ms_and_no_connection_fails() {
     lab.wait_for("web", "the first sync", |s| kube_state(s) == "synced");
 
     // Clients connect flat out through every change.
-    let mut clients = spawn_probe(lab.inside(), &["tcp", "--target", FRONTEND, "--count", "1000000", "--max-seconds", "8"]);
+    let mut clients =
+        spawn_probe(lab.inside(), &["tcp", "--target", FRONTEND, "--count", "1000000", "--max-seconds", "8"]);
     std::thread::sleep(Duration::from_millis(300));
 
-    let changes: [(&str, Vec<Pod<'_>>, &[&str], Option<&str>); 4] = [
-        ("scale 1 → 2", vec![Pod::ready("127.0.0.21"), Pod::ready("127.0.0.22")], &["canary-1", "canary-2"], None),
-        (
-            "scale 2 → 3",
-            vec![Pod::ready("127.0.0.21"), Pod::ready("127.0.0.22"), Pod::ready("127.0.0.23")],
-            &["canary-1", "canary-2", "canary-3"],
-            None,
-        ),
-        (
-            "one not ready",
-            vec![Pod::ready("127.0.0.21"), Pod::not_ready("127.0.0.22"), Pod::ready("127.0.0.23")],
-            &["canary-1", "canary-3"],
-            Some("canary-2"),
-        ),
-        ("one deleted", vec![Pod::ready("127.0.0.21"), Pod::not_ready("127.0.0.22")], &["canary-1"], Some("canary-3")),
+    /// One change of the canary's EndpointSlice: its pods, the tags of the ready ones, and the
+    /// pod that leaves for good (its server is closed once the datapath no longer has it).
+    struct Change<'a> {
+        what: &'a str,
+        pods: Vec<Pod<'a>>,
+        ready_tags: &'a [&'a str],
+        gone: Option<&'a str>,
+    }
+    let (c1, c2, c3) = ("127.0.0.21", "127.0.0.22", "127.0.0.23");
+    let changes = [
+        Change {
+            what: "scale 1 → 2",
+            pods: vec![Pod::ready(c1), Pod::ready(c2)],
+            ready_tags: &["canary-1", "canary-2"],
+            gone: None,
+        },
+        Change {
+            what: "scale 2 → 3",
+            pods: vec![Pod::ready(c1), Pod::ready(c2), Pod::ready(c3)],
+            ready_tags: &["canary-1", "canary-2", "canary-3"],
+            gone: None,
+        },
+        Change {
+            what: "one not ready",
+            pods: vec![Pod::ready(c1), Pod::not_ready(c2), Pod::ready(c3)],
+            ready_tags: &["canary-1", "canary-3"],
+            gone: Some("canary-2"),
+        },
+        Change {
+            what: "one deleted",
+            pods: vec![Pod::ready(c1), Pod::not_ready(c2)],
+            ready_tags: &["canary-1"],
+            gone: Some("canary-3"),
+        },
     ];
     let mut latencies = Vec::new();
-    for (what, pods, ready_tags, gone) in changes {
+    for Change { what, pods, ready_tags, gone } in changes {
         let expected: BTreeSet<String> = pods
             .iter()
             .filter(|p| p.ready)
@@ -250,7 +290,8 @@ fn endpoint_changes_reach_the_datapath_within_100ms_and_no_connection_fails() {
         }
         let report = tcp_connects(lab.inside(), FRONTEND, 200);
         assert_eq!(report.errors_total(), 0, "{what}: {:?}", report.raw);
-        let allowed: BTreeSet<String> = ["stable-1", "stable-2"].iter().chain(ready_tags).map(|t| t.to_string()).collect();
+        let allowed: BTreeSet<String> =
+            ["stable-1", "stable-2"].iter().chain(ready_tags).map(|t| t.to_string()).collect();
         assert!(tags(&report).is_subset(&allowed), "{what}: new connections only to ready endpoints: {:?}", report.raw);
         std::thread::sleep(Duration::from_millis(300));
     }
@@ -272,8 +313,10 @@ fn endpoint_changes_reach_the_datapath_within_100ms_and_no_connection_fails() {
 fn the_frontend_follows_the_cluster_ip_and_a_missing_service_says_why() {
     let lab = KubeLab::new(&[Pod::ready("127.0.0.21")], false, &web_config(0.0, ""));
     // The Service does not exist yet: the service exists, steers nothing, and says why.
-    let (_, state) = lab.wait_for("web", "waiting for the Service", |s| kube_state(s) == "waiting"
-        && s["kubernetes"]["message"].as_str().is_some_and(|m| m.contains("Service shop/web does not exist")));
+    let (_, state) = lab.wait_for("web", "waiting for the Service", |s| {
+        kube_state(s) == "waiting"
+            && s["kubernetes"]["message"].as_str().is_some_and(|m| m.contains("Service shop/web does not exist"))
+    });
     assert_eq!(strings(&state["frontends"]), BTreeSet::new(), "{state}");
 
     lab.double.apply(&web_service("127.1.0.90", &[("http", 80, "http")]));
@@ -301,11 +344,23 @@ fn the_frontend_follows_the_cluster_ip_and_a_missing_service_says_why() {
 
     // Bad input names the field and changes nothing.
     for (body, field) in [
-        (json!({ "frontends": ["127.1.0.99:80"], "kubernetes": { "namespace": NS, "frontend": "web", "stable": "web-stable" } }), "frontends"),
-        (json!({ "kubernetes": { "namespace": "Shop", "frontend": "web", "stable": "web-stable" } }), "kubernetes.namespace"),
-        (json!({ "kubernetes": { "namespace": NS, "frontend": "web", "stable": "web-stable", "ports": [0] } }), "kubernetes.ports[0]"),
+        (
+            json!({ "frontends": ["127.1.0.99:80"], "kubernetes": { "namespace": NS, "frontend": "web", "stable": "web-stable" } }),
+            "frontends",
+        ),
+        (
+            json!({ "kubernetes": { "namespace": "Shop", "frontend": "web", "stable": "web-stable" } }),
+            "kubernetes.namespace",
+        ),
+        (
+            json!({ "kubernetes": { "namespace": NS, "frontend": "web", "stable": "web-stable", "ports": [0] } }),
+            "kubernetes.ports[0]",
+        ),
         (json!({ "kubernetes": { "namespace": NS, "frontend": "web" } }), "kubernetes"),
-        (json!({ "kubernetes": { "namespace": NS, "frontend": "web", "stable": "a", "color": "x" } }), "kubernetes.color"),
+        (
+            json!({ "kubernetes": { "namespace": NS, "frontend": "web", "stable": "a", "color": "x" } }),
+            "kubernetes.color",
+        ),
     ] {
         let (status, reply) = lab.agent.call("PUT", "/v1/services/bad", Some(&body));
         assert_eq!(status, 400, "{body} → {reply}");
@@ -375,7 +430,10 @@ fn api_server_outage_keeps_steering_and_the_relist_after_410_applies_only_the_di
     let (_, after) = lab.wait_for("web", "the relist", |s| {
         kube_state(s) == "synced" && strings(&s["canary"]) == set(&["127.0.0.21:8080", "[fd00:5eed:1::21]:8080"])
     });
-    println!("kubernetes discovery: relisted and synced {:.1} s after the API server came back", back_at.elapsed().as_secs_f64());
+    println!(
+        "kubernetes discovery: relisted and synced {:.1} s after the API server came back",
+        back_at.elapsed().as_secs_f64()
+    );
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);
     let samples = poller.join().unwrap();
@@ -431,7 +489,8 @@ fn named_target_ports_resolve_like_kube_proxy() {
     // 9090; the slices publish admin first. Each frontend port goes to its own target port.
     let lab = KubeLab::new(&[Pod::ready("127.0.0.21")], false, &web_config(50.0, ""));
     lab.double.apply(&web_service("127.1.0.85", &[("http", 80, "http"), ("admin", 81, "9090")]));
-    let (_, state) = lab.wait_for("web", "both ports", |s| kube_state(s) == "synced" && strings(&s["frontends"]).len() == 2);
+    let (_, state) =
+        lab.wait_for("web", "both ports", |s| kube_state(s) == "synced" && strings(&s["frontends"]).len() == 2);
     assert_eq!(strings(&state["frontends"]), set(&["127.1.0.85:80", "127.1.0.85:81"]));
 
     let http = tcp_connects(lab.inside(), "127.1.0.85:80", 300);

@@ -282,7 +282,8 @@ fn rbac_is_exactly_read_access_to_services_and_endpointslices() {
     let rules = at(&role, "rules").as_sequence().expect("rules must be a list");
     let mut granted = Vec::new();
     for (index, rule) in rules.iter().enumerate() {
-        let keys: Vec<&str> = rule.as_mapping().expect("a rule is a mapping").keys().filter_map(Value::as_str).collect();
+        let keys: Vec<&str> =
+            rule.as_mapping().expect("a rule is a mapping").keys().filter_map(Value::as_str).collect();
         let mut sorted = keys.clone();
         sorted.sort();
         assert_eq!(sorted, ["apiGroups", "resources", "verbs"], "rules[{index}]: no resourceNames or nonResourceURLs");
@@ -298,7 +299,8 @@ fn rbac_is_exactly_read_access_to_services_and_endpointslices() {
         }
     }
     granted.sort();
-    let mut wanted: Vec<(String, String)> = DISCOVERY_RULES.iter().map(|(g, r)| (g.to_string(), r.to_string())).collect();
+    let mut wanted: Vec<(String, String)> =
+        DISCOVERY_RULES.iter().map(|(g, r)| (g.to_string(), r.to_string())).collect();
     wanted.sort();
     assert_eq!(granted, wanted, "the role grants exactly services (core) and endpointslices (discovery.k8s.io)");
 

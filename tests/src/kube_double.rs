@@ -303,7 +303,11 @@ async fn handle(
         return status_response(401, "Unauthorized", "Unauthorized");
     }
     let Some((kind, namespace)) = collection(uri.path()) else {
-        return status_response(404, "NotFound", &format!("the server could not find the requested resource ({})", uri.path()));
+        return status_response(
+            404,
+            "NotFound",
+            &format!("the server could not find the requested resource ({})", uri.path()),
+        );
     };
     let selector = match Selector::parse(&query) {
         Ok(selector) => selector,
@@ -329,11 +333,13 @@ fn list(shared: &Shared, filter: &Filter, query: &HashMap<String, String>) -> Re
             return status_response(410, "Expired", &format!("too old resource version: {rv} ({})", store.compacted));
         }
     }
-    let items: Vec<&Value> = store.objects.iter().filter(|(k, v)| k.0 == filter.kind && filter.matches(v)).map(|(_, v)| v).collect();
+    let items: Vec<&Value> =
+        store.objects.iter().filter(|(k, v)| k.0 == filter.kind && filter.matches(v)).map(|(_, v)| v).collect();
     let (list_rv, offset) = match query.get("continue").filter(|c| !c.is_empty()) {
         None => (store.resource_version, 0),
         Some(token) => {
-            let parsed = token.split_once('.').and_then(|(rv, off)| Some((rv.parse::<u64>().ok()?, off.parse::<usize>().ok()?)));
+            let parsed =
+                token.split_once('.').and_then(|(rv, off)| Some((rv.parse::<u64>().ok()?, off.parse::<usize>().ok()?)));
             match parsed {
                 Some((rv, offset)) if rv >= store.compacted => (rv, offset),
                 Some(_) => {
@@ -603,7 +609,11 @@ fn split_terms(text: &str) -> Vec<&str> {
 
 fn parse_requirement(term: &str) -> Result<Requirement, String> {
     let set = |rest: &str| -> Result<Vec<String>, String> {
-        let inner = rest.trim().strip_prefix('(').and_then(|r| r.strip_suffix(')')).ok_or(format!("invalid set in {term:?}"))?;
+        let inner = rest
+            .trim()
+            .strip_prefix('(')
+            .and_then(|r| r.strip_suffix(')'))
+            .ok_or(format!("invalid set in {term:?}"))?;
         Ok(inner.split(',').map(|v| v.trim().to_string()).collect())
     };
     if let Some(key) = term.strip_prefix('!') {
@@ -761,13 +771,22 @@ mod tests {
 
     #[test]
     fn objects_carry_the_api_shape() {
-        let svc = serde_json::to_value(service("shop", "web", &["10.96.0.10", "fd00::10"], &[("http", 80, "http")])).unwrap();
+        let svc =
+            serde_json::to_value(service("shop", "web", &["10.96.0.10", "fd00::10"], &[("http", 80, "http")])).unwrap();
         assert_eq!(svc["apiVersion"], "v1");
         assert_eq!(svc["kind"], "Service");
         assert_eq!(svc["spec"]["clusterIPs"], json!(["10.96.0.10", "fd00::10"]));
         assert_eq!(svc["spec"]["ipFamilies"], json!(["IPv4", "IPv6"]));
         assert_eq!(svc["spec"]["ports"][0]["targetPort"], "http");
-        let slice = serde_json::to_value(endpoint_slice("shop", "s", "web", "IPv4", &[("http", 8080)], &[Pod::terminating("10.0.0.1")])).unwrap();
+        let slice = serde_json::to_value(endpoint_slice(
+            "shop",
+            "s",
+            "web",
+            "IPv4",
+            &[("http", 8080)],
+            &[Pod::terminating("10.0.0.1")],
+        ))
+        .unwrap();
         assert_eq!(slice["apiVersion"], "discovery.k8s.io/v1");
         assert_eq!(slice["addressType"], "IPv4");
         assert_eq!(slice["endpoints"][0]["conditions"], json!({"ready": false, "serving": true, "terminating": true}));

@@ -110,8 +110,7 @@ impl Discovery {
     /// Called by the core after every change of its services: drops results of services that
     /// are gone or now name other objects, and tells the watch loop.
     pub fn publish_wanted<'a>(&mut self, services: impl Iterator<Item = &'a ServiceConfig>) {
-        let wanted: Wanted =
-            services.filter_map(|s| Some((s.name.clone(), s.kubernetes.clone()?))).collect();
+        let wanted: Wanted = services.filter_map(|s| Some((s.name.clone(), s.kubernetes.clone()?))).collect();
         self.entries.retain(|name, entry| wanted.get(name) == Some(&entry.update.reference));
         self.wanted.send_if_modified(|current| {
             let changed = *current != wanted;
@@ -149,7 +148,8 @@ impl Discovery {
     /// and the service's status says so.
     pub fn overlay(&mut self, specs: &mut [ServiceSpec], claimed: &HashSet<SocketAddr>) {
         let mut claimed = claimed.clone();
-        claimed.extend(specs.iter().filter(|s| s.source.kubernetes.is_none()).flat_map(|s| s.frontends.iter().copied()));
+        claimed
+            .extend(specs.iter().filter(|s| s.source.kubernetes.is_none()).flat_map(|s| s.frontends.iter().copied()));
         for spec in specs.iter_mut().filter(|s| s.source.kubernetes.is_some()) {
             let Some(entry) = self.entries.get_mut(&spec.name) else { continue };
             if spec.source.kubernetes.as_ref() != Some(&entry.update.reference) {
@@ -241,7 +241,9 @@ fn fill_spec(spec: &mut ServiceSpec, groups: Vec<PortGroup>) {
 }
 
 fn rfc3339(unix_ms: u64) -> String {
-    jiff::Timestamp::from_millisecond(unix_ms as i64).map(|t| t.round(jiff::Unit::Millisecond).unwrap_or(t).to_string()).unwrap_or_default()
+    jiff::Timestamp::from_millisecond(unix_ms as i64)
+        .map(|t| t.round(jiff::Unit::Millisecond).unwrap_or(t).to_string())
+        .unwrap_or_default()
 }
 
 /// Milliseconds since the Unix epoch.

@@ -275,7 +275,10 @@ mod tests {
         assert_eq!(https.frontends, addrs(&["10.96.0.10:443", "[fd00::10]:443"]));
         assert_eq!(https.stable, addrs(&["10.0.1.5:8443", "10.0.1.6:8443"]));
         assert!(https.canary.is_empty());
-        assert!(resolved.notes.iter().any(|n| n.contains("canary Service web-canary has no ready endpoint for port \"https\"")));
+        assert!(resolved
+            .notes
+            .iter()
+            .any(|n| n.contains("canary Service web-canary has no ready endpoint for port \"https\"")));
     }
 
     #[test]

@@ -69,7 +69,9 @@ impl KubernetesConfig {
             if !dns1035_label(name) {
                 return Err(InvalidField::new(
                     sub(key),
-                    format!("{name:?} is not a Kubernetes Service name (1 to 63 of a-z, 0-9, '-', starting with a letter)"),
+                    format!(
+                        "{name:?} is not a Kubernetes Service name (1 to 63 of a-z, 0-9, '-', starting with a letter)"
+                    ),
                 ));
             }
         }
@@ -145,7 +147,9 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        let cases: [(fn(&mut KubernetesConfig), &str); 8] = [
+        /// A change that breaks the reference, and the field the error must name.
+        type Case = (fn(&mut KubernetesConfig), &'static str);
+        let cases: [Case; 8] = [
             (|k| k.namespace = "Shop".into(), "kubernetes.namespace"),
             (|k| k.namespace = String::new(), "kubernetes.namespace"),
             (|k| k.frontend = "1web".into(), "kubernetes.frontend"),
@@ -165,13 +169,13 @@ mod tests {
 
     #[test]
     fn ports_parse_by_name_and_number() {
-        let k: KubernetesConfig = toml::from_str(
-            "namespace = \"shop\"\nfrontend = \"web\"\nstable = \"web\"\nports = [\"http\", 8443]",
-        )
-        .unwrap();
+        let k: KubernetesConfig =
+            toml::from_str("namespace = \"shop\"\nfrontend = \"web\"\nstable = \"web\"\nports = [\"http\", 8443]")
+                .unwrap();
         assert_eq!(k.ports, [PortSelector::Name("http".into()), PortSelector::Number(8443)]);
         assert_eq!(k.canary, None);
-        let unknown = toml::from_str::<KubernetesConfig>("namespace = \"a\"\nfrontend = \"b\"\nstable = \"c\"\nnamspace = 1");
+        let unknown =
+            toml::from_str::<KubernetesConfig>("namespace = \"a\"\nfrontend = \"b\"\nstable = \"c\"\nnamspace = 1");
         assert!(unknown.unwrap_err().to_string().contains("namspace"));
     }
 }
