@@ -194,7 +194,7 @@ pub struct Cohort {
 /// Frontends with backends of their own. A Kubernetes service has one per Service port (port 80
 /// goes to the pods' 8080, port 443 to their 8443); a service written by hand has none: all its
 /// frontends share its `stable` and `canary`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortGroup {
     pub frontends: Vec<SocketAddr>,
     pub stable: Vec<SocketAddr>,

@@ -76,8 +76,8 @@ impl Core {
         cgroup_root: Option<PathBuf>,
     ) -> Result<Self, ControlError> {
         let desired = DesiredState::load(state_dir)?.unwrap_or_default();
-        let mut core =
-            Self { datapath, desired, state_dir: state_dir.to_owned(), cgroup_root, discovery: Discovery::default() };
+        let discovery = Discovery::restore(state_dir);
+        let mut core = Self { datapath, desired, state_dir: state_dir.to_owned(), cgroup_root, discovery };
         let file: Vec<ServiceConfig> = file_services.iter().map(|s| s.source.clone()).collect();
         if let Err(err) = core.reload_file(&file) {
             // The persisted API changes no longer fit with the file (say, a frontend the file

@@ -356,19 +356,16 @@ impl Datapath {
                 cohort_keys.push(key);
             }
         }
-        let mut frontend_values = Vec::new();
-        for (frontends, mut value) in group_values.iter().copied() {
-            if !cohort_keys.is_empty() {
+        if !cohort_keys.is_empty() {
+            for (_, value) in &mut group_values {
                 value.flags |= FLAG_HAS_COHORTS;
             }
-            frontend_values.extend(frontends.iter().map(|addr| (frontend_key(addr), value)));
         }
-        let value = group_values.first().map(|(_, v)| *v).unwrap_or_default();
-        let value = if cohort_keys.is_empty() {
-            value
-        } else {
-            FrontendValue { flags: value.flags | FLAG_HAS_COHORTS, ..value }
-        };
+        let frontend_values: Vec<(FrontendKey, FrontendValue)> = group_values
+            .iter()
+            .flat_map(|(frontends, value)| frontends.iter().map(|addr| (frontend_key(addr), *value)))
+            .collect();
+        let value = group_values.first().map(|(_, value)| *value).unwrap_or_default();
 
         // 3. The switch: one update per frontend.
         for (key, value) in &frontend_values {

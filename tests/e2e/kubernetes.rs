@@ -484,6 +484,28 @@ fn a_short_outage_resumes_the_watches_without_a_relist() {
 }
 
 #[test]
+fn a_restarted_agent_keeps_steering_while_the_api_server_is_away() {
+    let mut lab = KubeLab::new(&[Pod::ready("127.0.0.21")], true, &web_config(50.0, ""));
+    lab.wait_for("web", "the first sync", |s| kube_state(s) == "synced");
+    lab.double.stop();
+    lab.agent.stop_with(libc::SIGTERM);
+    lab.agent.spawn();
+    // The addresses discovery last listed are cached on the node: the new agent steers with them
+    // and says where they come from.
+    let (_, state) = lab.wait_for("web", "the restored state", |s| kube_state(s) == "stale");
+    let message = state["kubernetes"]["message"].as_str().unwrap();
+    assert!(message.contains("from before the agent restarted"), "{message}");
+    assert_eq!(strings(&state["frontends"]), set(&[FRONTEND, FRONTEND6]), "{state}");
+    let report = tcp_connects(lab.inside(), FRONTEND, 200);
+    assert_eq!(report.errors_total(), 0, "{:?}", report.raw);
+    assert_eq!(tags(&report), set(&["stable-1", "stable-2", "canary-1"]), "{:?}", report.raw);
+    // The API server back: the first list replaces the cached state.
+    lab.double.apply(&canary_slice(&[Pod::ready("127.0.0.21"), Pod::ready("127.0.0.22")]));
+    lab.double.restart(false);
+    lab.wait_for("web", "the first list", |s| kube_state(s) == "synced" && strings(&s["canary"]).len() == 3);
+}
+
+#[test]
 fn named_target_ports_resolve_like_kube_proxy() {
     // Service port http (80) targets the container port named "http", admin (81) the number
     // 9090; the slices publish admin first. Each frontend port goes to its own target port.

@@ -23,9 +23,10 @@ mod watch;
 use std::{
     collections::{BTreeMap, HashSet},
     net::SocketAddr,
+    path::{Path, PathBuf},
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 pub use spec::{KubernetesConfig, PortSelector};
 pub use watch::run;
 
@@ -62,6 +63,10 @@ pub struct Discovered {
     pub stale_since_ms: Option<u64>,
     /// Frontends and backends per Service port; while stale, the last state the API server gave.
     pub groups: Vec<PortGroup>,
+    /// The watches have listed their objects, so `groups` is what the API server says. `false`:
+    /// nothing is known yet (just started, no credentials, the first list fails), and the core
+    /// keeps steering with what it had (from before a restart).
+    pub listed: bool,
 }
 
 /// The `kubernetes` object of `GET /v1/services/{name}`.
@@ -93,15 +98,84 @@ struct Entry {
 pub struct Discovery {
     entries: BTreeMap<String, Entry>,
     wanted: tokio::sync::watch::Sender<Wanted>,
+    /// Node-local cache of the last listed addresses (`paths::DISCOVERED_CACHE_FILE`).
+    cache: Option<PathBuf>,
 }
 
 impl Default for Discovery {
     fn default() -> Self {
-        Self { entries: BTreeMap::new(), wanted: tokio::sync::watch::Sender::new(Wanted::new()) }
+        Self { entries: BTreeMap::new(), wanted: tokio::sync::watch::Sender::new(Wanted::new()), cache: None }
     }
 }
 
+/// The cache file: what was listed last, per service.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Cache {
+    saved_unix_ms: u64,
+    services: BTreeMap<String, CachedService>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct CachedService {
+    reference: KubernetesConfig,
+    groups: Vec<PortGroup>,
+}
+
 impl Discovery {
+    /// Starts from the addresses cached in `state_dir` by the previous run, so that a restarted
+    /// agent steers Kubernetes services with their last known state until its watches have
+    /// listed (fail static, also when the API server is down during the restart). They are
+    /// reported `stale` until then.
+    pub fn restore(state_dir: &Path) -> Self {
+        let path = state_dir.join(crate::paths::DISCOVERED_CACHE_FILE);
+        let cache: Cache = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|err| {
+                log::warn!("ignoring {}: {err}", path.display());
+                Cache::default()
+            }),
+            Err(_) => Cache::default(),
+        };
+        let entries = cache
+            .services
+            .into_iter()
+            .map(|(name, cached)| {
+                let update = Discovered {
+                    reference: cached.reference,
+                    state: DiscoveryState::Stale,
+                    message: Some(
+                        "restored from before the agent restarted; not listed from the API server yet".into(),
+                    ),
+                    stale_since_ms: Some(cache.saved_unix_ms),
+                    groups: cached.groups,
+                    listed: false,
+                };
+                (name, Entry { update, conflict: None, changes_applied: 0, last_change_ms: None })
+            })
+            .collect();
+        Self { entries, cache: Some(path), ..Self::default() }
+    }
+
+    fn save_cache(&self) {
+        let Some(path) = &self.cache else { return };
+        let services = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.update.listed)
+            .map(|(name, e)| {
+                (name.clone(), CachedService { reference: e.update.reference.clone(), groups: e.update.groups.clone() })
+            })
+            .collect();
+        let cache = Cache { saved_unix_ms: now_ms(), services };
+        let tmp = path.with_extension("json.tmp");
+        let written = serde_json::to_vec(&cache)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(err) = written {
+            log::warn!("writing the discovery cache {}: {err}", path.display());
+        }
+    }
+
     /// The services to watch for, updated whenever the core's services change.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Wanted> {
         self.wanted.subscribe()
@@ -130,7 +204,17 @@ impl Discovery {
             changes_applied: 0,
             last_change_ms: None,
         });
+        if !update.listed && !entry.update.listed && !entry.update.groups.is_empty() {
+            // Nothing listed yet since the restart: keep steering with the restored addresses.
+            let why = update.message.unwrap_or_default();
+            entry.update.message = Some(format!("{why}; steering with the state from before the agent restarted"));
+            return true;
+        }
+        let save = update.listed && (!entry.update.listed || entry.update.groups != update.groups);
         entry.update = update;
+        if save {
+            self.save_cache();
+        }
         true
     }
 

@@ -299,6 +299,7 @@ fn evaluate(
         message: Some(message),
         stale_since_ms: None,
         groups: Vec::new(),
+        listed: false,
     };
     let keys = keys_of(reference);
     let mut stale_since_ms: Option<u64> = None;
@@ -353,6 +354,7 @@ fn evaluate(
         message: (!messages.is_empty()).then(|| messages.join("; ")),
         stale_since_ms,
         groups,
+        listed: true,
     }
 }
 
