@@ -12,9 +12,10 @@
 //! - `watch`: the watch tasks and the loop that sends each service's result to the control core
 //!   through ONE call (`Core::set_discovered`).
 //! - `Discovery` (here): what the control core keeps of it. The discovered addresses are
-//!   runtime facts of this node, never desired state: they are not persisted, and in cluster mode
-//!   each node has its own (weights and rollouts come from the store; backends from the node's
-//!   own watch). sockshift never writes a Kubernetes object.
+//!   runtime facts of this node, never desired state: not in `state.json` nor in a cluster store
+//!   (only in a node-local cache that a restarted agent starts from), and in cluster mode each
+//!   node has its own (weights and rollouts come from the store; backends from the node's own
+//!   watch). sockshift never writes a Kubernetes object.
 
 mod resolve;
 mod spec;

@@ -358,23 +358,31 @@ fn evaluate(
     }
 }
 
+/// Why no Kubernetes client could be built (reported in each service's status).
+#[derive(Debug, thiserror::Error)]
+enum ClientError {
+    #[error("kubeconfig {path}: {source}")]
+    Kubeconfig { path: PathBuf, source: kube::config::KubeconfigError },
+    #[error("no in-cluster service account ({0}); outside a pod set agent.kubeconfig or KUBECONFIG")]
+    InCluster(#[from] kube::config::InClusterError),
+    #[error("building the Kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+}
+
 /// Builds the client: `agent.kubeconfig`, else `KUBECONFIG`, else the in-cluster service account.
-async fn make_client(kubeconfig: Option<&Path>) -> Result<Client, String> {
+async fn make_client(kubeconfig: Option<&Path>) -> Result<Client, ClientError> {
     let config = match (kubeconfig, std::env::var_os("KUBECONFIG")) {
         (Some(path), _) => {
-            let file = Kubeconfig::read_from(path).map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
-            Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
-                .await
-                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
+            let error = |source| ClientError::Kubeconfig { path: path.to_owned(), source };
+            let file = Kubeconfig::read_from(path).map_err(error)?;
+            Config::from_custom_kubeconfig(file, &KubeConfigOptions::default()).await.map_err(error)?
         }
         (None, Some(env)) => Config::from_kubeconfig(&KubeConfigOptions::default())
             .await
-            .map_err(|e| format!("KUBECONFIG {}: {e}", PathBuf::from(env).display()))?,
-        (None, None) => Config::incluster().map_err(|e| {
-            format!("no in-cluster service account ({e}); outside a pod set agent.kubeconfig or KUBECONFIG")
-        })?,
+            .map_err(|source| ClientError::Kubeconfig { path: PathBuf::from(env), source })?,
+        (None, None) => Config::incluster()?,
     };
-    Client::try_from(config).map_err(|e| format!("building the Kubernetes client: {e}"))
+    Ok(Client::try_from(config)?)
 }
 
 /// The discovery loop. `wanted` says which services to build (the control core publishes it);
@@ -402,6 +410,7 @@ where
                     client_error = None;
                 }
                 Err(err) => {
+                    let err = error_chain(&err);
                     if client_error.as_ref() != Some(&err) {
                         log::error!("Kubernetes discovery: {err}; retrying every {}s", CLIENT_RETRY.as_secs());
                     }
