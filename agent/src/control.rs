@@ -58,7 +58,8 @@ pub struct Core {
     desired: DesiredState,
     state_dir: PathBuf,
     cgroup_root: Option<PathBuf>,
-    /// Kubernetes services' discovered addresses: runtime facts of this node, never persisted.
+    /// Kubernetes services' discovered addresses: runtime facts of this node, never desired state
+    /// (only a node-local cache a restarted agent starts from, see `Discovery::restore`).
     discovery: Discovery,
 }
 
@@ -309,7 +310,7 @@ impl Core {
 
     /// Kubernetes discovery's one way in: `name`'s frontends and backends are now `update`'s.
     /// Applied as one backend-set switch when they differ from what the datapath holds; nothing
-    /// is persisted (each node watches for itself, in cluster mode too).
+    /// goes into the desired state (each node watches for itself, in cluster mode too).
     pub fn set_discovered(&mut self, name: &str, update: Discovered) {
         let Some(config) = self.desired.services.get(name) else { return };
         // Frontends other services have keep their owner.
