@@ -383,6 +383,91 @@ fn the_frontend_follows_the_cluster_ip_and_a_missing_service_says_why() {
     assert_eq!((report.errors_total(), tags(&report)), (0, set(&["canary-1"])), "{:?}", report.raw);
 }
 
+/// A Kubernetes service added through the API to an agent that started without one (the
+/// discovery task asks the API server nothing until then); a frontend written by hand takes the
+/// place of a discovered one, the Kubernetes service says who has it, and takes it back once it
+/// is released; a second Kubernetes service naming the same frontend Service steers nothing the
+/// first one has.
+#[test]
+fn a_service_added_later_and_a_frontend_written_by_hand() {
+    let lab = KubeLab::new(&[Pod::ready("127.0.0.21")], true, "");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(lab.double.requests(), Vec::<String>::new(), "no Kubernetes service, no request");
+
+    let web = json!({ "kubernetes": { "namespace": NS, "frontend": "web", "stable": "web-stable", "canary": "web-canary" } });
+    let (status, reply) = lab.agent.call("PUT", "/v1/services/web", Some(&web));
+    assert_eq!(status, 201, "{reply}");
+    lab.wait_for("web", "the first sync", |s| {
+        kube_state(s) == "synced" && strings(&s["frontends"]) == set(&[FRONTEND, FRONTEND6])
+    });
+
+    let by_hand = json!({ "frontends": [FRONTEND], "stable": ["127.0.0.22:8080"] });
+    let (status, reply) = lab.agent.call("PUT", "/v1/services/by-hand", Some(&by_hand));
+    assert_eq!(status, 201, "a hand-written frontend takes the place of a discovered one: {reply}");
+    let state = lab.agent.service("web");
+    assert_eq!(strings(&state["frontends"]), set(&[FRONTEND6]), "{state}");
+    let message = state["kubernetes"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(&format!("{FRONTEND} (service \"by-hand\" has it)")), "{state}");
+    let report = tcp_connects(lab.inside(), FRONTEND, 50);
+    assert_eq!((report.errors_total(), tags(&report)), (0, set(&["canary-2"])), "{:?}", report.raw);
+
+    let (status, reply) = lab.agent.call("PUT", "/v1/services/web2", Some(&web));
+    assert_eq!(status, 201, "{reply}");
+    let (_, state) = lab.wait_for("web2", "the second service's sync", |s| kube_state(s) == "synced");
+    assert!(strings(&state["frontends"]).is_empty(), "the first service keeps its frontends: {state}");
+    let message = state["kubernetes"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(&format!("{FRONTEND6} (service \"web\" has it)")), "{state}");
+
+    let (status, reply) = lab.agent.call("DELETE", "/v1/services/by-hand", None);
+    assert_eq!(status, 200, "{reply}");
+    let state = lab.agent.service("web");
+    assert_eq!(strings(&state["frontends"]), set(&[FRONTEND, FRONTEND6]), "taken back at once: {state}");
+    assert!(state["kubernetes"]["message"].is_null(), "{state}");
+    let report = tcp_connects(lab.inside(), FRONTEND, 50);
+    assert_eq!((report.errors_total(), tags(&report)), (0, set(&["stable-1", "stable-2"])), "{:?}", report.raw);
+    assert!(strings(&lab.agent.service("web2")["frontends"]).is_empty());
+}
+
+/// A rollback with `terminate_connections` of a Kubernetes service cuts the open connections to
+/// its discovered canary endpoints (its config lists no address), and only those.
+#[test]
+fn a_rollback_cuts_the_connections_to_the_discovered_canary() {
+    let lab = KubeLab::new(&[Pod::ready("127.0.0.21")], true, &web_config(0.0, "ports = [\"http\"]"));
+    lab.wait_for("web", "the first sync", |s| kube_state(s) == "synced");
+    let plan = json!({ "steps": [50, 100], "step_seconds": 600, "gates": "none",
+                       "rollback": { "terminate_connections": true } });
+    let (status, reply) = lab.agent.call("POST", "/v1/services/web/rollout", Some(&plan));
+    assert_eq!(status, 201, "{reply}");
+    lab.wait_for("web", "the first step", |s| s["canary_percent"] == json!(50.0));
+
+    let mut held = spawn_probe(lab.inside(), &["hold", "--target", FRONTEND, "--count", "40"]);
+    let held_line = held.wait_for_line("held");
+    let held_tags: Value = serde_json::from_str(held_line.split_once(' ').unwrap().1).unwrap();
+    let canary_held = held_tags["canary-1"].as_u64().unwrap_or(0);
+    assert!(canary_held > 0 && held_tags["stable-1"].as_u64().unwrap_or(0) > 0, "{held_line}");
+
+    let (status, reply) = lab.agent.call("POST", "/v1/services/web/rollback", None);
+    assert_eq!(status, 200, "{reply}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let rollout = loop {
+        let (_, rollout) = lab.agent.call("GET", "/v1/services/web/rollout", None);
+        if rollout["terminated_connections"].is_u64() {
+            break rollout;
+        }
+        assert!(Instant::now() < deadline, "no termination reported: {rollout}\n{}", lab.agent.log());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(rollout["terminated_connections"].as_u64(), Some(canary_held), "{rollout}");
+    writeln!(held.child.stdin.as_mut().unwrap()).unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(held.stdout.as_mut().unwrap(), &mut line).unwrap();
+    let outcome: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(outcome["canary-1"]["reset"].as_u64(), Some(canary_held), "{outcome}");
+    for stable in ["stable-1", "stable-2"] {
+        assert_eq!(outcome[stable].get("reset"), None, "stable connections stay open: {outcome}");
+    }
+}
+
 #[test]
 fn api_server_outage_keeps_steering_and_the_relist_after_410_applies_only_the_difference() {
     let lab = KubeLab::new(&[Pod::ready("127.0.0.21"), Pod::ready("127.0.0.22")], true, &web_config(50.0, ""));

@@ -56,7 +56,7 @@ pub fn services(services: &[ServiceState], output: Output) -> anyhow::Result<()>
     for s in services {
         if let Some(k) = &s.kubernetes {
             let message = k.message.as_deref().map(|m| format!(" ({m})")).unwrap_or_default();
-            println!("{}: kubernetes {}: {}{message}", s.name, k.reference.frontend_ref(), name_of(k.state));
+            println!("{}: kubernetes {}/{}: {}{message}", s.name, k.namespace, k.frontend, name_of(k.state));
         }
     }
     Ok(())

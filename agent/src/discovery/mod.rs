@@ -80,8 +80,14 @@ pub struct Discovered {
 /// where its discovery stands.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct DiscoveryStatus {
-    #[serde(flatten)]
-    pub reference: KubernetesConfig,
+    // The table's fields one by one rather than flattened: the table's schema refuses unknown
+    // fields (as a request body must), which a flattened `allOf` would apply to these too.
+    pub namespace: String,
+    pub frontend: String,
+    pub stable: String,
+    pub canary: Option<String>,
+    /// The selected ports; empty: all of them.
+    pub ports: Vec<PortSelector>,
     pub state: DiscoveryState,
     /// Why `waiting` or `refused`; `kubernetes: stale since ...` while `stale`; notes (a port
     /// without ready endpoints, a frontend another service has).
@@ -271,10 +277,14 @@ impl Discovery {
     /// The status of a Kubernetes service, `None` for others; `note` is added to its message
     /// (the core's word on frontends the service does not steer).
     pub fn status(&self, service: &ServiceConfig, note: Option<String>) -> Option<DiscoveryStatus> {
-        let reference = service.kubernetes.clone()?;
+        let KubernetesConfig { namespace, frontend, stable, canary, ports } = service.kubernetes.clone()?;
         let Some(entry) = self.entry(service) else {
             return Some(DiscoveryStatus {
-                reference,
+                namespace,
+                frontend,
+                stable,
+                canary,
+                ports,
                 state: DiscoveryState::Waiting,
                 message: Some("waiting for the first answer from the Kubernetes API server".into()),
                 stale_since: None,
@@ -295,7 +305,11 @@ impl Discovery {
             });
         }
         Some(DiscoveryStatus {
-            reference,
+            namespace,
+            frontend,
+            stable,
+            canary,
+            ports,
             state: update.state,
             message,
             stale_since,
