@@ -201,8 +201,9 @@ pub struct ServiceConfig {
     #[serde(default, rename = "cohort", skip_serializing_if = "Vec::is_empty")]
     pub cohorts: Vec<CohortConfig>,
     /// Frontends and backends from Kubernetes Services instead of `frontends`/`stable`/`canary`.
+    /// Boxed: most services have none, and a service travels by value through the store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kubernetes: Option<KubernetesConfig>,
+    pub kubernetes: Option<Box<KubernetesConfig>>,
 }
 
 fn default_max_operator_percent() -> f64 {

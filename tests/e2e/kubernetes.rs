@@ -394,7 +394,8 @@ fn a_service_added_later_and_a_frontend_written_by_hand() {
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(lab.double.requests(), Vec::<String>::new(), "no Kubernetes service, no request");
 
-    let web = json!({ "kubernetes": { "namespace": NS, "frontend": "web", "stable": "web-stable", "canary": "web-canary" } });
+    let web =
+        json!({ "kubernetes": { "namespace": NS, "frontend": "web", "stable": "web-stable", "canary": "web-canary" } });
     let (status, reply) = lab.agent.call("PUT", "/v1/services/web", Some(&web));
     assert_eq!(status, 201, "{reply}");
     lab.wait_for("web", "the first sync", |s| {

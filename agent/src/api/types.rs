@@ -76,7 +76,7 @@ impl ServiceBody {
             affinity: self.affinity,
             max_operator_percent: self.max_operator_percent.or(current_max_operator_percent).unwrap_or(100.0),
             cohorts: self.cohorts,
-            kubernetes: self.kubernetes,
+            kubernetes: self.kubernetes.map(Box::new),
         }
     }
 }
@@ -92,7 +92,7 @@ impl From<&ServiceConfig> for ServiceBody {
             affinity: config.affinity,
             max_operator_percent: Some(config.max_operator_percent),
             cohorts: config.cohorts.clone(),
-            kubernetes: config.kubernetes.clone(),
+            kubernetes: config.kubernetes.as_deref().cloned(),
         }
     }
 }

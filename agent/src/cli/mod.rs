@@ -319,7 +319,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let (stable, canary, kubernetes) = match k8s {
                 None => (stable, canary, None),
-                Some(frontend) => (Vec::new(), Vec::new(), Some(kubernetes_table(&frontend, &stable, &canary, &ports)?)),
+                Some(frontend) => {
+                    (Vec::new(), Vec::new(), Some(kubernetes_table(&frontend, &stable, &canary, &ports)?))
+                }
             };
             let body = ServiceBody {
                 name: None,

@@ -301,7 +301,8 @@ impl<S: Store> Core<S> {
                 None => f.to_string(),
             })
             .collect();
-        let note = (!missing.is_empty()).then(|| format!("frontend {} not steered by this service", missing.join(", ")));
+        let note =
+            (!missing.is_empty()).then(|| format!("frontend {} not steered by this service", missing.join(", ")));
         self.discovery.status(config, note)
     }
 
@@ -355,7 +356,12 @@ impl<S: Store> Core<S> {
                 .discovery
                 .is_stale(&name)
                 .map(|stale| KubernetesMetrics { stale, changes_applied: self.discovery.changes_applied(&name) });
-            out.push(ServiceMetrics { name, canary_percent: ppm_to_percent(view.spec.canary_ppm), counters, kubernetes });
+            out.push(ServiceMetrics {
+                name,
+                canary_percent: ppm_to_percent(view.spec.canary_ppm),
+                counters,
+                kubernetes,
+            });
         }
         Ok(out)
     }
@@ -1027,10 +1033,7 @@ impl<S: Store> Core<S> {
             .into_iter()
             .filter(|name| {
                 let Some(config) = self.state.services.get(name).map(|v| &v.value) else { return false };
-                self.discovery
-                    .frontends(config)
-                    .iter()
-                    .any(|f| self.datapath.frontend_owner(f) != Some(name.as_str()))
+                self.discovery.frontends(config).iter().any(|f| self.datapath.frontend_owner(f) != Some(name.as_str()))
             })
             .collect();
         for name in waiting {

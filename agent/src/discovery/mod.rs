@@ -199,7 +199,7 @@ impl Discovery {
     /// Called by the core after a change of its services' `kubernetes` tables: drops results of
     /// services that are gone or now name other objects, and tells the watch loop.
     pub fn publish_wanted<'a>(&mut self, services: impl Iterator<Item = &'a ServiceConfig>) {
-        let wanted: Wanted = services.filter_map(|s| Some((s.name.clone(), s.kubernetes.clone()?))).collect();
+        let wanted: Wanted = services.filter_map(|s| Some((s.name.clone(), s.kubernetes.as_deref()?.clone()))).collect();
         self.entries.retain(|name, entry| wanted.get(name) == Some(&entry.update.reference));
         self.wanted.send_if_modified(|current| {
             let changed = *current != wanted;
@@ -210,7 +210,7 @@ impl Discovery {
 
     /// Stores a result; `false` when it is for a service or table the core no longer has.
     pub fn record(&mut self, service: &ServiceConfig, update: Discovered) -> bool {
-        if service.kubernetes.as_ref() != Some(&update.reference) {
+        if service.kubernetes.as_deref() != Some(&update.reference) {
             return false;
         }
         let entry = self.entries.entry(service.name.clone()).or_insert_with(|| Entry {
@@ -260,13 +260,15 @@ impl Discovery {
 
     /// The result for `service`'s current `kubernetes` table, if any.
     fn entry(&self, service: &ServiceConfig) -> Option<&Entry> {
-        let reference = service.kubernetes.as_ref()?;
+        let reference = service.kubernetes.as_deref()?;
         self.entries.get(&service.name).filter(|e| e.update.reference == *reference)
     }
 
     /// Every frontend discovery found for `service`.
     pub fn frontends(&self, service: &ServiceConfig) -> Vec<SocketAddr> {
-        self.entry(service).map(|e| e.update.groups.iter().flat_map(|g| g.frontends.iter().copied()).collect()).unwrap_or_default()
+        self.entry(service)
+            .map(|e| e.update.groups.iter().flat_map(|g| g.frontends.iter().copied()).collect())
+            .unwrap_or_default()
     }
 
     /// The services discovery has reported on.
@@ -277,7 +279,7 @@ impl Discovery {
     /// The status of a Kubernetes service, `None` for others; `note` is added to its message
     /// (the core's word on frontends the service does not steer).
     pub fn status(&self, service: &ServiceConfig, note: Option<String>) -> Option<DiscoveryStatus> {
-        let KubernetesConfig { namespace, frontend, stable, canary, ports } = service.kubernetes.clone()?;
+        let KubernetesConfig { namespace, frontend, stable, canary, ports } = *service.kubernetes.clone()?;
         let Some(entry) = self.entry(service) else {
             return Some(DiscoveryStatus {
                 namespace,
@@ -352,4 +354,3 @@ fn rfc3339(unix_ms: u64) -> String {
         .map(|t| t.round(jiff::Unit::Millisecond).unwrap_or(t).to_string())
         .unwrap_or_default()
 }
-
