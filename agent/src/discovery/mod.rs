@@ -199,7 +199,8 @@ impl Discovery {
     /// Called by the core after a change of its services' `kubernetes` tables: drops results of
     /// services that are gone or now name other objects, and tells the watch loop.
     pub fn publish_wanted<'a>(&mut self, services: impl Iterator<Item = &'a ServiceConfig>) {
-        let wanted: Wanted = services.filter_map(|s| Some((s.name.clone(), s.kubernetes.as_deref()?.clone()))).collect();
+        let wanted: Wanted =
+            services.filter_map(|s| Some((s.name.clone(), s.kubernetes.as_deref()?.clone()))).collect();
         self.entries.retain(|name, entry| wanted.get(name) == Some(&entry.update.reference));
         self.wanted.send_if_modified(|current| {
             let changed = *current != wanted;
