@@ -414,3 +414,4 @@ impl Drop for Agent {
         }
     }
 }
+pub mod etcd;

@@ -36,6 +36,7 @@ pub fn run(config_path: &Path, check_only: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     crate::cli::require_root()?;
+    crate::caps::check_agent_start()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
