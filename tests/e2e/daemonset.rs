@@ -59,8 +59,10 @@ use serde_norway::{Mapping, Value};
 
 /// The ConfigMap key the agent's command reads.
 const CONFIG_KEY: &str = "sockshift.toml";
-/// The ConfigMap key the test adds: the kubeconfig of the API-server double (see the module docs).
+/// The ConfigMap keys the test adds: the kubeconfig of the API-server double (see the module
+/// docs), and the CA it names.
 const KUBECONFIG_KEY: &str = "kubeconfig";
+const KUBECONFIG_CA_KEY: &str = "kubeconfig-ca.crt";
 /// Every pod these tests play is named with this prefix (leftovers of a killed run are removed).
 const POD_PREFIX: &str = "sockshift-e2e-";
 /// Serializes the pods of every run on this machine: they all serve the manifest's API port.
@@ -193,9 +195,13 @@ fn mapping(value: &mut Value) -> &mut Mapping {
 /// the directory.
 struct Node {
     image: String,
-    /// The API server the pod's Kubernetes discovery talks to, and its kubeconfig.
+    /// The API server the pod's Kubernetes discovery talks to.
     cluster: KubeDouble,
-    kubeconfig: PathBuf,
+    /// A CA certificate (PEM) for the pod's kubeconfig. kube-rs builds its TLS configuration
+    /// even for a plain-HTTP server like the double's: from the kubeconfig's CA, else from the
+    /// system's roots, and the image has none (in a cluster the ServiceAccount's ca.crt is the
+    /// CA). It is never used to verify anything.
+    kubeconfig_ca: String,
     cgroup: Cgroup,
     dir: PathBuf,
     bpffs: PathBuf,
@@ -229,12 +235,11 @@ impl Node {
         std::fs::write(seccomp_root.join(RUNTIME_DEFAULT_PROFILE), serde_json::to_string_pretty(&profile).unwrap())
             .expect("writing the seccomp profile");
         let cluster = KubeDouble::start();
-        let kubeconfig = dir.join("kubeconfig");
-        cluster.write_kubeconfig(&kubeconfig);
+        let ca = rcgen::generate_simple_self_signed(vec!["kube-double".to_string()]).expect("a CA certificate");
         Self {
             image,
             cluster,
-            kubeconfig,
+            kubeconfig_ca: ca.cert.pem(),
             cgroup: Cgroup::new(),
             dir,
             bpffs,
@@ -481,10 +486,20 @@ fn render(manifest: &Manifest, node: &Node, name: &str, variant: &Variant) -> St
     let mut config_map = manifest.config_map.clone();
     mapping(&mut config_map["data"]).insert(CONFIG_KEY.into(), toml::to_string(&config).unwrap().into());
     // The cluster's credentials: the double's kubeconfig, beside the TOML (see the module docs).
-    let kubeconfig = std::fs::read_to_string(&node.kubeconfig).expect("the double's kubeconfig");
-    mapping(&mut config_map["data"]).insert(KUBECONFIG_KEY.into(), kubeconfig.into());
+    let mount = manifest.config_mount_path();
+    let kubeconfig = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: double\n  cluster:\n    server: http://{}\n    \
+         certificate-authority: {}\nusers:\n- name: sockshift\n  user:\n    token: {}\ncontexts:\n- name: double\n  \
+         context:\n    cluster: double\n    user: sockshift\ncurrent-context: double\n",
+        node.cluster.addr,
+        mount.join(KUBECONFIG_CA_KEY).display(),
+        kube_double::TOKEN
+    );
+    let data = mapping(&mut config_map["data"]);
+    data.insert(KUBECONFIG_KEY.into(), kubeconfig.into());
+    data.insert(KUBECONFIG_CA_KEY.into(), node.kubeconfig_ca.clone().into());
     let mut env = variant.env.clone();
-    env.push(("KUBECONFIG".into(), manifest.config_mount_path().join(KUBECONFIG_KEY).to_string_lossy().into_owned()));
+    env.push(("KUBECONFIG".into(), mount.join(KUBECONFIG_KEY).to_string_lossy().into_owned()));
 
     // Pod: the template's metadata and spec; the image and two host paths change.
     let mut spec = manifest.template["spec"].clone();
