@@ -20,6 +20,7 @@ use crate::{
     control::{self, store::file::FileStore, ControlHandle, Faults, Start},
     datapath::Datapath,
     discovery::{self, Discovery},
+    gates::GateClients,
     paths,
 };
 
@@ -80,21 +81,27 @@ async fn serve(config_path: &Path, config: Config, loaded_bytes: Option<Vec<u8>>
 
     let shutdown = CancellationToken::new();
     let tasks = TaskHealth::default();
+    let gates = GateClients::new(config.prometheus.clone(), config.webhook_allow.clone());
     let state = Arc::new(AppState {
         control: started.handle.clone(),
         tokens: config.tokens.clone(),
         audit: started.audit,
         tasks: tasks.clone(),
+        gates: gates.clone(),
         openapi: Default::default(),
     });
     let supervisor = Supervisor { shutdown: shutdown.clone(), health: tasks, faults };
     let control = started.handle;
-    supervisor.spawn("rollout-driver", |cancel, fault| tasks::drive_rollouts(control.clone(), cancel, fault));
+    supervisor.spawn("rollout-driver", {
+        let gates = gates.clone();
+        |cancel, fault| tasks::drive_rollouts(control.clone(), gates, cancel, fault)
+    });
     supervisor.spawn("revision-reaper", |cancel, fault| tasks::reap_revisions(control.clone(), cancel, fault));
     supervisor.spawn("follow-ups", {
         let control = control.clone();
         let cgroup = config.cgroup.clone();
-        move |cancel, fault| tasks::carry_out_follow_ups(control, follow_rx, cgroup, cancel, fault)
+        let gates = gates.clone();
+        move |cancel, fault| tasks::carry_out_follow_ups(control, follow_rx, cgroup, gates, cancel, fault)
     });
     // Idle (no client, no connection) until a service has a `kubernetes` table, from the file
     // or added later through the API: the core publishes the references to watch.
@@ -106,7 +113,7 @@ async fn serve(config_path: &Path, config: Config, loaded_bytes: Option<Vec<u8>>
     supervisor.spawn("config-watcher", {
         let control = control.clone();
         let path = config_path.to_owned();
-        move |cancel, fault| tasks::watch_config(control, path, config, loaded_bytes, cancel, fault)
+        move |cancel, fault| tasks::watch_config(control, path, config, loaded_bytes, gates, cancel, fault)
     });
     supervisor.spawn("signals", {
         let shutdown = shutdown.clone();
