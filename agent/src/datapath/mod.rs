@@ -481,11 +481,7 @@ impl Datapath {
             // leaves alone.
             let before: Vec<&Installed> = changes.keys().filter_map(|name| self.services.get(name)).collect();
             (
-                before
-                    .iter()
-                    .flat_map(|s| frontend_keys(&s.spec))
-                    .filter(|k| !target.contains_key(k))
-                    .collect(),
+                before.iter().flat_map(|s| frontend_keys(&s.spec)).filter(|k| !target.contains_key(k)).collect(),
                 before
                     .iter()
                     .flat_map(|s| cohort_keys(&s.spec, s.id))
@@ -580,7 +576,8 @@ impl Datapath {
                 let layout = backend_layout(group.stable, group.canary);
                 // A group whose backends are unchanged keeps its revision (compared group by
                 // group: two ports may swap backends with the unions unchanged).
-                let kept = installed.and_then(|i| i.groups.iter().find(|g| g.layout == layout)).map(|g| g.value.revision);
+                let kept =
+                    installed.and_then(|i| i.groups.iter().find(|g| g.layout == layout)).map(|g| g.value.revision);
                 let revision = match kept {
                     Some(revision) => revision,
                     None => match self.adoptable_revision(&frontends, id, seed, &layout) {
@@ -591,7 +588,11 @@ impl Datapath {
                         }
                     },
                 };
-                groups.push(PlannedGroup { frontends, layout, value: FrontendValue { revision, ..Default::default() } });
+                groups.push(PlannedGroup {
+                    frontends,
+                    layout,
+                    value: FrontendValue { revision, ..Default::default() },
+                });
             }
             plans.push(Plan { spec: spec.clone(), id, groups, cohorts: Vec::new() });
         }
