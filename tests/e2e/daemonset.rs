@@ -992,8 +992,11 @@ fn capabilities_are_exactly_the_manifests_and_each_is_needed(manifest_path: &Pat
         let pod = Pod::play(&manifest, &node, &variant);
         let logs = pod.wait_log("error: ", Duration::from_secs(60));
         assert!(logs.contains("starting anyway"), "the check was not relaxed:\n{logs}");
+        // EPERM from bpf(2) itself, or EACCES from the verifier refusing what only CAP_PERFMON
+        // allows (the programs' pointer arithmetic on the socket context).
         assert!(
-            logs.contains("error: loading the datapath") && logs.contains("Operation not permitted"),
+            logs.contains("error: loading the datapath")
+                && (logs.contains("Operation not permitted") || logs.contains("Permission denied")),
             "without {capability} the kernel should refuse the datapath:\n{logs}"
         );
         assert!(!readiness.passes(), "the agent serves without {capability}");
