@@ -28,12 +28,28 @@ struct FailOpenLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeniedLabels {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: String,
 }
 
-pub fn render(services: &[ServiceMetrics]) -> String {
+/// The text for `services`, plus the API's refused requests by reason (`denied`).
+pub fn render(services: &[ServiceMetrics], denied: &[(&str, u64)]) -> String {
     let mut registry = Registry::with_prefix("sockshift");
+    let api_denied = Family::<DeniedLabels, Counter>::default();
+    registry.register(
+        "api_denied",
+        "API requests refused before their handler: no or unknown token, role too low, wrong content type, \
+         Host not allowed, connection limit",
+        api_denied.clone(),
+    );
+    for (reason, count) in denied {
+        api_denied.get_or_create(&DeniedLabels { reason: reason.to_string() }).inc_by(*count);
+    }
     let side_counter = |registry: &mut Registry, name: &str, help: &str| {
         let family = Family::<SideLabels, Counter>::default();
         registry.register(name, help, family.clone());

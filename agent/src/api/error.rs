@@ -32,6 +32,12 @@ pub enum ErrorCode {
     OutOfRange,
     /// 413: the body is over 64 KiB.
     BodyTooLarge,
+    /// 408: the body did not arrive within 10 s.
+    BodyTimeout,
+    /// 415: a request that changes state without `Content-Type: application/json`.
+    UnsupportedMediaType,
+    /// 421: the `Host` header names neither the API's address nor one of `agent.api_hosts`.
+    HostNotAllowed,
     /// 401: no valid bearer token.
     Unauthorized,
     /// 403: the token's role does not allow this.
@@ -72,6 +78,9 @@ impl ErrorCode {
                 StatusCode::BAD_REQUEST
             }
             BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            HostNotAllowed => StatusCode::MISDIRECTED_REQUEST,
             Unauthorized => StatusCode::UNAUTHORIZED,
             Forbidden => StatusCode::FORBIDDEN,
             ServiceNotFound | RolloutNotFound | NotFound => StatusCode::NOT_FOUND,
@@ -149,10 +158,14 @@ impl From<ControlError> for ApiError {
 
 // Response sets for the OpenAPI document, by what can go wrong on a route.
 
-/// A token is required (when `[agent.auth]` is set) and its role must be high enough.
+/// A token is required (when `[agent.auth]` is set) and its role must be high enough; the
+/// `Host` header must name the API.
 #[derive(IntoResponses)]
 #[allow(dead_code)] // documentation only
 pub enum AuthErrors {
+    /// `Host` names neither the API's address nor one of `agent.api_hosts` (`host_not_allowed`).
+    #[response(status = 421)]
+    Misdirected(ErrorBody),
     /// No valid bearer token (`unauthorized`).
     #[response(status = 401)]
     Unauthorized(ErrorBody),
@@ -165,6 +178,12 @@ pub enum AuthErrors {
 #[derive(IntoResponses)]
 #[allow(dead_code)]
 pub enum BodyErrors {
+    /// `body_timeout`: the body did not arrive within 10 s.
+    #[response(status = 408)]
+    Timeout(ErrorBody),
+    /// `unsupported_media_type`: a change without `Content-Type: application/json`.
+    #[response(status = 415)]
+    MediaType(ErrorBody),
     /// `malformed_json`, `invalid_type`, `missing_field`, `unknown_field`, `invalid_field`,
     /// `out_of_range`; `field` names the field.
     #[response(status = 400)]

@@ -22,6 +22,7 @@ use super::{
     AppState,
 };
 use crate::{
+    config::Role,
     control::{Caller, Command, ControlError, Origin, RolloutAction, WeightChange},
     rollout::Plan,
 };
@@ -72,7 +73,7 @@ pub async fn openapi(State(state): State<Arc<AppState>>) -> Response {
     ))]
 pub async fn metrics(State(state): State<Arc<AppState>>, _: Authorized<Viewer>) -> Result<Response, ApiError> {
     let services = state.control.ask(|reply| Command::Metrics { reply }).await?;
-    let text = crate::metrics::render(&services);
+    let text = crate::metrics::render(&services, &state.denied.snapshot());
     Ok(([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response())
 }
 
@@ -228,16 +229,52 @@ pub async fn start_rollout(
     Ok((StatusCode::CREATED, Json(view)))
 }
 
-/// The service's rollout (the active one, or the last one). Needs `viewer`.
+/// The service's rollout (the active one, or the last one). Needs `viewer`; a viewer sees
+/// webhook URLs without their query strings.
 #[utoipa::path(get, path = "/v1/services/{name}/rollout", tag = "rollouts", security(("bearer" = [])),
     params(("name" = String, Path, description = "Service name")),
     responses((status = 200, description = "The rollout", body = RolloutView), AuthErrors, NotFoundError, ServerErrors))]
 pub async fn get_rollout(
     State(state): State<Arc<AppState>>,
-    _: Authorized<Viewer>,
+    Authorized(caller, ..): Authorized<Viewer>,
     Path(name): Path<String>,
 ) -> Result<Json<RolloutView>, ApiError> {
-    Ok(Json(state.control.ask(|reply| Command::Rollout { name, reply }).await?))
+    let mut view = state.control.ask(|reply| Command::Rollout { name, reply }).await?;
+    if caller.role < Role::Operator {
+        view.plan.webhooks.iter_mut().for_each(|url| *url = redact_url(url));
+    }
+    Ok(Json(view))
+}
+
+/// A webhook URL as a `viewer` sees it: without its query string, where a receiver's
+/// credentials usually travel. Operators, who may start rollouts with webhooks, see it whole.
+pub fn redact_url(url: &str) -> String {
+    match url.split_once('?') {
+        Some((base, _)) => format!("{base}?<redacted>"),
+        None => url.to_string(),
+    }
+}
+
+/// Redacts webhook URLs (`"webhooks": [...]` at any depth) in an audit entry's before/after.
+fn redact_webhooks(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, inner) in map.iter_mut() {
+                match inner {
+                    serde_json::Value::Array(items) if key == "webhooks" => {
+                        for item in items.iter_mut() {
+                            if let serde_json::Value::String(url) = item {
+                                *url = redact_url(url);
+                            }
+                        }
+                    }
+                    other => redact_webhooks(other),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(redact_webhooks),
+        _ => {}
+    }
 }
 
 /// `pause`, `resume`, `abort` (needs `operator`) or `approve` (needs `operator` and the role the
@@ -291,19 +328,27 @@ pub struct AuditQuery {
     limit: Option<usize>,
 }
 
-/// The last accepted changes, oldest first. Needs `viewer`.
+/// The last accepted changes and refused requests (`refused` set), oldest first; read from the
+/// end of the log (and its rotated files). Needs `viewer`; a viewer sees webhook URLs without
+/// their query strings.
 #[utoipa::path(get, path = "/v1/audit", tag = "agent", security(("bearer" = [])),
     params(AuditQuery),
     responses((status = 200, description = "The last entries, oldest first", body = AuditLog), (status = 400, description = "`invalid_field`: a bad `limit`", body = ErrorBody), AuthErrors, ServerErrors))]
 pub async fn audit_log(
     State(state): State<Arc<AppState>>,
-    _: Authorized<Viewer>,
+    Authorized(caller, ..): Authorized<Viewer>,
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<AuditLog>, ApiError> {
     let Query(query) = query.map_err(|err| ApiError::field(ErrorCode::InvalidField, "limit", err.body_text()))?;
     let limit = query.limit.unwrap_or(AUDIT_LIMIT_MAX).min(AUDIT_LIMIT_MAX);
-    let entries =
+    let mut entries =
         state.audit.tail(limit).await.map_err(|err| ApiError::new(ErrorCode::InternalError, err.to_string()))?;
+    if caller.role < Role::Operator {
+        for entry in &mut entries {
+            redact_webhooks(&mut entry.before);
+            redact_webhooks(&mut entry.after);
+        }
+    }
     Ok(Json(AuditLog { entries }))
 }
 

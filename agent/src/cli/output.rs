@@ -59,7 +59,12 @@ pub fn services(services: &[ServiceState], output: Output) -> anyhow::Result<()>
 pub fn audit(log: &AuditLog) {
     let mut out = table(&["TIME", "TOKEN", "ROLE", "METHOD", "ROUTE"], usize::MAX);
     for e in &log.entries {
-        out.add_row(vec![e.time.clone(), e.token.clone(), e.role.to_string(), e.method.clone(), e.route.clone()]);
+        let role = e.role.map_or_else(|| "-".to_string(), |r| r.to_string());
+        let route = match &e.refused {
+            Some(reason) => format!("{} (refused: {reason})", e.route),
+            None => e.route.clone(),
+        };
+        out.add_row(vec![e.time.clone(), e.token.clone(), role, e.method.clone(), route]);
     }
     println!("{out}");
 }

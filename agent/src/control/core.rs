@@ -224,6 +224,11 @@ impl<S: Store> Core<S> {
             Command::TickRollouts => self.tick_rollouts().await,
             Command::ReapRetired => self.datapath.reap_retired(),
             Command::NoteTerminated { name, count } => self.note_terminated(&name, count).await,
+            Command::AuditRefusal { entry } => {
+                if let Err(err) = self.store.audit_refusal(*entry).await {
+                    log::warn!("recording a refused API request in the audit log: {err}");
+                }
+            }
         }
     }
 

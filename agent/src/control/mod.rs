@@ -165,6 +165,10 @@ pub enum Command {
         name: String,
         count: usize,
     },
+    /// A request the API refused, for the audit log (see `api::guard`).
+    AuditRefusal {
+        entry: Box<crate::audit::AuditEntry>,
+    },
 }
 
 /// Work a change asks for that happens outside the core, after the change is committed.
@@ -287,6 +291,15 @@ impl ControlHandle {
             answer.await.map_err(|_| ControlError::CoreDead)
         };
         tokio::time::timeout(bound, exchange).await.map_err(|_| ControlError::CoreStuck(bound))?
+    }
+
+    /// Hands a refused request's audit entry to the core without waiting: dropped (it is
+    /// still counted in `/metrics`) when the core's queue is full, so refusals never hold up
+    /// changes or the kill switch.
+    pub fn audit_refusal(&self, entry: crate::audit::AuditEntry) {
+        if self.commands.try_send(Command::AuditRefusal { entry: Box::new(entry) }).is_err() {
+            log::debug!("audit entry of a refused request dropped: the core's queue is full");
+        }
     }
 
     pub fn is_closed(&self) -> bool {

@@ -191,6 +191,12 @@ pub trait Store: Send + 'static {
 
     /// A reader of the audit log for the API.
     fn audit_source(&self) -> std::sync::Arc<dyn AuditSource>;
+
+    /// Records a refused request in the audit log (no state changes). The default commits an
+    /// empty change carrying the entry; a store that can append to its log alone does that.
+    fn audit_refusal(&mut self, entry: AuditEntry) -> impl Future<Output = Result<(), StoreError>> + Send {
+        async move { self.commit(Commit { audit: Some(entry), ..Default::default() }).await.map(|_| ()) }
+    }
 }
 
 pub mod file;

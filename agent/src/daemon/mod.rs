@@ -15,7 +15,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    api::{self, AppState, TaskHealth},
+    api::{
+        self,
+        guard::{HostRule, Tokens},
+        AppState, TaskHealth,
+    },
     config::Config,
     control::{self, store::file::FileStore, ControlHandle, Faults, Start},
     datapath::Datapath,
@@ -35,6 +39,7 @@ pub fn run(config_path: &Path, check_only: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     crate::cli::require_root()?;
+    raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -49,11 +54,29 @@ async fn serve(config_path: &Path, config: Config, loaded_bytes: Option<Vec<u8>>
     let listener = tokio::net::TcpListener::bind(config.api)
         .await
         .with_context(|| format!("binding the API to {} (agent.api)", config.api))?;
+    if config.tokens.is_none() {
+        if config.api.ip().is_loopback() {
+            log::warn!(
+                "the API on {} has no [agent.auth]: every local user and host-network pod has the release role; \
+                 add [[agent.auth.tokens]]",
+                config.api
+            );
+        } else {
+            log::error!(
+                "INSECURE: the API on {} is open to the network without authentication \
+                 (agent.insecure_allow_unauthenticated_api = true): anyone who reaches it can steer this node's traffic",
+                config.api
+            );
+        }
+    }
+    // Held while the agent runs: `sockshift uninstall` refuses to remove pins it sees locked.
+    let _pin_lock = paths::prepare_pin_dir(&config.bpffs)?;
     let datapath = Datapath::load(&config.cgroup, &config.bpffs).with_context(|| {
         format!("loading the datapath (cgroup {}, bpffs {})", config.cgroup.display(), config.bpffs.display())
     })?;
     let store = FileStore::open(&config.state_dir)
-        .with_context(|| format!("opening the state directory {} (agent.state_dir)", config.state_dir.display()))?;
+        .with_context(|| format!("opening the state directory {} (agent.state_dir)", config.state_dir.display()))?
+        .with_audit_rotation(config.audit);
     let (follow_tx, follow_rx) = mpsc::unbounded_channel();
     let started = control::spawn(Start {
         datapath,
@@ -75,9 +98,13 @@ async fn serve(config_path: &Path, config: Config, loaded_bytes: Option<Vec<u8>>
 
     let shutdown = CancellationToken::new();
     let tasks = TaskHealth::default();
+    let tokens = Tokens::new(config.tokens.clone());
     let state = Arc::new(AppState {
         control: started.handle.clone(),
-        tokens: config.tokens.clone(),
+        tokens: tokens.clone(),
+        hosts: HostRule::new(config.api, config.api_hosts.clone()),
+        denied: Default::default(),
+        refusal_audit: Default::default(),
         audit: started.audit,
         tasks: tasks.clone(),
         openapi: Default::default(),
@@ -91,6 +118,10 @@ async fn serve(config_path: &Path, config: Config, loaded_bytes: Option<Vec<u8>>
         let cgroup = config.cgroup.clone();
         move |cancel, fault| tasks::carry_out_follow_ups(control, follow_rx, cgroup, cancel, fault)
     });
+    supervisor.spawn("token-watcher", {
+        let path = config_path.to_owned();
+        move |cancel, _| watch_tokens(tokens, path, cancel)
+    });
     supervisor.spawn("config-watcher", {
         let control = control.clone();
         let path = config_path.to_owned();
@@ -101,16 +132,58 @@ async fn serve(config_path: &Path, config: Config, loaded_bytes: Option<Vec<u8>>
         move |_, _| async move { wait_for_signal(shutdown).await }
     });
 
-    let served = axum::serve(listener, api::router(state.clone()))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await
-        .context("serving the API");
+    api::server::serve(listener, api::router(state.clone()), state.clone(), shutdown.clone()).await;
     shutdown.cancel();
     drop(state);
     stop_core(control, started.thread).await;
-    served?;
     log::info!("stopped; the pinned datapath keeps steering with the last state");
     Ok(())
+}
+
+/// How often the token watcher looks at the config file and the token files.
+const TOKEN_POLL: Duration = Duration::from_secs(1);
+
+/// Applies token changes without a restart: the config file's `[agent.auth]` and the token
+/// files it names are re-read every [`TOKEN_POLL`] and on SIGHUP, and a changed set replaces
+/// the one in force (a revoked token is refused from then on). A config that does not validate
+/// changes nothing here (the config watcher logs why).
+async fn watch_tokens(tokens: Tokens, path: std::path::PathBuf, cancel: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = signal(SignalKind::hangup()).ok();
+    let mut tick = tokio::time::interval(TOKEN_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+            Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {}
+        }
+        let path = path.clone();
+        let loaded = tokio::task::spawn_blocking(move || Config::load(&path)).await;
+        let Ok(Ok(config)) = loaded else { continue };
+        let count = config.tokens.as_ref().map(Vec::len);
+        if tokens.replace(config.tokens) {
+            match count {
+                Some(count) => log::warn!("[agent.auth] changed: {count} tokens in force from now on"),
+                None => log::warn!("[agent.auth] removed: the API no longer asks for tokens"),
+            }
+        }
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit: every API connection is a file, and
+/// the connection limit (1024) plus the agent's own files must fit.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(err) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                log::warn!("raising the open-file limit from {soft} to {hard}: {err}");
+            }
+        }
+        Ok(_) => {}
+        Err(err) => log::warn!("reading the open-file limit: {err}"),
+    }
 }
 
 /// Waits (bounded) for the core's thread to end once every handle is gone.
