@@ -79,7 +79,7 @@ pub(super) struct Core<S: Store> {
 
 /// A rollout read back from the store is checked before it is ticked: the state machine trusts
 /// its own invariants (a step index within the plan).
-fn check_rollout(rollout: &Rollout) -> Result<(), String> {
+pub fn check_rollout(rollout: &Rollout) -> Result<(), String> {
     rollout.plan.validate().map_err(|err| err.to_string())?;
     if rollout.step >= rollout.plan.steps.len() {
         return Err(format!("step {} of a plan of {} steps", rollout.step, rollout.plan.steps.len()));
@@ -87,8 +87,33 @@ fn check_rollout(rollout: &Rollout) -> Result<(), String> {
     if !rollout.percent.is_finite() || !(0.0..=100.0).contains(&rollout.percent) {
         return Err(format!("weight {} %", rollout.percent));
     }
+    // The baselines are kernel counters. No kernel counter gets near 2^53 (285 years at a
+    // million connections a second); a larger one was not written by an agent, and the gates'
+    // arithmetic on it would overflow.
+    for (name, snapshot) in
+        [("window", &rollout.window_baseline), ("rollout", &rollout.rollout_baseline), ("step", &rollout.step_baseline)]
+    {
+        for side in [&snapshot.stable, &snapshot.canary] {
+            let counters = [
+                side.connections,
+                side.datagrams,
+                side.established,
+                side.failed_attempts,
+                side.abandoned_attempts,
+                side.resets,
+                side.srtt_sum_us,
+                side.srtt_samples,
+            ];
+            if counters.iter().any(|c| *c > MAX_PLAUSIBLE_COUNTER) {
+                return Err(format!("the {name} baseline holds a counter above 2^53"));
+            }
+        }
+    }
     Ok(())
 }
+
+/// Largest counter value a stored rollout may hold (see [`check_rollout`]).
+const MAX_PLAUSIBLE_COUNTER: u64 = 1 << 53;
 
 fn role_name(role: Role) -> String {
     role.to_string()

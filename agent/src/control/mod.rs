@@ -16,6 +16,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
+pub use self::core::check_rollout;
 use self::{
     core::Core,
     store::{AuditSource, RemoteChange, Store, StoreError},
