@@ -27,6 +27,8 @@ struct Args {
 }
 
 const TARGETS: [&str; 4] = ["config", "bodies", "state", "plans"];
+/// Inputs per proptest run; the time budget is checked between runs.
+const CASES_PER_ROUND: u32 = 64;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -99,14 +101,14 @@ fn run(
         key[..8].copy_from_slice(&seed.to_le_bytes());
         key[8..16].copy_from_slice(&round.to_le_bytes());
         key[16..16 + name.len().min(16)].copy_from_slice(&name.as_bytes()[..name.len().min(16)]);
-        let config = Config { cases: 256, failure_persistence: None, max_shrink_iters: 4096, ..Config::default() };
+        let config = Config { cases: CASES_PER_ROUND, failure_persistence: None, max_shrink_iters: 4096, ..Config::default() };
         let mut runner = TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &key));
         let result = runner.run(&strategy, |input| {
             target(&input);
             Ok(())
         });
         match result {
-            Ok(()) => cases += 256,
+            Ok(()) => cases += u64::from(CASES_PER_ROUND),
             Err(TestError::Fail(why, input)) => {
                 let shown = match &input {
                     Input::Text(text) => format!("text: {text:?}"),
