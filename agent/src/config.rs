@@ -901,8 +901,14 @@ mod tests {
         // No auth on a non-loopback address: refused unless the opt-out is set.
         let open = error_of(&format!("{agent}api = \"0.0.0.0:9477\""));
         assert!(open.contains("agent.api") && open.contains("[agent.auth]"), "{open}");
-        assert!(Config::parse(&format!("{agent}api = \"0.0.0.0:9477\"\ninsecure_allow_unauthenticated_api = true")).is_ok());
-        assert!(Config::parse(&format!("{agent}api = \"10.1.2.3:9477\"\n{}", token("a", "a-long-enough-token", "viewer"))).is_ok());
+        assert!(
+            Config::parse(&format!("{agent}api = \"0.0.0.0:9477\"\ninsecure_allow_unauthenticated_api = true")).is_ok()
+        );
+        assert!(Config::parse(&format!(
+            "{agent}api = \"10.1.2.3:9477\"\n{}",
+            token("a", "a-long-enough-token", "viewer")
+        ))
+        .is_ok());
         assert!(Config::parse(&format!("{agent}api = \"[::1]:9477\"")).is_ok());
         // Token files: mode and owner checked, content trimmed.
         let dir = std::env::temp_dir().join(format!("sockshift-token-files-{}", std::process::id()));

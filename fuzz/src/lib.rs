@@ -100,7 +100,10 @@ pub fn config(input: &Input) {
                 assert!(!tokens.is_empty(), "[agent.auth] accepted without tokens");
                 for (i, token) in tokens.iter().enumerate() {
                     assert!(!token.name.is_empty(), "token without a name");
-                    assert!(tokens[..i].iter().all(|t| t.digest != token.digest && t.name != token.name), "duplicate token");
+                    assert!(
+                        tokens[..i].iter().all(|t| t.digest != token.digest && t.name != token.name),
+                        "duplicate token"
+                    );
                 }
             } else if !config.api.ip().is_loopback() {
                 let file: ConfigFile = toml::from_str(text).expect("an accepted config parses as TOML");
@@ -186,8 +189,16 @@ fn check_plan(plan: &Plan) {
         assert!(step.is_finite() && *step > 0.0 && *step <= 100.0, "step {step}");
         assert!(i == 0 || *step > plan.steps[i - 1], "steps do not increase: {:?}", plan.steps);
     }
-    assert!(plan.step_seconds.is_finite() && (1.0..=86_400.0).contains(&plan.step_seconds), "step_seconds {}", plan.step_seconds);
-    assert!((1..=MAX_FAILURE_THRESHOLD).contains(&plan.failure_threshold), "failure_threshold {}", plan.failure_threshold);
+    assert!(
+        plan.step_seconds.is_finite() && (1.0..=86_400.0).contains(&plan.step_seconds),
+        "step_seconds {}",
+        plan.step_seconds
+    );
+    assert!(
+        (1..=MAX_FAILURE_THRESHOLD).contains(&plan.failure_threshold),
+        "failure_threshold {}",
+        plan.failure_threshold
+    );
     assert!(plan.webhooks.len() <= MAX_WEBHOOKS, "{} webhooks", plan.webhooks.len());
     for url in &plan.webhooks {
         assert!(url.starts_with("http://"), "webhook {url:?}");
@@ -311,4 +322,3 @@ pub fn plans(input: &Input) {
 pub fn example_config() -> &'static str {
     include_str!("../../config/sockshift.toml")
 }
-

@@ -50,7 +50,9 @@ fn main() -> anyhow::Result<()> {
     for target in targets {
         let outcome = match target {
             "config" => run(target, budget, seed, strategies::toml_input(), sockshift_fuzz::config),
-            "bodies" => run(target, budget, seed, strategies::json_input(strategies::body_seeds()), sockshift_fuzz::bodies),
+            "bodies" => {
+                run(target, budget, seed, strategies::json_input(strategies::body_seeds()), sockshift_fuzz::bodies)
+            }
             "state" => {
                 let dir = StateDir::new();
                 run(target, budget, seed, strategies::json_input(strategies::state_seeds()), move |input| {
@@ -101,7 +103,8 @@ fn run(
         key[..8].copy_from_slice(&seed.to_le_bytes());
         key[8..16].copy_from_slice(&round.to_le_bytes());
         key[16..16 + name.len().min(16)].copy_from_slice(&name.as_bytes()[..name.len().min(16)]);
-        let config = Config { cases: CASES_PER_ROUND, failure_persistence: None, max_shrink_iters: 4096, ..Config::default() };
+        let config =
+            Config { cases: CASES_PER_ROUND, failure_persistence: None, max_shrink_iters: 4096, ..Config::default() };
         let mut runner = TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &key));
         let result = runner.run(&strategy, |input| {
             target(&input);

@@ -168,7 +168,8 @@ fn key() -> impl Strategy<Value = String> {
 
 /// Any JSON value, mostly made of the agent's field names and edge values.
 pub fn json_value() -> impl Strategy<Value = Value> {
-    let leaf = prop_oneof![Just(Value::Null), any::<bool>().prop_map(Value::Bool), number(), string().prop_map(Value::String)];
+    let leaf =
+        prop_oneof![Just(Value::Null), any::<bool>().prop_map(Value::Bool), number(), string().prop_map(Value::String)];
     leaf.prop_recursive(5, 96, 8, |inner| {
         prop_oneof![
             vec(inner.clone(), 0..8).prop_map(Value::Array),
@@ -210,7 +211,12 @@ pub struct Mutation {
 }
 
 fn mutation() -> impl Strategy<Value = Mutation> {
-    (any::<usize>(), any::<u8>(), key(), json_value()).prop_map(|(at, kind, key, value)| Mutation { at, kind, key, value })
+    (any::<usize>(), any::<u8>(), key(), json_value()).prop_map(|(at, kind, key, value)| Mutation {
+        at,
+        kind,
+        key,
+        value,
+    })
 }
 
 /// `seed` with `mutations` applied: a node replaced, a key removed or added, an array item
@@ -279,7 +285,9 @@ pub fn state_seeds() -> Vec<Value> {
         rollouts.push(rollout);
     }
     let (mut waiting, _) = Rollout::start(
-        plan(json!({"steps": [10, 50], "step_seconds": 1, "gates": "none", "approval": {"at_percent": 50, "role": "operator"}})),
+        plan(
+            json!({"steps": [10, 50], "step_seconds": 1, "gates": "none", "approval": {"at_percent": 50, "role": "operator"}}),
+        ),
         1_000,
         Snapshot::default(),
         "seed",
@@ -297,7 +305,9 @@ pub fn state_seeds() -> Vec<Value> {
                    "file_services": {"db": service("db")}})
         })
         .collect();
-    seeds.push(json!({"version": 1, "services": {"web": service("web")}, "rollouts": {"web": rollout_json(&rollouts[0])}}));
+    seeds.push(
+        json!({"version": 1, "services": {"web": service("web")}, "rollouts": {"web": rollout_json(&rollouts[0])}}),
+    );
     seeds
 }
 

@@ -157,7 +157,8 @@ fn roles_gate_changes_and_the_audit_log_records_them() {
     let (status, log) = lab.agent.call_as(viewer, "GET", "/v1/audit", None);
     assert_eq!(status, 200, "{log}");
     // Refused requests are audited too (`refused` set); the accepted changes are the rest.
-    let entries: Vec<&Value> = log["entries"].as_array().unwrap().iter().filter(|e| e.get("refused").is_none()).collect();
+    let entries: Vec<&Value> =
+        log["entries"].as_array().unwrap().iter().filter(|e| e.get("refused").is_none()).collect();
     assert_eq!(entries.len(), accepted.len(), "audit log: {log}");
     let names = |t: Option<&str>| match t {
         Some("operator-token-01") => "otto",

@@ -153,17 +153,35 @@ fn refused_requests_are_answered_counted_and_audited() {
     // (request, status, code)
     let cases: Vec<(Vec<u8>, u16, &str)> = vec![
         // DNS rebinding: the browser sends the attacker's name.
-        (request("PUT", canary, &format!("evil.example:{}", api.port()), &[json, operator], body), 421, "host_not_allowed"),
+        (
+            request("PUT", canary, &format!("evil.example:{}", api.port()), &[json, operator], body),
+            421,
+            "host_not_allowed",
+        ),
         (request("GET", "/v1/services", "evil.example", &[viewer], ""), 421, "host_not_allowed"),
         // Cross-site "simple" requests: no JSON content type.
         (request("PUT", canary, &host, &[operator], body), 415, "unsupported_media_type"),
-        (request("POST", "/v1/services/web/promote", &host, &["Content-Type: text/plain", operator], ""), 415, "unsupported_media_type"),
         (
-            request("POST", "/v1/services/web/rollback", &host, &["Content-Type: application/x-www-form-urlencoded", operator], "a=b"),
+            request("POST", "/v1/services/web/promote", &host, &["Content-Type: text/plain", operator], ""),
             415,
             "unsupported_media_type",
         ),
-        (request("DELETE", "/v1/services/web", &host, &["Authorization: Bearer release-token-001"], ""), 415, "unsupported_media_type"),
+        (
+            request(
+                "POST",
+                "/v1/services/web/rollback",
+                &host,
+                &["Content-Type: application/x-www-form-urlencoded", operator],
+                "a=b",
+            ),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            request("DELETE", "/v1/services/web", &host, &["Authorization: Bearer release-token-001"], ""),
+            415,
+            "unsupported_media_type",
+        ),
         // Tokens.
         (request("PUT", canary, &host, &[json], body), 401, "unauthorized"),
         (request("PUT", canary, &host, &[json, "Authorization: Bearer operator-token-0"], body), 401, "unauthorized"),
@@ -252,7 +270,9 @@ fn token_changes_apply_without_a_restart() {
     );
     let mut agent = Agent::configure(&cgroup, &format!("{TOKENS}{file_token}"), &web_service(""));
     agent.spawn();
-    let call = |agent: &Agent, token: &str| agent.call_as(Some(token), "PUT", "/v1/services/web/canary", Some(&json!({"percent": 5}))).0;
+    let call = |agent: &Agent, token: &str| {
+        agent.call_as(Some(token), "PUT", "/v1/services/web/canary", Some(&json!({"percent": 5}))).0
+    };
     assert_eq!(call(&agent, "operator-token-01"), 200);
     assert_eq!(call(&agent, "ci-token-from-a-file-01"), 200);
 
@@ -306,7 +326,9 @@ fn delegation_holds_on_every_path_that_sets_a_weight() {
         (
             "POST",
             "/v1/services/web/rollout",
-            Some(json!({"steps": [20, 30], "step_seconds": 1, "gates": "none", "approval": {"at_percent": 30, "role": "operator"}})),
+            Some(
+                json!({"steps": [20, 30], "step_seconds": 1, "gates": "none", "approval": {"at_percent": 30, "role": "operator"}}),
+            ),
         ),
     ];
     for (method, path, body) in &refused {
@@ -317,7 +339,12 @@ fn delegation_holds_on_every_path_that_sets_a_weight() {
     assert_eq!(lab.agent.call_as(OPERATOR, "PUT", "/v1/services/web/canary", Some(&json!({"percent": 25}))).0, 200);
 
     // A release PUT without the cap keeps it.
-    let (status, reply) = lab.agent.call_as(RELEASE, "PUT", "/v1/services/web", Some(&json!({ "frontends": [FRONTEND4], "stable": ["127.0.0.1:8001"], "canary": ["127.0.0.1:8002"] })));
+    let (status, reply) = lab.agent.call_as(
+        RELEASE,
+        "PUT",
+        "/v1/services/web",
+        Some(&json!({ "frontends": [FRONTEND4], "stable": ["127.0.0.1:8001"], "canary": ["127.0.0.1:8002"] })),
+    );
     assert_eq!(status, 200, "{reply}");
     assert_eq!(reply["max_operator_percent"], json!(25.0), "{reply}");
     assert_eq!(lab.agent.call_as(OPERATOR, "PUT", "/v1/services/web/canary", Some(&json!({"percent": 26}))).0, 403);
@@ -513,8 +540,7 @@ fn the_audit_log_rotates_and_is_read_from_the_end() {
     let entries = log["entries"].as_array().unwrap();
     assert_eq!(entries.len(), 30, "30 entries, across the current and rotated files");
     assert_eq!(entries.last().unwrap()["route"], json!("/v1/services/web/canary"), "the newest entry last");
-    let percents: Vec<f64> =
-        entries[..29].iter().map(|e| e["after"]["canary_percent"].as_f64().unwrap()).collect();
+    let percents: Vec<f64> = entries[..29].iter().map(|e| e["after"]["canary_percent"].as_f64().unwrap()).collect();
     let expected: Vec<f64> = (ROUNDS - 29..ROUNDS).map(|r| f64::from(r % 50)).collect();
     assert_eq!(percents, expected, "the entries around the bad lines are all there, in order");
     let (status, reply) = lab.agent.call("GET", "/v1/audit?limit=5000", None);
@@ -642,8 +668,13 @@ fn the_agent_mounts_bpffs_0700() {
         agent.config_path.display(),
         agent.bpffs.display(),
     );
-    let output = Command::new("unshare").args(["--mount", "--propagation", "private", "sh", "-c", &script]).output().unwrap();
+    let output =
+        Command::new("unshare").args(["--mount", "--propagation", "private", "sh", "-c", &script]).output().unwrap();
     let text = String::from_utf8_lossy(&output.stdout);
     // The kernel always adds the sticky bit: 1700.
-    assert!(text.contains("mode=1700") || text.contains("mode=700"), "{text}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        text.contains("mode=1700") || text.contains("mode=700"),
+        "{text}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }

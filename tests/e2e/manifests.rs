@@ -292,6 +292,10 @@ fn daemonset_is_least_privilege_and_matches_the_config() {
             .find(|v| v["name"] == mount["name"])
             .unwrap_or_else(|| panic!("volume {:?} is not declared", mount["name"]));
         assert!(volume["secret"]["secretName"].as_str().is_some(), "token_file {file} must come from a Secret");
-        assert_eq!(volume["secret"]["defaultMode"].as_u64(), Some(0o400), "the token Secret's defaultMode must be 0400");
+        assert_eq!(
+            volume["secret"]["defaultMode"].as_u64(),
+            Some(0o400),
+            "the token Secret's defaultMode must be 0400"
+        );
     }
 }

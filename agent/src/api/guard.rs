@@ -108,8 +108,14 @@ impl Denied {
         }
     }
 
-    pub const ALL: [Denied; 6] =
-        [Denied::NoToken, Denied::BadToken, Denied::Forbidden, Denied::MediaType, Denied::Host, Denied::ConnectionLimit];
+    pub const ALL: [Denied; 6] = [
+        Denied::NoToken,
+        Denied::BadToken,
+        Denied::Forbidden,
+        Denied::MediaType,
+        Denied::Host,
+        Denied::ConnectionLimit,
+    ];
 }
 
 /// Which `Host` headers the API answers: the bind address, localhost/127.0.0.1/[::1] with the
@@ -256,12 +262,27 @@ pub async fn guard(State(state): State<Arc<AppState>>, mut request: Request, nex
                 "this API does not answer to Host {shown:?}; use the address it listens on, or add the name to \
                  agent.api_hosts"
             );
-            return refuse(&state, &request, conn.as_ref(), None, Denied::Host, ApiError::new(ErrorCode::HostNotAllowed, message));
+            return refuse(
+                &state,
+                &request,
+                conn.as_ref(),
+                None,
+                Denied::Host,
+                ApiError::new(ErrorCode::HostNotAllowed, message),
+            );
         }
     }
     if is_change(request.method()) && !is_json(request.headers()) {
-        let message = "a request that changes state must carry `Content-Type: application/json`, with or without a body";
-        return refuse(&state, &request, conn.as_ref(), None, Denied::MediaType, ApiError::new(ErrorCode::UnsupportedMediaType, message));
+        let message =
+            "a request that changes state must carry `Content-Type: application/json`, with or without a body";
+        return refuse(
+            &state,
+            &request,
+            conn.as_ref(),
+            None,
+            Denied::MediaType,
+            ApiError::new(ErrorCode::UnsupportedMediaType, message),
+        );
     }
     // The OpenAPI document describes the API, it does not reveal state: readable without a token.
     let open_route = request.uri().path() == "/v1/openapi.json";
@@ -275,7 +296,14 @@ pub async fn guard(State(state): State<Arc<AppState>>, mut request: Request, nex
                     Denied::NoToken => "a bearer token is required (Authorization: Bearer <token>)",
                     _ => "unknown token",
                 };
-                return refuse(&state, &request, conn.as_ref(), None, denied, ApiError::new(ErrorCode::Unauthorized, message));
+                return refuse(
+                    &state,
+                    &request,
+                    conn.as_ref(),
+                    None,
+                    denied,
+                    ApiError::new(ErrorCode::Unauthorized, message),
+                );
             }
         },
     };
