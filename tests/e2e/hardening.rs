@@ -384,6 +384,8 @@ enum Attack {
     Idle,
     /// Sends 15 KiB of headers, then stalls.
     BigHead,
+    /// Sends one whole request with a valid (viewer) token, then keeps the connection idle.
+    AuthIdle,
 }
 
 struct Attacker {
@@ -399,6 +401,9 @@ impl Attacker {
             Attack::Trickle => format!("GET /v1/services HTTP/1.1\r\nHost: {api}\r\nX-Slow: "),
             Attack::Idle => String::new(),
             Attack::BigHead => format!("GET /v1/services HTTP/1.1\r\nHost: {api}\r\nX-Big: {}", "b".repeat(15 * 1024)),
+            Attack::AuthIdle => {
+                format!("GET /v1/datapath HTTP/1.1\r\nHost: {api}\r\nAuthorization: Bearer viewer-token-0001\r\n\r\n")
+            }
         };
         let _ = stream.write_all(head.as_bytes());
         Some(stream)
@@ -406,8 +411,9 @@ impl Attacker {
 }
 
 /// 1,000 slow clients (plus 200 more, past the connection limit) against the API: clients
-/// trickling a request head a byte at a time, idle connections and stalled 15 KiB heads, each
-/// reconnecting as soon as the agent closes it, for 25 s. Meanwhile an operator uses the kill
+/// trickling a request head a byte at a time, idle connections, stalled 15 KiB heads and
+/// clients that send one authenticated request and then idle, each reconnecting as soon as the
+/// agent closes it, for 25 s. Meanwhile an operator uses the kill
 /// switch (and sets the weight again) every 400 ms: every call answers within 2 s, the agent's
 /// memory stays bounded, and the kill switch works on the datapath.
 #[test]
@@ -419,9 +425,10 @@ fn a_thousand_slow_clients_do_not_stall_the_kill_switch() {
     let mut attackers: Vec<Attacker> = (0..1200)
         .map(|i| {
             let kind = match i % 12 {
-                0..=7 => Attack::Trickle,
-                8..=10 => Attack::Idle,
-                _ => Attack::BigHead,
+                0..=6 => Attack::Trickle,
+                7..=9 => Attack::Idle,
+                10 => Attack::BigHead,
+                _ => Attack::AuthIdle,
             };
             Attacker { kind, stream: Attacker::connect(api, kind) }
         })
@@ -440,9 +447,13 @@ fn a_thousand_slow_clients_do_not_stall_the_kill_switch() {
                         None => false,
                         Some(stream) => {
                             let mut answer = [0u8; 512];
-                            // Anything read means closed or closing: EOF, or an error answer
+                            // EOF, or (but for the authenticated client's answer) an error answer
                             // (408, 431) before the close.
-                            let closed = !matches!(stream.read(&mut answer), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock);
+                            let closed = match stream.read(&mut answer) {
+                                Ok(0) => true,
+                                Ok(_) => attacker.kind != Attack::AuthIdle,
+                                Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+                            };
                             let write_failed = attacker.kind == Attack::Trickle
                                 && matches!(stream.write(b"x"), Err(ref e) if e.kind() != std::io::ErrorKind::WouldBlock);
                             !closed && !write_failed

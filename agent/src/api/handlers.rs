@@ -133,7 +133,11 @@ pub async fn put_service(
 /// Removes a service (and its rollout); answers its last state. Needs `release`.
 #[utoipa::path(delete, path = "/v1/services/{name}", tag = "services", security(("bearer" = [])),
     params(("name" = String, Path, description = "Service name")),
-    responses((status = 200, description = "Removed; its last state", body = ServiceState), AuthErrors, NotFoundError, ServerErrors))]
+    responses(
+        (status = 200, description = "Removed; its last state", body = ServiceState),
+        (status = 415, description = "`unsupported_media_type`: no `Content-Type: application/json`", body = ErrorBody),
+        AuthErrors, NotFoundError, ServerErrors,
+    ))]
 pub async fn delete_service(
     State(state): State<Arc<AppState>>,
     Authorized(caller, ..): Authorized<Release>,

@@ -11,15 +11,15 @@
 //! - the head may use at most [`MAX_HEAD_BYTES`] of buffer;
 //! - the body must arrive within `BODY_TIMEOUT` and fit in `MAX_BODY_BYTES` (see `extract`);
 //! - at most [`MAX_CONNECTIONS`] connections are open. At the limit, the oldest connection that
-//!   has not yet sent an authenticated request is closed to make room for the new one: slow or
-//!   idle clients cannot lock out an operator who has a token (or, without `[agent.auth]`, any
-//!   client that sends a whole request). Only when every open connection has authenticated is
-//!   a new one refused.
+//!   has not yet sent an authenticated request is closed to make room for the new one, else the
+//!   oldest authenticated one that is idle between requests: slow or idle clients (even ones with
+//!   a token) cannot lock out an operator. Only when every open connection is in the middle of a
+//!   request is a new one refused.
 
 use std::{
     collections::BTreeMap,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU32, Ordering},
         Arc, Mutex, PoisonError,
     },
     time::Duration,
@@ -55,18 +55,21 @@ struct Connections {
 
 struct Slot {
     authenticated: Arc<AtomicBool>,
+    /// Requests being answered on the connection.
+    busy: Arc<AtomicU32>,
     close: CancellationToken,
 }
 
 impl Connections {
-    /// Makes room for one more connection; false when every open one has authenticated.
+    /// Makes room for one more connection; false when every open one is answering a request.
     fn make_room(&mut self, limit: usize) -> bool {
         if self.open.len() < limit {
             return true;
         }
-        let oldest_anonymous =
-            self.open.iter().find(|(_, slot)| !slot.authenticated.load(Ordering::Relaxed)).map(|(id, _)| *id);
-        match oldest_anonymous.and_then(|id| self.open.remove(&id)) {
+        let oldest = |pick: &dyn Fn(&Slot) -> bool| self.open.iter().find(|(_, slot)| pick(slot)).map(|(id, _)| *id);
+        let victim = oldest(&|slot| !slot.authenticated.load(Ordering::Relaxed))
+            .or_else(|| oldest(&|slot| slot.busy.load(Ordering::Relaxed) == 0));
+        match victim.and_then(|id| self.open.remove(&id)) {
             Some(slot) => {
                 slot.close.cancel();
                 true
@@ -109,18 +112,20 @@ async fn serve_with_limit(
             }
         };
         let authenticated = Arc::new(AtomicBool::new(false));
+        let busy = Arc::new(AtomicU32::new(0));
         let close = CancellationToken::new();
         let id = {
             let mut connections = connections.lock().unwrap_or_else(PoisonError::into_inner);
             if !connections.make_room(limit) {
                 drop(connections);
                 state.denied.count(Denied::ConnectionLimit);
-                log::warn!("API connection from {peer} refused: {limit} authenticated connections are open");
+                log::warn!("API connection from {peer} refused: {limit} connections are answering requests");
                 continue;
             }
             let id = connections.next_id;
             connections.next_id += 1;
-            connections.open.insert(id, Slot { authenticated: authenticated.clone(), close: close.clone() });
+            let slot = Slot { authenticated: authenticated.clone(), busy: busy.clone(), close: close.clone() };
+            connections.open.insert(id, slot);
             id
         };
         let info = ConnInfo { peer, authenticated };
@@ -128,7 +133,7 @@ async fn serve_with_limit(
         let shutdown = shutdown.clone();
         let connections = connections.clone();
         tasks.spawn(async move {
-            serve_connection(stream, info, router, close, shutdown).await;
+            serve_connection(stream, info, busy, router, close, shutdown).await;
             connections.lock().unwrap_or_else(PoisonError::into_inner).open.remove(&id);
         });
     }
@@ -144,6 +149,7 @@ async fn serve_with_limit(
 async fn serve_connection(
     stream: tokio::net::TcpStream,
     info: ConnInfo,
+    busy: Arc<AtomicU32>,
     router: Router,
     close: CancellationToken,
     shutdown: CancellationToken,
@@ -151,7 +157,13 @@ async fn serve_connection(
     let _ = stream.set_nodelay(true);
     let service = service_fn(move |mut request: Request<Incoming>| {
         request.extensions_mut().insert(info.clone());
-        router.clone().oneshot(request.map(Body::new))
+        let busy = Busy::enter(busy.clone());
+        let answer = router.clone().oneshot(request.map(Body::new));
+        async move {
+            let response = answer.await;
+            drop(busy);
+            response
+        }
     });
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -169,27 +181,51 @@ async fn serve_connection(
     let _ = tokio::time::timeout(DRAIN_BOUND, connection).await;
 }
 
+/// Counts a request in flight on its connection while it lives (also when the request's future
+/// is dropped half-way).
+struct Busy(Arc<AtomicU32>);
+
+impl Busy {
+    fn enter(count: Arc<AtomicU32>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn the_limit_closes_the_oldest_unauthenticated_connection() {
+    fn the_limit_closes_anonymous_connections_first_then_idle_ones() {
         let mut connections = Connections::default();
         let mut closes = Vec::new();
-        for id in 0..3u64 {
-            let close = CancellationToken::new();
-            closes.push(close.clone());
-            let authenticated = Arc::new(AtomicBool::new(id == 0));
-            connections.open.insert(id, Slot { authenticated, close });
+        // 0: authenticated and idle, 1: anonymous, 2: authenticated and busy, 3: anonymous.
+        for (id, authenticated, busy) in [(0u64, true, 0), (1, false, 0), (2, true, 1), (3, false, 0)] {
+            let slot = Slot {
+                authenticated: Arc::new(AtomicBool::new(authenticated)),
+                busy: Arc::new(AtomicU32::new(busy)),
+                close: CancellationToken::new(),
+            };
+            closes.push(slot.close.clone());
+            connections.open.insert(id, slot);
         }
+        let closed = |closes: &[CancellationToken]| {
+            closes.iter().enumerate().filter(|(_, c)| c.is_cancelled()).map(|(i, _)| i).collect::<Vec<_>>()
+        };
+        assert!(connections.make_room(4));
+        assert_eq!(closed(&closes), [1], "the oldest anonymous connection goes first");
         assert!(connections.make_room(3));
-        assert!(!closes[0].is_cancelled(), "an authenticated connection stays");
-        assert!(closes[1].is_cancelled(), "the oldest anonymous one goes");
-        assert!(!closes[2].is_cancelled());
-        assert_eq!(connections.open.len(), 2);
-        connections.open.get(&2).unwrap().authenticated.store(true, Ordering::Relaxed);
-        connections.open.insert(3, Slot { authenticated: Arc::new(AtomicBool::new(true)), close: Default::default() });
-        assert!(!connections.make_room(3), "every open connection authenticated: refused");
+        assert_eq!(closed(&closes), [1, 3]);
+        assert!(connections.make_room(2));
+        assert_eq!(closed(&closes), [0, 1, 3], "then the oldest idle one");
+        assert!(!connections.make_room(1), "every open connection busy: refused");
+        assert_eq!(connections.open.len(), 1);
     }
 }
