@@ -1,10 +1,14 @@
 # syntax=docker/dockerfile:1
 #
 # The sockshift image, built from source: `docker build -t sockshift:latest .` at the repository
-# root; config/daemonset.yaml runs it.
+# root (or `podman build`, `buildah bud`, kaniko); config/daemonset.yaml runs it.
 #
-# NOT BUILT HERE: Docker cannot run on the machine this file was written on, so this Dockerfile
-# has never been built. It repeats what `cargo xtask build-ebpf` does on Debian (xtask/src/setup.rs).
+# Where no base image can be pulled, `cargo xtask image` builds the same runtime image from this
+# file's runtime stage (xtask/src/image.rs reads it): a Debian base made with debootstrap from the
+# machine's own Debian mirror, the same packages, the binary built on the host, the same paths,
+# ENTRYPOINT and CMD. That image is what tests/e2e/daemonset.rs runs. The builder stage below has
+# never been built on the development machine (its rust base image cannot be pulled there); it
+# repeats what `cargo xtask build-ebpf` does on Debian (xtask/src/setup.rs).
 
 # --- builder ---------------------------------------------------------------------------------
 # The eBPF programs are linked by bpf-linker 0.13, built against LLVM 22. The base must offer
@@ -37,12 +41,16 @@ COPY . .
 RUN cargo build --release --locked -p agent
 
 # --- runtime ---------------------------------------------------------------------------------
+# `cargo xtask image` reads this stage: the Debian suite in FROM, RUNTIME_PACKAGES, where COPY
+# puts the binary, and the ENV, LABEL, WORKDIR, ENTRYPOINT and CMD lines. Keep RUN to installing
+# RUNTIME_PACKAGES (debootstrap installs them there) so that both builds give the same image.
 # Same Debian release as the builder, so the binary's glibc matches.
-FROM debian:bookworm-slim
+FROM debian:bookworm-slim AS runtime
 # iproute2's `ss -K` (with util-linux's nsenter, already in the base) closes a rolled-back
 # canary's connections (rollback.terminate_connections).
+ARG RUNTIME_PACKAGES="iproute2"
 RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends iproute2 \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $RUNTIME_PACKAGES \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=builder /src/target/release/sockshift /usr/local/bin/sockshift
 # Root, as in the DaemonSet (runAsUser 0, capabilities limited there).

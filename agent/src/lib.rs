@@ -6,8 +6,10 @@
 pub mod api;
 pub mod audit;
 pub mod bpf_sys;
+pub mod caps;
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod daemon;

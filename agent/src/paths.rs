@@ -58,7 +58,7 @@ pub fn ensure_bpffs_mounted() -> io::Result<()> {
 /// Why a pin directory is not used.
 #[derive(Debug, thiserror::Error)]
 pub enum PinDirError {
-    #[error("agent.bpffs {path}: {source}")]
+    #[error("bpffs directory {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
     #[error("agent.bpffs {path} is not on a bpffs (mount bpffs at {BPFFS_MOUNT}, or point agent.bpffs below it)")]
     NotBpffs { path: PathBuf },

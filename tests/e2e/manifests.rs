@@ -16,8 +16,9 @@ use serde_norway::Value;
 
 /// Kubernetes version whose schemas the manifest is validated against.
 const KUBERNETES_VERSION: &str = "1.37.0";
-/// Capabilities the agent's container adds, and nothing else (see the manifest's comments).
-const CAPABILITIES: [&str; 4] = ["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN"];
+/// Capabilities the agent's container adds, and nothing else (see the manifest's comments;
+/// tests/e2e/daemonset.rs proves in a real pod that each one is needed and that they suffice).
+const CAPABILITIES: [&str; 3] = ["BPF", "NET_ADMIN", "PERFMON"];
 const CONFIG_KEY: &str = "sockshift.toml";
 
 fn manifest_path() -> PathBuf {
@@ -208,6 +209,11 @@ fn daemonset_is_least_privilege_and_matches_the_config() {
     let mut added = strings_at(security, "capabilities.add");
     added.sort();
     assert_eq!(added, CAPABILITIES, "capabilities.add must be exactly {CAPABILITIES:?}");
+    // The agent checks the same list at start (agent/src/caps.rs).
+    let mut checked: Vec<&str> =
+        agent::caps::REQUIRED.iter().map(|(capability, _)| capability.name.trim_start_matches("CAP_")).collect();
+    checked.sort();
+    assert_eq!(checked, CAPABILITIES, "agent::caps::REQUIRED and the manifest's capabilities.add differ");
 
     // The API server (not the schema) refuses Bidirectional propagation on a container that is
     // not privileged.

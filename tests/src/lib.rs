@@ -413,3 +413,4 @@ impl Drop for Agent {
         }
     }
 }
+pub mod etcd;

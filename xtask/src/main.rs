@@ -1,9 +1,13 @@
-//! `cargo xtask`: set-up, build, test and demo commands. Each performs every missing set-up
+//! `cargo xtask`: set-up, build, image, test and demo commands. Each performs every missing set-up
 //! step first, idempotently, so that it works as the first command run on a fresh machine.
 
+mod image;
 mod setup;
 
-use std::process::Command;
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
@@ -43,6 +47,10 @@ enum Task {
     },
     /// Run the demo: a namespace, a stable and a canary backend, the agent, a live split.
     Demo,
+    /// Build the runtime image with podman, pulling nothing: a debootstrap Debian base from this
+    /// machine's mirror (cached in target/image), the Dockerfile's runtime packages and layout,
+    /// and the release binary (root).
+    Image,
     /// Benchmark sockshift against direct, iptables and haproxy (root); results in target/bench.
     Bench {
         /// Only check that every section works (seconds, not minutes).
@@ -63,6 +71,14 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Test { args } => {
             prepare_root_run("cargo xtask test", Profile::Debug)?;
+            if runs_daemonset_test(&args) {
+                // tests/e2e/daemonset.rs runs this image in podman, with this configuration.
+                setup::ensure_container_tools()?;
+                setup::ensure_podman_config(&target_dir())?;
+                let image = image::build(&workspace_root(), &target_dir())?;
+                // Single-threaded, before the tests start: nothing reads the environment concurrently.
+                std::env::set_var("SOCKSHIFT_IMAGE", image);
+            }
             let mut test_args = vec!["test", "--no-fail-fast"];
             test_args.extend(args.iter().map(String::as_str));
             cargo(&test_args).context("tests failed")?;
@@ -84,6 +100,18 @@ fn main() -> anyhow::Result<()> {
                 args.push("--smoke");
             }
             run_binary("target/release/sockshift-bench", &args)?;
+        }
+        Task::Image => {
+            require_root("cargo xtask image")?;
+            setup::ensure_toolchain()?;
+            setup::ensure_container_tools()?;
+            setup::ensure_podman_config(&target_dir())?;
+            let name = image::build(&workspace_root(), &target_dir())?;
+            println!(
+                "built {name}, tagged {}; run it with podman using CONTAINERS_CONF={}",
+                image::IMAGE,
+                target_dir().join("podman/containers.conf").display()
+            );
         }
         Task::Lint => lint()?,
         Task::Fuzz { seconds, target, seed } => fuzz(seconds, target, seed)?,
@@ -126,6 +154,31 @@ fn fuzz(seconds: u64, target: Option<String>, seed: Option<u64>) -> anyhow::Resu
         args.extend(["--seed", seed.as_str()]);
     }
     cargo(&args).context("a fuzz target failed (the input and seed are printed above)")
+}
+
+/// Whether `cargo xtask test ARGS` runs tests/e2e/daemonset.rs (it needs the image): every run
+/// without `--test`, and `--test daemonset`.
+fn runs_daemonset_test(args: &[String]) -> bool {
+    let selected: Vec<&str> = args
+        .iter()
+        .enumerate()
+        .filter_map(|(i, arg)| match arg.strip_prefix("--test=") {
+            Some(name) => Some(name),
+            None if arg == "--test" => args.get(i + 1).map(String::as_str),
+            None => None,
+        })
+        .collect();
+    selected.is_empty() || selected.contains(&"daemonset")
+}
+
+/// The workspace root (xtask's parent directory).
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask/ has a parent").to_owned()
+}
+
+/// Cargo's target directory: CARGO_TARGET_DIR, or target/ at the workspace root.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
 }
 
 #[derive(Clone, Copy, PartialEq)]

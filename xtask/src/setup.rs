@@ -51,6 +51,10 @@ pub fn ensure_packages(packages: &[&str]) -> anyhow::Result<()> {
 
 /// rust-src for the nightly toolchain (build-std) and bpf-linker.
 pub fn ensure_toolchain() -> anyhow::Result<()> {
+    // The agent's etcd client (etcd-client) compiles etcd's .proto files at build time: protoc,
+    // and the well-known types it imports (google/protobuf/descriptor.proto), which Debian ships
+    // in libprotobuf-dev, a recommendation of protobuf-compiler that --no-install-recommends skips.
+    ensure_packages(&["protobuf-compiler", "libprotobuf-dev"])?;
     if !succeeds("rustup", &["run", "nightly", "rustc", "--version"]) {
         bail!("the `nightly` toolchain is missing; it must be the machine's nightly 1.97 (LLVM 22): do not install a newer one, bpf-linker {BPF_LINKER_VERSION} cannot read LLVM 23");
     }
@@ -76,6 +80,9 @@ pub fn ensure_test_tools() -> anyhow::Result<()> {
     // fsfreeze; tests/e2e/core.rs). iptables drops a canary's SYNs inside a test's namespace
     // (tests/e2e/rollout.rs).
     ensure_packages(&["iproute2", "dnsmasq-base", "bind9-dnsutils", "iptables", "e2fsprogs", "util-linux"])?;
+    // A real 3-member etcd cluster for the cluster-mode tests (tests/src/etcd.rs): the server and
+    // etcdctl, 3.4 on Debian 12.
+    ensure_packages(&["etcd-server", "etcd-client"])?;
     // kubernetes-validate checks config/daemonset.yaml against the Kubernetes schemas it
     // bundles, offline (tests/e2e/manifests.rs); prometheus-client's parser reads /metrics
     // (tests/e2e/agent.rs); openapi-spec-validator checks the generated OpenAPI document
@@ -146,4 +153,80 @@ pub fn ensure_python_package(module: &str, package: &str) -> anyhow::Result<()> 
 /// bpftool for the kernel's program statistics.
 pub fn ensure_bench_tools() -> anyhow::Result<()> {
     ensure_packages(&["nginx", "haproxy", "wrk", "iptables", "bpftool"])
+}
+
+/// What `cargo xtask image` and the DaemonSet test drive: podman with runc (crun refuses this
+/// machine's hybrid cgroup layout), catatonit (podman builds its pod infra image from it,
+/// offline; without it every `podman kube play` fails) and debootstrap for the image's base.
+pub fn ensure_container_tools() -> anyhow::Result<()> {
+    ensure_packages(&["podman", "runc", "catatonit", "debootstrap"])
+}
+
+/// Writes the project's own podman configuration, `<target>/podman/containers.conf` (rewritten
+/// only when its content changes), and points `CONTAINERS_CONF` at it for every podman that
+/// xtask and the tests it runs start. Nothing under /etc changes: with `CONTAINERS_CONF` set,
+/// podman reads this file instead of the machine's.
+pub fn ensure_podman_config(target_dir: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    let limits = std::fs::read_to_string("/proc/self/limits").context("reading /proc/self/limits")?;
+    let pid_max: u64 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .context("reading /proc/sys/kernel/pid_max")?
+        .trim()
+        .parse()
+        .context("parsing /proc/sys/kernel/pid_max")?;
+    // podman's defaults (1048576 for both) exceed this machine's hard limits, and a container
+    // whose limit cannot be set fails to start ("error setting rlimit"). podman and conmon were
+    // seen running with RLIMIT_NPROC lowered to pid_max (32768, below the shell's 96551), so
+    // pid_max bounds nproc too.
+    let nofile = hard_limit(&limits, "Max open files").unwrap_or(1024).min(1_048_576);
+    let nproc = hard_limit(&limits, "Max processes").unwrap_or(4096).min(pid_max);
+    let text = format!(
+        "# Written by `cargo xtask` (xtask/src/setup.rs) for the podman it runs, through CONTAINERS_CONF.\n\
+         [containers]\n\
+         # Within this machine's hard limits: a limit podman cannot set fails every container start.\n\
+         default_ulimits = [\"nofile={nofile}:{nofile}\", \"nproc={nproc}:{nproc}\"]\n\
+         \n\
+         [engine]\n\
+         # crun refuses the hybrid cgroup layout (cgroup v1 controllers, v2 at /sys/fs/cgroup/unified).\n\
+         runtime = \"runc\"\n\
+         # No systemd to ask for cgroups or to keep the event journal.\n\
+         cgroup_manager = \"cgroupfs\"\n\
+         events_logger = \"file\"\n"
+    );
+    let dir = target_dir.join("podman");
+    let path = dir.join("containers.conf");
+    if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
+        step(&format!("wrote the podman configuration {} (nofile {nofile}, nproc {nproc})", path.display()));
+    }
+    // Single-threaded here, before any child is started: nothing reads the environment concurrently.
+    std::env::set_var("CONTAINERS_CONF", &path);
+    Ok(path)
+}
+
+/// The hard limit of one row of /proc/self/limits (`Max open files  1024  20000  files`).
+fn hard_limit(limits: &str, name: &str) -> Option<u64> {
+    let row = limits.lines().find(|line| line.starts_with(name))?;
+    let fields: Vec<&str> = row[name.len()..].split_whitespace().collect();
+    match fields.get(1)? {
+        &"unlimited" => Some(u64::MAX),
+        hard => hard.parse().ok(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_hard_limits() {
+        let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                      Max processes             96551                96551                processes \n\
+                      Max open files            1024                 20000                files     \n\
+                      Max locked memory         unlimited            unlimited            bytes     \n";
+        assert_eq!(hard_limit(limits, "Max open files"), Some(20000));
+        assert_eq!(hard_limit(limits, "Max processes"), Some(96551));
+        assert_eq!(hard_limit(limits, "Max locked memory"), Some(u64::MAX));
+        assert_eq!(hard_limit(limits, "Max pending signals"), None);
+    }
 }

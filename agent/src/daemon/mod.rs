@@ -23,6 +23,7 @@ use crate::{
     config::Config,
     control::{self, store::file::FileStore, ControlHandle, Faults, Start},
     datapath::Datapath,
+    gates::GateClients,
     paths,
 };
 
@@ -39,6 +40,7 @@ pub fn run(config_path: &Path, check_only: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     crate::cli::require_root()?;
+    crate::caps::check_agent_start()?;
     raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -98,6 +100,7 @@ async fn serve(config_path: &Path, config: Config, loaded_bytes: Option<Vec<u8>>
 
     let shutdown = CancellationToken::new();
     let tasks = TaskHealth::default();
+    let gates = GateClients::new(config.prometheus.clone(), config.webhook_allow.clone());
     let tokens = Tokens::new(config.tokens.clone());
     let state = Arc::new(AppState {
         control: started.handle.clone(),
@@ -107,16 +110,21 @@ async fn serve(config_path: &Path, config: Config, loaded_bytes: Option<Vec<u8>>
         refusal_audit: Default::default(),
         audit: started.audit,
         tasks: tasks.clone(),
+        gates: gates.clone(),
         openapi: Default::default(),
     });
     let supervisor = Supervisor { shutdown: shutdown.clone(), health: tasks, faults };
     let control = started.handle;
-    supervisor.spawn("rollout-driver", |cancel, fault| tasks::drive_rollouts(control.clone(), cancel, fault));
+    supervisor.spawn("rollout-driver", {
+        let gates = gates.clone();
+        |cancel, fault| tasks::drive_rollouts(control.clone(), gates, cancel, fault)
+    });
     supervisor.spawn("revision-reaper", |cancel, fault| tasks::reap_revisions(control.clone(), cancel, fault));
     supervisor.spawn("follow-ups", {
         let control = control.clone();
         let cgroup = config.cgroup.clone();
-        move |cancel, fault| tasks::carry_out_follow_ups(control, follow_rx, cgroup, cancel, fault)
+        let gates = gates.clone();
+        move |cancel, fault| tasks::carry_out_follow_ups(control, follow_rx, cgroup, gates, cancel, fault)
     });
     supervisor.spawn("token-watcher", {
         let path = config_path.to_owned();
@@ -125,7 +133,7 @@ async fn serve(config_path: &Path, config: Config, loaded_bytes: Option<Vec<u8>>
     supervisor.spawn("config-watcher", {
         let control = control.clone();
         let path = config_path.to_owned();
-        move |cancel, fault| tasks::watch_config(control, path, config, loaded_bytes, cancel, fault)
+        move |cancel, fault| tasks::watch_config(control, path, config, loaded_bytes, gates, cancel, fault)
     });
     supervisor.spawn("signals", {
         let shutdown = shutdown.clone();
