@@ -25,7 +25,8 @@ use agent::{
         check_rollout,
         store::{file::FileStore, Store},
     },
-    rollout::{Plan, Rollout, RolloutState, SideSnapshot, Snapshot, MAX_FAILURE_THRESHOLD, MAX_STEPS, MAX_WEBHOOKS},
+    rollout::{Plan, Rollout, RolloutState, SideSnapshot, Snapshot, MAX_FAILURE_THRESHOLD, MAX_STEPS},
+    webhook::MAX_WEBHOOKS_PER_PLAN as MAX_WEBHOOKS,
 };
 use agent_common::MAX_BACKENDS_PER_SIDE;
 
