@@ -326,8 +326,18 @@ impl Agent {
         }
     }
 
-    /// Starts the agent process on the existing config and waits for /healthz.
+    /// Starts the agent process on the existing config and waits for /healthz to answer 200.
     pub fn spawn(&mut self) {
+        self.spawn_until(|status| status == 200);
+    }
+
+    /// Starts the agent process and waits until /healthz answers at all (200 or 503): for tests
+    /// whose agent is meant to fail its health check from the start.
+    pub fn spawn_answering(&mut self) {
+        self.spawn_until(|status| status == 200 || status == 503);
+    }
+
+    fn spawn_until(&mut self, up: impl Fn(u16) -> bool) {
         let log = std::fs::File::create(&self.log_path).unwrap();
         let child = Command::new(built_binary("sockshift"))
             .args(["agent", "--config"])
@@ -341,7 +351,7 @@ impl Agent {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Ok(r) = agent::client::request(self.api, None, "GET", "/healthz", None) {
-                if r.status == 200 {
+                if up(r.status) {
                     return;
                 }
             }
