@@ -57,7 +57,19 @@ fn check_spec(spec: &ServiceSpec) {
         name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b)),
         "accepted service name {name:?}"
     );
-    assert!(!spec.frontends.is_empty(), "{name}: accepted without frontends");
+    match &spec.source.kubernetes {
+        // Named by Kubernetes objects: the addresses come from discovery, never from the file.
+        Some(kubernetes) => {
+            assert!(
+                spec.source.frontends.is_empty() && spec.source.stable.is_empty() && spec.source.canary.is_empty(),
+                "{name}: accepted with both addresses and a kubernetes table"
+            );
+            assert!(
+                !kubernetes.namespace.is_empty() && !kubernetes.frontend.is_empty() && !kubernetes.stable.is_empty()
+            );
+        }
+        None => assert!(!spec.frontends.is_empty(), "{name}: accepted without frontends"),
+    }
     assert!(spec.canary_ppm <= 1_000_000, "{name}: canary_ppm {}", spec.canary_ppm);
     let percent = spec.source.canary_percent;
     assert!(percent.is_finite() && (0.0..=100.0).contains(&percent), "{name}: canary_percent {percent}");

@@ -253,6 +253,8 @@ pub fn body_seeds() -> Vec<Value> {
         json!({"frontends": ["127.1.0.1:80", "[fd00::1]:80"], "stable": ["127.0.0.1:8001", "[::1]:8001"],
                "canary": ["127.0.0.1:8002"], "canary_percent": 5, "affinity": "client", "max_operator_percent": 25,
                "cohort": [{"cgroups": [42, "/sys/fs/cgroup"], "canary": "always"}]}),
+        json!({"canary_percent": 5, "kubernetes": {"namespace": "shop", "frontend": "web", "stable": "web-stable",
+               "canary": "web-canary", "ports": ["http", 443]}}),
         json!({"steps": [1, 5, 25, 50, 100], "step_seconds": 60}),
         json!({"steps": [10, 50, 100], "step_seconds": 1, "gates": "none", "failure_threshold": 3,
                "approval": {"at_percent": 50, "role": "release"}, "webhooks": ["http://127.0.0.1:9/hook"],
@@ -273,6 +275,7 @@ fn service(name: &str) -> ServiceConfig {
         affinity: Affinity::Client,
         max_operator_percent: 25.0,
         cohorts: vec![],
+        kubernetes: None,
     }
 }
 
@@ -343,6 +346,13 @@ fn toml_lines() -> Vec<String> {
         "[[agent.auth.tokens]]",
         "[[service]]",
         "[[service.cohort]]",
+        "[service.kubernetes]",
+        "namespace = \"shop\"",
+        "namespace = \"Not_A_Name\"",
+        "frontend = \"web\"",
+        "stable = \"web-stable\"",
+        "canary = \"web-canary\"",
+        "ports = [\"http\", 443, 0]",
         "cgroup = \"/tmp\"",
         "api = \"0.0.0.0:9477\"",
         "api = \"[::]:1\"",
@@ -398,6 +408,9 @@ fn toml_seeds() -> Vec<String> {
              [[service]]\nname = \"web\"\nfrontends = [\"127.1.0.1:80\"]\nstable = [\"127.0.0.1:8001\"]\ncanary_percent = 5\n\
              [[service.cohort]]\ncgroups = [42]\ncanary = \"never\"\n"
         ),
+        "[[service]]\nname = \"web\"\ncanary_percent = 5.0\n[service.kubernetes]\nnamespace = \"shop\"\n\
+         frontend = \"web\"\nstable = \"web-stable\"\ncanary = \"web-canary\"\nports = [\"http\", 443]\n"
+            .to_string(),
     ]
 }
 

@@ -1,7 +1,7 @@
 //! The state the core owns and how each command changes it. Runs only on the core's thread.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::SocketAddr,
     path::PathBuf,
     sync::Arc,
@@ -14,13 +14,15 @@ use tokio::sync::mpsc;
 use super::{
     now_ms,
     store::{AuditSource, Commit, Expect, Key, RemoteChange, Snapshot, Store, Value, Versioned, Write},
-    Command, ControlError, Faults, FollowUp, GateInput, GateWork, Origin, RolloutAction, ServiceMetrics, WeightChange,
+    Command, ControlError, Faults, FollowUp, GateInput, GateWork, KubernetesMetrics, Origin, RolloutAction,
+    ServiceMetrics, WeightChange,
 };
 use crate::{
     api::types::{DatapathStatus, RolloutView, ServiceBody, ServiceState, Sides},
     audit::AuditEntry,
     config::{validate_percent, validate_service, validate_services, InvalidField, Role, ServiceConfig, ServiceSpec},
     datapath::{Datapath, DatapathError},
+    discovery::{Discovered, Discovery, DiscoveryStatus},
     rollout::{Effect, GateDue, Plan, Rollout, RolloutState, Snapshot as Counters},
     state::{merged_with_file, reconcile},
 };
@@ -75,6 +77,9 @@ pub(super) struct Core<S: Store> {
     faults: Faults,
     /// The last error of the rollout clock's commits, logged once until it changes.
     tick_error: Option<String>,
+    /// Kubernetes services' discovered addresses: facts of this node, overlaid on their services
+    /// on the way to the datapath, never in `state` nor in the store (see `discovery`).
+    discovery: Discovery,
 }
 
 /// A rollout read back from the store is checked before it is ticked: the state machine trusts
@@ -148,6 +153,7 @@ impl<S: Store> Core<S> {
         cgroup_root: Option<PathBuf>,
         follow_ups: mpsc::UnboundedSender<FollowUp>,
         faults: Faults,
+        mut discovery: Discovery,
     ) -> Result<Self, ControlError> {
         let loaded = store.load().await?;
         for note in &loaded.recovered {
@@ -160,7 +166,7 @@ impl<S: Store> Core<S> {
             stored.services.iter().map(|(name, v)| (name.clone(), v.value.clone())).collect();
         let merged = merged_with_file(&current, &stored.file_services, &file);
         let root = cgroup_root.clone();
-        let (services, specs, dropped) = reconcile(&merged, &file, |s| validate_service(s, "", root.as_deref()));
+        let (services, mut specs, dropped) = reconcile(&merged, &file, |s| validate_service(s, "", root.as_deref()));
         for dropped in &dropped {
             log::error!(
                 "stored service {:?} dropped at start, the rest of the stored state is kept: {}",
@@ -190,7 +196,17 @@ impl<S: Store> Core<S> {
             change.file_services = Some(file);
         }
 
-        let mut core = Self { datapath, store, state: stored, cgroup_root, follow_ups, faults, tick_error: None };
+        // Kubernetes services start with the addresses cached by the previous run (fail static
+        // while the API server is away); hand-written frontends win over discovered ones.
+        discovery.publish_wanted(services.values());
+        let mut claimed: HashSet<SocketAddr> =
+            specs.iter().filter(|s| s.source.kubernetes.is_none()).flat_map(|s| s.frontends.iter().copied()).collect();
+        for spec in specs.iter_mut().filter(|s| s.source.kubernetes.is_some()) {
+            discovery.overlay(spec, |f| claimed.contains(f));
+            claimed.extend(spec.frontends.iter().copied());
+        }
+        let mut core =
+            Self { datapath, store, state: stored, cgroup_root, follow_ups, faults, tick_error: None, discovery };
         // Only the store is written here: the datapath is filled whole below.
         match core.commit_to_store(&change).await {
             Ok(revision) => core.take_into_state(change, revision),
@@ -277,6 +293,7 @@ impl<S: Store> Core<S> {
                     log::warn!("recording a refused API request in the audit log: {err}");
                 }
             }
+            Command::SetDiscovered { name, discovered } => self.set_discovered(&name, *discovered),
         }
     }
 
@@ -320,8 +337,27 @@ impl<S: Store> Core<S> {
             canary: text(&view.spec.canary),
             cohorts: config.cohorts.clone(),
             revision: view.revision,
+            kubernetes: self.kubernetes_status(config, &view.spec),
             sides: Sides { stable: (&counters.stable).into(), canary: (&counters.canary).into() },
         })
+    }
+
+    /// A Kubernetes service's discovery status (`None` for others), saying which discovered
+    /// frontends it does not steer and who has them.
+    fn kubernetes_status(&self, config: &ServiceConfig, installed: &ServiceSpec) -> Option<DiscoveryStatus> {
+        let missing: Vec<String> = self
+            .discovery
+            .frontends(config)
+            .into_iter()
+            .filter(|f| !installed.frontends.contains(f))
+            .map(|f| match self.datapath.frontend_owner(&f) {
+                Some(owner) => format!("{f} (service {owner:?} has it)"),
+                None => f.to_string(),
+            })
+            .collect();
+        let note =
+            (!missing.is_empty()).then(|| format!("frontend {} not steered by this service", missing.join(", ")));
+        self.discovery.status(config, note)
     }
 
     /// Counters of both sides now.
@@ -372,7 +408,16 @@ impl<S: Store> Core<S> {
         for name in self.datapath.service_names() {
             let Some(view) = self.datapath.service(&name) else { continue };
             let counters = self.datapath.counters(&name)?;
-            out.push(ServiceMetrics { name, canary_percent: ppm_to_percent(view.spec.canary_ppm), counters });
+            let kubernetes = self
+                .discovery
+                .is_stale(&name)
+                .map(|stale| KubernetesMetrics { stale, changes_applied: self.discovery.changes_applied(&name) });
+            out.push(ServiceMetrics {
+                name,
+                canary_percent: ppm_to_percent(view.spec.canary_ppm),
+                counters,
+                kubernetes,
+            });
         }
         Ok(out)
     }
@@ -679,7 +724,12 @@ impl<S: Store> Core<S> {
                 Effect::RollBack { terminate_connections } => {
                     service.canary_percent = 0.0;
                     if terminate_connections {
-                        let backends = service.canary.iter().filter_map(|a| a.parse().ok()).collect();
+                        // What the datapath steers to: for a Kubernetes service, the discovered
+                        // endpoints (its config lists none).
+                        let backends = match self.datapath.service(&service.name) {
+                            Some(view) => view.spec.canary,
+                            None => service.canary.iter().filter_map(|a| a.parse().ok()).collect(),
+                        };
                         follow_ups.push(FollowUp::TerminateCanary { service: service.name.clone(), backends });
                     }
                 }
@@ -709,12 +759,16 @@ impl<S: Store> Core<S> {
         let ops = self.plan_datapath(&change.services)?;
         let revision = self.commit_to_store(&change).await?;
         change.audit = None;
+        let frontends_moved = moves_frontends(&ops);
         if let Err(err) = self.apply_datapath(ops) {
             self.revert_store(&change, revision).await;
             return Err(ControlError::Datapath(err));
         }
         let follow_ups = std::mem::take(&mut change.follow_ups);
         self.take_into_state(change, revision);
+        if frontends_moved {
+            self.reclaim_discovered_frontends();
+        }
         if let Err(err) = self.store.applied(&self.state).await {
             log::warn!("recording the applied state: {err}");
         }
@@ -793,6 +847,10 @@ impl<S: Store> Core<S> {
     /// Makes a committed change the core's state.
     fn take_into_state(&mut self, change: Change, revision: u64) {
         let keep = |old: Option<u64>| if revision == 0 { old.unwrap_or(0) } else { revision };
+        let kubernetes_changed = change.services.iter().any(|(name, new)| {
+            self.state.services.get(name).and_then(|v| v.value.kubernetes.as_ref())
+                != new.as_ref().and_then(|s| s.kubernetes.as_ref())
+        });
         for (name, value) in change.services {
             match value {
                 Some(value) => {
@@ -821,11 +879,19 @@ impl<S: Store> Core<S> {
         if revision > 0 {
             self.state.revision = revision;
         }
+        if kubernetes_changed {
+            self.discovery.publish_wanted(self.state.services.values().map(|v| &v.value));
+        }
     }
 
     /// Validates the changed services against each other and the rest, and says what the
     /// datapath must do for each. Only changed services are validated: a weight change costs no
     /// more with 65,536 services than with one.
+    ///
+    /// A Kubernetes service gets the addresses discovery last gave it, after the hand-written
+    /// services have claimed their frontends: a discovered frontend another service has is left
+    /// out (its status says so), and a hand-written frontend takes the place of a discovered one
+    /// (that service is replaced without it first, before the frontend changes hands).
     fn plan_datapath(
         &self,
         services: &BTreeMap<String, Option<ServiceConfig>>,
@@ -842,6 +908,8 @@ impl<S: Store> Core<S> {
         }
         let mut ops = Vec::new();
         let mut claimed: HashMap<SocketAddr, &str> = HashMap::new();
+        let mut discovered: Vec<(&str, ServiceSpec)> = Vec::new();
+        let mut displaced: BTreeSet<&str> = BTreeSet::new();
         for (name, new) in services {
             let old = self.state.services.get(name).map(|v| &v.value);
             match (old, new) {
@@ -862,12 +930,25 @@ impl<S: Store> Core<S> {
                         );
                     }
                     let spec = validate_service(new, "", self.cgroup_root.as_deref())?;
+                    if new.kubernetes.is_some() {
+                        discovered.push((name, spec));
+                        continue;
+                    }
                     for frontend in &spec.frontends {
                         let owner = claimed.get(frontend).copied().or_else(|| {
                             self.datapath.frontend_owner(frontend).filter(|owner| !services.contains_key(*owner))
                         });
-                        if let Some(owner) = owner.filter(|owner| *owner != name) {
-                            return Err(ControlError::FrontendInUse { frontend: *frontend, owner: owner.to_string() });
+                        match owner.filter(|owner| *owner != name) {
+                            Some(owner) if self.is_kubernetes(owner) => {
+                                displaced.insert(owner);
+                            }
+                            Some(owner) => {
+                                return Err(ControlError::FrontendInUse {
+                                    frontend: *frontend,
+                                    owner: owner.to_string(),
+                                })
+                            }
+                            None => {}
                         }
                         claimed.insert(*frontend, name);
                     }
@@ -875,7 +956,37 @@ impl<S: Store> Core<S> {
                 }
             }
         }
-        Ok(ops)
+        let taken = |claimed: &HashMap<SocketAddr, &str>, name: &str, frontend: &SocketAddr| match claimed.get(frontend)
+        {
+            Some(owner) => *owner != name,
+            None => self
+                .datapath
+                .frontend_owner(frontend)
+                .is_some_and(|owner| owner != name && !services.contains_key(owner)),
+        };
+        // Kubernetes services that give a frontend up go first: the datapath deletes the
+        // frontends a replaced service no longer has.
+        let mut releases = Vec::new();
+        for name in displaced {
+            let Some(config) = self.state.services.get(name).map(|v| &v.value) else { continue };
+            let mut spec = validate_service(config, "", self.cgroup_root.as_deref())?;
+            self.discovery.overlay(&mut spec, |f| taken(&claimed, name, f));
+            releases.push((name.to_string(), DatapathOp::Replace(Box::new(spec))));
+        }
+        for (name, mut spec) in discovered {
+            self.discovery.overlay(&mut spec, |f| taken(&claimed, name, f));
+            for frontend in &spec.frontends {
+                claimed.insert(*frontend, name);
+            }
+            ops.push((name.to_string(), DatapathOp::Replace(Box::new(spec))));
+        }
+        releases.extend(ops);
+        Ok(releases)
+    }
+
+    /// Whether service `name` has a `kubernetes` table.
+    fn is_kubernetes(&self, name: &str) -> bool {
+        self.state.services.get(name).is_some_and(|v| v.value.kubernetes.is_some())
     }
 
     /// Applies `ops` in order; on the first refusal, undoes the ones already applied.
@@ -971,13 +1082,69 @@ impl<S: Store> Core<S> {
                 return;
             }
         };
+        let frontends_moved = moves_frontends(&ops);
         if let Err(err) = self.apply_datapath(ops) {
             log::error!("applying changes from the store at revision {revision}: {err}");
             return;
         }
         self.take_into_state(change, revision.max(1));
+        if frontends_moved {
+            self.reclaim_discovered_frontends();
+        }
         if let Err(err) = self.store.applied(&self.state).await {
             log::warn!("recording the applied state: {err}");
         }
     }
+
+    // --- Kubernetes discovery ------------------------------------------------------------
+
+    /// What discovery found for `name`: recorded, and applied as one backend-set switch when
+    /// the service's addresses now differ from what the datapath holds. Nothing is committed.
+    fn set_discovered(&mut self, name: &str, discovered: Discovered) {
+        let Some(config) = self.state.services.get(name).map(|v| &v.value) else { return };
+        if self.discovery.record(config, discovered) {
+            self.install_discovered(name);
+        }
+    }
+
+    /// Makes the datapath hold Kubernetes service `name` with its discovered addresses, less
+    /// the frontends other services have.
+    fn install_discovered(&mut self, name: &str) {
+        let Some(config) = self.state.services.get(name).map(|v| &v.value) else { return };
+        let mut spec = match validate_service(config, "", self.cgroup_root.as_deref()) {
+            Ok(spec) => spec,
+            Err(err) => return log::error!("service {name}: {err}"),
+        };
+        let datapath = &self.datapath;
+        self.discovery.overlay(&mut spec, |f| datapath.frontend_owner(f).is_some_and(|owner| owner != name));
+        if self.datapath.service(name).is_some_and(|installed| installed.spec == spec) {
+            return; // a status change only
+        }
+        match self.datapath.replace_service(spec) {
+            Ok(()) => self.discovery.note_applied(name, now_ms()),
+            Err(err) => log::error!("service {name}: applying discovered addresses: {err}"),
+        }
+    }
+
+    /// After frontends changed hands: Kubernetes services that were left without a discovered
+    /// frontend take it if it is free now.
+    fn reclaim_discovered_frontends(&mut self) {
+        let waiting: Vec<String> = self
+            .discovery
+            .names()
+            .into_iter()
+            .filter(|name| {
+                let Some(config) = self.state.services.get(name).map(|v| &v.value) else { return false };
+                self.discovery.frontends(config).iter().any(|f| self.datapath.frontend_owner(f) != Some(name.as_str()))
+            })
+            .collect();
+        for name in waiting {
+            self.install_discovered(&name);
+        }
+    }
+}
+
+/// Whether applying `ops` may free a frontend (anything but weight changes).
+fn moves_frontends(ops: &[(String, DatapathOp)]) -> bool {
+    ops.iter().any(|(_, op)| !matches!(op, DatapathOp::Weight(_)))
 }

@@ -23,6 +23,7 @@ use crate::{
     config::Config,
     control::{self, store::file::FileStore, ControlHandle, Faults, Start},
     datapath::Datapath,
+    discovery::{self, Discovery},
     gates::GateClients,
     paths,
 };
@@ -80,6 +81,8 @@ async fn serve(config_path: &Path, config: Config, loaded_bytes: Option<Vec<u8>>
         .with_context(|| format!("opening the state directory {} (agent.state_dir)", config.state_dir.display()))?
         .with_audit_rotation(config.audit);
     let (follow_tx, follow_rx) = mpsc::unbounded_channel();
+    let discovery = Discovery::restore(&config.state_dir);
+    let wanted_references = discovery.subscribe();
     let started = control::spawn(Start {
         datapath,
         store,
@@ -87,6 +90,7 @@ async fn serve(config_path: &Path, config: Config, loaded_bytes: Option<Vec<u8>>
         cgroup_root: paths::cgroup2_root().ok(),
         follow_ups: follow_tx,
         faults: faults.clone(),
+        discovery,
     })
     .await
     .context("starting the control core")?;
@@ -129,6 +133,13 @@ async fn serve(config_path: &Path, config: Config, loaded_bytes: Option<Vec<u8>>
     supervisor.spawn("token-watcher", {
         let path = config_path.to_owned();
         move |cancel, _| watch_tokens(tokens, path, cancel)
+    });
+    // Idle (no client, no connection) until a service has a `kubernetes` table, from the file
+    // or added later through the API: the core publishes the references to watch.
+    supervisor.spawn("kubernetes-discovery", {
+        let control = control.clone();
+        let kubeconfig = config.kubeconfig.clone();
+        move |cancel, fault| discovery::run(wanted_references, kubeconfig, control, cancel, fault)
     });
     supervisor.spawn("config-watcher", {
         let control = control.clone();
