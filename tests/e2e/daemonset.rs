@@ -108,6 +108,13 @@ fn token_files(config_text: &str) -> Vec<(String, String)> {
 }
 
 impl Manifest {
+    /// The `release` token the test gives the Secret (see `token_files`), for API calls from
+    /// the host; `None` when the ConfigMap has no `[agent.auth]`.
+    fn release_token(&self) -> Option<String> {
+        let file = self.release_token_file.as_ref()?;
+        token_files(&self.config_text).into_iter().find(|(path, _)| path == file).map(|(_, token)| token)
+    }
+
     fn load(path: &Path) -> Self {
         let text = std::fs::read_to_string(path).unwrap_or_else(|err| panic!("reading {}: {err}", path.display()));
         let docs: Vec<Value> = serde_norway::Deserializer::from_str(&text)
@@ -798,15 +805,15 @@ impl Backends {
     }
 
     /// For a service named by Kubernetes Services: waits until the agent (its API at `api`) has
-    /// listed them and steers the frontend.
-    fn wait_discovered(&self, api: SocketAddr) {
+    /// listed them and steers the frontend (asking with `token`, the ConfigMap has `[agent.auth]`).
+    fn wait_discovered(&self, api: SocketAddr, token: Option<&str>) {
         if !self.kubernetes {
             return;
         }
         let path = format!("/v1/services/{}", self.service);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let state = agent::client::request(api, None, "GET", &path, None).map(|r| r.body);
+            let state = agent::client::request(api, token, "GET", &path, None).map(|r| r.body);
             if let Ok(state) = &state {
                 let frontend = serde_json::json!(self.frontend.to_string());
                 if state["kubernetes"]["state"] == "synced"
@@ -919,7 +926,7 @@ fn host_process_is_steered(manifest_path: &Path) {
     let backends = Backends::new(&manifest, &node);
     let pod = Pod::play(&manifest, &node, &Variant::default());
     pod.wait_ready(&manifest.probe("readinessProbe"), Duration::from_secs(60));
-    backends.wait_discovered(manifest.config.api);
+    backends.wait_discovered(manifest.config.api, manifest.release_token().as_deref());
     let report = backends.connect(&node.cgroup, 2000);
     eprintln!(
         "canary share {:.2} % of 2000 connections (ConfigMap: {} %)",
@@ -939,7 +946,7 @@ fn cli_works_in_the_pod(manifest_path: &Path) {
     let backends = Backends::new(&manifest, &node);
     let pod = Pod::play(&manifest, &node, &Variant::default());
     pod.wait_ready(&manifest.probe("readinessProbe"), Duration::from_secs(60));
-    backends.wait_discovered(manifest.config.api);
+    backends.wait_discovered(manifest.config.api, manifest.release_token().as_deref());
 
     let status = pod.exec(&["sockshift", "status"]);
     let table = String::from_utf8_lossy(&status.stdout);
@@ -1099,7 +1106,7 @@ fn restart_keeps_steering_without_a_gap(manifest_path: &Path) {
     let readiness = manifest.probe("readinessProbe");
     let pod = Pod::play(&manifest, &node, &Variant::default());
     pod.wait_ready(&readiness, Duration::from_secs(60));
-    backends.wait_discovered(manifest.config.api);
+    backends.wait_discovered(manifest.config.api, manifest.release_token().as_deref());
     let set = pod.exec(&["sockshift", "set", &backends.service, "50"]);
     assert!(set.status.success(), "sockshift set: {}", String::from_utf8_lossy(&set.stderr));
 
