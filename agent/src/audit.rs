@@ -32,6 +32,9 @@ pub struct AuditEntry {
     /// The service (or rollout state) after the change; null when it was removed.
     #[schema(value_type = Object, nullable)]
     pub after: serde_json::Value,
+    /// Cluster mode: the node whose API accepted the change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 impl AuditEntry {
@@ -52,6 +55,7 @@ impl AuditEntry {
             route: route.to_string(),
             before,
             after,
+            node: None,
         }
     }
 }

@@ -60,8 +60,12 @@ pub enum ErrorCode {
     InternalError,
     /// 503: the control core did not answer in time, or has stopped.
     CoreUnavailable,
-    /// 503: the state store cannot be reached; nothing changed.
-    StoreUnavailable,
+    /// 503: cluster mode, etcd cannot be reached: nothing changed; the node keeps steering with
+    /// the state it last applied.
+    ClusterUnavailable,
+    /// 504: cluster mode, `?wait=cluster`: the change is committed, but not every live node
+    /// applied it in time; the message names them.
+    ClusterTimeout,
 }
 
 impl ErrorCode {
@@ -78,7 +82,8 @@ impl ErrorCode {
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             FrontendInUse | RolloutActive | RolloutState | Conflict => StatusCode::CONFLICT,
             StateNotSaved | DatapathRefused | InternalError => StatusCode::INTERNAL_SERVER_ERROR,
-            CoreUnavailable | StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            CoreUnavailable | ClusterUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ClusterTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 }
@@ -133,7 +138,7 @@ impl From<ControlError> for ApiError {
             ControlError::Forbidden(_) => ApiError::new(ErrorCode::Forbidden, message),
             ControlError::Delegation(invalid) => ApiError::field(ErrorCode::Forbidden, invalid.field, message),
             ControlError::Store(StoreError::Conflict { .. }) => ApiError::new(ErrorCode::Conflict, message),
-            ControlError::Store(StoreError::Unavailable(_)) => ApiError::new(ErrorCode::StoreUnavailable, message),
+            ControlError::Store(StoreError::Unavailable(_)) => ApiError::new(ErrorCode::ClusterUnavailable, message),
             ControlError::Store(err) => {
                 log::error!("change refused: {err}");
                 ApiError::new(ErrorCode::StateNotSaved, format!("the change was not made: {err}"))
@@ -142,12 +147,23 @@ impl From<ControlError> for ApiError {
                 log::error!("change refused by the datapath: {err}");
                 ApiError::new(ErrorCode::DatapathRefused, message)
             }
+            ControlError::NotAppliedHere { .. } => ApiError::new(ErrorCode::DatapathRefused, message),
             ControlError::CoreStuck(_) | ControlError::CoreDead => ApiError::new(ErrorCode::CoreUnavailable, message),
         }
     }
 }
 
 // Response sets for the OpenAPI document, by what can go wrong on a route.
+
+/// `?wait=cluster` ran out of time.
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub enum ClusterWaitError {
+    /// `cluster_timeout`: the change is committed, but not every live node applied it in time;
+    /// the message names them.
+    #[response(status = 504)]
+    Timeout(ErrorBody),
+}
 
 /// A token is required (when `[agent.auth]` is set) and its role must be high enough.
 #[derive(IntoResponses)]
@@ -201,7 +217,8 @@ pub enum ServerErrors {
     /// `internal_error`: nothing changed.
     #[response(status = 500)]
     Internal(ErrorBody),
-    /// `core_unavailable` (the control core is stuck or has stopped), `store_unavailable`.
+    /// `core_unavailable` (the control core is stuck or has stopped), `cluster_unavailable`
+    /// (cluster mode: etcd cannot be reached; nothing changed).
     #[response(status = 503)]
     Unavailable(ErrorBody),
 }

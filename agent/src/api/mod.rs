@@ -21,7 +21,10 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
     config::Token,
-    control::{store::AuditSource, ControlHandle},
+    control::{
+        store::{etcd::ClusterHandle, AuditSource},
+        ControlHandle, Progress,
+    },
 };
 
 /// Largest request body accepted.
@@ -36,6 +39,15 @@ pub struct AppState {
     pub tasks: TaskHealth,
     /// The generated OpenAPI document, as served.
     pub openapi: OnceLock<String>,
+    /// Cluster mode; `None` on a single node.
+    pub cluster: Option<ClusterApi>,
+}
+
+/// What the API reads of cluster mode: the cluster view and how far the core got.
+#[derive(Clone)]
+pub struct ClusterApi {
+    pub handle: ClusterHandle,
+    pub progress: tokio::sync::watch::Receiver<Progress>,
 }
 
 /// Background tasks that stopped while the agent is not shutting down, by name, with why.
@@ -72,6 +84,7 @@ impl TaskHealth {
         (name = "services", description = "Services and their canary weights"),
         (name = "rollouts", description = "Progressive rollouts"),
         (name = "agent", description = "Health, metrics, datapath, audit log"),
+        (name = "cluster", description = "Cluster mode: the nodes and how far each has applied the desired state"),
     ),
 )]
 struct ApiDoc;
@@ -101,6 +114,7 @@ fn parts() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(rollout_action))
         .routes(routes!(datapath_status))
         .routes(routes!(audit_log))
+        .routes(routes!(cluster_status))
         .split_for_parts()
 }
 

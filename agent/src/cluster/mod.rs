@@ -49,7 +49,7 @@ mod watch;
 
 pub use config::{ClusterConfig, ClusterSettings};
 pub use election::{Election, Leadership};
-pub use error::{ClusterError, Conflict};
+pub use error::{ClusterError, Conflict, Problem};
 pub use keys::{Key, KeyLayout};
 pub use session::{LeaseEvent, NodeSession};
 pub use snapshot::{Change, Snapshot};

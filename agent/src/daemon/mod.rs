@@ -1,7 +1,9 @@
 //! `sockshift agent`: start-up, signals and the long-running tasks around the control core.
 //!
-//! Start-up binds the API (a busy port fails before anything is attached), loads the datapath,
-//! starts the control core on its own thread with the store, and serves the API. Every
+//! Start-up binds the API (a busy port fails before anything is attached), opens the store (in
+//! cluster mode: connects to etcd, or starts from the local copy of the last applied state when
+//! etcd is unreachable), loads the datapath, starts the control core on its own thread with the
+//! store, and serves the API. Every
 //! long-running task selects on one cancellation token, cancelled by SIGINT or SIGTERM; a task
 //! that stops while the agent is not shutting down (it panicked, or its loop ended) is recorded
 //! and `/healthz` fails, so Kubernetes restarts the pod instead of keeping a zombie.
@@ -15,9 +17,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    api::{self, AppState, TaskHealth},
+    api::{self, AppState, ClusterApi, TaskHealth},
     config::Config,
-    control::{self, store::file::FileStore, ControlHandle, Faults, Start},
+    control::{
+        self,
+        store::{etcd, file::FileStore, Store},
+        ControlHandle, Faults, Start,
+    },
     datapath::Datapath,
     paths,
 };
@@ -44,17 +50,51 @@ pub fn run(config_path: &Path, check_only: bool) -> anyhow::Result<()> {
     runtime.block_on(serve(config_path, config, loaded_bytes))
 }
 
+/// How long shutdown waits for the node to leave the cluster (its lease revoked).
+const LEAVE_BOUND: Duration = Duration::from_secs(2);
+
 async fn serve(config_path: &Path, config: Config, loaded_bytes: Option<Vec<u8>>) -> anyhow::Result<()> {
-    let faults = Faults::from_env();
     // Bind first: a busy port must fail before anything is attached.
     let listener = tokio::net::TcpListener::bind(config.api)
         .await
         .with_context(|| format!("binding the API to {} (agent.api)", config.api))?;
+    match &config.cluster {
+        Some(settings) => {
+            let cluster = etcd::start(settings, &config.state_dir).await.with_context(|| {
+                format!("starting cluster mode (node {:?}, etcd {})", settings.node, settings.endpoints.join(", "))
+            })?;
+            log::info!("cluster mode: node {:?}, prefix {}/v1/", settings.node, settings.prefix);
+            let parts = ClusterParts { handle: cluster.handle, follow: cluster.follow, presence: cluster.presence };
+            serve_with(config_path, config, loaded_bytes, listener, cluster.store, Some(parts)).await
+        }
+        None => {
+            let store = FileStore::open(&config.state_dir).with_context(|| {
+                format!("opening the state directory {} (agent.state_dir)", config.state_dir.display())
+            })?;
+            serve_with(config_path, config, loaded_bytes, listener, store, None).await
+        }
+    }
+}
+
+/// Cluster mode's pieces besides the store.
+struct ClusterParts {
+    handle: etcd::ClusterHandle,
+    follow: etcd::Follow,
+    presence: etcd::Presence,
+}
+
+async fn serve_with<S: Store>(
+    config_path: &Path,
+    config: Config,
+    loaded_bytes: Option<Vec<u8>>,
+    listener: tokio::net::TcpListener,
+    store: S,
+    cluster: Option<ClusterParts>,
+) -> anyhow::Result<()> {
+    let faults = Faults::from_env();
     let datapath = Datapath::load(&config.cgroup, &config.bpffs).with_context(|| {
         format!("loading the datapath (cgroup {}, bpffs {})", config.cgroup.display(), config.bpffs.display())
     })?;
-    let store = FileStore::open(&config.state_dir)
-        .with_context(|| format!("opening the state directory {} (agent.state_dir)", config.state_dir.display()))?;
     let (follow_tx, follow_rx) = mpsc::unbounded_channel();
     let started = control::spawn(Start {
         datapath,
@@ -82,9 +122,22 @@ async fn serve(config_path: &Path, config: Config, loaded_bytes: Option<Vec<u8>>
         audit: started.audit,
         tasks: tasks.clone(),
         openapi: Default::default(),
+        cluster: cluster
+            .as_ref()
+            .map(|parts| ClusterApi { handle: parts.handle.clone(), progress: started.progress.clone() }),
     });
     let supervisor = Supervisor { shutdown: shutdown.clone(), health: tasks, faults };
     let control = started.handle;
+    let mut left_cluster = None;
+    if let Some(ClusterParts { follow, presence, .. }) = cluster {
+        supervisor.spawn("cluster-watch", move |cancel, _| follow.run(cancel));
+        let (left, leaving) = tokio::sync::oneshot::channel();
+        left_cluster = Some(leaving);
+        supervisor.spawn("cluster-presence", move |cancel, _| async move {
+            presence.run(cancel).await;
+            let _ = left.send(());
+        });
+    }
     supervisor.spawn("rollout-driver", |cancel, fault| tasks::drive_rollouts(control.clone(), cancel, fault));
     supervisor.spawn("revision-reaper", |cancel, fault| tasks::reap_revisions(control.clone(), cancel, fault));
     supervisor.spawn("follow-ups", {
@@ -107,6 +160,15 @@ async fn serve(config_path: &Path, config: Config, loaded_bytes: Option<Vec<u8>>
         .await
         .context("serving the API");
     shutdown.cancel();
+    if let Some(leaving) = left_cluster {
+        // Revoking the lease takes the node out of every other node's view at once, instead of
+        // after the lease's TTL.
+        if tokio::time::timeout(LEAVE_BOUND, leaving).await.is_err() {
+            log::warn!(
+                "leaving the cluster did not finish within {LEAVE_BOUND:?}; the node's keys expire with its lease"
+            );
+        }
+    }
     drop(state);
     stop_core(control, started.thread).await;
     served?;

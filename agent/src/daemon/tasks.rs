@@ -178,6 +178,9 @@ pub async fn watch_config(
         {
             log::warn!("config reload: changes to [agent] take effect at the next restart");
         }
+        if config.cluster != initial.cluster {
+            log::warn!("config reload: changes to [cluster] take effect at the next restart");
+        }
         let services: Vec<_> = config.services.iter().map(|s| s.source.clone()).collect();
         let result = tokio::select! {
             () = cancel.cancelled() => return,
