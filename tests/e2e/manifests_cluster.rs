@@ -148,7 +148,9 @@ fn the_cluster_daemonset_keeps_the_single_node_security_and_probes() {
         assert_eq!(c[field], s[field], "{field} differs between the two DaemonSets");
     }
     let (cp, sp) = (&cluster_ds["spec"]["template"]["spec"], &single_ds["spec"]["template"]["spec"]);
-    for field in ["hostNetwork", "hostPID", "hostIPC", "priorityClassName", "tolerations", "automountServiceAccountToken"] {
+    for field in
+        ["hostNetwork", "hostPID", "hostIPC", "priorityClassName", "tolerations", "automountServiceAccountToken"]
+    {
         assert_eq!(cp[field], sp[field], "pod {field} differs between the two DaemonSets");
     }
     // Every mount of the single-node pod is there too, the same way.

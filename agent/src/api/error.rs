@@ -42,6 +42,8 @@ pub enum ErrorCode {
     RolloutNotFound,
     /// 404: no such route.
     NotFound,
+    /// 404: a cluster-mode route on an agent without `[cluster]`.
+    ClusterDisabled,
     /// 405
     MethodNotAllowed,
     /// 409: another service has this frontend.
@@ -78,7 +80,7 @@ impl ErrorCode {
             BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Unauthorized => StatusCode::UNAUTHORIZED,
             Forbidden => StatusCode::FORBIDDEN,
-            ServiceNotFound | RolloutNotFound | NotFound => StatusCode::NOT_FOUND,
+            ServiceNotFound | RolloutNotFound | NotFound | ClusterDisabled => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             FrontendInUse | RolloutActive | RolloutState | Conflict => StatusCode::CONFLICT,
             StateNotSaved | DatapathRefused | InternalError => StatusCode::INTERNAL_SERVER_ERROR,

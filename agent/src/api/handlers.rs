@@ -357,7 +357,7 @@ pub async fn audit_log(
 #[utoipa::path(get, path = "/v1/cluster", tag = "cluster", security(("bearer" = [])),
     responses(
         (status = 200, description = "The cluster as this node sees it", body = ClusterStatus),
-        (status = 404, description = "`not_found`: cluster mode is off (no `[cluster]` in the config)", body = ErrorBody),
+        (status = 404, description = "`cluster_disabled`: cluster mode is off (no `[cluster]` in the config)", body = ErrorBody),
         AuthErrors, ServerErrors,
     ))]
 pub async fn cluster_status(
@@ -366,7 +366,7 @@ pub async fn cluster_status(
 ) -> Result<Json<ClusterStatus>, ApiError> {
     let Some(cluster) = &state.cluster else {
         return Err(ApiError::new(
-            ErrorCode::NotFound,
+            ErrorCode::ClusterDisabled,
             "cluster mode is off: the agent's config has no [cluster] table",
         ));
     };
