@@ -695,3 +695,77 @@ fn garbage_under_the_prefix_is_skipped_counted_and_the_service_keeps_steering() 
     }
     assert_eq!(lab.etcd_value("services/web")["service"]["canary_percent"].as_f64(), Some(40.0));
 }
+
+/// Runs the `sockshift` CLI; (success, stdout, stderr).
+fn cli(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(built_binary("sockshift")).args(args).output().expect("run sockshift");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn services_load_with_sockshift_apply_not_the_config_file() {
+    let _serial = serial();
+    let lab = Lab::new(2);
+    // The config file refuses services in cluster mode, saying how to load them.
+    let config = format!(
+        "[agent]\ncgroup = {:?}\n{}\n[[service]]\nname = \"web\"\nfrontends = [\"{FRONTEND}\"]\n",
+        lab.node("node-a").cgroup.path.display().to_string(),
+        lab.cluster_toml("node-z", None)
+    );
+    let path = std::env::temp_dir().join(format!("{}.toml", unique_name("cluster-config")));
+    std::fs::write(&path, config).unwrap();
+    let (ok, _, stderr) = cli(&["agent", "--config", path.to_str().unwrap(), "--check"]);
+    let _ = std::fs::remove_file(&path);
+    assert!(!ok && stderr.contains("sockshift apply -f") && stderr.contains("PUT /v1/services/"), "{stderr}");
+
+    let file = std::env::temp_dir().join(format!("{}.toml", unique_name("services")));
+    let services = |web_percent: f64| {
+        format!(
+            "[[service]]\nname = \"web\"\nfrontends = [\"{FRONTEND}\"]\nstable = [\"127.0.0.1:8001\"]\n\
+             canary = [\"127.0.0.1:8002\"]\ncanary_percent = {web_percent}\n\n\
+             [[service]]\nname = \"api\"\nfrontends = [\"127.1.0.2:80\"]\nstable = [\"127.0.0.1:8001\"]\n"
+        )
+    };
+    let api = lab.node("node-a").agent.api.to_string();
+    let apply = |extra: &[&str]| {
+        let mut args = vec!["apply", "-f", file.to_str().unwrap(), "--api", &api, "--token", RELEASE];
+        args.extend_from_slice(extra);
+        let (ok, stdout, stderr) = cli(&args);
+        assert!(ok, "sockshift apply {extra:?}: {stdout}{stderr}");
+        stdout
+    };
+    std::fs::write(&file, services(15.0)).unwrap();
+    let out = apply(&["--wait"]);
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["service/web created", "service/api created"], "{out}");
+    assert_split(&lab.connect("node-b", 400), 15.0, "node-b after sockshift apply on node-a");
+    let out = apply(&[]);
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["service/web unchanged", "service/api unchanged"],
+        "idempotent: {out}"
+    );
+
+    std::fs::write(&file, services(60.0)).unwrap();
+    let out = apply(&["--dry-run"]);
+    assert!(out.contains("service/web configured (dry run): canary_percent: 15 -> 60"), "{out}");
+    assert_eq!(lab.node("node-b").service("web")["canary_percent"].as_f64(), Some(15.0), "a dry run changes nothing");
+    let out = apply(&["--wait"]);
+    assert!(out.contains("service/web configured: canary_percent: 15 -> 60") && out.contains("service/api unchanged"));
+    assert_split(&lab.connect("node-b", 400), 60.0, "node-b after the second apply");
+
+    // --prune removes what the file no longer names.
+    std::fs::write(&file, services(60.0).split("\n\n").next().unwrap()).unwrap();
+    let out = apply(&["--prune", "--wait"]);
+    assert!(out.contains("service/web unchanged") && out.contains("service/api pruned"), "{out}");
+    let (status, _) = lab.node("node-b").call("GET", "/v1/services/api", None);
+    assert_eq!(status, 404, "api is pruned on every node");
+    // A file that is not only [[service]] tables is refused before anything is sent.
+    std::fs::write(&file, "[agent]\napi = \"127.0.0.1:1\"\n").unwrap();
+    let (ok, _, stderr) = cli(&["apply", "-f", file.to_str().unwrap(), "--api", &api, "--token", RELEASE]);
+    assert!(!ok && stderr.contains("only [[service]] tables"), "{stderr}");
+    let _ = std::fs::remove_file(&file);
+}

@@ -10,7 +10,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoResponses, ToSchema};
 
 use crate::{
-    control::{store::StoreError, ControlError},
+    control::{
+        store::{StoreError, Value},
+        ControlError,
+    },
     datapath::DatapathError,
 };
 
@@ -139,7 +142,22 @@ impl From<ControlError> for ApiError {
             ControlError::RolloutState { .. } => ApiError::new(ErrorCode::RolloutState, message),
             ControlError::Forbidden(_) => ApiError::new(ErrorCode::Forbidden, message),
             ControlError::Delegation(invalid) => ApiError::field(ErrorCode::Forbidden, invalid.field, message),
-            ControlError::Store(StoreError::Conflict { .. }) => ApiError::new(ErrorCode::Conflict, message),
+            ControlError::Store(StoreError::Conflict { current, .. }) => {
+                // The node has adopted the current values: a read now shows them too.
+                let now: Vec<String> = current
+                    .iter()
+                    .filter_map(|c| match &c.value {
+                        Some(Value::Service(Some(service))) => serde_json::to_string(service).ok(),
+                        Some(Value::Service(None)) => Some(format!("{} is absent", c.key)),
+                        _ => None,
+                    })
+                    .collect();
+                if now.is_empty() {
+                    ApiError::new(ErrorCode::Conflict, message)
+                } else {
+                    ApiError::new(ErrorCode::Conflict, format!("{message}; it is now {}", now.join("; ")))
+                }
+            }
             ControlError::Store(StoreError::Unavailable(_)) => ApiError::new(ErrorCode::ClusterUnavailable, message),
             ControlError::Store(err) => {
                 log::error!("change refused: {err}");
