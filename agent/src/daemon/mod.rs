@@ -37,7 +37,16 @@ pub fn run(config_path: &Path, check_only: bool) -> anyhow::Result<()> {
     let loaded_bytes = std::fs::read(config_path).ok();
     let config = Config::load(config_path)?;
     if check_only {
-        println!("{}: valid, {} services", config_path.display(), config.services.len());
+        match &config.cluster {
+            Some(cluster) => println!(
+                "{}: valid, cluster mode (node {:?}, etcd {}, prefix {}/v1/)",
+                config_path.display(),
+                cluster.node,
+                cluster.endpoints.join(", "),
+                cluster.prefix
+            ),
+            None => println!("{}: valid, {} services", config_path.display(), config.services.len()),
+        }
         return Ok(());
     }
     crate::cli::require_root()?;
