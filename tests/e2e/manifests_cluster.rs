@@ -92,7 +92,7 @@ fn the_configmap_is_cluster_mode_with_no_services() {
     assert!(tls.identity.is_some(), "a client certificate is configured");
     // The same file with a [[service]] table is refused, naming how to load services.
     let with_service = format!("{text}\n[[service]]\nname = \"web\"\nfrontends = [\"10.96.0.10:80\"]\n");
-    let err = Config::parse(&with_service).err().expect("refused").to_string();
+    let err = Config::parse(&with_service).expect_err("refused").to_string();
     assert!(err.contains("sockshift apply -f"), "{err}");
 }
 

@@ -109,7 +109,10 @@ impl ClusterConfig {
         let https = https.unwrap_or(false);
         let (node, node_field) = match (&self.node, &self.node_env) {
             (Some(_), Some(_)) => {
-                return Err(InvalidField::new("cluster.node_env", "set either cluster.node or cluster.node_env, not both"))
+                return Err(InvalidField::new(
+                    "cluster.node_env",
+                    "set either cluster.node or cluster.node_env, not both",
+                ))
             }
             (Some(node), None) => (node.clone(), "cluster.node"),
             (None, Some(variable)) => match std::env::var(variable) {

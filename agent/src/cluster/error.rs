@@ -58,7 +58,7 @@ impl ClusterError {
 /// What an operator should check after a failed first request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
-    pub text: String,
+    pub text: &'static str,
     /// The node's own setup is wrong (see [`ClusterError::is_misconfiguration`]).
     pub misconfigured: bool,
 }
@@ -113,7 +113,7 @@ pub(crate) fn chain_of(err: &dyn std::error::Error) -> String {
 /// `tls`: whether the endpoints are https://, and whether a client certificate was offered.
 pub(crate) fn diagnose(chain: &str, tls: Option<bool>) -> Problem {
     let (text, misconfigured) = diagnose_text(chain, tls);
-    Problem { text: text.to_string(), misconfigured }
+    Problem { text, misconfigured }
 }
 
 fn diagnose_text(chain: &str, tls: Option<bool>) -> (&'static str, bool) {
