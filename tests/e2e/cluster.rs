@@ -339,6 +339,7 @@ fn two_nodes_racing_on_one_service_end_identical_to_etcd_with_every_change_audit
         b_refused.len()
     );
     for body in a_refused.iter().chain(&b_refused) {
+        eprintln!("refused: {body}");
         assert_eq!(body["code"], "conflict", "a refused change is a 409 conflict: {body}");
     }
     // Conflicts are retried on the current value: a 409 is the exception.

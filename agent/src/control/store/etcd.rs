@@ -12,9 +12,10 @@
 //!   compaction the watch relists: only the keys whose value differs are applied. Node keys and
 //!   leader candidates feed the cluster view (`GET /v1/cluster`, `?wait=cluster`).
 //! - **Fail static.** Nothing here touches the datapath. When etcd is unreachable the watch
-//!   retries in the background and the datapath keeps the last applied state; a commit fails at
-//!   once ([`StoreError::Unavailable`], 503) once etcd has been unreachable for
-//!   [`FAIL_FAST_AFTER`], rather than make every request wait out the client's timeouts.
+//!   retries in the background and the datapath keeps the last applied state; once the watch has
+//!   been down for [`FAIL_FAST_AFTER`], a commit gets one short try ([`QUICK_TIMEOUTS`]) and then
+//!   fails ([`StoreError::Unavailable`], 503), rather than hold the core for the client's full
+//!   timeouts on every request. (It still tries: a watch can be down while a write would pass.)
 //! - **Local copy.** [`Store::applied`] hands the applied state to a thread that writes it to
 //!   `<state_dir>/cluster-state.json` (atomically, latest wins), and publishes the node's status
 //!   (`applied_revision`, health) under its lease ([`Presence`]). An agent that starts while
@@ -59,9 +60,17 @@ use crate::{
 pub const LOCAL_COPY_FILE: &str = "cluster-state.json";
 const LOCAL_COPY_VERSION: u32 = 1;
 
-/// How long etcd may be unreachable before commits fail at once instead of waiting out the
-/// client's timeouts (a member restart or leader election is shorter than this).
+/// How long the watch may be down before commits get only a short try (a member restart or a
+/// leader election is shorter than this).
 pub const FAIL_FAST_AFTER: Duration = Duration::from_secs(2);
+
+/// The timeouts of that short try.
+pub const QUICK_TIMEOUTS: Timeouts = Timeouts {
+    connect: Duration::from_secs(1),
+    request: Duration::from_secs(1),
+    attempt: Duration::from_millis(500),
+    keep_alive: Duration::from_secs(2),
+};
 
 /// How the agent sees the cluster right now, kept by [`Follow`] from the watch.
 #[derive(Debug, Clone)]
@@ -210,6 +219,7 @@ pub async fn start(settings: &ClusterSettings, state_dir: &Path) -> Result<Start
     let watch = store.watch(watch_after);
     Ok(Started {
         store: EtcdStore {
+            quick: store.with_timeouts(QUICK_TIMEOUTS),
             store: store.clone(),
             prefix: settings.prefix.clone(),
             initial: Some(Loaded { snapshot: initial, recovered }),
@@ -233,6 +243,8 @@ pub async fn start(settings: &ClusterSettings, state_dir: &Path) -> Result<Start
 /// The store the core uses in cluster mode. See the module docs.
 pub struct EtcdStore {
     store: ClusterStore,
+    /// The same client with [`QUICK_TIMEOUTS`].
+    quick: ClusterStore,
     prefix: String,
     initial: Option<Loaded>,
     changes: Option<mpsc::Receiver<RemoteChange>>,
@@ -243,19 +255,14 @@ pub struct EtcdStore {
 }
 
 impl EtcdStore {
-    /// Fails at once when etcd has been unreachable for a while (see [`FAIL_FAST_AFTER`]).
-    fn check_reachable(&self, applied: Revision) -> Result<(), StoreError> {
+    /// How long the watch has been down, once that is longer than [`FAIL_FAST_AFTER`], with why.
+    fn outage(&self) -> Option<(Duration, String)> {
         let view = self.view.borrow();
         let down_for = view.changed_at.elapsed();
         if view.connected || down_for < FAIL_FAST_AFTER {
-            return Ok(());
+            return None;
         }
-        Err(StoreError::Unavailable(format!(
-            "etcd has been unreachable for {}s ({}): nothing changed. This node keeps steering with the state it \
-             last applied (revision {applied}); reads answer from it, marked \"stale\"",
-            down_for.as_secs(),
-            view.error.as_deref().unwrap_or("the watch is down"),
-        )))
+        Some((down_for, view.error.clone().unwrap_or_else(|| "the watch is down".into())))
     }
 }
 
@@ -273,7 +280,7 @@ impl Store for EtcdStore {
     }
 
     async fn commit(&mut self, commit: Commit) -> Result<Revision, StoreError> {
-        self.check_reachable(self.status.borrow().applied_revision as Revision)?;
+        let outage = self.outage();
         let mut batch = WriteBatch::new();
         for write in &commit.writes {
             let expect = match write.expect {
@@ -303,12 +310,24 @@ impl Store for EtcdStore {
                 None => return Err(StoreError::NotLeader("this node does not lead the rollouts".into())),
             };
         }
-        match self.store.commit(&batch).await {
+        let store = if outage.is_some() { &self.quick } else { &self.store };
+        match store.commit(&batch).await {
             Ok(revision) => Ok(revision as Revision),
             Err(ClusterError::Conflict(conflicts)) => Err(conflict(conflicts)),
             Err(ClusterError::NotLeader { key }) => Err(StoreError::NotLeader(format!("the leader key {key} is gone"))),
             Err(err @ ClusterError::InvalidWrite { .. }) => Err(StoreError::Rejected(err.to_string())),
-            Err(err) => Err(StoreError::Unavailable(format!("{err}; this node keeps its state"))),
+            Err(err) => {
+                let applied = self.status.borrow().applied_revision;
+                let outage = match outage {
+                    Some((down_for, why)) => format!("etcd has been unreachable for {}s ({why}); ", down_for.as_secs()),
+                    None => String::new(),
+                };
+                Err(StoreError::Unavailable(format!(
+                    "{outage}{err}. Nothing changed unless the outcome is unknown (then every node applies it \
+                     if etcd committed it). This node keeps steering with the state it last applied (revision \
+                     {applied}); reads answer from it, marked \"stale\""
+                )))
+            }
         }
     }
 
