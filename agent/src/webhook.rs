@@ -168,9 +168,9 @@ pub enum WebhookError {
     Status { status: u16, excerpt: String },
 }
 
-/// Checks a URL against the syntax rules, the always-refused addresses and the allow list:
-/// what plan validation calls, and what every delivery calls again (the list may have changed).
-pub fn check_url(url: &str, allow: &AllowList) -> Result<HttpUrl, WebhookError> {
+/// Checks a URL against the syntax rules and the always-refused addresses and names: what a
+/// plan must pass whatever the allow list says (a stored plan is checked with this alone).
+pub fn check_url_syntax(url: &str) -> Result<HttpUrl, WebhookError> {
     let parsed = HttpUrl::parse(url).map_err(|source| WebhookError::Url {
         // Shown escaped ({url:?}) and shortened: the error goes to logs and history.
         url: url.chars().take(200).collect(),
@@ -184,6 +184,13 @@ pub fn check_url(url: &str, allow: &AllowList) -> Result<HttpUrl, WebhookError> 
     if let Some(why) = name_refusal(&parsed.host) {
         return Err(WebhookError::RefusedName { host: parsed.host, why });
     }
+    Ok(parsed)
+}
+
+/// [`check_url_syntax`] and the allow list: what a plan's start calls, and what every delivery
+/// calls again (the list may have changed since).
+pub fn check_url(url: &str, allow: &AllowList) -> Result<HttpUrl, WebhookError> {
+    let parsed = check_url_syntax(url)?;
     if !allow.allows(&parsed) {
         return Err(WebhookError::NotAllowed { authority: parsed.authority });
     }
@@ -191,11 +198,12 @@ pub fn check_url(url: &str, allow: &AllowList) -> Result<HttpUrl, WebhookError> 
 }
 
 /// A plan's notification URLs (`webhooks`) and checks (`gates.webhooks`): at most
-/// [`MAX_WEBHOOKS_PER_PLAN`] together, each URL allowed; errors name the field.
+/// [`MAX_WEBHOOKS_PER_PLAN`] together, each URL valid and, with `allow`, allowed; errors name the
+/// field. Without `allow` (a plan read back from the store) the allow list is left to delivery.
 pub fn validate_plan_webhooks(
     notify: &[String],
     checks: &[WebhookCheck],
-    allow: &AllowList,
+    allow: Option<&AllowList>,
 ) -> Result<(), InvalidField> {
     crate::gates::checks::validate_webhook_checks(checks, "gates.webhooks")?;
     let total = notify.len() + checks.len();
@@ -206,12 +214,15 @@ pub fn validate_plan_webhooks(
             format!("{total} webhooks (notifications and checks together), at most {MAX_WEBHOOKS_PER_PLAN} a plan"),
         ));
     }
+    let check = |url: &str| match allow {
+        Some(allow) => check_url(url, allow),
+        None => check_url_syntax(url),
+    };
     for (i, url) in notify.iter().enumerate() {
-        check_url(url, allow).map_err(|err| InvalidField::new(format!("webhooks[{i}]"), err.to_string()))?;
+        check(url).map_err(|err| InvalidField::new(format!("webhooks[{i}]"), err.to_string()))?;
     }
-    for (i, check) in checks.iter().enumerate() {
-        check_url(&check.url, allow)
-            .map_err(|err| InvalidField::new(format!("gates.webhooks[{i}].url"), err.to_string()))?;
+    for (i, one) in checks.iter().enumerate() {
+        check(&one.url).map_err(|err| InvalidField::new(format!("gates.webhooks[{i}].url"), err.to_string()))?;
     }
     Ok(())
 }
@@ -480,17 +491,28 @@ mod tests {
         let list = allow(&["127.0.0.1:9000"]);
         let url = "http://127.0.0.1:9000/hook".to_string();
         let check = |name: &str| WebhookCheck { name: name.into(), url: url.clone(), timeout_seconds: 5.0 };
-        validate_plan_webhooks(&vec![url.clone(); 4], &[check("a"), check("b"), check("c"), check("d")], &list)
+        validate_plan_webhooks(&vec![url.clone(); 4], &[check("a"), check("b"), check("c"), check("d")], Some(&list))
             .unwrap();
-        let err =
-            validate_plan_webhooks(&vec![url.clone(); 5], &[check("a"), check("b"), check("c"), check("d")], &list)
-                .unwrap_err();
+        let err = validate_plan_webhooks(
+            &vec![url.clone(); 5],
+            &[check("a"), check("b"), check("c"), check("d")],
+            Some(&list),
+        )
+        .unwrap_err();
         assert_eq!(err.field, "gates.webhooks");
-        assert_eq!(validate_plan_webhooks(&vec![url.clone(); 9], &[], &list).unwrap_err().field, "webhooks");
-        let err = validate_plan_webhooks(&[url.clone(), "http://127.0.0.1:9001/".into()], &[], &list).unwrap_err();
+        assert_eq!(validate_plan_webhooks(&vec![url.clone(); 9], &[], Some(&list)).unwrap_err().field, "webhooks");
+        let err =
+            validate_plan_webhooks(&[url.clone(), "http://127.0.0.1:9001/".into()], &[], Some(&list)).unwrap_err();
         assert_eq!(err.field, "webhooks[1]");
         assert!(err.message.contains("webhook_allow"), "{err}");
         let bad_check = WebhookCheck { url: "http://169.254.169.254/".into(), ..check("a") };
-        assert_eq!(validate_plan_webhooks(&[], &[bad_check], &list).unwrap_err().field, "gates.webhooks[0].url");
+        assert_eq!(
+            validate_plan_webhooks(&[], std::slice::from_ref(&bad_check), Some(&list)).unwrap_err().field,
+            "gates.webhooks[0].url"
+        );
+        // Without the list (a stored plan), only what no list can allow is refused.
+        validate_plan_webhooks(&["http://127.0.0.1:9001/".into()], &[], None).unwrap();
+        assert_eq!(validate_plan_webhooks(&[], &[bad_check], None).unwrap_err().field, "gates.webhooks[0].url");
+        assert_eq!(validate_plan_webhooks(&["http://a/\r\n".into()], &[], None).unwrap_err().field, "webhooks[0]");
     }
 }

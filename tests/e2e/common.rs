@@ -20,15 +20,23 @@ pub struct Lab {
 impl Lab {
     /// One service "web": IPv4 and IPv6 frontends, a stable and a canary backend per family.
     pub fn new(canary_percent: f64) -> Self {
-        Self::with_service(&format!(
-            r#"[[service]]
+        Self::new_with_agent(canary_percent, "")
+    }
+
+    /// Like `new`, with `agent_extra` added to the config's `[agent]` section.
+    pub fn new_with_agent(canary_percent: f64, agent_extra: &str) -> Self {
+        Self::with_agent(
+            agent_extra,
+            &format!(
+                r#"[[service]]
 name = "web"
 frontends = ["{FRONTEND4}", "{FRONTEND6}"]
 stable = ["127.0.0.1:8001", "[::1]:8001"]
 canary = ["127.0.0.1:8002", "[::1]:8002"]
 canary_percent = {canary_percent}
 "#
-        ))
+            ),
+        )
     }
 
     /// Backends tagged `stable`/`canary` (IPv4) and `stable6`/`canary6` (IPv6) on ports 8001 and

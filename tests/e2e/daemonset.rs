@@ -806,7 +806,8 @@ fn cli_works_in_the_pod(manifest_path: &Path) {
     assert!(status.status.success(), "sockshift status: {table}{}", String::from_utf8_lossy(&status.stderr));
     let row = table.lines().find(|l| l.split_whitespace().next() == Some(backends.service.as_str()));
     let row = row.unwrap_or_else(|| panic!("sockshift status shows no {}:\n{table}", backends.service));
-    assert_eq!(row.split_whitespace().nth(1), Some(format!("{:.1}", backends.canary_percent).as_str()), "{table}");
+    let shown: Option<f64> = row.split_whitespace().nth(1).and_then(|percent| percent.parse().ok());
+    assert_eq!(shown, Some(backends.canary_percent), "{table}");
 
     let set = pod.exec(&["sockshift", "set", &backends.service, "50", "--output", "json"]);
     assert!(set.status.success(), "sockshift set: {}", String::from_utf8_lossy(&set.stderr));

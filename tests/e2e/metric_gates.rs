@@ -1,5 +1,5 @@
 //! Issue 15 (metric gates and webhook checks) and issue 13 item 3 (webhooks that cannot be
-//! turned against the node), the parts that stand before the rollout integration:
+//! turned against the node), the parts below the rollout engine:
 //!
 //! - the agent's Prometheus client against a real Prometheus (Debian's `prometheus`) scraping
 //!   real HTTP applications (`sockshift-httpapp`), one of them serving inside a test network
@@ -8,19 +8,18 @@
 //!   late answer fail, a 1 GiB answer is cut at 8 KiB, refused URLs never open a connection,
 //!   deliveries in flight are bounded.
 //!
+//! The rollouts that use them, end to end, are in `metric_rollouts.rs`.
+//!
 //! The one double is `the_bearer_token_is_sent_to_prometheus`: Prometheus itself takes no
 //! tokens, so a loopback server that answers the Prometheus wire format checks the header.
 
+mod gates_common;
+
 use std::{
-    io::{BufRead, BufReader, Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
     os::unix::fs::PermissionsExt,
     path::Path,
     process::Command,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
-    },
+    sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
@@ -36,49 +35,13 @@ use agent::{
 use e2e::{
     built_binary,
     prometheus::{Prometheus, ScrapeTarget},
-    require_root, spawn_in, NetNs, Placement, Spawned,
+    require_root, NetNs, Placement, Spawned,
 };
+use gates_common::{start_app, start_load, Behaviour, HttpApp, Receiver, ERROR_RATE};
 use serde_json::{json, Value};
-
-/// The error rate of the canary of "web" over the step's window, as a user writes it.
-const ERROR_RATE: &str = r#"sum(rate(http_requests_total{app="{{service}}",track="canary",code=~"5.."}[{{window}}]))
-  / sum(rate(http_requests_total{app="{{service}}",track="canary"}[{{window}}]))"#;
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
-}
-
-/// A running `sockshift-httpapp serve`.
-struct HttpApp {
-    _process: Spawned,
-    metrics: SocketAddr,
-    listen: SocketAddr,
-}
-
-/// An application answering `error_percent` % of requests with 500; with `netns`, it serves
-/// inside that namespace while its metrics stay on the host's loopback for Prometheus.
-fn start_app(netns: Option<&NetNs>, error_percent: f64) -> HttpApp {
-    let percent = error_percent.to_string();
-    let path = netns.map(|ns| ns.path().display().to_string());
-    let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--error-percent", &percent];
-    if let Some(path) = &path {
-        args.extend(["--netns", path]);
-    }
-    let mut process = spawn_in(Placement::default(), &built_binary("sockshift-httpapp"), &args);
-    let ready = process.wait_for_line("ready");
-    let field = |name: &str| -> SocketAddr {
-        let value = ready.split_whitespace().find_map(|w| w.strip_prefix(name)).expect(name);
-        value.split(',').next().unwrap().parse().unwrap()
-    };
-    HttpApp { metrics: field("metrics="), listen: field("listen="), _process: process }
-}
-
-/// Steady traffic (a request every 5 ms, on new connections) from `placement` to `target`,
-/// for at most 60 s; stops when dropped.
-fn start_load(placement: Placement<'_>, target: SocketAddr) -> Spawned {
-    let target = target.to_string();
-    let args = ["load", "--target", &target, "--count", "100000", "--interval-ms", "5", "--max-seconds", "60"];
-    spawn_in(placement, &built_binary("sockshift-httpapp"), &args)
 }
 
 fn client(prometheus: &Prometheus, timeout_seconds: f64) -> PrometheusClient {
@@ -245,141 +208,6 @@ fn readings_are_errors_while_prometheus_is_down_or_stuck_and_values_when_it_is_b
     lab.prometheus.restart();
     let back = read_until(&rt, &client, &query, "after the restart", |r| matches!(r, Reading::Value(_)));
     assert!(matches!(back, Reading::Value(v) if (v - 0.2).abs() <= 0.05), "{back:?}");
-}
-
-/// Request heads and bodies a receiver got.
-type Requests = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
-
-/// What a receiver does with a request.
-#[derive(Clone, Copy)]
-enum Behaviour {
-    Answer(u16),
-    /// Answers 200 after this long.
-    Slow(Duration),
-    /// 200 with a 1 GiB body, written as fast as the client reads.
-    Stream,
-    /// 200 promising 1 MB, then one byte every 50 ms.
-    Trickle,
-    /// 200 with this body, if the request carries this `Authorization` header; else 401.
-    Prometheus {
-        authorization: &'static str,
-        body: &'static str,
-    },
-}
-
-/// A webhook receiver on the host's loopback, one thread per connection.
-struct Receiver {
-    addr: SocketAddr,
-    /// Request heads and bodies received.
-    requests: Requests,
-    connections: Arc<AtomicU64>,
-    open: Arc<AtomicU64>,
-    max_open: Arc<AtomicU64>,
-    /// Body bytes the client accepted (`Stream`, `Trickle`).
-    streamed: Arc<AtomicU64>,
-}
-
-impl Receiver {
-    fn start(behaviour: Behaviour) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let receiver = Self {
-            addr: listener.local_addr().unwrap(),
-            requests: Arc::default(),
-            connections: Arc::default(),
-            open: Arc::default(),
-            max_open: Arc::default(),
-            streamed: Arc::default(),
-        };
-        let (requests, connections, open, max_open, streamed) = (
-            receiver.requests.clone(),
-            receiver.connections.clone(),
-            receiver.open.clone(),
-            receiver.max_open.clone(),
-            receiver.streamed.clone(),
-        );
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
-                connections.fetch_add(1, Ordering::SeqCst);
-                let now_open = open.fetch_add(1, Ordering::SeqCst) + 1;
-                max_open.fetch_max(now_open, Ordering::SeqCst);
-                let (requests, open, streamed) = (requests.clone(), open.clone(), streamed.clone());
-                std::thread::spawn(move || {
-                    handle(stream, behaviour, &requests, &streamed);
-                    open.fetch_sub(1, Ordering::SeqCst);
-                });
-            }
-        });
-        receiver
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    fn allow(&self) -> String {
-        self.addr.to_string()
-    }
-}
-
-fn handle(mut stream: TcpStream, behaviour: Behaviour, requests: &Mutex<Vec<(String, Vec<u8>)>>, streamed: &AtomicU64) {
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut head = String::new();
-    let mut length = 0;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            return;
-        }
-        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-            length = v.trim().parse().unwrap_or(0);
-        }
-        if line == "\r\n" {
-            break;
-        }
-        head.push_str(&line);
-    }
-    let mut body = vec![0; length];
-    let _ = reader.read_exact(&mut body);
-    requests.lock().unwrap().push((head.clone(), body));
-    let mut answer = |status: u16, body: &str| {
-        let _ =
-            write!(stream, "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
-    };
-    match behaviour {
-        Behaviour::Answer(status) => answer(status, "answer from the test receiver\r\nX-Injected: no"),
-        Behaviour::Slow(delay) => {
-            std::thread::sleep(delay);
-            answer(200, "late");
-        }
-        Behaviour::Prometheus { authorization, body } => {
-            if head.lines().any(|l| l.eq_ignore_ascii_case(&format!("authorization: {authorization}"))) {
-                answer(200, body)
-            } else {
-                answer(401, "missing token")
-            }
-        }
-        Behaviour::Stream => {
-            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1073741824\r\n\r\n");
-            let chunk = vec![b'x'; 64 * 1024];
-            for _ in 0..(1 << 30) / chunk.len() {
-                if stream.write_all(&chunk).is_err() {
-                    return;
-                }
-                streamed.fetch_add(chunk.len() as u64, Ordering::SeqCst);
-            }
-        }
-        Behaviour::Trickle => {
-            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n");
-            for _ in 0..1200 {
-                if stream.write_all(b"x").is_err() {
-                    return;
-                }
-                streamed.fetch_add(1, Ordering::SeqCst);
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
 }
 
 fn webhooks(allowed: &[String]) -> Webhooks {

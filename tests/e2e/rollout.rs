@@ -138,6 +138,11 @@ impl WebhookReceiver {
         Self { url, events }
     }
 
+    /// Its `host:port`, for `agent.webhook_allow`.
+    fn allow(&self) -> String {
+        self.url.trim_start_matches("http://").trim_end_matches("/hook").to_string()
+    }
+
     fn events(&self) -> Vec<String> {
         self.events.lock().unwrap().iter().map(|e| e["event"].as_str().unwrap_or("").to_string()).collect()
     }
@@ -403,8 +408,8 @@ fn healthy_canary_is_promoted_and_the_split_follows_each_step() {
 /// reset while its stable ones stay open.
 #[test]
 fn failing_canary_is_rolled_back_and_its_connections_cut() {
-    let mut lab = Lab::new(0.0);
     let webhooks = WebhookReceiver::start();
+    let mut lab = Lab::new_with_agent(0.0, &format!("webhook_allow = [{:?}]", webhooks.allow()));
     // Canary connections that stay open across the rollback come from a second canary server
     // that keeps them after the canary stops accepting.
     let plan = json!({

@@ -257,6 +257,13 @@ pub async fn start_rollout(
 ) -> Result<(StatusCode, Json<RolloutView>), ApiError> {
     let wait = Wait::parse(wait)?;
     plan.validate().map_err(|err| ApiError::field(ErrorCode::InvalidField, err.field.clone(), err.to_string()))?;
+    // Webhook URLs against the allow list, and queries against Prometheus' parser: network I/O,
+    // so here and not on the core's thread.
+    state
+        .gates
+        .check_plan(&name, &plan)
+        .await
+        .map_err(|err| ApiError::field(ErrorCode::InvalidField, err.field.clone(), err.to_string()))?;
     let origin = origin(caller, &method, &uri);
     let view = state.control.ask(|reply| Command::StartRollout { name, plan, origin, reply }).await?;
     wait.for_cluster(&state).await?;

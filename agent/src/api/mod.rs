@@ -37,6 +37,8 @@ pub struct AppState {
     pub audit: Arc<dyn AuditSource>,
     /// Background tasks that died, reported by `/healthz`.
     pub tasks: TaskHealth,
+    /// Prometheus and the webhook allow list, for the checks at a rollout's start.
+    pub gates: crate::gates::GateClients,
     /// The generated OpenAPI document, as served.
     pub openapi: OnceLock<String>,
     /// Cluster mode; `None` on a single node.

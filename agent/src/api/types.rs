@@ -10,7 +10,7 @@ use utoipa::ToSchema;
 use crate::{
     audit::AuditEntry,
     config::{Affinity, CohortConfig, Role, ServiceConfig},
-    rollout::{GateReadings, Harm, HistoryEntry, Plan, RolloutState},
+    rollout::{ExternalWindow, GateReadings, Harm, HistoryEntry, Judgement, Plan, RolloutState},
 };
 
 /// `PUT /v1/services/{name}/canary`.
@@ -226,6 +226,12 @@ pub struct RolloutView {
     pub last_gates: Option<GateReadings>,
     /// The gates over the window in progress.
     pub current_window: Option<GateReadings>,
+    /// The last judgement's one verdict over the kernel gates, metric gates and webhook checks,
+    /// with every metric reading and check result.
+    pub last_judgement: Option<Judgement>,
+    /// The metric gates and webhook checks of the window in progress: the latest readings,
+    /// out-of-bound streaks, and what holds the step while something does.
+    pub external_window: ExternalWindow,
     pub terminated_connections: Option<u64>,
     /// What the rollout cost the canary's clients, the current step counted up to now.
     pub harm: Harm,

@@ -150,17 +150,25 @@ pub enum ServiceAction {
     },
 }
 
+// Parsed once per run: the size of `Start` costs nothing worth boxing it for.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum RolloutAction {
     /// Start a rollout.
     Start {
         service: String,
+        /// The whole plan as JSON (as for `POST /v1/services/{name}/rollout`; `-` reads stdin),
+        /// e.g. with metric gates and webhook checks; instead of the flags below.
+        #[arg(long, conflicts_with_all = ["steps", "every", "confidence", "failed_attempts_tolerance",
+            "resets_tolerance", "max_failed_attempt_ratio", "max_reset_ratio", "max_srtt_ratio", "min_connections",
+            "no_gates", "failure_threshold", "approval", "webhooks", "terminate_connections"])]
+        plan: Option<PathBuf>,
         /// Canary weights in percent, increasing: 1,5,25,50,100.
-        #[arg(long, value_delimiter = ',', required = true)]
+        #[arg(long, value_delimiter = ',', required_unless_present = "plan")]
         steps: Vec<f64>,
         /// How long each step is held: 60s, 2m, 500ms, or seconds.
-        #[arg(long, value_parser = parse_duration_seconds)]
-        every: f64,
+        #[arg(long, value_parser = parse_duration_seconds, required_unless_present = "plan")]
+        every: Option<f64>,
         /// Confidence of the comparisons with stable (default 0.95).
         #[arg(long)]
         confidence: Option<f64>,
@@ -401,8 +409,28 @@ fn run_rollout(action: RolloutAction) -> anyhow::Result<()> {
             }
             std::thread::sleep(Duration::from_secs(1));
         },
+        RolloutAction::Start { service, plan: Some(path), api, .. } => {
+            let text = if path == Path::new("-") {
+                std::io::read_to_string(std::io::stdin()).context("reading the plan from stdin")?
+            } else {
+                std::fs::read_to_string(path).with_context(|| format!("reading the plan {}", path.display()))?
+            };
+            // Sent as written: the agent validates it and names any bad field by its path.
+            let plan: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| format!("the plan {} is not JSON", path.display()))?;
+            let rollout: RolloutView =
+                api.client().call("POST", &format!("/v1/services/{service}/rollout"), Some(&plan))?;
+            return match api.output {
+                Output::Json => output::json(&rollout),
+                Output::Table => {
+                    output::rollout(&rollout);
+                    Ok(())
+                }
+            };
+        }
         RolloutAction::Start {
             service,
+            plan: None,
             steps,
             every,
             confidence,
@@ -434,7 +462,7 @@ fn run_rollout(action: RolloutAction) -> anyhow::Result<()> {
             };
             let plan = Plan {
                 steps: steps.clone(),
-                step_seconds: *every,
+                step_seconds: every.context("--every is required without --plan")?,
                 gates: if *no_gates {
                     GatePolicy::None
                 } else {
@@ -447,6 +475,7 @@ fn run_rollout(action: RolloutAction) -> anyhow::Result<()> {
                         max_reset_ratio: *max_reset_ratio,
                         max_srtt_ratio: *max_srtt_ratio,
                         min_connections: *min_connections,
+                        ..Gates::default()
                     })
                 },
                 failure_threshold: *failure_threshold,

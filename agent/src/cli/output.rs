@@ -6,7 +6,8 @@ use serde::Serialize;
 use super::Output;
 use crate::{
     api::types::{AuditLog, ClusterStatus, ServiceList, ServiceState, SideState},
-    rollout::{GateReadings, RolloutState},
+    gates::{metric::Reading, Verdict as GateVerdict},
+    rollout::{GateReadings, Gates, RolloutState},
 };
 
 pub fn json(value: &impl Serialize) -> anyhow::Result<()> {
@@ -220,6 +221,9 @@ pub fn rollout(r: &crate::api::types::RolloutView) {
             }
         }
     }
+    if let Some(gates) = gates.filter(|g| g.has_external()) {
+        external_gates(r, gates);
+    }
     println!(
         "  cost to canary clients: {} failed connections, {} resets{}",
         r.harm.canary_failed_connections,
@@ -231,5 +235,69 @@ pub fn rollout(r: &crate::api::types::RolloutView) {
     }
     if let Some(last) = r.history.last() {
         println!("  last event: {} {}", last.event, last.detail);
+    }
+}
+
+/// The metric gates (value, bound, verdict, out-of-bound streak) of the window in progress, or of
+/// the last judgement once the rollout has ended, what holds the step, and the last judgement's
+/// verdict with its webhook checks.
+fn external_gates(r: &crate::api::types::RolloutView, gates: &Gates) {
+    let window = &r.external_window;
+    let (title, readings) = match (&window.metrics, &r.last_judgement) {
+        (Some(metrics), _) if r.state.is_active() => ("this window", Some(&metrics.readings)),
+        (_, Some(judgement)) => ("last judged", Some(&judgement.metrics)),
+        _ => ("this window", None),
+    };
+    for (i, gate) in gates.metrics.iter().enumerate() {
+        let reading = readings.and_then(|readings| readings.iter().find(|g| g.gate == gate.name));
+        let value = match reading.map(|g| &g.reading) {
+            Some(Reading::Value(v)) => format!("{v:.4}"),
+            Some(Reading::NoData) => "no data".to_string(),
+            Some(Reading::Error(message)) => format!("error: {message}"),
+            None => "-".to_string(),
+        };
+        let bound = match (gate.min, gate.max) {
+            (Some(min), Some(max)) => format!("{min} ≤ x ≤ {max}"),
+            (None, Some(max)) => format!("max {max}"),
+            (Some(min), None) => format!("min {min}"),
+            (None, None) => "no bound".to_string(),
+        };
+        let verdict = reading.map_or("-".to_string(), |g| match &g.verdict {
+            GateVerdict::Pass => "pass".to_string(),
+            GateVerdict::Hold { .. } => "hold".to_string(),
+            GateVerdict::Fail { .. } => "fail".to_string(),
+        });
+        let streak = if title == "this window" {
+            format!("  out of bounds {}× in a row", window.early_watch.streak(i))
+        } else {
+            String::new()
+        };
+        println!("  metric {:<16} {title:<12} {value}  ({bound})  {verdict}{streak}", gate.name);
+    }
+    for check in &gates.webhooks {
+        let result =
+            r.last_judgement.as_ref().and_then(|j| j.webhooks.iter().find(|c| c.name == check.name)).map_or_else(
+                || "not called yet".to_string(),
+                |c| {
+                    let outcome = if c.passed { "pass" } else { "fail" };
+                    match c.status {
+                        Some(status) => format!("last HTTP {status}, {outcome} ({} ms)", c.elapsed_ms),
+                        None => format!("{outcome}: {}", c.detail),
+                    }
+                },
+            );
+        println!("  check  {:<16} {result}", check.name);
+    }
+    if let Some(holding) = &window.holding {
+        println!("  holding: {holding}");
+    } else if window.judging_since_unix_ms.is_some() {
+        println!("  judging: kernel gates passed, reading the metric gates and calling the checks");
+    }
+    if let Some(judgement) = &r.last_judgement {
+        let verdict = match &judgement.verdict {
+            GateVerdict::Pass => "pass".to_string(),
+            other => other.to_string(),
+        };
+        println!("  last judgement (step {}): {verdict}", judgement.step);
     }
 }

@@ -17,14 +17,15 @@ use super::{
         AuditSource, Commit, Current, Expect, Key, RemoteChange, Revision, Snapshot, Store, StoreError, Value,
         Versioned, Write,
     },
-    Command, ControlError, Faults, FollowUp, Origin, Progress, RolloutAction, ServiceMetrics, WeightChange,
+    Command, ControlError, Faults, FollowUp, GateInput, GateWork, Origin, Progress, RolloutAction, ServiceMetrics,
+    WeightChange,
 };
 use crate::{
     api::types::{DatapathStatus, RolloutView, ServiceBody, ServiceState, Sides},
     audit::AuditEntry,
     config::{validate_percent, validate_service, validate_services, InvalidField, Role, ServiceConfig, ServiceSpec},
     datapath::{Datapath, DatapathError},
-    rollout::{Effect, Plan, Rollout, RolloutState, Snapshot as Counters},
+    rollout::{Effect, GateDue, Plan, Rollout, RolloutState, Snapshot as Counters},
     state::{merged_with_file, reconcile},
 };
 
@@ -134,6 +135,25 @@ fn check_rollout(rollout: &Rollout) -> Result<(), String> {
         return Err(format!("weight {} %", rollout.percent));
     }
     Ok(())
+}
+
+/// What notifications and webhook checks get: the event, where the rollout is, and every gate's
+/// reading (the kernel's of the last judgement, the last judgement's one verdict with the metric
+/// readings and check results, and the window in progress).
+fn rollout_payload(service: &str, event: &str, rollout: &Rollout) -> serde_json::Value {
+    json!({
+        "event": event,
+        "service": service,
+        "state": rollout.state,
+        "step": rollout.step,
+        "steps": rollout.plan.steps,
+        "percent": rollout.percent,
+        "gates": rollout.last_gates,
+        "judgement": rollout.last_judgement,
+        "window": rollout.external,
+        "detail": rollout.history.back().map(|h| h.detail.as_str()).unwrap_or_default(),
+        "at_unix_ms": now_ms(),
+    })
 }
 
 fn role_name(role: Role) -> String {
@@ -312,7 +332,11 @@ impl<S: Store> Core<S> {
             Command::ReloadFile { services, reply } => {
                 let _ = reply.send(self.reload_file(services).await);
             }
-            Command::TickRollouts => self.tick_rollouts().await,
+            Command::TickRollouts { reply } => {
+                self.tick_rollouts().await;
+                let _ = reply.send(Ok(self.gate_work()));
+            }
+            Command::GateInput { name, window, input } => self.gate_input(&name, window, input).await,
             Command::ReapRetired => self.datapath.reap_retired(),
             Command::NoteTerminated { name, count } => self.note_terminated(&name, count).await,
         }
@@ -396,6 +420,8 @@ impl<S: Store> Core<S> {
             awaiting_role: rollout.approval_role(),
             last_gates: rollout.last_gates.clone(),
             current_window,
+            last_judgement: rollout.last_judgement.clone(),
+            external_window: rollout.external.clone(),
             terminated_connections: rollout.terminated_connections,
             harm,
             started_by: rollout.started_by.clone(),
@@ -614,23 +640,81 @@ impl<S: Store> Core<S> {
             .map(|(name, _)| name.clone())
             .collect();
         for name in running {
-            let (Ok(counters), Ok(current)) = (self.counters(&name), self.config(&name).cloned()) else { continue };
-            let Some(before) = self.state.rollouts.get(&name).map(|v| &v.value) else { continue };
-            let mut rollout = before.clone();
-            let effects = rollout.tick(now, counters);
-            if rollout == *before {
-                continue;
-            }
-            let mut service = current.clone();
-            if let Err(err) = self.effects(&mut service, &rollout, effects, &mut change.follow_ups) {
-                log::error!("rollout of {name}: {err}");
-                continue;
-            }
-            if service != current {
-                change.services.insert(name.clone(), Some(service));
-            }
-            change.rollouts.insert(name, Some(rollout));
+            self.advance_rollout(&name, &mut change, |rollout, counters| rollout.tick(now, counters));
         }
+        self.commit_rollout_change(change).await;
+    }
+
+    /// Runs `step` on a copy of `name`'s rollout with the counters now and adds the result (the
+    /// rollout and the weight its effects set) to `change`, if the rollout changed.
+    fn advance_rollout(
+        &self,
+        name: &str,
+        change: &mut Change,
+        step: impl FnOnce(&mut Rollout, Counters) -> Vec<Effect>,
+    ) {
+        let (Ok(counters), Ok(current)) = (self.counters(name), self.config(name).cloned()) else { return };
+        let Some(before) = self.state.rollouts.get(name).map(|v| &v.value) else { return };
+        let mut rollout = before.clone();
+        let effects = step(&mut rollout, counters);
+        if rollout == *before {
+            return;
+        }
+        let mut service = current.clone();
+        if let Err(err) = self.effects(&mut service, &rollout, effects, &mut change.follow_ups) {
+            log::error!("rollout of {name}: {err}");
+            return;
+        }
+        if service != current {
+            change.services.insert(name.to_string(), Some(service));
+        }
+        change.rollouts.insert(name.to_string(), Some(rollout));
+    }
+
+    /// What the driver must read for the running rollouts' metric gates and webhook checks.
+    fn gate_work(&self) -> Vec<GateWork> {
+        let mut work = Vec::new();
+        // Cluster mode: only the node driving the rollouts reads their gates.
+        if !self.store.leads() {
+            return work;
+        }
+        for (name, rollout) in &self.state.rollouts {
+            let rollout = &rollout.value;
+            let (Some(due), Some(gates)) = (rollout.gate_due(), rollout.plan.gates.judged()) else { continue };
+            work.push(GateWork {
+                service: name.clone(),
+                window: rollout.window,
+                due,
+                step: rollout.step,
+                percent: rollout.percent,
+                step_seconds: rollout.plan.step_seconds,
+                metrics: gates.metrics.clone(),
+                on_missing: gates.on_missing,
+                checks: gates.webhooks.clone(),
+                state: if due == GateDue::Judge {
+                    rollout_payload(name, "check", rollout)
+                } else {
+                    serde_json::Value::Null
+                },
+            });
+        }
+        work
+    }
+
+    /// Readings the driver took for `name`'s rollout at `window`: the rollout judges them.
+    async fn gate_input(&mut self, name: &str, window: u64, input: GateInput) {
+        let now = now_ms();
+        let mut change = Change { leader_only: true, ..Change::default() };
+        self.advance_rollout(name, &mut change, |rollout, counters| match input {
+            GateInput::Poll(readings) => rollout.observe_metrics(now, counters, window, &readings),
+            GateInput::Judge { metrics, checks } => rollout.conclude(now, counters, window, &metrics, checks),
+        });
+        self.commit_rollout_change(change).await;
+    }
+
+    /// Commits what the rollout clock or the driver's readings changed. A failed commit is
+    /// retried by the next tick or reading; it is logged once, not ten times a second.
+    async fn commit_rollout_change(&mut self, change: Change) {
         match self.commit(change).await {
             Ok(()) => self.tick_error = None,
             Err(err) => {
@@ -684,15 +768,7 @@ impl<S: Store> Core<S> {
                             service: service.name.clone(),
                             event: event.clone(),
                             webhooks: rollout.plan.webhooks.clone(),
-                            payload: json!({
-                                "event": event,
-                                "service": service.name,
-                                "state": rollout.state,
-                                "step": rollout.step,
-                                "percent": rollout.percent,
-                                "gates": rollout.last_gates,
-                                "at_unix_ms": now_ms(),
-                            }),
+                            payload: rollout_payload(&service.name, &event, rollout),
                         });
                     }
                 }

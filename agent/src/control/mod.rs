@@ -24,7 +24,11 @@ use crate::{
     api::types::{DatapathStatus, RolloutView, ServiceBody, ServiceState},
     config::{InvalidField, Role, ServiceConfig, ServiceSpec},
     datapath::{Datapath, DatapathError, ServiceCounters},
-    rollout::Plan,
+    gates::{
+        checks::{CheckResult, WebhookCheck},
+        metric::{MetricGate, OnMissing, Reading},
+    },
+    rollout::{GateDue, Plan},
 };
 
 /// How many commands may wait for the core. A full queue answers 503 at once rather than pile up.
@@ -156,8 +160,18 @@ pub enum Command {
         services: Vec<ServiceConfig>,
         reply: Reply<usize>,
     },
-    /// The rollout driver's clock.
-    TickRollouts,
+    /// The rollout driver's clock; answers what the driver must read for the running rollouts'
+    /// metric gates and webhook checks (network I/O, done outside the core).
+    TickRollouts {
+        reply: Reply<Vec<GateWork>>,
+    },
+    /// What the driver read for a rollout's window: the core judges it.
+    GateInput {
+        name: String,
+        /// [`GateWork::window`] of the work the readings answer.
+        window: u64,
+        input: GateInput,
+    },
     /// Deletes backend revisions past their grace period.
     ReapRetired,
     /// What terminating a rolled-back canary's connections did.
@@ -165,6 +179,35 @@ pub enum Command {
         name: String,
         count: usize,
     },
+}
+
+/// What the rollout driver must read for one running rollout: the plan's metric gates and
+/// webhook checks and the values their queries and calls need.
+#[derive(Debug, Clone)]
+pub struct GateWork {
+    pub service: String,
+    /// The rollout's window (see [`crate::rollout::Rollout::window`]); readings are sent back
+    /// with it and ignored if the rollout has moved on.
+    pub window: u64,
+    pub due: GateDue,
+    pub step: usize,
+    pub percent: f64,
+    pub step_seconds: f64,
+    pub metrics: Vec<MetricGate>,
+    pub on_missing: OnMissing,
+    pub checks: Vec<WebhookCheck>,
+    /// The rollout's state as the webhook checks get it (for [`GateDue::Judge`]; `null` else).
+    pub state: serde_json::Value,
+}
+
+/// Readings the rollout driver took.
+#[derive(Debug, Clone)]
+pub enum GateInput {
+    /// In-window metric readings, in plan order.
+    Poll(Vec<Reading>),
+    /// The end-of-window judgement: metric readings, and the webhook checks' results (empty when
+    /// a metric gate did not pass, so they were not called).
+    Judge { metrics: Vec<Reading>, checks: Vec<CheckResult> },
 }
 
 /// Work a change asks for that happens outside the core, after the change is committed.

@@ -25,6 +25,7 @@ use crate::{
         ControlHandle, Faults, Start,
     },
     datapath::Datapath,
+    gates::GateClients,
     paths,
 };
 
@@ -125,11 +126,13 @@ async fn serve_with<S: Store>(
 
     let shutdown = CancellationToken::new();
     let tasks = TaskHealth::default();
+    let gates = GateClients::new(config.prometheus.clone(), config.webhook_allow.clone());
     let state = Arc::new(AppState {
         control: started.handle.clone(),
         tokens: config.tokens.clone(),
         audit: started.audit,
         tasks: tasks.clone(),
+        gates: gates.clone(),
         openapi: Default::default(),
         cluster: cluster
             .as_ref()
@@ -147,17 +150,21 @@ async fn serve_with<S: Store>(
             let _ = left.send(());
         });
     }
-    supervisor.spawn("rollout-driver", |cancel, fault| tasks::drive_rollouts(control.clone(), cancel, fault));
+    supervisor.spawn("rollout-driver", {
+        let gates = gates.clone();
+        |cancel, fault| tasks::drive_rollouts(control.clone(), gates, cancel, fault)
+    });
     supervisor.spawn("revision-reaper", |cancel, fault| tasks::reap_revisions(control.clone(), cancel, fault));
     supervisor.spawn("follow-ups", {
         let control = control.clone();
         let cgroup = config.cgroup.clone();
-        move |cancel, fault| tasks::carry_out_follow_ups(control, follow_rx, cgroup, cancel, fault)
+        let gates = gates.clone();
+        move |cancel, fault| tasks::carry_out_follow_ups(control, follow_rx, cgroup, gates, cancel, fault)
     });
     supervisor.spawn("config-watcher", {
         let control = control.clone();
         let path = config_path.to_owned();
-        move |cancel, fault| tasks::watch_config(control, path, config, loaded_bytes, cancel, fault)
+        move |cancel, fault| tasks::watch_config(control, path, config, loaded_bytes, gates, cancel, fault)
     });
     supervisor.spawn("signals", {
         let shutdown = shutdown.clone();

@@ -2,25 +2,32 @@
 //! committed change asks for) and ends when the cancellation token is cancelled.
 
 use std::{
+    collections::HashMap,
     path::{Path, PathBuf},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use tokio::sync::mpsc;
+use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::Config,
-    control::{Command, ControlHandle, FollowUp},
+    control::{Command, ControlError, ControlHandle, FollowUp, GateInput, GateWork},
+    gates::{
+        metric::{self, poll_interval, QueryContext, Reading},
+        prometheus::read_gates,
+        GateClients, Verdict,
+    },
+    rollout::GateDue,
 };
 
 const ROLLOUT_TICK: Duration = Duration::from_millis(100);
+/// How long the driver waits for the core to answer a tick before trying again.
+const TICK_BOUND: Duration = Duration::from_secs(5);
 const REAP_TICK: Duration = Duration::from_millis(500);
 const CONFIG_POLL: Duration = Duration::from_millis(500);
 /// A changed config file is applied once its content has held still this long.
 const CONFIG_SETTLE: Duration = Duration::from_millis(150);
-/// Total time one webhook delivery may take.
-const WEBHOOK_DEADLINE: Duration = Duration::from_secs(10);
 
 fn injected_fault(fault: bool, task: &str) {
     if fault {
@@ -28,20 +35,140 @@ fn injected_fault(fault: bool, task: &str) {
     }
 }
 
-/// Keeps the rollouts' clock: the core decides, this only ticks.
-pub async fn drive_rollouts(control: ControlHandle, cancel: CancellationToken, fault: bool) {
+/// Keeps the rollouts' clock (the core decides, this only ticks) and reads their gates beyond
+/// the kernel: each tick's answer says which rollouts need their metric gates read or their
+/// end-of-window judgement made, and the reads run here, on tasks of their own, never on the
+/// core. Their results go back to the core as commands.
+pub async fn drive_rollouts(control: ControlHandle, gates: GateClients, cancel: CancellationToken, fault: bool) {
     let mut tick = tokio::time::interval(ROLLOUT_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reads = GateReads::default();
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
         injected_fault(fault, "rollout-driver");
-        tokio::select! {
+        let work = tokio::select! {
             () = cancel.cancelled() => return,
-            sent = control.tell(Command::TickRollouts) => if sent.is_err() { return },
+            work = control.request(TICK_BOUND, |reply| Command::TickRollouts { reply }) => work,
+        };
+        match work {
+            Ok(work) => reads.schedule(work, &gates, &control),
+            Err(ControlError::CoreDead) => return,
+            // A stuck core: /healthz says so; tick again.
+            Err(_) => {}
         }
+    }
+}
+
+/// Whether this agent reads the gates beyond the kernel. Single-node, it always does. In
+/// cluster mode only the rollout leader will (one set of queries and calls per cluster, not per
+/// node): this is the one place that asks.
+fn reads_gates_here() -> bool {
+    true
+}
+
+/// The driver's reads per rollout: at most one in flight, in-window polls every poll interval,
+/// and an end-of-window judgement asked for again every poll interval while a gate holds.
+#[derive(Default)]
+struct GateReads {
+    services: HashMap<String, ReadState>,
+}
+
+struct ReadState {
+    window: u64,
+    due: GateDue,
+    /// When the last read started (for a new window: when it was first seen, so that the
+    /// first poll comes one interval into the window).
+    last_started: Option<Instant>,
+    in_flight: Option<JoinHandle<()>>,
+}
+
+impl GateReads {
+    fn schedule(&mut self, work: Vec<GateWork>, gates: &GateClients, control: &ControlHandle) {
+        // Rollouts that no longer need reads (ended, paused, judged): their reads are moot.
+        self.services.retain(|service, state| {
+            let keep = work.iter().any(|w| &w.service == service);
+            if !keep {
+                if let Some(task) = state.in_flight.take() {
+                    task.abort();
+                }
+            }
+            keep
+        });
+        if !reads_gates_here() {
+            return;
+        }
+        let now = Instant::now();
+        for work in work {
+            let state = self.services.entry(work.service.clone()).or_insert(ReadState {
+                window: work.window,
+                due: work.due,
+                last_started: None,
+                in_flight: None,
+            });
+            if state.window != work.window || state.due != work.due || state.last_started.is_none() {
+                if let Some(task) = state.in_flight.take() {
+                    task.abort();
+                }
+                state.window = work.window;
+                state.due = work.due;
+                // A judgement is read at once; polls start one interval into the window.
+                state.last_started = match work.due {
+                    GateDue::Judge => None,
+                    GateDue::Poll => Some(now),
+                };
+                if work.due == GateDue::Poll {
+                    continue;
+                }
+            }
+            if state.in_flight.as_ref().is_some_and(|task| !task.is_finished()) {
+                continue;
+            }
+            let interval = poll_interval(Duration::from_secs_f64(work.step_seconds.max(1.0)));
+            if state.last_started.is_some_and(|at| now.duration_since(at) < interval) {
+                continue;
+            }
+            state.last_started = Some(now);
+            state.in_flight = Some(tokio::spawn(read_and_report(work, gates.clone(), control.clone())));
+        }
+    }
+}
+
+/// Reads what `work` asks for and sends it to the core.
+async fn read_and_report(work: GateWork, gates: GateClients, control: ControlHandle) {
+    let context = QueryContext {
+        service: &work.service,
+        window: Duration::from_secs_f64(work.step_seconds.max(1.0)),
+        step: work.step,
+        percent: work.percent,
+        namespace: None,
+    };
+    let readings = match gates.prometheus() {
+        Some(client) => read_gates(&client, &work.metrics, &context).await,
+        None => vec![
+            Reading::Error("agent.prometheus is not set in the agent's config (any more)".to_string());
+            work.metrics.len()
+        ],
+    };
+    let input = match work.due {
+        GateDue::Poll => GateInput::Poll(readings),
+        GateDue::Judge => {
+            // Acceptance and load tests are called only once the metrics pass: a failing or
+            // holding metric decides the check without them.
+            let metrics_pass = metric::judge(&work.metrics, &readings, work.on_missing).verdict == Verdict::Pass;
+            let checks = if metrics_pass && !work.checks.is_empty() {
+                gates.webhooks().check_all(&work.checks, &work.state).await
+            } else {
+                Vec::new()
+            };
+            GateInput::Judge { metrics: readings, checks }
+        }
+    };
+    if let Err(err) = control.tell(Command::GateInput { name: work.service.clone(), window: work.window, input }).await
+    {
+        log::debug!("rollout of {}: gate readings not delivered: {err}", work.service);
     }
 }
 
@@ -62,15 +189,17 @@ pub async fn reap_revisions(control: ControlHandle, cancel: CancellationToken, f
     }
 }
 
-/// Webhooks and connection termination, off the core's thread and the API's workers.
+/// Webhook notifications and connection termination, off the core's thread and the API's
+/// workers. Notifications go through the hardened sender (allow list checked again at delivery,
+/// metadata addresses refused, 8 KiB of an answer read, one deadline each, bounded concurrency).
 pub async fn carry_out_follow_ups(
     control: ControlHandle,
     mut follow_ups: mpsc::UnboundedReceiver<FollowUp>,
     cgroup: PathBuf,
+    gates: GateClients,
     cancel: CancellationToken,
     fault: bool,
 ) {
-    let webhooks = ureq::Agent::config_builder().timeout_global(Some(WEBHOOK_DEADLINE)).build().new_agent();
     loop {
         let item = tokio::select! {
             () = cancel.cancelled() => return,
@@ -83,11 +212,13 @@ pub async fn carry_out_follow_ups(
         match item {
             FollowUp::Notify { service, event, webhooks: urls, payload } => {
                 for url in urls {
-                    let (agent, payload, service, event) =
-                        (webhooks.clone(), payload.clone(), service.clone(), event.clone());
-                    tokio::task::spawn_blocking(move || {
-                        if let Err(err) = agent.post(&url).send_json(&payload) {
-                            log::warn!("webhook {url} ({service} {event}): {err}");
+                    // Each delivery is bounded by its deadline (slot wait included), so these
+                    // tasks cannot pile up for longer than that.
+                    let (webhooks, payload, service, event) =
+                        (gates.webhooks().clone(), payload.clone(), service.clone(), event.clone());
+                    tokio::spawn(async move {
+                        if let Err(err) = webhooks.notify(&url, &payload).await {
+                            log::warn!("webhook {url:?} ({service} {event}): {err}");
                         }
                     });
                 }
@@ -118,6 +249,7 @@ pub async fn watch_config(
     path: PathBuf,
     initial: Config,
     loaded_bytes: Option<Vec<u8>>,
+    gates: GateClients,
     cancel: CancellationToken,
     fault: bool,
 ) {
@@ -177,6 +309,10 @@ pub async fn watch_config(
             || config.state_dir != initial.state_dir
         {
             log::warn!("config reload: changes to [agent] take effect at the next restart");
+        }
+        // These two apply at once, also to running rollouts' next reads and deliveries.
+        if gates.reconfigure(config.prometheus.clone(), config.webhook_allow.clone()) {
+            log::info!("config reload: agent.prometheus and agent.webhook_allow applied");
         }
         if config.cluster != initial.cluster {
             log::warn!("config reload: changes to [cluster] take effect at the next restart");

@@ -16,7 +16,7 @@ pub const DEFAULT_CHECK_TIMEOUT_SECONDS: f64 = 10.0;
 pub const MAX_CHECK_TIMEOUT_SECONDS: f64 = 60.0;
 
 /// One entry of `gates.webhooks`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookCheck {
     /// Names the check in the rollout's state, history and notifications.
@@ -60,7 +60,7 @@ pub fn validate_webhook_checks(checks: &[WebhookCheck], field: &str) -> Result<(
 }
 
 /// What one call of a check gave.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CheckResult {
     pub name: String,
     pub passed: bool,

@@ -24,7 +24,7 @@ pub const EARLY_FAIL_READINGS: u32 = 3;
 pub const PLACEHOLDERS: [&str; 5] = ["service", "window", "step", "percent", "namespace"];
 
 /// One entry of `gates.metrics`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MetricGate {
     /// Names the gate in the rollout's state, history and notifications.
@@ -40,7 +40,7 @@ pub struct MetricGate {
 }
 
 /// `gates.on_missing`: what a query that returns no data or fails means.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OnMissing {
     /// The step waits (neither promoted nor failed) and says why, until the metric reads again.
@@ -51,7 +51,7 @@ pub enum OnMissing {
 }
 
 /// What one query gave.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Reading {
     /// A finite number (`±Inf` is read as `±f64::MAX`, which compares the same against a
@@ -233,7 +233,7 @@ impl MetricGate {
 }
 
 /// One gate's reading and verdict, as the rollout's state and notifications show them.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GateReading {
     pub gate: String,
     pub reading: Reading,
@@ -241,7 +241,7 @@ pub struct GateReading {
 }
 
 /// The metric gates' part of a check.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MetricJudgement {
     /// [`Verdict::worst`] of the gates' verdicts.
     pub verdict: Verdict,
@@ -274,15 +274,21 @@ pub fn poll_interval(window: Duration) -> Duration {
 /// [`EARLY_FAIL_READINGS`] times in a row. Missing data never fails early (`on_missing` is
 /// applied at the window's end), and one bad reading (a spike, a scrape of the previous step's
 /// traffic in a query's look-back) does not either. A fresh watch starts with each window.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EarlyWatch {
     /// Per gate (plan order): out-of-bound readings in a row so far.
+    #[serde(default)]
     streaks: Vec<u32>,
 }
 
 impl EarlyWatch {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Out-of-bound readings in a row of gate `i` so far.
+    pub fn streak(&self, i: usize) -> u32 {
+        self.streaks.get(i).copied().unwrap_or(0)
     }
 
     /// Takes one round of in-window readings; `Some(Fail)` when the step should fail now.

@@ -9,13 +9,97 @@ pub mod checks;
 pub mod metric;
 pub mod prometheus;
 
-use std::fmt;
+use std::{
+    fmt,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use serde::{Deserialize, Serialize};
 
+use self::{
+    metric::QueryContext,
+    prometheus::{check_plan_queries, PrometheusClient, PrometheusEndpoint},
+};
+use crate::{
+    config::InvalidField,
+    rollout::Plan,
+    webhook::{validate_plan_webhooks, AllowList, Webhooks},
+};
+
+/// What the gates beyond the kernel reach out to: the Prometheus server of `agent.prometheus`
+/// and the webhook sender with `agent.webhook_allow`. Both come from the config file only and
+/// follow its reloads. Shared by the API (checks at plan start), the rollout driver (readings)
+/// and the follow-up task (notifications); cheap to clone.
+#[derive(Debug, Clone)]
+pub struct GateClients {
+    /// Replaced on reload; cloned out before any query, never held across one.
+    prometheus: Arc<RwLock<Option<PrometheusClient>>>,
+    webhooks: Webhooks,
+}
+
+impl GateClients {
+    pub fn new(prometheus: Option<PrometheusEndpoint>, allow: AllowList) -> Self {
+        Self {
+            prometheus: Arc::new(RwLock::new(prometheus.map(PrometheusClient::new))),
+            webhooks: Webhooks::new(allow),
+        }
+    }
+
+    /// A reloaded config's `agent.prometheus` and `agent.webhook_allow`, for every later query
+    /// and delivery (also of running rollouts). Answers whether anything changed.
+    pub fn reconfigure(&self, prometheus: Option<PrometheusEndpoint>, allow: AllowList) -> bool {
+        let mut changed = false;
+        {
+            let mut current = self.prometheus.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if current.as_ref().map(PrometheusClient::endpoint) != prometheus.as_ref() {
+                *current = prometheus.map(PrometheusClient::new);
+                changed = true;
+            }
+        }
+        if self.webhooks.allow_list() != allow {
+            self.webhooks.set_allow_list(allow);
+            changed = true;
+        }
+        changed
+    }
+
+    /// The Prometheus client, if `agent.prometheus` is set.
+    pub fn prometheus(&self) -> Option<PrometheusClient> {
+        self.prometheus.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    pub fn webhooks(&self) -> &Webhooks {
+        &self.webhooks
+    }
+
+    /// What a plan must pass at start beyond [`Plan::validate`], against the agent's config and
+    /// Prometheus: every webhook URL (notifications and checks) in `agent.webhook_allow`, and
+    /// every metric gate's query, expanded for the first step, accepted by Prometheus' parser.
+    /// Network I/O: called by the API handler before the plan goes to the core.
+    pub async fn check_plan(&self, service: &str, plan: &Plan) -> Result<(), InvalidField> {
+        plan.validate()?;
+        let allow = self.webhooks.allow_list();
+        let Some(gates) = plan.gates.judged() else {
+            return validate_plan_webhooks(&plan.webhooks, &[], Some(&allow));
+        };
+        validate_plan_webhooks(&plan.webhooks, &gates.webhooks, Some(&allow))?;
+        let context = QueryContext {
+            service,
+            window: Duration::from_secs_f64(plan.step_seconds),
+            step: 0,
+            percent: plan.steps[0],
+            // Services of the config file and the API have none; discovery will fill it in.
+            namespace: None,
+        };
+        check_plan_queries(self.prometheus().as_ref(), &gates.metrics, &context, "gates.metrics").await
+    }
+}
+
 /// What one gate, or a whole check, says about the step.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "verdict", rename_all = "snake_case")]
+#[schema(as = GateVerdict)]
 pub enum Verdict {
     /// Within bounds: the step may be promoted (as far as this gate is concerned).
     Pass,
@@ -27,7 +111,7 @@ pub enum Verdict {
 }
 
 /// Why a gate failed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum FailCause {
     /// A metric read a value outside its bound.
@@ -36,10 +120,12 @@ pub enum FailCause {
     Missing { reason: String },
     /// A webhook check answered something other than 2xx, or not in time.
     Check { detail: String },
+    /// A kernel gate (a comparison with stable, or a fixed ratio) failed.
+    Kernel { detail: String },
 }
 
 /// The bound a value broke.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Bound {
     Max(f64),
@@ -87,7 +173,9 @@ impl fmt::Display for Verdict {
             Verdict::Fail { gate, cause: FailCause::Missing { reason } } => {
                 write!(f, "{gate}: {reason} (on_missing = \"fail\")")
             }
-            Verdict::Fail { gate, cause: FailCause::Check { detail } } => write!(f, "{gate}: {detail}"),
+            Verdict::Fail { gate, cause: FailCause::Check { detail } | FailCause::Kernel { detail } } => {
+                write!(f, "{gate}: {detail}")
+            }
         }
     }
 }

@@ -234,7 +234,8 @@ impl PrometheusClient {
 /// each query expands for the first step and Prometheus' parser accepts it. `field` names the
 /// list in errors (`gates.metrics`), so a refusal reads `gates.metrics[1].query: ...` with
 /// Prometheus' own message. Prometheus being unreachable also refuses the plan: a gate that
-/// cannot be checked now would only hold the first step.
+/// cannot be checked now would only hold the first step. The queries are checked at once, so
+/// this takes at most the client's timeout; the first refusal in plan order is answered.
 pub async fn check_plan_queries(
     client: Option<&PrometheusClient>,
     gates: &[MetricGate],
@@ -250,15 +251,38 @@ pub async fn check_plan_queries(
             "metric gates need a Prometheus server: set agent.prometheus in the agent's config file",
         ));
     };
+    let mut queries = Vec::with_capacity(gates.len());
     for (i, gate) in gates.iter().enumerate() {
-        let at = format!("{field}[{i}].query");
-        let query = expand(&gate.query, context).map_err(|err| InvalidField::new(&at, err.to_string()))?;
-        client.check_query(&query).await.map_err(|err| match err {
-            QueryCheckError::Invalid(message) => InvalidField::new(&at, format!("Prometheus refuses it: {message}")),
-            QueryCheckError::Unavailable(err) => InvalidField::new(&at, format!("cannot be checked: {err}")),
-        })?;
+        let query = expand(&gate.query, context)
+            .map_err(|err| InvalidField::new(format!("{field}[{i}].query"), err.to_string()))?;
+        queries.push(query);
     }
-    Ok(())
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, query) in queries.into_iter().enumerate() {
+        let client = client.clone();
+        tasks.spawn(async move { (i, client.check_query(&query).await) });
+    }
+    let mut refusals = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        match done {
+            Ok((_, Ok(()))) => {}
+            Ok((i, Err(err))) => refusals.push((i, err)),
+            Err(err) => {
+                refusals.push((usize::MAX, QueryCheckError::Invalid(format!("the check's task failed: {err}"))))
+            }
+        }
+    }
+    refusals.sort_by_key(|(i, _)| *i);
+    match refusals.into_iter().next() {
+        None => Ok(()),
+        Some((i, err)) => {
+            let at = if i == usize::MAX { field.to_string() } else { format!("{field}[{i}].query") };
+            Err(match err {
+                QueryCheckError::Invalid(message) => InvalidField::new(at, format!("Prometheus refuses it: {message}")),
+                QueryCheckError::Unavailable(err) => InvalidField::new(at, format!("cannot be checked: {err}")),
+            })
+        }
+    }
 }
 
 /// Reads every gate's query (expanded for `context`) at once: `readings[i]` is `gates[i]`'s,

@@ -8,6 +8,10 @@ use agent_common::SideCounters;
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 
 use super::stats::{self, Comparison, Counts, Decision};
+use crate::gates::{
+    checks::WebhookCheck,
+    metric::{MetricGate, OnMissing},
+};
 
 /// Confidence of the statistical gates unless the plan says otherwise.
 pub const DEFAULT_CONFIDENCE: f64 = 0.95;
@@ -122,6 +126,14 @@ pub struct Gates {
     /// Canary connection attempts a window needs before it is judged at its end (a quieter
     /// window is extended until it has them).
     pub min_connections: u64,
+    /// PromQL queries and their bounds, read during each window and at its end (at most 8).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub metrics: Vec<MetricGate>,
+    /// What a metric gate without a value (no data, Prometheus unreachable) means.
+    pub on_missing: OnMissing,
+    /// URLs called with the rollout's state before a step is promoted; 2xx passes.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<WebhookCheck>,
 }
 
 impl Default for Gates {
@@ -134,11 +146,20 @@ impl Default for Gates {
             max_reset_ratio: None,
             max_srtt_ratio: None,
             min_connections: 0,
+            metrics: Vec::new(),
+            on_missing: OnMissing::default(),
+            webhooks: Vec::new(),
         }
     }
 }
 
 impl Gates {
+    /// Whether a check needs more than the kernel's counters: metric gates or webhook checks,
+    /// which the rollout driver reads outside the control core.
+    pub fn has_external(&self) -> bool {
+        !self.metrics.is_empty() || !self.webhooks.is_empty()
+    }
+
     fn has_fixed_ratios(&self) -> bool {
         self.max_failed_attempt_ratio.is_some() || self.max_reset_ratio.is_some() || self.max_srtt_ratio.is_some()
     }
@@ -333,6 +354,38 @@ impl GateReadings {
         self.comparisons
             .as_ref()
             .is_some_and(|c| c.failed_attempts.decision == Decision::Worse || c.resets.decision == Decision::Worse)
+    }
+
+    /// The kernel gates' part of a check, as gate verdicts to combine with the metric gates' and
+    /// webhook checks': one failure per failing gate, else a hold while evidence is missing,
+    /// else a pass.
+    pub fn gate_verdicts(&self) -> Vec<crate::gates::Verdict> {
+        use crate::gates::{FailCause, Verdict as GateVerdict};
+        match self.verdict {
+            Verdict::Pass => vec![GateVerdict::Pass],
+            Verdict::Fail => {
+                let fail = |gate: &str, detail: &str| GateVerdict::Fail {
+                    gate: gate.to_string(),
+                    cause: FailCause::Kernel { detail: detail.to_string() },
+                };
+                let mut failed: Vec<_> = self
+                    .failures
+                    .iter()
+                    .map(|line| {
+                        let (gate, detail) = line.split_once(": ").unwrap_or(("kernel", line));
+                        fail(gate, detail)
+                    })
+                    .collect();
+                if failed.is_empty() {
+                    failed.push(fail("kernel", "a gate failed"));
+                }
+                failed
+            }
+            Verdict::Wait => vec![GateVerdict::Hold {
+                gate: "kernel".to_string(),
+                reason: self.waiting_for.first().cloned().unwrap_or_else(|| "waiting for evidence".to_string()),
+            }],
+        }
     }
 }
 

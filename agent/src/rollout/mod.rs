@@ -7,26 +7,41 @@
 //! desired state. The state changes only on events (a step, a judgement, the first canary failure
 //! of a window), not on every tick, so an unchanged rollout is not rewritten.
 //!
+//! Metric gates and webhook checks need network I/O, which never runs on the core: the rollout
+//! driver reads them and feeds the readings back as inputs ([`Rollout::observe_metrics`] during
+//! a window, [`Rollout::conclude`] once the window's time is served and the kernel gates pass),
+//! and [`Rollout::gate_due`] tells it what to read. Every check ends in one verdict over all of
+//! them ([`Judgement`]).
+//!
 //! - `plan`: the plan, its bounds, delegation.
 //! - `gates`: what the gates read from counter deltas, and their verdict.
 //! - `stats`: the anytime-valid comparison of two failure proportions.
+//! - `external`: the metric gates' and webhook checks' part of the state.
 
+mod external;
 mod gates;
 mod plan;
 pub mod stats;
 
 use std::collections::VecDeque;
 
+pub use external::{ExternalWindow, GateDue, Judgement};
 pub use gates::{
     judge, Comparisons, GatePolicy, GateReadings, Gates, SideSnapshot, Snapshot, Verdict, WindowCounts,
     DEFAULT_CONFIDENCE, DEFAULT_FAILED_ATTEMPTS_TOLERANCE, DEFAULT_RESETS_TOLERANCE,
 };
-pub use plan::{
-    parse_http_url, Approval, Plan, RollbackPolicy, MAX_FAILURE_THRESHOLD, MAX_STEPS, MAX_WEBHOOKS, MIN_STEP_SECONDS,
-};
+pub use plan::{Approval, Plan, RollbackPolicy, MAX_FAILURE_THRESHOLD, MAX_STEPS, MIN_STEP_SECONDS};
 use serde::{Deserialize, Serialize};
 
-use crate::config::Role;
+use crate::{
+    config::Role,
+    gates::{
+        checks::CheckResult,
+        metric,
+        metric::{GateReading, Reading},
+        Verdict as GateVerdict,
+    },
+};
 
 /// History entries kept per rollout; older ones are dropped (and counted).
 pub const MAX_HISTORY: usize = 256;
@@ -126,8 +141,18 @@ pub struct Rollout {
     #[serde(default)]
     pub window_first_failure_unix_ms: Option<u64>,
     pub consecutive_failures: u32,
-    /// The readings of the last judgement (a pass, or a failed check).
+    /// The kernel gates' readings of the last judgement (a pass, or a failed check).
     pub last_gates: Option<GateReadings>,
+    /// The last judgement's one verdict, with every metric reading and webhook check result.
+    #[serde(default)]
+    pub last_judgement: Option<Judgement>,
+    /// Counts windows: each new window (a new step, a restart after a failed check) gets the
+    /// next number, so that readings taken for an earlier window are never applied to this one.
+    #[serde(default)]
+    pub window: u64,
+    /// The metric gates and webhook checks of the window in progress.
+    #[serde(default)]
+    pub external: ExternalWindow,
     pub started_by: String,
     /// The last `MAX_HISTORY` events.
     pub history: VecDeque<HistoryEntry>,
@@ -168,6 +193,9 @@ impl Rollout {
             window_first_failure_unix_ms: None,
             consecutive_failures: 0,
             last_gates: None,
+            last_judgement: None,
+            window: 0,
+            external: ExternalWindow::default(),
             started_by: by.to_string(),
             history: VecDeque::new(),
             history_dropped: 0,
@@ -253,6 +281,107 @@ impl Rollout {
         self.window_started_unix_ms = now_ms;
         self.window_baseline = counters;
         self.window_first_failure_unix_ms = None;
+        self.window += 1;
+        self.external = ExternalWindow::default();
+    }
+
+    /// What the driver should read for this rollout now, if anything: the metric gates during
+    /// the window, and the end-of-window judgement once the kernel gates have passed.
+    pub fn gate_due(&self) -> Option<GateDue> {
+        if self.state != RolloutState::Running || !self.plan.has_external_gates() {
+            return None;
+        }
+        if self.external.judging_since_unix_ms.is_some() {
+            Some(GateDue::Judge)
+        } else if !self.plan.metric_gates().is_empty() {
+            Some(GateDue::Poll)
+        } else {
+            None
+        }
+    }
+
+    /// Takes one round of in-window metric readings (`readings[i]` is gate `i`'s) for `window`:
+    /// a gate out of bounds several readings in a row fails the step now, like a kernel gate
+    /// that shows the canary worse. Readings of another window, or of a rollout that is not
+    /// running, are ignored.
+    pub fn observe_metrics(
+        &mut self,
+        now_ms: u64,
+        counters: Snapshot,
+        window: u64,
+        readings: &[Reading],
+    ) -> Vec<Effect> {
+        if self.state != RolloutState::Running || window != self.window {
+            return Vec::new();
+        }
+        let Some(gates) = self.plan.gates.judged() else { return Vec::new() };
+        let judgement = metric::judge(&gates.metrics, readings, gates.on_missing);
+        let early = self.external.early_watch.observe(&gates.metrics, readings);
+        self.external.metrics = Some(judgement);
+        self.external.metrics_read_unix_ms = Some(now_ms);
+        match early {
+            Some(failed) => {
+                let kernel = judge(&self.plan.gates, &self.window_counts(&counters), false);
+                let metrics = self.external.metrics.take().map(|m| m.readings).unwrap_or_default();
+                self.fail_check(now_ms, counters, kernel, vec![failed], metrics, Vec::new())
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// The end-of-window judgement for `window`: the metric gates' readings and the webhook
+    /// checks' results (empty when they were not called), combined with the kernel gates now
+    /// into one verdict. A failure counts toward `failure_threshold`; a hold keeps the step
+    /// waiting and says why (the driver asks again); a pass moves on.
+    pub fn conclude(
+        &mut self,
+        now_ms: u64,
+        counters: Snapshot,
+        window: u64,
+        readings: &[Reading],
+        webhooks: Vec<CheckResult>,
+    ) -> Vec<Effect> {
+        if self.state != RolloutState::Running || window != self.window || self.external.judging_since_unix_ms.is_none()
+        {
+            return Vec::new();
+        }
+        let Some(gates) = self.plan.gates.judged() else { return Vec::new() };
+        let kernel = judge(&self.plan.gates, &self.window_counts(&counters), false);
+        if kernel.verdict == Verdict::Wait {
+            // The kernel's evidence no longer suffices: the clock judges it again first.
+            self.external.judging_since_unix_ms = None;
+            return Vec::new();
+        }
+        let judgement = metric::judge(&gates.metrics, readings, gates.on_missing);
+        let verdicts: Vec<GateVerdict> = kernel
+            .gate_verdicts()
+            .into_iter()
+            .chain(judgement.readings.iter().map(|r| r.verdict.clone()))
+            .chain(webhooks.iter().map(CheckResult::verdict))
+            .collect();
+        self.external.metrics = Some(judgement.clone());
+        self.external.metrics_read_unix_ms = Some(now_ms);
+        match GateVerdict::worst(verdicts.iter().cloned()) {
+            GateVerdict::Fail { .. } => {
+                let failed = verdicts.into_iter().filter(GateVerdict::is_fail).collect();
+                self.fail_check(now_ms, counters, kernel, failed, judgement.readings, webhooks)
+            }
+            hold @ GateVerdict::Hold { .. } => {
+                let reason = hold.to_string();
+                if self.external.holding.as_ref() == Some(&reason) {
+                    return Vec::new();
+                }
+                let first = self.external.holding.is_none();
+                self.record(now_ms, "check_held", reason.clone());
+                self.external.holding = Some(reason);
+                if first {
+                    vec![Effect::Notify("held".into())]
+                } else {
+                    Vec::new()
+                }
+            }
+            GateVerdict::Pass => self.pass_check(now_ms, counters, kernel, judgement.readings, webhooks),
+        }
     }
 
     /// Advances the clock: judges the window. A comparison that shows the canary worse fails the
@@ -270,7 +399,9 @@ impl Rollout {
         let readings = judge(&self.plan.gates, &window, false);
         let served = now_ms.saturating_sub(self.window_started_unix_ms) >= self.plan.step_ms();
         if readings.canary_worse() || (served && readings.verdict == Verdict::Fail) {
-            return self.fail_check(now_ms, counters, readings);
+            let failed = readings.gate_verdicts();
+            let metrics = self.external.metrics.take().map(|m| m.readings).unwrap_or_default();
+            return self.fail_check(now_ms, counters, readings, failed, metrics, Vec::new());
         }
         if !served {
             return Vec::new();
@@ -285,8 +416,37 @@ impl Rollout {
         if readings.verdict == Verdict::Wait {
             return Vec::new();
         }
-        self.last_gates = Some(readings);
-        self.record(now_ms, "check_passed", String::new());
+        if self.plan.has_external_gates() {
+            // The metric gates and webhook checks have the last word; the driver reads them.
+            if self.external.judging_since_unix_ms.is_none() {
+                self.external.judging_since_unix_ms = Some(now_ms);
+            }
+            return Vec::new();
+        }
+        self.pass_check(now_ms, counters, readings, Vec::new(), Vec::new())
+    }
+
+    /// Every gate passed: the next step, an approval wait, or promotion.
+    fn pass_check(
+        &mut self,
+        now_ms: u64,
+        counters: Snapshot,
+        kernel: GateReadings,
+        metrics: Vec<GateReading>,
+        webhooks: Vec<CheckResult>,
+    ) -> Vec<Effect> {
+        let detail = external::summary(&metrics, &webhooks);
+        self.last_gates = Some(kernel);
+        self.last_judgement = Some(Judgement {
+            at_unix_ms: now_ms,
+            step: self.step,
+            verdict: GateVerdict::Pass,
+            failures: Vec::new(),
+            metrics,
+            webhooks,
+        });
+        self.external = ExternalWindow::default();
+        self.record(now_ms, "check_passed", detail);
         let next = self.step + 1;
         if next >= self.plan.steps.len() {
             self.close_step(now_ms, &counters);
@@ -304,9 +464,27 @@ impl Rollout {
         self.enter_step(next, now_ms, counters)
     }
 
-    fn fail_check(&mut self, now_ms: u64, counters: Snapshot, readings: GateReadings) -> Vec<Effect> {
-        let failures = readings.failures.join("; ");
-        self.last_gates = Some(readings);
+    /// A failed check: `failed` are the failing gates' verdicts (kernel, metric or webhook).
+    fn fail_check(
+        &mut self,
+        now_ms: u64,
+        counters: Snapshot,
+        kernel: GateReadings,
+        failed: Vec<GateVerdict>,
+        metrics: Vec<GateReading>,
+        webhooks: Vec<CheckResult>,
+    ) -> Vec<Effect> {
+        let lines: Vec<String> = failed.iter().map(ToString::to_string).collect();
+        let failures = lines.join("; ");
+        self.last_gates = Some(kernel);
+        self.last_judgement = Some(Judgement {
+            at_unix_ms: now_ms,
+            step: self.step,
+            verdict: GateVerdict::worst(failed),
+            failures: lines,
+            metrics,
+            webhooks,
+        });
         self.consecutive_failures += 1;
         self.record(now_ms, "check_failed", failures.clone());
         if self.consecutive_failures >= self.plan.failure_threshold {
@@ -378,6 +556,7 @@ fn fill_step_harm(harm: &mut StepHarm, delta: &Snapshot) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gates::metric::OnMissing;
 
     fn plan(steps: &[f64]) -> Plan {
         Plan {
@@ -521,6 +700,151 @@ mod tests {
         assert_eq!(r.approval_role(), Some(Role::Release));
         assert_eq!(r.percent, 10.0, "the weight waits at the approved step");
         assert_eq!(r.approve(12_000, counters, "rita")[0], Effect::SetPercent(50.0));
+    }
+
+    fn metric_plan(steps: &[f64], on_missing: crate::gates::metric::OnMissing, checks: bool) -> Plan {
+        use crate::gates::{checks::WebhookCheck, metric::MetricGate};
+        let gates = Gates {
+            metrics: vec![MetricGate {
+                name: "error-rate".into(),
+                query: "sum(rate(errors[{{window}}]))".into(),
+                max: Some(0.01),
+                min: None,
+            }],
+            on_missing,
+            webhooks: if checks {
+                vec![WebhookCheck {
+                    name: "acceptance".into(),
+                    url: "http://127.0.0.1:9/".into(),
+                    timeout_seconds: 5.0,
+                }]
+            } else {
+                vec![]
+            },
+            ..Gates::default()
+        };
+        Plan { gates: GatePolicy::Judged(gates), ..plan(steps) }
+    }
+
+    fn check_result(status: u16) -> CheckResult {
+        CheckResult {
+            name: "acceptance".into(),
+            passed: (200..300).contains(&status),
+            status: Some(status),
+            detail: format!("answered HTTP {status}"),
+            elapsed_ms: 2,
+        }
+    }
+
+    /// Ticks a healthy canary until the window's time is served and the kernel gates pass.
+    fn serve_the_window(r: &mut Rollout, from_ms: u64, counters: &mut Snapshot) -> u64 {
+        let mut now = from_ms;
+        for _ in 0..20 {
+            now += 100;
+            *counters = traffic(*counters, 40, 0, 160);
+            assert!(r.tick(now, *counters).is_empty(), "nothing moves before the judgement: {:?}", r.history);
+        }
+        now
+    }
+
+    #[test]
+    fn metric_gates_fail_a_step_early_when_out_of_bounds_in_a_row() {
+        let (mut r, _) =
+            Rollout::start(metric_plan(&[10.0, 50.0], OnMissing::Hold, false), 0, Snapshot::default(), "t");
+        assert_eq!(r.gate_due(), Some(GateDue::Poll));
+        let counters = traffic(Snapshot::default(), 10, 0, 90);
+        let window = r.window;
+        assert!(r.observe_metrics(1000, counters, window, &[Reading::Value(0.2)]).is_empty());
+        assert!(r.observe_metrics(2000, counters, window + 1, &[Reading::Value(0.2)]).is_empty(), "stale window");
+        assert!(r.observe_metrics(2000, counters, window, &[Reading::Value(0.2)]).is_empty());
+        assert_eq!(r.external.early_watch.streak(0), 2);
+        let effects = r.observe_metrics(3000, counters, window, &[Reading::Value(0.2)]);
+        assert_eq!(effects[0], Effect::RollBack { terminate_connections: false });
+        assert_eq!(r.state, RolloutState::RolledBack);
+        let detail = &r.history.back().unwrap().detail;
+        assert_eq!(detail, "gates failed: error-rate: 0.2000 above max 0.01");
+        let judgement = r.last_judgement.as_ref().unwrap();
+        assert_eq!(judgement.failures, vec!["error-rate: 0.2000 above max 0.01".to_string()]);
+        assert_eq!(judgement.metrics[0].reading, Reading::Value(0.2));
+        assert_eq!(r.gate_due(), None);
+    }
+
+    #[test]
+    fn a_served_window_waits_for_the_metrics_holds_while_they_are_missing_then_passes() {
+        let (mut r, _) =
+            Rollout::start(metric_plan(&[10.0, 50.0], OnMissing::Hold, false), 0, Snapshot::default(), "t");
+        let mut counters = Snapshot::default();
+        let now = serve_the_window(&mut r, 0, &mut counters);
+        assert_eq!((r.gate_due(), r.step, r.state), (Some(GateDue::Judge), 0, RolloutState::Running));
+        let down = Reading::Error("Prometheus at 127.0.0.1:9090 unreachable: connection refused".into());
+        let effects = r.conclude(now, counters, r.window, std::slice::from_ref(&down), vec![]);
+        assert_eq!(effects, vec![Effect::Notify("held".into())]);
+        let held = r.history.back().unwrap();
+        assert_eq!(held.event, "check_held");
+        assert_eq!(held.detail, "error-rate: holding, Prometheus at 127.0.0.1:9090 unreachable: connection refused");
+        assert_eq!(r.external.holding.as_deref(), Some(held.detail.as_str()));
+        let events = r.history.len();
+        assert!(r.conclude(now + 1000, counters, r.window, &[down], vec![]).is_empty());
+        assert_eq!(r.history.len(), events, "the same reason is recorded once");
+        assert_eq!((r.step, r.state, r.consecutive_failures), (0, RolloutState::Running, 0));
+        let effects = r.conclude(now + 2000, counters, r.window, &[Reading::Value(0.0)], vec![]);
+        assert_eq!(effects[0], Effect::SetPercent(50.0));
+        let passed = r.history.iter().rev().find(|h| h.event == "check_passed").unwrap();
+        assert_eq!(passed.detail, "error-rate = 0.0000");
+        assert_eq!(r.last_judgement.as_ref().unwrap().verdict, GateVerdict::Pass);
+        assert_eq!((r.external.holding.as_ref(), r.gate_due()), (None, Some(GateDue::Poll)), "a new window");
+    }
+
+    #[test]
+    fn missing_metrics_fail_the_check_with_on_missing_fail() {
+        let (mut r, _) =
+            Rollout::start(metric_plan(&[10.0, 50.0], OnMissing::Fail, false), 0, Snapshot::default(), "t");
+        let mut counters = Snapshot::default();
+        let now = serve_the_window(&mut r, 0, &mut counters);
+        r.conclude(now, counters, r.window, &[Reading::NoData], vec![]);
+        assert_eq!(r.state, RolloutState::RolledBack);
+        assert_eq!(r.history.back().unwrap().detail, "gates failed: error-rate: no data (on_missing = \"fail\")");
+    }
+
+    #[test]
+    fn a_failing_webhook_check_counts_toward_the_threshold_and_a_passing_one_promotes() {
+        let plan = Plan { failure_threshold: 2, ..metric_plan(&[10.0, 50.0], OnMissing::Hold, true) };
+        let (mut r, _) = Rollout::start(plan.clone(), 0, Snapshot::default(), "t");
+        let mut counters = Snapshot::default();
+        let now = serve_the_window(&mut r, 0, &mut counters);
+        let first_window = r.window;
+        assert!(r.conclude(now, counters, first_window, &[Reading::Value(0.0)], vec![check_result(500)]).is_empty());
+        assert_eq!((r.consecutive_failures, r.step, r.state), (1, 0, RolloutState::Running));
+        assert_eq!(r.history.back().unwrap().detail, "acceptance: answered HTTP 500");
+        assert_eq!(r.window, first_window + 1, "a failed check restarts the window");
+        assert!(r.conclude(now, counters, first_window, &[Reading::Value(0.0)], vec![check_result(200)]).is_empty());
+        assert_eq!(r.step, 0, "a judgement of an earlier window changes nothing");
+        let now = serve_the_window(&mut r, now, &mut counters);
+        r.conclude(now, counters, r.window, &[Reading::Value(0.0)], vec![check_result(500)]);
+        assert_eq!(r.state, RolloutState::RolledBack);
+        assert_eq!(r.percent, 0.0);
+
+        let (mut r, _) = Rollout::start(plan, 0, Snapshot::default(), "t");
+        let mut counters = Snapshot::default();
+        let now = serve_the_window(&mut r, 0, &mut counters);
+        let effects = r.conclude(now, counters, r.window, &[Reading::Value(0.0)], vec![check_result(200)]);
+        assert_eq!(effects[0], Effect::SetPercent(50.0));
+        assert_eq!(
+            r.history.iter().rev().find(|h| h.event == "check_passed").unwrap().detail,
+            "error-rate = 0.0000, acceptance: HTTP 200"
+        );
+        // A kernel failure still fails the check while the step waits for its judgement.
+        let now = serve_the_window(&mut r, now, &mut counters);
+        assert_eq!(r.gate_due(), Some(GateDue::Judge));
+        let refusing = traffic(counters, 0, 200, 200);
+        r.tick(now + 100, refusing);
+        assert_eq!((r.consecutive_failures, r.gate_due()), (1, Some(GateDue::Poll)), "{:?}", r.history);
+        let judgement = r.last_judgement.as_ref().unwrap();
+        assert!(judgement.failures[0].starts_with("failed_attempts: canary 20.00 %"), "{judgement:?}");
+        assert!(
+            matches!(&judgement.verdict, GateVerdict::Fail { gate, cause: crate::gates::FailCause::Kernel { .. } } if gate == "failed_attempts"),
+            "{judgement:?}"
+        );
     }
 
     #[test]

@@ -2,8 +2,12 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::gates::{GatePolicy, Snapshot};
-use crate::config::{InvalidField, Role};
+use super::gates::{GatePolicy, Gates, Snapshot};
+use crate::{
+    config::{InvalidField, Role},
+    gates::metric::validate_metric_gates,
+    webhook::validate_plan_webhooks,
+};
 
 /// Most steps a plan may have.
 pub const MAX_STEPS: usize = 100;
@@ -13,8 +17,6 @@ pub const MIN_STEP_SECONDS: f64 = 1.0;
 pub const MAX_STEP_SECONDS: f64 = 86_400.0;
 /// Most failed checks in a row a plan may ask for before rolling back.
 pub const MAX_FAILURE_THRESHOLD: u32 = 100;
-/// Most webhooks per plan.
-pub const MAX_WEBHOOKS: usize = 8;
 /// Range of `gates.confidence`.
 pub const MIN_CONFIDENCE: f64 = 0.8;
 pub const MAX_CONFIDENCE: f64 = 0.9999;
@@ -38,8 +40,8 @@ pub struct Plan {
     /// Steps at or above `at_percent` wait for an approver with `role`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approval: Option<Approval>,
-    /// `http://` URLs that get a JSON POST on each step, pause, approval wait, promotion,
-    /// rollback and abort.
+    /// `http://` URLs that get a JSON POST on each step, pause, approval wait, hold, promotion,
+    /// rollback and abort; `host:port` must be in the agent's `webhook_allow`.
     #[serde(default)]
     pub webhooks: Vec<String>,
     #[serde(default)]
@@ -155,16 +157,25 @@ impl Plan {
                 ));
             }
         }
-        if self.webhooks.len() > MAX_WEBHOOKS {
-            return Err(InvalidField::new(
-                "webhooks",
-                format!("at most {MAX_WEBHOOKS} webhooks, got {}", self.webhooks.len()),
-            ));
-        }
-        for (i, url) in self.webhooks.iter().enumerate() {
-            parse_http_url(url).map_err(|msg| InvalidField::new(format!("webhooks[{i}]"), msg))?;
-        }
+        let (metrics, checks) = match self.gates.judged() {
+            Some(gates) => (gates.metrics.as_slice(), gates.webhooks.as_slice()),
+            None => (&[][..], &[][..]),
+        };
+        validate_metric_gates(metrics, "gates.metrics")?;
+        // The allow list is the start's business (it may change while a rollout runs; every
+        // delivery checks it again): here, what no allow list could make valid.
+        validate_plan_webhooks(&self.webhooks, checks, None)?;
         Ok(())
+    }
+
+    /// Whether checks need the driver's reads outside the core (metric gates, webhook checks).
+    pub fn has_external_gates(&self) -> bool {
+        self.gates.judged().is_some_and(Gates::has_external)
+    }
+
+    /// The metric gates (none for a timed rollout).
+    pub fn metric_gates(&self) -> &[crate::gates::metric::MetricGate] {
+        self.gates.judged().map_or(&[], |gates| gates.metrics.as_slice())
     }
 
     pub(super) fn step_ms(&self) -> u64 {
@@ -224,26 +235,6 @@ impl Plan {
     }
 }
 
-/// `http://host:port/path` to (host:port, path). Only plain HTTP: webhooks go to a local relay
-/// or an in-cluster receiver.
-pub fn parse_http_url(url: &str) -> Result<(String, String), String> {
-    let rest = url.strip_prefix("http://").ok_or_else(|| format!("{url:?} is not an http:// URL"))?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    if authority.is_empty() || authority.contains('@') {
-        return Err(format!("{url:?} has no usable host"));
-    }
-    let authority =
-        if authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) && !authority.ends_with(']') {
-            authority.to_string()
-        } else {
-            format!("{authority}:80")
-        };
-    Ok((authority, path.to_string()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,6 +271,8 @@ mod tests {
             (Plan { failure_threshold: 0, ..plan(&[10.0]) }, "failure_threshold"),
             (Plan { failure_threshold: 101, ..plan(&[10.0]) }, "failure_threshold"),
             (Plan { webhooks: vec!["ftp://x".into()], ..plan(&[10.0]) }, "webhooks[0]"),
+            (Plan { webhooks: vec!["http://169.254.169.254/".into()], ..plan(&[10.0]) }, "webhooks[0]"),
+            (Plan { webhooks: vec!["http://127.0.0.1:9/x\r\nX: y".into()], ..plan(&[10.0]) }, "webhooks[0]"),
             (Plan { webhooks: vec!["http://x".into(); 9], ..plan(&[10.0]) }, "webhooks"),
             (
                 Plan { gates: judged(Gates { confidence: 1.0, ..Gates::default() }), ..plan(&[10.0]) },
@@ -363,9 +356,50 @@ mod tests {
     }
 
     #[test]
-    fn urls_parse() {
-        assert_eq!(parse_http_url("http://127.0.0.1:9000/hook").unwrap(), ("127.0.0.1:9000".into(), "/hook".into()));
-        assert_eq!(parse_http_url("http://example.test").unwrap(), ("example.test:80".into(), "/".into()));
-        assert!(parse_http_url("https://x").is_err());
+    fn metric_gates_and_webhook_checks_are_validated_with_the_plan() {
+        use crate::gates::{checks::WebhookCheck, metric::MetricGate};
+        let metric =
+            |name: &str, query: &str| MetricGate { name: name.into(), query: query.into(), max: Some(0.01), min: None };
+        let check = |url: &str| WebhookCheck {
+            name: url
+                .rsplit('/')
+                .next()
+                .filter(|s| s.chars().all(char::is_alphanumeric) && !s.is_empty())
+                .unwrap_or("smoke")
+                .into(),
+            url: url.into(),
+            timeout_seconds: 5.0,
+        };
+        let with = |metrics: Vec<MetricGate>, webhooks: Vec<WebhookCheck>| Plan {
+            gates: judged(Gates { metrics, webhooks, ..Gates::default() }),
+            ..plan(&[10.0])
+        };
+        let cases = [
+            (with(vec![metric("a", "up{{sevice}}")], vec![]), "gates.metrics[0].query"),
+            (with(vec![metric("a", "up"), metric("a", "up")], vec![]), "gates.metrics[1].name"),
+            (with(vec![], vec![check("http://169.254.169.254/")]), "gates.webhooks[0].url"),
+            (with(vec![], vec![check("http://127.0.0.1:9/x\ty")]), "gates.webhooks[0].url"),
+            (
+                Plan {
+                    webhooks: vec!["http://127.0.0.1:9/".into(); 5],
+                    ..with(
+                        vec![],
+                        ["/a", "/b", "/cc", "/ddd"].map(|p| check(&format!("http://127.0.0.1:9{p}"))).to_vec(),
+                    )
+                },
+                "gates.webhooks",
+            ),
+        ];
+        for (plan, field) in cases {
+            assert_eq!(plan.validate().unwrap_err().field, field, "{plan:?}");
+        }
+        let good = with(vec![metric("error-rate", "sum(rate(x[{{window}}]))")], vec![check("http://127.0.0.1:9/")]);
+        good.validate().unwrap();
+        assert!(good.has_external_gates());
+        assert!(!plan(&[10.0]).has_external_gates());
+        // Metric gates live in the gates object: "none" cannot carry any.
+        let err = serde_json::from_str::<Plan>(r#"{"steps": [10], "step_seconds": 1, "gates": {"metrics": [{"name": "a", "query": "up", "max": 1}], "on_missing": "fail"}}"#)
+            .unwrap();
+        assert!(err.has_external_gates());
     }
 }
