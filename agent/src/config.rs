@@ -11,6 +11,7 @@ use agent_common::{percent_to_ppm, MAX_BACKENDS_PER_SIDE, MAX_SERVICES};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+pub use crate::discovery::{KubernetesConfig, PortSelector};
 use crate::{
     cluster::{ClusterConfig, ClusterSettings},
     gates::prometheus::PrometheusEndpoint,
@@ -79,6 +80,9 @@ pub struct AgentSection {
     pub prometheus_timeout_seconds: Option<f64>,
     /// `host:port` pairs webhooks (notifications and checks) may reach; empty: none.
     pub webhook_allow: Vec<String>,
+    /// Kubeconfig for Kubernetes discovery; unset: `KUBECONFIG`, else the in-cluster service
+    /// account (the DaemonSet's).
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl Default for AgentSection {
@@ -93,6 +97,7 @@ impl Default for AgentSection {
             prometheus_bearer_token_file: None,
             prometheus_timeout_seconds: None,
             webhook_allow: Vec::new(),
+            kubeconfig: None,
         }
     }
 }
@@ -187,7 +192,8 @@ pub struct CohortConfig {
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     pub name: String,
-    /// Addresses clients connect to (`ip:port`, `[v6]:port`).
+    /// Addresses clients connect to (`ip:port`, `[v6]:port`); empty with `kubernetes`.
+    #[serde(default)]
     pub frontends: Vec<String>,
     #[serde(default)]
     pub stable: Vec<String>,
@@ -202,6 +208,10 @@ pub struct ServiceConfig {
     pub max_operator_percent: f64,
     #[serde(default, rename = "cohort", skip_serializing_if = "Vec::is_empty")]
     pub cohorts: Vec<CohortConfig>,
+    /// Frontends and backends from Kubernetes Services instead of `frontends`/`stable`/`canary`.
+    /// Boxed: most services have none, and a service travels by value through the store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<Box<KubernetesConfig>>,
 }
 
 fn default_max_operator_percent() -> f64 {
@@ -215,13 +225,27 @@ pub struct Cohort {
     pub canary: CohortCanary,
 }
 
+/// Frontends with backends of their own. A Kubernetes service has one per Service port (port 80
+/// goes to the pods' 8080, port 443 to their 8443); a service written by hand has none: all its
+/// frontends share its `stable` and `canary`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortGroup {
+    pub frontends: Vec<SocketAddr>,
+    pub stable: Vec<SocketAddr>,
+    pub canary: Vec<SocketAddr>,
+}
+
 /// A validated service, ready for the datapath.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceSpec {
     pub name: String,
+    /// Every frontend (with `port_groups`: the union of theirs).
     pub frontends: Vec<SocketAddr>,
+    /// Every stable backend (with `port_groups`: the union of theirs).
     pub stable: Vec<SocketAddr>,
     pub canary: Vec<SocketAddr>,
+    /// Set for Kubernetes services, from discovery (see `discovery`); empty otherwise.
+    pub port_groups: Vec<PortGroup>,
     pub canary_ppm: u32,
     pub affinity: Affinity,
     pub cohorts: Vec<Cohort>,
@@ -244,6 +268,8 @@ pub struct Config {
     pub webhook_allow: AllowList,
     /// `Some`: cluster mode (`[cluster]`); the config file then holds no services.
     pub cluster: Option<ClusterSettings>,
+    /// `agent.kubeconfig`.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl Config {
@@ -307,6 +333,11 @@ impl Config {
             )
             .into());
         }
+        if let Some(path) = &file.agent.kubeconfig {
+            if !path.is_file() {
+                return Err(InvalidField::new("agent.kubeconfig", format!("{} is not a file", path.display())).into());
+            }
+        }
         let cgroup_root = paths::cgroup2_root().ok();
         let services = validate_services(&file.services, cgroup_root.as_deref())?;
         Ok(Self {
@@ -319,6 +350,7 @@ impl Config {
             prometheus,
             webhook_allow,
             cluster,
+            kubeconfig: file.agent.kubeconfig,
         })
     }
 }
@@ -417,9 +449,22 @@ pub fn validate_service(
     }
     let prefix = if prefix.is_empty() { String::new() } else { format!("{prefix} {name:?}") };
     let field = |rest: &str| join(&prefix, rest);
+    if let Some(kubernetes) = &service.kubernetes {
+        // Addresses come from the cluster (discovery fills them in at run time).
+        for (key, list) in [("frontends", &service.frontends), ("stable", &service.stable), ("canary", &service.canary)]
+        {
+            if !list.is_empty() {
+                return Err(InvalidField::new(
+                    field(key),
+                    format!("a service takes `{key}` or `kubernetes`, not both: with `kubernetes` frontends and backends come from the cluster"),
+                ));
+            }
+        }
+        kubernetes.validate(&field("kubernetes"))?;
+    }
     let frontends = parse_addrs(&service.frontends, &field("frontends"))?;
-    if frontends.is_empty() {
-        return Err(InvalidField::new(field("frontends"), "at least one is required"));
+    if frontends.is_empty() && service.kubernetes.is_none() {
+        return Err(InvalidField::new(field("frontends"), "at least one is required (or a `kubernetes` table)"));
     }
     let stable = parse_addrs(&service.stable, &field("stable"))?;
     let canary = parse_addrs(&service.canary, &field("canary"))?;
@@ -469,6 +514,7 @@ pub fn validate_service(
         frontends,
         stable,
         canary,
+        port_groups: Vec::new(),
         canary_ppm,
         affinity: service.affinity,
         cohorts,
@@ -680,6 +726,51 @@ mod tests {
         );
         assert!(error_of("[agent]\ncgroup = \"/tmp\"\n[cluster]\netcd = []").contains("cluster.etcd"));
         assert!(error_of("[agent]\ncgroup = \"/tmp\"\n[cluster]\netcd = [\"http://a:1\"]\nfoo = 1").contains("foo"));
+    }
+
+    #[test]
+    fn kubernetes_services_parse() {
+        let config = Config::parse(&with_service(
+            "name = \"web\"\ncanary_percent = 5.0\n[service.kubernetes]\nnamespace = \"shop\"\nfrontend = \"web\"\n\
+             stable = \"web-stable\"\ncanary = \"web-canary\"\nports = [\"http\", 443]",
+        ))
+        .unwrap();
+        let web = &config.services[0];
+        assert!(web.frontends.is_empty() && web.stable.is_empty(), "addresses come from discovery");
+        let k8s = web.source.kubernetes.as_ref().unwrap();
+        assert_eq!(k8s.frontend_ref(), "shop/web");
+        assert_eq!(k8s.ports, [PortSelector::Name("http".into()), PortSelector::Number(443)]);
+    }
+
+    #[test]
+    fn the_example_kubernetes_service_is_valid() {
+        // The commented-out example at the end of config/sockshift.toml, uncommented.
+        let example = include_str!("../../config/sockshift.toml");
+        let start = example.find("# [[service]]\n# name = \"shop\"").expect("the example is in config/sockshift.toml");
+        let service: String = example[start..].lines().map(|l| format!("{}\n", l.trim_start_matches("# "))).collect();
+        let config = Config::parse(&format!("[agent]\ncgroup = \"/tmp\"\n{service}"))
+            .unwrap_or_else(|e| panic!("{e}\n{service}"));
+        let kubernetes = config.services[0].source.kubernetes.as_ref().unwrap();
+        assert_eq!((kubernetes.frontend.as_str(), kubernetes.canary.as_deref()), ("web", Some("web-canary")));
+    }
+
+    #[test]
+    fn kubernetes_errors_name_the_field() {
+        let k8s = "[service.kubernetes]\nnamespace = \"shop\"\nfrontend = \"web\"\nstable = \"web-stable\"\n";
+        let cases = [
+            (format!("name = \"a\"\nfrontends = [\"1.2.3.4:80\"]\n{k8s}"), "service[0] \"a\".frontends"),
+            (format!("name = \"a\"\nstable = [\"1.2.3.4:80\"]\n{k8s}"), "service[0] \"a\".stable"),
+            (format!("name = \"a\"\n{k8s}ports = [0]"), "service[0] \"a\".kubernetes.ports[0]"),
+            (format!("name = \"a\"\n{k8s}namespace2 = \"x\""), "namespace2"),
+            ("name = \"a\"\n[service.kubernetes]\nnamespace = \"shop\"\nfrontend = \"web\"".to_string(), "stable"),
+            ("name = \"a\"\n".to_string(), "service[0] \"a\".frontends"),
+        ];
+        for (service, field) in cases {
+            let err = error_of(&with_service(&service));
+            assert!(err.contains(field), "error {err:?} should name {field}");
+        }
+        let err = error_of("[agent]\ncgroup = \"/tmp\"\nkubeconfig = \"/nonexistent/kubeconfig\"");
+        assert!(err.contains("agent.kubeconfig"), "{err}");
     }
 
     #[test]

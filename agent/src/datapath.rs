@@ -90,8 +90,11 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
 struct Installed {
     id: u32,
     spec: ServiceSpec,
-    /// The frontend value every frontend of the service carries.
+    /// The frontend value of the service's first backend group (its revision is the service's).
     value: FrontendValue,
+    /// Every frontend's value: they differ in revision and counts when the service has port
+    /// groups (a Kubernetes Service's ports), and share everything else.
+    frontend_values: Vec<(FrontendKey, FrontendValue)>,
     backend_slots: Vec<BackendKey>,
     cohort_keys: Vec<CohortKey>,
 }
@@ -289,40 +292,52 @@ impl Datapath {
             }
         }
 
-        // 1. The new revision's backends, complete before anything points at them.
-        let revision = self.allocate_revision();
-        let mut value = FrontendValue {
-            service_id: id,
-            revision,
-            canary_ppm: spec.canary_ppm,
-            flags: 0,
-            seed: service_seed(spec.name.as_bytes()),
-            ..Default::default()
+        // 1. The new revision's backends, complete before anything points at them: one revision
+        // per backend group (a hand-written service is one group; a Kubernetes service has one
+        // per Service port, each frontend port with its own target port).
+        let groups: Vec<(&[SocketAddr], &[SocketAddr], &[SocketAddr])> = if spec.port_groups.is_empty() {
+            vec![(&spec.frontends, &spec.stable, &spec.canary)]
+        } else {
+            spec.port_groups.iter().map(|g| (&g.frontends[..], &g.stable[..], &g.canary[..])).collect()
         };
+        let mut flags = 0;
+        if spec.affinity == Affinity::Client {
+            flags |= FLAG_AFFINITY_CLIENT;
+        }
         let mut backend_slots = Vec::new();
-        for (side, addrs) in [(SIDE_STABLE, &spec.stable), (SIDE_CANARY, &spec.canary)] {
-            for family in [FAMILY_V4, FAMILY_V6] {
-                let family_addrs = addrs.iter().filter(|a| family_of(a) == family);
-                let mut count: u16 = 0;
-                for addr in family_addrs {
-                    let key = BackendKey { revision, side, family, index: count };
-                    if let Err(err) = self.backends.insert(key, backend_value(addr), 0) {
-                        self.delete_backends(&backend_slots);
-                        return Err(DatapathError::Map { name: MAP_BACKENDS, source: err });
+        let mut group_values = Vec::with_capacity(groups.len());
+        for (frontends, stable, canary) in groups {
+            let revision = self.allocate_revision();
+            let mut value = FrontendValue {
+                service_id: id,
+                revision,
+                canary_ppm: spec.canary_ppm,
+                flags,
+                seed: service_seed(spec.name.as_bytes()),
+                ..Default::default()
+            };
+            for (side, addrs) in [(SIDE_STABLE, stable), (SIDE_CANARY, canary)] {
+                for family in [FAMILY_V4, FAMILY_V6] {
+                    let family_addrs = addrs.iter().filter(|a| family_of(a) == family);
+                    let mut count: u16 = 0;
+                    for addr in family_addrs {
+                        let key = BackendKey { revision, side, family, index: count };
+                        if let Err(err) = self.backends.insert(key, backend_value(addr), 0) {
+                            self.delete_backends(&backend_slots);
+                            return Err(DatapathError::Map { name: MAP_BACKENDS, source: err });
+                        }
+                        backend_slots.push(key);
+                        count += 1;
                     }
-                    backend_slots.push(key);
-                    count += 1;
-                }
-                match (side, family) {
-                    (SIDE_STABLE, FAMILY_V4) => value.stable_v4 = count,
-                    (SIDE_STABLE, _) => value.stable_v6 = count,
-                    (_, FAMILY_V4) => value.canary_v4 = count,
-                    _ => value.canary_v6 = count,
+                    match (side, family) {
+                        (SIDE_STABLE, FAMILY_V4) => value.stable_v4 = count,
+                        (SIDE_STABLE, _) => value.stable_v6 = count,
+                        (_, FAMILY_V4) => value.canary_v4 = count,
+                        _ => value.canary_v6 = count,
+                    }
                 }
             }
-        }
-        if spec.affinity == Affinity::Client {
-            value.flags |= FLAG_AFFINITY_CLIENT;
+            group_values.push((frontends, value));
         }
 
         // 2. Cohort entries, before the flag that makes the programs look for them.
@@ -342,14 +357,21 @@ impl Datapath {
             }
         }
         if !cohort_keys.is_empty() {
-            value.flags |= FLAG_HAS_COHORTS;
+            for (_, value) in &mut group_values {
+                value.flags |= FLAG_HAS_COHORTS;
+            }
         }
+        let frontend_values: Vec<(FrontendKey, FrontendValue)> = group_values
+            .iter()
+            .flat_map(|(frontends, value)| frontends.iter().map(|addr| (frontend_key(addr), *value)))
+            .collect();
+        let value = group_values.first().map(|(_, value)| *value).unwrap_or_default();
 
         // 3. The switch: one update per frontend.
-        let new_frontends = frontend_keys(&spec);
-        for key in &new_frontends {
-            self.frontends.insert(key, value, 0).map_err(map_err(MAP_FRONTENDS))?;
+        for (key, value) in &frontend_values {
+            self.frontends.insert(key, *value, 0).map_err(map_err(MAP_FRONTENDS))?;
         }
+        let new_frontends: Vec<FrontendKey> = frontend_values.iter().map(|(key, _)| *key).collect();
 
         // 4. What the old revision had and the new one does not.
         if let Some(old) = previous {
@@ -365,18 +387,20 @@ impl Datapath {
             }
             self.retired.push((Instant::now(), old.backend_slots));
         }
-        self.services.insert(spec.name.clone(), Installed { id, spec, value, backend_slots, cohort_keys });
+        self.services
+            .insert(spec.name.clone(), Installed { id, spec, value, frontend_values, backend_slots, cohort_keys });
         Ok(())
     }
 
     /// Sets a service's canary weight: one map update per frontend, nothing else changes.
     pub fn set_weight(&mut self, name: &str, canary_ppm: u32) -> Result<(), DatapathError> {
         let installed = self.services.get_mut(name).ok_or_else(|| DatapathError::UnknownService(name.into()))?;
-        let value = FrontendValue { canary_ppm, ..installed.value };
-        for key in frontend_keys(&installed.spec) {
-            self.frontends.insert(key, value, 0).map_err(map_err(MAP_FRONTENDS))?;
+        for (key, value) in &mut installed.frontend_values {
+            let new_value = FrontendValue { canary_ppm, ..*value };
+            self.frontends.insert(*key, new_value, 0).map_err(map_err(MAP_FRONTENDS))?;
+            *value = new_value;
         }
-        installed.value = value;
+        installed.value.canary_ppm = canary_ppm;
         installed.spec.canary_ppm = canary_ppm;
         installed.spec.source.canary_percent = agent_common::ppm_to_percent(canary_ppm);
         Ok(())
@@ -592,10 +616,11 @@ fn backend_value(addr: &SocketAddr) -> BackendValue {
 }
 
 fn frontend_keys(spec: &ServiceSpec) -> Vec<FrontendKey> {
-    spec.frontends
-        .iter()
-        .map(|addr| FrontendKey { addr_be: addr_words(addr), port_be: addr.port().to_be(), _pad: 0 })
-        .collect()
+    spec.frontends.iter().map(frontend_key).collect()
+}
+
+fn frontend_key(addr: &SocketAddr) -> FrontendKey {
+    FrontendKey { addr_be: addr_words(addr), port_be: addr.port().to_be(), _pad: 0 }
 }
 
 /// Cookie of the agent's own network namespace, which is the host's for a DaemonSet with

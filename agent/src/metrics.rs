@@ -80,9 +80,27 @@ pub fn render(services: &[ServiceMetrics], cluster: Option<&ClusterMetrics>) -> 
         Info::new(BuildLabels { version: env!("CARGO_PKG_VERSION").to_string() }),
     );
 
+    let kubernetes_stale = Family::<ServiceLabels, Gauge>::default();
+    registry.register(
+        "kubernetes_stale",
+        "1 while the Kubernetes API server does not answer and the service steers with the last state it gave",
+        kubernetes_stale.clone(),
+    );
+    let kubernetes_changes = Family::<ServiceLabels, Counter>::default();
+    registry.register(
+        "kubernetes_backend_changes",
+        "Backend-set switches made because Kubernetes Services or EndpointSlices changed",
+        kubernetes_changes.clone(),
+    );
+
     for service in services {
         let name = &service.name;
         weight.get_or_create(&ServiceLabels { service: name.clone() }).set(service.canary_percent);
+        if let Some(kubernetes) = &service.kubernetes {
+            let labels = ServiceLabels { service: name.clone() };
+            kubernetes_stale.get_or_create(&labels).set(i64::from(kubernetes.stale));
+            kubernetes_changes.get_or_create(&labels).inc_by(kubernetes.changes_applied);
+        }
         let counters = service.counters;
         for (side, c) in [("stable", counters.stable), ("canary", counters.canary)] {
             let labels = SideLabels { service: name.clone(), side: side.to_string() };

@@ -12,6 +12,9 @@ pub const DEFAULT_API: &str = "127.0.0.1:9477";
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/sockshift";
 /// Persisted desired state and audit log.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/sockshift";
+/// Under `agent.state_dir`: the addresses Kubernetes discovery last found, a node-local cache
+/// (not desired state) that lets a restarted agent steer before the API server answers.
+pub const DISCOVERED_CACHE_FILE: &str = "kubernetes-discovered.json";
 /// Where bpffs is mounted when the machine has not mounted it.
 pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
 

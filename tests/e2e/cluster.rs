@@ -20,6 +20,7 @@ use std::{
 use e2e::{
     built_binary,
     etcd::{EtcdCluster, TcpProxy},
+    kube_double::{endpoint_slice, service, KubeDouble, Pod},
     probe, require_root, serve, tcp_connects, unique_name, Agent, Cgroup, NetNs, Placement, Spawned, TcpReport,
 };
 use serde_json::{json, Value};
@@ -87,6 +88,8 @@ struct Lab {
     _servers: Spawned,
     netns: NetNs,
     prefix: String,
+    /// Added to every agent's `[agent]` table.
+    agent_extra: String,
     etcd: EtcdCluster,
 }
 
@@ -96,6 +99,10 @@ impl Lab {
     }
 
     fn with_etcd(etcd: EtcdCluster, count: usize) -> Self {
+        Self::with_agent_extra(etcd, count, "")
+    }
+
+    fn with_agent_extra(etcd: EtcdCluster, count: usize, agent_extra: &str) -> Self {
         require_root();
         let netns = NetNs::new();
         let servers = serve(
@@ -111,7 +118,8 @@ impl Lab {
             ],
         );
         let prefix = format!("/{}", unique_name("cluster"));
-        let mut lab = Self { nodes: Vec::new(), _servers: servers, netns, prefix, etcd };
+        let mut lab =
+            Self { nodes: Vec::new(), _servers: servers, netns, prefix, agent_extra: agent_extra.into(), etcd };
         for i in 0..count {
             let name = format!("node-{}", (b'a' + i as u8) as char);
             let node = lab.start_node(&name, &lab.cluster_toml(&name, None));
@@ -134,7 +142,7 @@ impl Lab {
 
     fn start_node(&self, name: &str, cluster_toml: &str) -> Node {
         let cgroup = Cgroup::new();
-        let mut agent = Agent::configure(&cgroup, TOKENS, cluster_toml);
+        let mut agent = Agent::configure(&cgroup, &format!("{}\n{TOKENS}", self.agent_extra), cluster_toml);
         agent.token = Some(RELEASE.into());
         agent.spawn();
         Node { name: name.into(), agent, cgroup }
@@ -769,4 +777,92 @@ fn services_load_with_sockshift_apply_not_the_config_file() {
     let (ok, _, stderr) = cli(&["apply", "-f", file.to_str().unwrap(), "--api", &api, "--token", RELEASE]);
     assert!(!ok && stderr.contains("only [[service]] tables"), "{stderr}");
     let _ = std::fs::remove_file(&file);
+}
+
+/// A service named by Kubernetes objects in cluster mode: its `kubernetes` table is stored in
+/// etcd with the weight; every node resolves the Services and EndpointSlices itself (its own
+/// watch, like kube-proxy). Against the API-server double of tests/src/kube_double.rs (it speaks
+/// the API server's wire protocol; it is not a live cluster), shared by the three nodes.
+#[test]
+fn a_kubernetes_service_set_on_one_node_is_resolved_and_steered_by_every_node() {
+    const KUBE_FRONTEND: &str = "127.1.0.90:80";
+    let _serial = serial();
+    let double = KubeDouble::start();
+    double.apply(&service("shop", "web", &["127.1.0.90"], &[("http", 80, "http")]));
+    let slice = |name: &str, backend: &str, port: i32| {
+        endpoint_slice("shop", name, backend, "IPv4", &[("http", port)], &[Pod::ready("127.0.0.1")])
+    };
+    double.apply(&slice("web-stable-v4", "web-stable", 8001));
+    double.apply(&slice("web-canary-v4", "web-canary", 8002));
+    let dir = std::env::temp_dir().join(unique_name("cluster-kube"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    double.write_kubeconfig(&kubeconfig);
+    let lab =
+        Lab::with_agent_extra(EtcdCluster::start(), 3, &format!("kubeconfig = {:?}", kubeconfig.display().to_string()));
+
+    // Added through node-a: only the reference goes to etcd.
+    let body = json!({
+        "kubernetes": {"namespace": "shop", "frontend": "web", "stable": "web-stable", "canary": "web-canary"},
+        "canary_percent": 30.0,
+    });
+    let (status, answer) = lab.node("node-a").call("PUT", "/v1/services/kweb?wait=cluster", Some(&body));
+    assert_eq!(status, 201, "{answer}");
+    let stored = lab.etcd_value("services/kweb");
+    assert_eq!(stored["service"]["kubernetes"]["frontend"], "web", "etcd holds the reference: {stored}");
+    for field in ["frontends", "stable", "canary"] {
+        let addresses = &stored["service"][field];
+        assert!(
+            addresses.is_null() || addresses.as_array().is_some_and(Vec::is_empty),
+            "etcd holds no discovered address ({field}): {stored}"
+        );
+    }
+    let synced_on = |node: &str, canary_backend: &str| {
+        eventually(Duration::from_secs(30), &format!("{node} resolves kweb"), || {
+            let state = lab.node(node).service("kweb");
+            let frontends = state["frontends"].as_array().cloned().unwrap_or_default();
+            let canary = state["canary"].as_array().cloned().unwrap_or_default();
+            if state["kubernetes"]["state"] == "synced"
+                && frontends.contains(&json!(KUBE_FRONTEND))
+                && canary == [json!(canary_backend)]
+            {
+                Ok(())
+            } else {
+                Err(state.to_string())
+            }
+        });
+    };
+    for node in ["node-a", "node-b", "node-c"] {
+        synced_on(node, "127.0.0.1:8002");
+        let report = tcp_connects(lab.clients_of(node), KUBE_FRONTEND, 600);
+        assert_split(&report, 30.0, &format!("{node}, kweb added through node-a at 30 %"));
+    }
+
+    // The weight is cluster-wide: set on node-c, steered by every node.
+    let (status, answer) =
+        lab.node("node-c").call("PUT", "/v1/services/kweb/canary?wait=cluster", Some(&json!({ "percent": 70.0 })));
+    assert_eq!(status, 200, "{answer}");
+    for node in ["node-a", "node-b", "node-c"] {
+        let report = tcp_connects(lab.clients_of(node), KUBE_FRONTEND, 600);
+        assert_split(&report, 70.0, &format!("{node}, kweb set to 70 % through node-c"));
+    }
+
+    // The pods are each node's own view: a canary pod moving (to port 8003, tagged canary2)
+    // reaches every node through its API server watch, with no write to etcd.
+    let revision = |lab: &Lab| {
+        let out = lab.etcd.etcdctl_ok(&["get", &format!("{}/v1/services/kweb", lab.prefix), "-w", "json"]);
+        let reply: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+        reply["kvs"][0]["mod_revision"].as_u64().expect("mod_revision")
+    };
+    let before = revision(&lab);
+    double.apply(&slice("web-canary-v4", "web-canary", 8003));
+    for node in ["node-a", "node-b", "node-c"] {
+        synced_on(node, "127.0.0.1:8003");
+        let report = tcp_connects(lab.clients_of(node), KUBE_FRONTEND, 400);
+        assert_eq!(report.errors_total(), 0, "{node}: {:?}", report.raw);
+        assert!(report.share("canary2") > 50.0, "{node} steers to the moved canary pod: {:?}", report.raw);
+    }
+    assert_eq!(revision(&lab), before, "discovered addresses are not written to etcd");
+    drop(lab);
+    let _ = std::fs::remove_dir_all(&dir);
 }

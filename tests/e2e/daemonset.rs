@@ -18,6 +18,13 @@
 //!   ignores containers.conf's seccomp_profile). `seccomp_that_refuses_bpf_is_named_at_start`
 //!   runs the pod under podman's own RuntimeDefault and shows what a CRI-O node would do.
 //!
+//! - the Kubernetes API server: the ConfigMap's service is named by Kubernetes Services, so the
+//!   test serves them (a ClusterIP routed nowhere, ready endpoints on the test's probe servers)
+//!   from the API-server double of tests/src/kube_double.rs, which speaks the real wire protocol
+//!   but is NOT a live cluster. podman mounts no ServiceAccount token, so the pod reaches the
+//!   double through `KUBECONFIG` (a kubeconfig added to the ConfigMap) instead of in-cluster
+//!   credentials.
+//!
 //! The kubelet's part is played by the test: podman turns probes into healthchecks that need
 //! curl in the image and systemd timers on the node, so the test sends the probes' own HTTP GET
 //! (host, port, path, scheme, timeout from the manifest) from the node's network namespace, which
@@ -43,12 +50,19 @@ use std::{
 };
 
 use agent::config::Config;
-use e2e::{probe, require_root, run, serve, unique_name, Cgroup, NetNs, Placement, TcpReport};
+use e2e::{
+    kube_double::{self, KubeDouble},
+    probe, require_root, run, serve, unique_name, Cgroup, NetNs, Placement, TcpReport,
+};
 use serde::Deserialize;
 use serde_norway::{Mapping, Value};
 
 /// The ConfigMap key the agent's command reads.
 const CONFIG_KEY: &str = "sockshift.toml";
+/// The ConfigMap keys the test adds: the kubeconfig of the API-server double (see the module
+/// docs), and the CA it names.
+const KUBECONFIG_KEY: &str = "kubeconfig";
+const KUBECONFIG_CA_KEY: &str = "kubeconfig-ca.crt";
 /// Every pod these tests play is named with this prefix (leftovers of a killed run are removed).
 const POD_PREFIX: &str = "sockshift-e2e-";
 /// Serializes the pods of every run on this machine: they all serve the manifest's API port.
@@ -130,6 +144,21 @@ impl Manifest {
         HttpProbe::from_manifest(&self.container()[which], which)
     }
 
+    /// Where the container mounts the ConfigMap.
+    fn config_mount_path(&self) -> PathBuf {
+        let volume = seq(&self.template["spec"]["volumes"])
+            .iter()
+            .find(|v| v["configMap"]["name"].as_str() == self.config_map["metadata"]["name"].as_str())
+            .and_then(|v| v["name"].as_str())
+            .expect("the ConfigMap's volume");
+        let mount = seq(&self.container()["volumeMounts"])
+            .iter()
+            .find(|m| m["name"].as_str() == Some(volume))
+            .and_then(|m| m["mountPath"].as_str())
+            .unwrap_or_else(|| panic!("volume {volume} (the ConfigMap) is not mounted"));
+        PathBuf::from(mount)
+    }
+
     /// The name of the hostPath volume mounted above `container_path` (the innermost one).
     fn host_volume_above(&self, container_path: &Path) -> String {
         let mount = seq(&self.container()["volumeMounts"])
@@ -165,10 +194,18 @@ fn mapping(value: &mut Value) -> &mut Mapping {
 // ---- the node ----------------------------------------------------------------------------------
 
 /// What stands for a node: the image, a test cgroup, a test directory with a bpffs for the pins,
-/// a state directory and the seccomp profile root. Dropping it removes the pods and the bpffs
-/// (which detaches what the agent pinned there) and the directory.
+/// a state directory and the seccomp profile root, and the cluster's API server (the double).
+/// Dropping it removes the pods and the bpffs (which detaches what the agent pinned there) and
+/// the directory.
 struct Node {
     image: String,
+    /// The API server the pod's Kubernetes discovery talks to.
+    cluster: KubeDouble,
+    /// A CA certificate (PEM) for the pod's kubeconfig. kube-rs builds its TLS configuration
+    /// even for a plain-HTTP server like the double's: from the kubeconfig's CA, else from the
+    /// system's roots, and the image has none (in a cluster the ServiceAccount's ca.crt is the
+    /// CA). It is never used to verify anything.
+    kubeconfig_ca: String,
     cgroup: Cgroup,
     dir: PathBuf,
     bpffs: PathBuf,
@@ -201,8 +238,12 @@ impl Node {
         let profile = runtime_default_like_containerd(&serde_json::from_str(&stock).expect("seccomp.json is JSON"));
         std::fs::write(seccomp_root.join(RUNTIME_DEFAULT_PROFILE), serde_json::to_string_pretty(&profile).unwrap())
             .expect("writing the seccomp profile");
+        let cluster = KubeDouble::start();
+        let ca = rcgen::generate_simple_self_signed(vec!["kube-double".to_string()]).expect("a CA certificate");
         Self {
             image,
+            cluster,
+            kubeconfig_ca: ca.cert.pem(),
             cgroup: Cgroup::new(),
             dir,
             bpffs,
@@ -472,6 +513,21 @@ fn render(manifest: &Manifest, node: &Node, name: &str, variant: &Variant) -> St
     }
     let mut config_map = manifest.config_map.clone();
     mapping(&mut config_map["data"]).insert(CONFIG_KEY.into(), toml::to_string(&config).unwrap().into());
+    // The cluster's credentials: the double's kubeconfig, beside the TOML (see the module docs).
+    let mount = manifest.config_mount_path();
+    let kubeconfig = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: double\n  cluster:\n    server: http://{}\n    \
+         certificate-authority: {}\nusers:\n- name: sockshift\n  user:\n    token: {}\ncontexts:\n- name: double\n  \
+         context:\n    cluster: double\n    user: sockshift\ncurrent-context: double\n",
+        node.cluster.addr,
+        mount.join(KUBECONFIG_CA_KEY).display(),
+        kube_double::TOKEN
+    );
+    let data = mapping(&mut config_map["data"]);
+    data.insert(KUBECONFIG_KEY.into(), kubeconfig.into());
+    data.insert(KUBECONFIG_CA_KEY.into(), node.kubeconfig_ca.clone().into());
+    let mut env = variant.env.clone();
+    env.push(("KUBECONFIG".into(), mount.join(KUBECONFIG_KEY).to_string_lossy().into_owned()));
 
     // Pod: the template's metadata and spec; the image and two host paths change.
     let mut spec = manifest.template["spec"].clone();
@@ -518,10 +574,10 @@ fn render(manifest: &Manifest, node: &Node, name: &str, variant: &Variant) -> St
         add.retain(|c| c.as_str() != Some(capability));
         assert_eq!(add.len() + 1, before, "capability {capability} is not in the manifest's list");
     }
-    if !variant.env.is_empty() && !container["env"].is_sequence() {
+    if !container["env"].is_sequence() {
         container["env"] = Value::Sequence(Vec::new());
     }
-    for (key, value) in &variant.env {
+    for (key, value) in &env {
         let mut entry = Mapping::new();
         entry.insert("name".into(), key.clone().into());
         entry.insert("value".into(), value.clone().into());
@@ -641,25 +697,67 @@ impl HttpProbe {
 
 /// A network namespace holding the ConfigMap's first service: its stable and canary addresses on
 /// loopback with a probe server each (tagged `stable-ADDR` / `canary-ADDR`). Its frontends are
-/// routed nowhere in the namespace, so a connection that is not steered fails.
+/// routed nowhere in the namespace, so a connection that is not steered fails. A service named by
+/// Kubernetes Services gets them from the node's API server (the double): the frontend Service
+/// with ClusterIP `CLUSTER_IP`, ready endpoints `STABLE_PODS` and `CANARY_PODS` on port `http`.
 struct Backends {
     _servers: e2e::Spawned,
     netns: NetNs,
     service: String,
     frontend: SocketAddr,
     canary_percent: f64,
+    kubernetes: bool,
 }
 
+/// The Kubernetes objects the test serves for a service named by them.
+const CLUSTER_IP: &str = "10.96.0.10";
+const STABLE_PODS: [&str; 2] = ["10.0.1.5", "10.0.1.6"];
+const CANARY_PODS: [&str; 1] = ["10.0.2.7"];
+const POD_PORT: u16 = 8080;
+
 impl Backends {
-    fn new(manifest: &Manifest) -> Self {
-        Self::for_service(manifest.config.services.first().expect("the ConfigMap shows a [[service]]"))
+    fn new(manifest: &Manifest, node: &Node) -> Self {
+        Self::for_service(manifest.config.services.first().expect("the ConfigMap shows a [[service]]"), node)
     }
 
-    fn for_service(service: &agent::config::ServiceSpec) -> Self {
+    fn for_service(service: &agent::config::ServiceSpec, node: &Node) -> Self {
+        let (frontend, stable, canary) = match &service.source.kubernetes {
+            None => (service.frontends[0], service.stable.clone(), service.canary.clone()),
+            Some(names) => {
+                let pods = |ips: &[&str]| -> Vec<SocketAddr> {
+                    ips.iter().map(|ip| SocketAddr::new(ip.parse().unwrap(), POD_PORT)).collect()
+                };
+                let cluster = &node.cluster;
+                cluster.apply(&kube_double::service(
+                    &names.namespace,
+                    &names.frontend,
+                    &[CLUSTER_IP],
+                    &[("http", 80, "http")],
+                ));
+                let slice_ports = [("http", i32::from(POD_PORT))];
+                let sides = [(&names.stable, &STABLE_PODS[..])]
+                    .into_iter()
+                    .chain(names.canary.as_ref().map(|canary| (canary, &CANARY_PODS[..])));
+                for (backend_service, ips) in sides {
+                    let ready: Vec<kube_double::Pod<'_>> = ips.iter().map(|ip| kube_double::Pod::ready(ip)).collect();
+                    let slice = format!("{backend_service}-v4");
+                    cluster.apply(&kube_double::endpoint_slice(
+                        &names.namespace,
+                        &slice,
+                        backend_service,
+                        "IPv4",
+                        &slice_ports,
+                        &ready,
+                    ));
+                }
+                let canary = if names.canary.is_some() { pods(&CANARY_PODS) } else { Vec::new() };
+                (SocketAddr::new(CLUSTER_IP.parse().unwrap(), 80), pods(&STABLE_PODS), canary)
+            }
+        };
         let netns = NetNs::new();
         let mut listen = Vec::new();
         let mut addresses = BTreeSet::new();
-        for (side, backends) in [("stable", &service.stable), ("canary", &service.canary)] {
+        for (side, backends) in [("stable", &stable), ("canary", &canary)] {
             for backend in backends {
                 addresses.insert(backend.ip());
                 listen.push("--listen".to_owned());
@@ -677,8 +775,32 @@ impl Backends {
             _servers: servers,
             netns,
             service: service.name.clone(),
-            frontend: service.frontends[0],
+            frontend,
             canary_percent: f64::from(service.canary_ppm) / 10_000.0,
+            kubernetes: service.source.kubernetes.is_some(),
+        }
+    }
+
+    /// For a service named by Kubernetes Services: waits until the agent (its API at `api`) has
+    /// listed them and steers the frontend.
+    fn wait_discovered(&self, api: SocketAddr) {
+        if !self.kubernetes {
+            return;
+        }
+        let path = format!("/v1/services/{}", self.service);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let state = agent::client::request(api, None, "GET", &path, None).map(|r| r.body);
+            if let Ok(state) = &state {
+                let frontend = serde_json::json!(self.frontend.to_string());
+                if state["kubernetes"]["state"] == "synced"
+                    && state["frontends"].as_array().is_some_and(|f| f.contains(&frontend))
+                {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "the agent did not discover {path} within 30 s: {state:?}");
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -778,9 +900,10 @@ fn probes_are_answered(manifest_path: &Path) {
 fn host_process_is_steered(manifest_path: &Path) {
     let manifest = Manifest::load(manifest_path);
     let node = Node::new();
-    let backends = Backends::new(&manifest);
+    let backends = Backends::new(&manifest, &node);
     let pod = Pod::play(&manifest, &node, &Variant::default());
     pod.wait_ready(&manifest.probe("readinessProbe"), Duration::from_secs(60));
+    backends.wait_discovered(manifest.config.api);
     let report = backends.connect(&node.cgroup, 2000);
     eprintln!(
         "canary share {:.2} % of 2000 connections (ConfigMap: {} %)",
@@ -797,9 +920,10 @@ fn host_process_is_steered(manifest_path: &Path) {
 fn cli_works_in_the_pod(manifest_path: &Path) {
     let manifest = Manifest::load(manifest_path);
     let node = Node::new();
-    let backends = Backends::new(&manifest);
+    let backends = Backends::new(&manifest, &node);
     let pod = Pod::play(&manifest, &node, &Variant::default());
     pod.wait_ready(&manifest.probe("readinessProbe"), Duration::from_secs(60));
+    backends.wait_discovered(manifest.config.api);
 
     let status = pod.exec(&["sockshift", "status"]);
     let table = String::from_utf8_lossy(&status.stdout);
@@ -955,10 +1079,11 @@ fn node_without_bpffs_is_refused(manifest_path: &Path) {
 fn restart_keeps_steering_without_a_gap(manifest_path: &Path) {
     let manifest = Manifest::load(manifest_path);
     let node = Node::new();
-    let backends = Backends::new(&manifest);
+    let backends = Backends::new(&manifest, &node);
     let readiness = manifest.probe("readinessProbe");
     let pod = Pod::play(&manifest, &node, &Variant::default());
     pod.wait_ready(&readiness, Duration::from_secs(60));
+    backends.wait_discovered(manifest.config.api);
     let set = pod.exec(&["sockshift", "set", &backends.service, "50"]);
     assert!(set.status.success(), "sockshift set: {}", String::from_utf8_lossy(&set.stderr));
 
@@ -1033,8 +1158,9 @@ fn restart_keeps_steering_without_a_gap(manifest_path: &Path) {
 }
 
 /// The cluster manifest's pod on this node, joined to a real etcd (3 members, TLS with client
-/// certificates): it starts, registers, answers the probes, and a service and weight set through
-/// its API (stored in etcd) steer a host process in the attached cgroup.
+/// certificates): it starts, registers, answers the probes, and a service named by Kubernetes
+/// Services and a weight set through its API (stored in etcd; the pod resolves the names from
+/// the API-server double) steer a host process in the attached cgroup.
 fn cluster_pod_joins_and_steers(manifest_path: &Path) {
     const NODE_NAME: &str = "podman-node";
     // The ConfigMap's `node_env = "NODE_NAME"`, for parsing it here as the pod will.
@@ -1088,13 +1214,15 @@ fn cluster_pod_joins_and_steers(manifest_path: &Path) {
     assert_eq!(status, 200, "{view}");
     assert_eq!((view["node"].as_str(), view["connected"].as_bool()), (Some(NODE_NAME), Some(true)), "{view}");
 
-    // A service and a weight set through the API, kept in etcd, steer a host process.
+    // A service named by Kubernetes Services and a weight set through the API, kept in etcd,
+    // steer a host process: the pod resolves the names itself (from the API-server double).
     let service: agent::config::ServiceConfig = toml::from_str(
-        "name = \"web\"\nfrontends = [\"10.96.0.10:80\"]\nstable = [\"10.0.1.5:8080\"]\ncanary = [\"10.0.2.7:8080\"]",
+        "name = \"web\"\n[kubernetes]\nnamespace = \"shop\"\nfrontend = \"web\"\nstable = \"web-stable\"\n\
+         canary = \"web-canary\"",
     )
     .unwrap();
     let spec = agent::config::validate_service(&service, "", None).unwrap();
-    let backends = Backends::for_service(&spec);
+    let backends = Backends::for_service(&spec, &node);
     let body = serde_json::to_value(agent::api::types::ServiceBody::from(&service)).unwrap();
     let (status, answer) = call("PUT", "/v1/services/web?wait=cluster", Some(&body));
     assert_eq!(status, 201, "{answer}");
@@ -1102,7 +1230,8 @@ fn cluster_pod_joins_and_steers(manifest_path: &Path) {
         call("PUT", "/v1/services/web/canary?wait=cluster", Some(&serde_json::json!({ "percent": 30.0 })));
     assert_eq!(status, 200, "{answer}");
     let stored = etcd.etcdctl_ok(&["get", &format!("{prefix}/v1/services/web"), "--print-value-only"]);
-    assert!(stored.contains("\"canary_percent\":30.0"), "etcd holds {stored:?}");
+    assert!(stored.contains("\"canary_percent\":30.0") && stored.contains("\"web-canary\""), "etcd holds {stored:?}");
+    backends.wait_discovered(api);
     assert_share(&backends.connect(&node.cgroup, 1000), 1000, 30.0, "at the weight set through the pod's API");
     let status = pod.exec(&["sockshift", "status", "--cluster"]);
     let table = String::from_utf8_lossy(&status.stdout);

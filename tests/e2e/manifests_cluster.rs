@@ -157,4 +157,18 @@ fn the_cluster_daemonset_keeps_the_single_node_security_and_probes() {
     for mount in s["volumeMounts"].as_sequence().unwrap() {
         assert!(c["volumeMounts"].as_sequence().unwrap().contains(mount), "{mount:?} is missing in cluster mode");
     }
+    // Kubernetes discovery works in cluster mode too (each node resolves its services' Kubernetes
+    // names itself): the same token and exactly the same read-only role and binding
+    // (tests/e2e/manifests.rs checks those grant get/list/watch on Services and EndpointSlices only).
+    assert_eq!(
+        resource(&cluster, "ServiceAccount", "sockshift")["automountServiceAccountToken"],
+        resource(&single, "ServiceAccount", "sockshift")["automountServiceAccountToken"],
+        "the ServiceAccount's token mounting differs between the two manifests"
+    );
+    for kind in ["Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"] {
+        let of = |docs: &[Value]| -> Vec<Value> {
+            docs.iter().filter(|d| d["kind"].as_str() == Some(kind)).cloned().collect()
+        };
+        assert_eq!(of(&cluster), of(&single), "the {kind}s differ between the two manifests");
+    }
 }

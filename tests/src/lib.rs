@@ -18,6 +18,7 @@ use std::{
 
 use serde_json::Value;
 
+pub mod kube_double;
 pub mod prometheus;
 
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);

@@ -9,7 +9,8 @@ use utoipa::ToSchema;
 
 use crate::{
     audit::AuditEntry,
-    config::{Affinity, CohortConfig, Role, ServiceConfig},
+    config::{Affinity, CohortConfig, KubernetesConfig, Role, ServiceConfig},
+    discovery::DiscoveryStatus,
     rollout::{ExternalWindow, GateReadings, Harm, HistoryEntry, Judgement, Plan, RolloutState},
 };
 
@@ -28,13 +29,16 @@ pub struct CanaryUpdate {
 pub struct NoFields {}
 
 /// `PUT /v1/services/{name}`: a `[[service]]` table of the config file, as JSON. `name` may be
-/// left out (the path gives it); if given it must match the path.
+/// left out (the path gives it); if given it must match the path. A service has either
+/// `frontends` (with `stable` and `canary` addresses) or a `kubernetes` object.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceBody {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// Addresses clients connect to (`ip:port`, `[v6]:port`).
+    /// Addresses clients connect to (`ip:port`, `[v6]:port`); empty or left out with
+    /// `kubernetes`.
+    #[serde(default)]
     pub frontends: Vec<String>,
     #[serde(default)]
     pub stable: Vec<String>,
@@ -53,6 +57,11 @@ pub struct ServiceBody {
     /// Cohort overrides: `{ "cgroups": [...], "canary": "always" | "never" }`.
     #[serde(default, rename = "cohort", skip_serializing_if = "Vec::is_empty")]
     pub cohorts: Vec<CohortConfig>,
+    /// Frontends and backends from Kubernetes Services instead of `frontends`, `stable` and
+    /// `canary`: the ClusterIPs and ports of `frontend`, the ready endpoints of `stable` and
+    /// `canary`, all in `namespace`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubernetesConfig>,
 }
 
 impl ServiceBody {
@@ -67,6 +76,7 @@ impl ServiceBody {
             affinity: self.affinity,
             max_operator_percent: self.max_operator_percent.or(current_max_operator_percent).unwrap_or(100.0),
             cohorts: self.cohorts,
+            kubernetes: self.kubernetes.map(Box::new),
         }
     }
 }
@@ -82,6 +92,7 @@ impl From<&ServiceConfig> for ServiceBody {
             affinity: config.affinity,
             max_operator_percent: Some(config.max_operator_percent),
             cohorts: config.cohorts.clone(),
+            kubernetes: config.kubernetes.as_deref().cloned(),
         }
     }
 }
@@ -120,6 +131,7 @@ pub struct ServiceState {
     pub canary_ppm: u32,
     pub affinity: Affinity,
     pub max_operator_percent: f64,
+    /// The frontends the datapath steers (for a Kubernetes service: discovered).
     pub frontends: Vec<String>,
     pub stable: Vec<String>,
     pub canary: Vec<String>,
@@ -127,6 +139,9 @@ pub struct ServiceState {
     /// The datapath revision of the service's backend set (changes when backends, affinity or
     /// cohorts change, not with the weight).
     pub revision: u32,
+    /// A Kubernetes service's table and discovery status; null for services written with
+    /// addresses.
+    pub kubernetes: Option<DiscoveryStatus>,
     pub sides: Sides,
     /// Cluster mode only: `true` when etcd cannot be reached and this is the state the node last
     /// applied (it keeps steering with it).

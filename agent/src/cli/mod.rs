@@ -17,7 +17,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::{
     api::types::{AuditLog, CanaryUpdate, ClusterStatus, RolloutView, ServiceBody, ServiceList, ServiceState},
     client::ApiClient,
-    config::{Affinity, Role},
+    config::{Affinity, KubernetesConfig, PortSelector, Role},
     paths,
     rollout::{
         Approval, GatePolicy, Gates, Plan, RollbackPolicy, DEFAULT_CONFIDENCE, DEFAULT_FAILED_ATTEMPTS_TOLERANCE,
@@ -121,18 +121,26 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum ServiceAction {
-    /// Add a service, or replace it whole.
+    /// Add a service, or replace it whole: by addresses (`--frontend`), or by Kubernetes
+    /// Services (`--k8s NAMESPACE/SERVICE --stable SERVICE --canary SERVICE`).
     Add {
         name: String,
         /// Frontend `ip:port`, repeatable.
-        #[arg(long = "frontend", required = true)]
+        #[arg(long = "frontend", required_unless_present = "k8s")]
         frontends: Vec<String>,
-        /// Stable backend `ip:port`, repeatable.
+        /// Stable backend `ip:port`, repeatable; with --k8s: the stable Service's name.
         #[arg(long = "stable")]
         stable: Vec<String>,
-        /// Canary backend `ip:port`, repeatable.
+        /// Canary backend `ip:port`, repeatable; with --k8s: the canary Service's name.
         #[arg(long = "canary")]
         canary: Vec<String>,
+        /// Frontend Service NAMESPACE/NAME: its ClusterIPs and ports are the frontends, and the
+        /// ready endpoints of --stable and --canary (Service names) the backends.
+        #[arg(long, conflicts_with = "frontends")]
+        k8s: Option<String>,
+        /// With --k8s: a Service port to steer, by name or number; repeatable; default all.
+        #[arg(long = "port", requires = "k8s")]
+        ports: Vec<String>,
         #[arg(long, default_value_t = 0.0)]
         percent: f64,
         #[arg(long, value_enum, default_value_t = AffinityArg::Connection)]
@@ -347,8 +355,26 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             output::services(&[state], api.output)
         }
         Command::Service {
-            action: ServiceAction::Add { name, frontends, stable, canary, percent, affinity, max_operator_percent, api },
+            action:
+                ServiceAction::Add {
+                    name,
+                    frontends,
+                    stable,
+                    canary,
+                    k8s,
+                    ports,
+                    percent,
+                    affinity,
+                    max_operator_percent,
+                    api,
+                },
         } => {
+            let (stable, canary, kubernetes) = match k8s {
+                None => (stable, canary, None),
+                Some(frontend) => {
+                    (Vec::new(), Vec::new(), Some(kubernetes_table(&frontend, &stable, &canary, &ports)?))
+                }
+            };
             let body = ServiceBody {
                 name: None,
                 frontends,
@@ -361,6 +387,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 max_operator_percent: Some(max_operator_percent),
                 cohorts: Vec::new(),
+                kubernetes,
             };
             let state: ServiceState = api.client().call("PUT", &format!("/v1/services/{name}"), Some(&body))?;
             output::services(&[state], api.output)
@@ -386,6 +413,33 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// The `kubernetes` object of `service add --k8s`: names are checked by the agent, which names
+/// the field it refuses.
+fn kubernetes_table(
+    frontend: &str,
+    stable: &[String],
+    canary: &[String],
+    ports: &[String],
+) -> anyhow::Result<KubernetesConfig> {
+    let (namespace, service) =
+        frontend.split_once('/').with_context(|| format!("--k8s takes NAMESPACE/SERVICE, got {frontend:?}"))?;
+    let [stable] = stable else { bail!("with --k8s, give exactly one --stable SERVICE (a Service name)") };
+    if canary.len() > 1 {
+        bail!("with --k8s, give at most one --canary SERVICE (a Service name)");
+    }
+    let ports = ports
+        .iter()
+        .map(|p| p.parse::<i64>().map_or_else(|_| PortSelector::Name(p.clone()), PortSelector::Number))
+        .collect();
+    Ok(KubernetesConfig {
+        namespace: namespace.to_string(),
+        frontend: service.to_string(),
+        stable: stable.clone(),
+        canary: canary.first().cloned(),
+        ports,
+    })
 }
 
 fn run_rollout(action: RolloutAction) -> anyhow::Result<()> {

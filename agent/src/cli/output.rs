@@ -54,6 +54,12 @@ pub fn services(services: &[ServiceState], output: Output) -> anyhow::Result<()>
         ]);
     }
     println!("{out}");
+    for s in services {
+        if let Some(k) = &s.kubernetes {
+            let message = k.message.as_deref().map(|m| format!(" ({m})")).unwrap_or_default();
+            println!("{}: kubernetes {}/{}: {}{message}", s.name, k.namespace, k.frontend, name_of(k.state));
+        }
+    }
     Ok(())
 }
 

@@ -1,7 +1,7 @@
 //! The state the core owns and how each command changes it. Runs only on the core's thread.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::SocketAddr,
     path::PathBuf,
     sync::Arc,
@@ -17,14 +17,15 @@ use super::{
         AuditSource, Commit, Current, Expect, Key, RemoteChange, Revision, Snapshot, Store, StoreError, Value,
         Versioned, Write,
     },
-    Command, ControlError, Faults, FollowUp, GateInput, GateWork, Origin, Progress, RolloutAction, ServiceMetrics,
-    WeightChange,
+    Command, ControlError, Faults, FollowUp, GateInput, GateWork, KubernetesMetrics, Origin, Progress, RolloutAction,
+    ServiceMetrics, Start, WeightChange,
 };
 use crate::{
     api::types::{DatapathStatus, RolloutView, ServiceBody, ServiceState, Sides},
     audit::AuditEntry,
     config::{validate_percent, validate_service, validate_services, InvalidField, Role, ServiceConfig, ServiceSpec},
     datapath::{Datapath, DatapathError},
+    discovery::{Discovered, Discovery, DiscoveryStatus},
     rollout::{Effect, GateDue, Plan, Rollout, RolloutState, Snapshot as Counters},
     state::{merged_with_file, reconcile},
 };
@@ -101,6 +102,9 @@ pub(super) struct Core<S: Store> {
     /// This node's last commit.
     committed: Revision,
     progress: watch::Sender<Progress>,
+    /// Kubernetes services' discovered addresses: facts of this node, overlaid on their services
+    /// on the way to the datapath, never in `state` nor in the store (see `discovery`).
+    discovery: Discovery,
 }
 
 /// Runs a change, and after a conflict with a change made elsewhere adopts the current values
@@ -164,15 +168,9 @@ impl<S: Store> Core<S> {
     /// Restores the stored state, reconciles it with the config file's services and makes the
     /// datapath hold the result. A shared store's state is only followed: what does not fit
     /// this node is left out of its datapath (and reported), never written back.
-    pub(super) async fn start(
-        datapath: Datapath,
-        mut store: S,
-        file_specs: &[ServiceSpec],
-        cgroup_root: Option<PathBuf>,
-        follow_ups: mpsc::UnboundedSender<FollowUp>,
-        faults: Faults,
-        progress: watch::Sender<Progress>,
-    ) -> Result<Self, ControlError> {
+    pub(super) async fn start(start: Start<S>, progress: watch::Sender<Progress>) -> Result<Self, ControlError> {
+        let Start { datapath, mut store, file_services, cgroup_root, follow_ups, faults, mut discovery } = start;
+        let file_specs = &file_services;
         let loaded = store.load().await?;
         for note in &loaded.recovered {
             log::error!("{note}");
@@ -185,7 +183,7 @@ impl<S: Store> Core<S> {
             stored.services.iter().map(|(name, v)| (name.clone(), v.value.clone())).collect();
         let merged = if shared { current.clone() } else { merged_with_file(&current, &stored.file_services, &file) };
         let root = cgroup_root.clone();
-        let (services, specs, dropped) = reconcile(&merged, &file, |s| validate_service(s, "", root.as_deref()));
+        let (services, mut specs, dropped) = reconcile(&merged, &file, |s| validate_service(s, "", root.as_deref()));
         let mut refused = BTreeMap::new();
         for dropped in &dropped {
             if shared {
@@ -230,6 +228,15 @@ impl<S: Store> Core<S> {
             change.file_services = Some(file);
         }
 
+        // Kubernetes services start with the addresses cached by the previous run (fail static
+        // while the API server is away); hand-written frontends win over discovered ones.
+        discovery.publish_wanted(services.values());
+        let mut claimed: HashSet<SocketAddr> =
+            specs.iter().filter(|s| s.source.kubernetes.is_none()).flat_map(|s| s.frontends.iter().copied()).collect();
+        for spec in specs.iter_mut().filter(|s| s.source.kubernetes.is_some()) {
+            discovery.overlay(spec, |f| claimed.contains(f));
+            claimed.extend(spec.frontends.iter().copied());
+        }
         let mut core = Self {
             datapath,
             store,
@@ -243,6 +250,7 @@ impl<S: Store> Core<S> {
             refused,
             committed: 0,
             progress,
+            discovery,
         };
         if shared {
             // Left out of this node's state, which is what its datapath holds; the store keeps
@@ -339,6 +347,7 @@ impl<S: Store> Core<S> {
             Command::GateInput { name, window, input } => self.gate_input(&name, window, input).await,
             Command::ReapRetired => self.datapath.reap_retired(),
             Command::NoteTerminated { name, count } => self.note_terminated(&name, count).await,
+            Command::SetDiscovered { name, discovered } => self.set_discovered(&name, *discovered),
         }
     }
 
@@ -382,10 +391,29 @@ impl<S: Store> Core<S> {
             canary: text(&view.spec.canary),
             cohorts: config.cohorts.clone(),
             revision: view.revision,
+            kubernetes: self.kubernetes_status(config, &view.spec),
             sides: Sides { stable: (&counters.stable).into(), canary: (&counters.canary).into() },
             stale: None,
             as_of_revision: None,
         })
+    }
+
+    /// A Kubernetes service's discovery status (`None` for others), saying which discovered
+    /// frontends it does not steer and who has them.
+    fn kubernetes_status(&self, config: &ServiceConfig, installed: &ServiceSpec) -> Option<DiscoveryStatus> {
+        let missing: Vec<String> = self
+            .discovery
+            .frontends(config)
+            .into_iter()
+            .filter(|f| !installed.frontends.contains(f))
+            .map(|f| match self.datapath.frontend_owner(&f) {
+                Some(owner) => format!("{f} (service {owner:?} has it)"),
+                None => f.to_string(),
+            })
+            .collect();
+        let note =
+            (!missing.is_empty()).then(|| format!("frontend {} not steered by this service", missing.join(", ")));
+        self.discovery.status(config, note)
     }
 
     /// Counters of both sides now.
@@ -438,7 +466,16 @@ impl<S: Store> Core<S> {
         for name in self.datapath.service_names() {
             let Some(view) = self.datapath.service(&name) else { continue };
             let counters = self.datapath.counters(&name)?;
-            out.push(ServiceMetrics { name, canary_percent: ppm_to_percent(view.spec.canary_ppm), counters });
+            let kubernetes = self
+                .discovery
+                .is_stale(&name)
+                .map(|stale| KubernetesMetrics { stale, changes_applied: self.discovery.changes_applied(&name) });
+            out.push(ServiceMetrics {
+                name,
+                canary_percent: ppm_to_percent(view.spec.canary_ppm),
+                counters,
+                kubernetes,
+            });
         }
         Ok(out)
     }
@@ -758,7 +795,12 @@ impl<S: Store> Core<S> {
                 Effect::RollBack { terminate_connections } => {
                     service.canary_percent = 0.0;
                     if terminate_connections {
-                        let backends = service.canary.iter().filter_map(|a| a.parse().ok()).collect();
+                        // What the datapath steers to: for a Kubernetes service, the discovered
+                        // endpoints (its config lists none).
+                        let backends = match self.datapath.service(&service.name) {
+                            Some(view) => view.spec.canary,
+                            None => service.canary.iter().filter_map(|a| a.parse().ok()).collect(),
+                        };
                         follow_ups.push(FollowUp::TerminateCanary { service: service.name.clone(), backends });
                     }
                 }
@@ -790,6 +832,7 @@ impl<S: Store> Core<S> {
         let revision = self.commit_to_store(&change).await?;
         self.committed = revision;
         change.audit = None;
+        let frontends_moved = moves_frontends(&ops);
         if let Err(err) = self.apply_datapath(ops) {
             if !self.shared {
                 self.revert_store(&change, revision).await;
@@ -820,6 +863,9 @@ impl<S: Store> Core<S> {
             self.refused.remove(&Key::Rollout(name.clone()));
         }
         self.take_into_state(change, revision);
+        if frontends_moved {
+            self.reclaim_discovered_frontends();
+        }
         self.record_applied().await;
         for follow_up in follow_ups {
             let _ = self.follow_ups.send(follow_up);
@@ -940,6 +986,10 @@ impl<S: Store> Core<S> {
     /// keys keep their revisions).
     fn take_into_state(&mut self, change: Change, revision: u64) {
         let keep = |old: Option<u64>| if revision == 0 { old.unwrap_or(0) } else { revision };
+        let kubernetes_changed = change.services.iter().any(|(name, new)| {
+            self.state.services.get(name).and_then(|v| v.value.kubernetes.as_ref())
+                != new.as_ref().and_then(|s| s.kubernetes.as_ref())
+        });
         for (name, value) in change.services {
             match value {
                 Some(value) => {
@@ -976,11 +1026,19 @@ impl<S: Store> Core<S> {
         if revision > 0 && !self.shared {
             self.state.revision = self.state.revision.max(revision);
         }
+        if kubernetes_changed {
+            self.discovery.publish_wanted(self.state.services.values().map(|v| &v.value));
+        }
     }
 
     /// Validates the changed services against each other and the rest, and says what the
     /// datapath must do for each. Only changed services are validated: a weight change costs no
     /// more with 65,536 services than with one.
+    ///
+    /// A Kubernetes service gets the addresses discovery last gave it, after the hand-written
+    /// services have claimed their frontends: a discovered frontend another service has is left
+    /// out (its status says so), and a hand-written frontend takes the place of a discovered one
+    /// (that service is replaced without it first, before the frontend changes hands).
     fn plan_datapath(
         &self,
         services: &BTreeMap<String, Option<ServiceConfig>>,
@@ -997,6 +1055,8 @@ impl<S: Store> Core<S> {
         }
         let mut ops = Vec::new();
         let mut claimed: HashMap<SocketAddr, &str> = HashMap::new();
+        let mut discovered: Vec<(&str, ServiceSpec)> = Vec::new();
+        let mut displaced: BTreeSet<&str> = BTreeSet::new();
         for (name, new) in services {
             let old = self.state.services.get(name).map(|v| &v.value);
             match (old, new) {
@@ -1017,12 +1077,25 @@ impl<S: Store> Core<S> {
                         );
                     }
                     let spec = validate_service(new, "", self.cgroup_root.as_deref())?;
+                    if new.kubernetes.is_some() {
+                        discovered.push((name, spec));
+                        continue;
+                    }
                     for frontend in &spec.frontends {
                         let owner = claimed.get(frontend).copied().or_else(|| {
                             self.datapath.frontend_owner(frontend).filter(|owner| !services.contains_key(*owner))
                         });
-                        if let Some(owner) = owner.filter(|owner| *owner != name) {
-                            return Err(ControlError::FrontendInUse { frontend: *frontend, owner: owner.to_string() });
+                        match owner.filter(|owner| *owner != name) {
+                            Some(owner) if self.is_kubernetes(owner) => {
+                                displaced.insert(owner);
+                            }
+                            Some(owner) => {
+                                return Err(ControlError::FrontendInUse {
+                                    frontend: *frontend,
+                                    owner: owner.to_string(),
+                                })
+                            }
+                            None => {}
                         }
                         claimed.insert(*frontend, name);
                     }
@@ -1030,7 +1103,37 @@ impl<S: Store> Core<S> {
                 }
             }
         }
-        Ok(ops)
+        let taken = |claimed: &HashMap<SocketAddr, &str>, name: &str, frontend: &SocketAddr| match claimed.get(frontend)
+        {
+            Some(owner) => *owner != name,
+            None => self
+                .datapath
+                .frontend_owner(frontend)
+                .is_some_and(|owner| owner != name && !services.contains_key(owner)),
+        };
+        // Kubernetes services that give a frontend up go first: the datapath deletes the
+        // frontends a replaced service no longer has.
+        let mut releases = Vec::new();
+        for name in displaced {
+            let Some(config) = self.state.services.get(name).map(|v| &v.value) else { continue };
+            let mut spec = validate_service(config, "", self.cgroup_root.as_deref())?;
+            self.discovery.overlay(&mut spec, |f| taken(&claimed, name, f));
+            releases.push((name.to_string(), DatapathOp::Replace(Box::new(spec))));
+        }
+        for (name, mut spec) in discovered {
+            self.discovery.overlay(&mut spec, |f| taken(&claimed, name, f));
+            for frontend in &spec.frontends {
+                claimed.insert(*frontend, name);
+            }
+            ops.push((name.to_string(), DatapathOp::Replace(Box::new(spec))));
+        }
+        releases.extend(ops);
+        Ok(releases)
+    }
+
+    /// Whether service `name` has a `kubernetes` table.
+    fn is_kubernetes(&self, name: &str) -> bool {
+        self.state.services.get(name).is_some_and(|v| v.value.kubernetes.is_some())
     }
 
     /// Applies `ops` in order; on the first refusal, undoes the ones already applied.
@@ -1144,10 +1247,15 @@ impl<S: Store> Core<S> {
     fn apply_remote_write(&mut self, key: &Key, revision: Revision, value: Value) -> Result<(), String> {
         match (key, value) {
             (Key::Service(name), Value::Service(value)) => {
-                let same = self.state.services.get(name).map(|v| &v.value) == value.as_ref();
+                let old = self.state.services.get(name).map(|v| &v.value);
+                let same = old == value.as_ref();
+                let kubernetes_changed =
+                    old.and_then(|s| s.kubernetes.as_ref()) != value.as_ref().and_then(|s| s.kubernetes.as_ref());
+                let mut frontends_moved = false;
                 if !same {
                     let single = BTreeMap::from([(name.clone(), value.clone())]);
                     let ops = self.plan_datapath(&single).map_err(|err| err.to_string())?;
+                    frontends_moved = moves_frontends(&ops);
                     self.apply_datapath(ops).map_err(|err| err.to_string())?;
                 }
                 match value {
@@ -1158,6 +1266,14 @@ impl<S: Store> Core<S> {
                         self.state.services.remove(name);
                         self.tombstones.insert(key.clone(), revision);
                     }
+                }
+                // Each node resolves a Kubernetes service's addresses itself, like kube-proxy:
+                // the reference came through the store, the watch for it starts here.
+                if kubernetes_changed {
+                    self.discovery.publish_wanted(self.state.services.values().map(|v| &v.value));
+                }
+                if frontends_moved {
+                    self.reclaim_discovered_frontends();
                 }
             }
             (Key::Rollout(name), Value::Rollout(value)) => {
@@ -1203,4 +1319,56 @@ impl<S: Store> Core<S> {
         }
         self.record_applied().await;
     }
+
+    // --- Kubernetes discovery ------------------------------------------------------------
+
+    /// What discovery found for `name`: recorded, and applied as one backend-set switch when
+    /// the service's addresses now differ from what the datapath holds. Nothing is committed.
+    fn set_discovered(&mut self, name: &str, discovered: Discovered) {
+        let Some(config) = self.state.services.get(name).map(|v| &v.value) else { return };
+        if self.discovery.record(config, discovered) {
+            self.install_discovered(name);
+        }
+    }
+
+    /// Makes the datapath hold Kubernetes service `name` with its discovered addresses, less
+    /// the frontends other services have.
+    fn install_discovered(&mut self, name: &str) {
+        let Some(config) = self.state.services.get(name).map(|v| &v.value) else { return };
+        let mut spec = match validate_service(config, "", self.cgroup_root.as_deref()) {
+            Ok(spec) => spec,
+            Err(err) => return log::error!("service {name}: {err}"),
+        };
+        let datapath = &self.datapath;
+        self.discovery.overlay(&mut spec, |f| datapath.frontend_owner(f).is_some_and(|owner| owner != name));
+        if self.datapath.service(name).is_some_and(|installed| installed.spec == spec) {
+            return; // a status change only
+        }
+        match self.datapath.replace_service(spec) {
+            Ok(()) => self.discovery.note_applied(name, now_ms()),
+            Err(err) => log::error!("service {name}: applying discovered addresses: {err}"),
+        }
+    }
+
+    /// After frontends changed hands: Kubernetes services that were left without a discovered
+    /// frontend take it if it is free now.
+    fn reclaim_discovered_frontends(&mut self) {
+        let waiting: Vec<String> = self
+            .discovery
+            .names()
+            .into_iter()
+            .filter(|name| {
+                let Some(config) = self.state.services.get(name).map(|v| &v.value) else { return false };
+                self.discovery.frontends(config).iter().any(|f| self.datapath.frontend_owner(f) != Some(name.as_str()))
+            })
+            .collect();
+        for name in waiting {
+            self.install_discovered(&name);
+        }
+    }
+}
+
+/// Whether applying `ops` may free a frontend (anything but weight changes).
+fn moves_frontends(ops: &[(String, DatapathOp)]) -> bool {
+    ops.iter().any(|(_, op)| !matches!(op, DatapathOp::Weight(_)))
 }

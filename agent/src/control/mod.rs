@@ -2,11 +2,17 @@
 //!
 //! It runs on a thread of its own ([`spawn`]) and applies [`Command`]s one at a time, in the
 //! order they arrive, from every source: the API handlers, the config-file watcher, the rollout
-//! driver, the revision reaper and, in cluster mode, the store's change stream. Each command
+//! driver, the revision reaper, Kubernetes discovery and, in cluster mode, the store's change
+//! stream. Each command
 //! carries a reply channel; a handler awaits the reply and never blocks a runtime worker on the
 //! datapath's syscalls or the store's fsyncs. A change is validated whole, committed to the
 //! [`store::Store`] with its audit entry, then applied to the datapath (see `store` for the
 //! order and what happens on failure), and only then answered.
+//!
+//! Kubernetes discovery is the one source that is not desired state: the addresses it finds are
+//! facts of this node (each node watches for itself, like kube-proxy). The core keeps them in
+//! its [`Discovery`], overlays them on the services that have a `kubernetes` table whenever
+//! those reach the datapath, and never commits them to the store.
 
 mod core;
 pub mod store;
@@ -24,6 +30,7 @@ use crate::{
     api::types::{DatapathStatus, RolloutView, ServiceBody, ServiceState},
     config::{InvalidField, Role, ServiceConfig, ServiceSpec},
     datapath::{Datapath, DatapathError, ServiceCounters},
+    discovery::{Discovered, Discovery},
     gates::{
         checks::{CheckResult, WebhookCheck},
         metric::{MetricGate, OnMissing, Reading},
@@ -95,6 +102,17 @@ pub struct ServiceMetrics {
     pub name: String,
     pub canary_percent: f64,
     pub counters: ServiceCounters,
+    /// Set for a Kubernetes service once discovery has reported on it.
+    pub kubernetes: Option<KubernetesMetrics>,
+}
+
+/// A Kubernetes service's discovery figures.
+#[derive(Debug, Clone, Copy)]
+pub struct KubernetesMetrics {
+    /// The API server does not answer: the service steers with the last state it gave.
+    pub stale: bool,
+    /// Backend-set switches discovery made since the agent started.
+    pub changes_applied: u64,
 }
 
 pub type Reply<T> = oneshot::Sender<Result<T, ControlError>>;
@@ -178,6 +196,13 @@ pub enum Command {
     NoteTerminated {
         name: String,
         count: usize,
+    },
+    /// Kubernetes discovery's one way in: what it found for service `name` (sent only when it
+    /// changed). Applied as one backend-set switch when the service's addresses differ from
+    /// what the datapath holds; never committed to the store.
+    SetDiscovered {
+        name: String,
+        discovered: Box<Discovered>,
     },
 }
 
@@ -365,6 +390,9 @@ pub struct Start<S> {
     pub cgroup_root: Option<PathBuf>,
     pub follow_ups: mpsc::UnboundedSender<FollowUp>,
     pub faults: Faults,
+    /// Kubernetes discovery's state, restored from the node-local cache
+    /// ([`Discovery::restore`]); the daemon keeps a subscription to the references it publishes.
+    pub discovery: Discovery,
 }
 
 /// A started core.
@@ -405,9 +433,8 @@ pub async fn spawn<S: Store>(start: Start<S>) -> Result<Started, StartError> {
                 }
             };
             runtime.block_on(async move {
-                let Start { datapath, store, file_services, cgroup_root, follow_ups, faults } = start;
-                let core = Core::start(datapath, store, &file_services, cgroup_root, follow_ups, faults, progress_tx);
-                let mut core = match core.await {
+                let begun = Core::start(start, progress_tx);
+                let mut core = match begun.await {
                     Ok(core) => core,
                     Err(err) => {
                         let _ = started.send(Err(StartError::Restore(err)));

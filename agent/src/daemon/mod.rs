@@ -25,6 +25,7 @@ use crate::{
         ControlHandle, Faults, Start,
     },
     datapath::Datapath,
+    discovery::{self, Discovery},
     gates::GateClients,
     paths,
 };
@@ -106,6 +107,8 @@ async fn serve_with<S: Store>(
         format!("loading the datapath (cgroup {}, bpffs {})", config.cgroup.display(), config.bpffs.display())
     })?;
     let (follow_tx, follow_rx) = mpsc::unbounded_channel();
+    let discovery = Discovery::restore(&config.state_dir);
+    let wanted_references = discovery.subscribe();
     let started = control::spawn(Start {
         datapath,
         store,
@@ -113,6 +116,7 @@ async fn serve_with<S: Store>(
         cgroup_root: paths::cgroup2_root().ok(),
         follow_ups: follow_tx,
         faults: faults.clone(),
+        discovery,
     })
     .await
     .context("starting the control core")?;
@@ -160,6 +164,13 @@ async fn serve_with<S: Store>(
         let cgroup = config.cgroup.clone();
         let gates = gates.clone();
         move |cancel, fault| tasks::carry_out_follow_ups(control, follow_rx, cgroup, gates, cancel, fault)
+    });
+    // Idle (no client, no connection) until a service has a `kubernetes` table, from the file
+    // or added later through the API: the core publishes the references to watch.
+    supervisor.spawn("kubernetes-discovery", {
+        let control = control.clone();
+        let kubeconfig = config.kubeconfig.clone();
+        move |cancel, fault| discovery::run(wanted_references, kubeconfig, control, cancel, fault)
     });
     supervisor.spawn("config-watcher", {
         let control = control.clone();
