@@ -47,6 +47,9 @@ pub struct AuditEntry {
     /// Refusals not written since the previous refusal entry (over the rate limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refusals_left_out: Option<u64>,
+    /// Cluster mode: the node whose API accepted the change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 impl AuditEntry {
@@ -70,6 +73,7 @@ impl AuditEntry {
             refused: None,
             peer: None,
             refusals_left_out: None,
+            node: None,
         }
     }
 }

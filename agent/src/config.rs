@@ -12,7 +12,12 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 pub use crate::discovery::{KubernetesConfig, PortSelector};
-use crate::{gates::prometheus::PrometheusEndpoint, paths, webhook::AllowList};
+use crate::{
+    cluster::{ClusterConfig, ClusterSettings},
+    gates::prometheus::PrometheusEndpoint,
+    paths,
+    webhook::AllowList,
+};
 
 /// A config or API input problem, naming the field it is about.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -61,6 +66,9 @@ pub struct ConfigFile {
     pub agent: AgentSection,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
+    /// Cluster mode: the desired state lives in etcd (see `crate::cluster`).
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// `[agent]`.
@@ -348,6 +356,8 @@ pub struct Config {
     /// `None`: no Prometheus, so no metric gates.
     pub prometheus: Option<PrometheusEndpoint>,
     pub webhook_allow: AllowList,
+    /// `Some`: cluster mode (`[cluster]`); the config file then holds no services.
+    pub cluster: Option<ClusterSettings>,
     /// `agent.kubeconfig`.
     pub kubeconfig: Option<PathBuf>,
 }
@@ -428,6 +438,18 @@ impl Config {
             (None, None) => None,
         };
         let webhook_allow = AllowList::from_config(&file.agent.webhook_allow)?;
+        let cluster = file.cluster.as_ref().map(ClusterConfig::validate).transpose()?;
+        if cluster.is_some() && !file.services.is_empty() {
+            // Two sources of services would fight: every node's file against the cluster's one
+            // desired state.
+            return Err(InvalidField::new(
+                "service",
+                "[[service]] tables are not read in cluster mode ([cluster] is set): the services live in etcd. \
+                 Load them with `sockshift apply -f services.toml` (the same [[service]] tables, applied \
+                 through any node's API) or `PUT /v1/services/{name}`",
+            )
+            .into());
+        }
         if let Some(path) = &file.agent.kubeconfig {
             if !path.is_file() {
                 return Err(InvalidField::new("agent.kubeconfig", format!("{} is not a file", path.display())).into());
@@ -446,6 +468,7 @@ impl Config {
             services,
             prometheus,
             webhook_allow,
+            cluster,
             kubeconfig: file.agent.kubeconfig,
         })
     }
@@ -1006,6 +1029,22 @@ mod tests {
         let config = Config::parse(example).unwrap_or_else(|e| panic!("config/sockshift.toml: {e}"));
         assert_eq!(config.services[0].name, "web");
         assert_eq!(config.services[0].source.max_operator_percent, 25.0);
+    }
+
+    #[test]
+    fn cluster_mode_is_opt_in_and_refuses_file_services() {
+        assert!(Config::parse(GOOD).unwrap().cluster.is_none(), "no [cluster]: single node");
+        let cluster = "[cluster]\netcd = [\"http://127.0.0.1:2379\"]\nnode = \"worker-1\"\n";
+        let config = Config::parse(&format!("[agent]\ncgroup = \"/tmp\"\n{cluster}")).unwrap();
+        let settings = config.cluster.expect("[cluster] turns cluster mode on");
+        assert_eq!((settings.node.as_str(), settings.prefix.as_str()), ("worker-1", "/sockshift"));
+        let err = error_of(&format!("{GOOD}\n{cluster}"));
+        assert!(
+            err.starts_with("service:") && err.contains("sockshift apply -f") && err.contains("PUT /v1/services/"),
+            "{err}"
+        );
+        assert!(error_of("[agent]\ncgroup = \"/tmp\"\n[cluster]\netcd = []").contains("cluster.etcd"));
+        assert!(error_of("[agent]\ncgroup = \"/tmp\"\n[cluster]\netcd = [\"http://a:1\"]\nfoo = 1").contains("foo"));
     }
 
     #[test]

@@ -81,6 +81,10 @@ fn daemonset_manifest() -> PathBuf {
     repo_path("config/daemonset.yaml")
 }
 
+fn cluster_manifest() -> PathBuf {
+    repo_path("config/daemonset-cluster.yaml")
+}
+
 // ---- the manifest ------------------------------------------------------------------------------
 
 /// What the test takes from a manifest: the DaemonSet's pod template and the ConfigMap its pod
@@ -422,6 +426,24 @@ struct Variant {
     stock_seccomp: bool,
     /// The pin volume's host path is a plain directory: a node that has not mounted bpffs.
     no_bpffs: bool,
+    /// Cluster mode: what a real cluster would provide (see [`ClusterPatch`]).
+    cluster: Option<ClusterPatch>,
+}
+
+/// What the kubelet and the operator provide a cluster-mode pod, for this test's node:
+/// - `[cluster] etcd` and `prefix` point at the test's etcd (the manifest's endpoints name an
+///   etcd Service that exists only in a real cluster);
+/// - NODE_NAME gets the node's name as a plain value: podman 4.3 does not support the downward
+///   API's `spec.nodeName` ("fieldPath spec.nodeName is either not valid or not supported");
+/// - the Secret volume is a directory holding the Secret's keys (ca.crt, tls.crt, tls.key), as
+///   the kubelet materialises it: podman 4.3's own Secret volumes mount the data still base64
+///   encoded, ignore `defaultMode`, and crash without `optional`.
+#[derive(Clone)]
+struct ClusterPatch {
+    endpoints: Vec<String>,
+    prefix: String,
+    node_name: String,
+    secret_dir: PathBuf,
 }
 
 /// A pod played from the manifest, removed on drop.
@@ -542,6 +564,12 @@ fn render(manifest: &Manifest, node: &Node, name: &str, variant: &Variant) -> St
     let mut config: toml::Table = toml::from_str(&manifest.config_text).expect("the ConfigMap's TOML");
     let agent = config.get_mut("agent").and_then(toml::Value::as_table_mut).expect("an [agent] table");
     agent.insert("cgroup".into(), toml::Value::String(node.cgroup.path.to_string_lossy().into_owned()));
+    if let Some(patch) = &variant.cluster {
+        let cluster = config.get_mut("cluster").and_then(toml::Value::as_table_mut).expect("a [cluster] table");
+        let endpoints = patch.endpoints.iter().map(|e| toml::Value::String(e.clone())).collect();
+        cluster.insert("etcd".into(), toml::Value::Array(endpoints));
+        cluster.insert("prefix".into(), toml::Value::String(patch.prefix.clone()));
+    }
     let mut config_map = manifest.config_map.clone();
     mapping(&mut config_map["data"]).insert(CONFIG_KEY.into(), toml::to_string(&config).unwrap().into());
     // The cluster's credentials: the double's kubeconfig, beside the TOML (see the module docs).
@@ -587,6 +615,16 @@ fn render(manifest: &Manifest, node: &Node, name: &str, variant: &Variant) -> St
             }
         } else if volume["name"].as_str() == Some(&state_volume) {
             &node.state
+        } else if let (Some(patch), true) = (&variant.cluster, volume["secret"].is_mapping()) {
+            let name = volume["name"].clone();
+            let mut host = Mapping::new();
+            host.insert("path".into(), patch.secret_dir.to_string_lossy().into_owned().into());
+            host.insert("type".into(), "Directory".into());
+            let mut replaced = Mapping::new();
+            replaced.insert("name".into(), name);
+            replaced.insert("hostPath".into(), Value::Mapping(host));
+            *volume = Value::Mapping(replaced);
+            continue;
         } else {
             continue;
         };
@@ -594,6 +632,15 @@ fn render(manifest: &Manifest, node: &Node, name: &str, variant: &Variant) -> St
     }
     let container = &mut spec["containers"][0];
     container["image"] = node.image.clone().into();
+    if let Some(patch) = &variant.cluster {
+        let env = container["env"].as_sequence_mut().expect("the cluster pod's env");
+        let node_name = env.iter_mut().find(|e| e["name"].as_str() == Some("NODE_NAME")).expect("NODE_NAME");
+        assert_eq!(node_name["valueFrom"]["fieldRef"]["fieldPath"].as_str(), Some("spec.nodeName"));
+        let mut plain = Mapping::new();
+        plain.insert("name".into(), "NODE_NAME".into());
+        plain.insert("value".into(), patch.node_name.clone().into());
+        *node_name = Value::Mapping(plain);
+    }
     if let Some(capability) = &variant.without_capability {
         let add = container["securityContext"]["capabilities"]["add"].as_sequence_mut().expect("capabilities.add");
         let before = add.len();
@@ -743,7 +790,10 @@ const POD_PORT: u16 = 8080;
 
 impl Backends {
     fn new(manifest: &Manifest, node: &Node) -> Self {
-        let service = manifest.config.services.first().expect("the ConfigMap shows a [[service]]");
+        Self::for_service(manifest.config.services.first().expect("the ConfigMap shows a [[service]]"), node)
+    }
+
+    fn for_service(service: &agent::config::ServiceSpec, node: &Node) -> Self {
         let (frontend, stable, canary) = match &service.source.kubernetes {
             None => (service.frontends[0], service.stable.clone(), service.canary.clone()),
             Some(names) => {
@@ -1180,6 +1230,87 @@ fn restart_keeps_steering_without_a_gap(manifest_path: &Path) {
     assert_eq!(state["canary_percent"], serde_json::json!(50.0), "{state}");
 }
 
+/// The cluster manifest's pod on this node, joined to a real etcd (3 members, TLS with client
+/// certificates): it starts, registers, answers the probes, and a service named by Kubernetes
+/// Services and a weight set through its API (stored in etcd; the pod resolves the names from
+/// the API-server double) steer a host process in the attached cgroup.
+fn cluster_pod_joins_and_steers(manifest_path: &Path) {
+    const NODE_NAME: &str = "podman-node";
+    // The ConfigMap's `node_env = "NODE_NAME"`, for parsing it here as the pod will.
+    std::env::set_var("NODE_NAME", NODE_NAME);
+    let manifest = Manifest::load(manifest_path);
+    let settings = manifest.config.cluster.clone().expect("the cluster manifest's ConfigMap has [cluster]");
+    let node = Node::new();
+    let etcd = e2e::etcd::EtcdCluster::start_tls();
+    let tls = etcd.tls().expect("TLS").clone();
+    let secret_dir = node.dir.join("etcd-client");
+    std::fs::create_dir_all(&secret_dir).unwrap();
+    let (cert, key) = settings.tls.as_ref().and_then(|t| t.identity.clone()).expect("a client certificate");
+    for (source, wanted) in
+        [(&tls.ca, &settings.tls.as_ref().unwrap().ca_file), (&tls.client_cert, &cert), (&tls.client_key, &key)]
+    {
+        let name = wanted.file_name().expect("a file name");
+        std::fs::copy(source, secret_dir.join(name)).expect("copying a TLS file");
+    }
+    let prefix = format!("/{}", unique_name("podman"));
+    let patch =
+        ClusterPatch { endpoints: etcd.endpoints(), prefix: prefix.clone(), node_name: NODE_NAME.into(), secret_dir };
+    let (liveness, readiness) = (manifest.probe("livenessProbe"), manifest.probe("readinessProbe"));
+    let pod = Pod::play(&manifest, &node, &Variant { cluster: Some(patch), ..Variant::default() });
+    let liveness_limit = liveness.initial_delay + liveness.period * (liveness.failure_threshold - 1);
+    let ready_after = pod.wait_ready(&readiness, liveness_limit);
+    eprintln!("cluster-mode agent ready {ready_after:.1?} after `podman kube play` started");
+    for probe in [&liveness, &readiness] {
+        assert!(
+            matches!(probe.send(), Ok(200..=399)),
+            "{} fails:
+{}",
+            probe.which,
+            pod.logs()
+        );
+    }
+
+    // Joined: the node's key is in etcd, and the API shows it.
+    let api = manifest.config.api;
+    let call = |method: &str, path: &str, body: Option<&serde_json::Value>| {
+        let r = agent::client::request(api, None, method, path, body).expect("the pod's API");
+        (r.status, r.body)
+    };
+    let node_key = etcd.etcdctl_ok(&["get", &format!("{prefix}/v1/nodes/{NODE_NAME}"), "--print-value-only"]);
+    assert!(
+        node_key.contains(NODE_NAME),
+        "the node is not registered in etcd: {node_key:?}
+{}",
+        pod.logs()
+    );
+    let (status, view) = call("GET", "/v1/cluster", None);
+    assert_eq!(status, 200, "{view}");
+    assert_eq!((view["node"].as_str(), view["connected"].as_bool()), (Some(NODE_NAME), Some(true)), "{view}");
+
+    // A service named by Kubernetes Services and a weight set through the API, kept in etcd,
+    // steer a host process: the pod resolves the names itself (from the API-server double).
+    let service: agent::config::ServiceConfig = toml::from_str(
+        "name = \"web\"\n[kubernetes]\nnamespace = \"shop\"\nfrontend = \"web\"\nstable = \"web-stable\"\n\
+         canary = \"web-canary\"",
+    )
+    .unwrap();
+    let spec = agent::config::validate_service(&service, "", None).unwrap();
+    let backends = Backends::for_service(&spec, &node);
+    let body = serde_json::to_value(agent::api::types::ServiceBody::from(&service)).unwrap();
+    let (status, answer) = call("PUT", "/v1/services/web?wait=cluster", Some(&body));
+    assert_eq!(status, 201, "{answer}");
+    let (status, answer) =
+        call("PUT", "/v1/services/web/canary?wait=cluster", Some(&serde_json::json!({ "percent": 30.0 })));
+    assert_eq!(status, 200, "{answer}");
+    let stored = etcd.etcdctl_ok(&["get", &format!("{prefix}/v1/services/web"), "--print-value-only"]);
+    assert!(stored.contains("\"canary_percent\":30.0") && stored.contains("\"web-canary\""), "etcd holds {stored:?}");
+    backends.wait_discovered(api, None);
+    assert_share(&backends.connect(&node.cgroup, 1000), 1000, 30.0, "at the weight set through the pod's API");
+    let status = pod.exec(&["sockshift", "status", "--cluster"]);
+    let table = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success() && table.contains(NODE_NAME), "sockshift status --cluster in the pod:\n{table}");
+}
+
 // ---- config/daemonset.yaml ---------------------------------------------------------------------
 
 #[test]
@@ -1221,4 +1352,11 @@ fn killing_the_pod_and_playing_it_again_keeps_steering_without_a_gap() {
 #[test]
 fn a_node_without_bpffs_is_refused_at_start() {
     node_without_bpffs_is_refused(&daemonset_manifest());
+}
+
+// ---- config/daemonset-cluster.yaml ------------------------------------------------------------
+
+#[test]
+fn cluster_pod_joins_etcd_answers_its_probes_and_steers_at_the_weight_set_through_the_api() {
+    cluster_pod_joins_and_steers(&cluster_manifest());
 }

@@ -22,7 +22,10 @@ use utoipa::{
 };
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use crate::control::{store::AuditSource, ControlHandle};
+use crate::control::{
+    store::{etcd::ClusterHandle, AuditSource},
+    ControlHandle, Progress,
+};
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -46,6 +49,15 @@ pub struct AppState {
     pub gates: crate::gates::GateClients,
     /// The generated OpenAPI document, as served.
     pub openapi: OnceLock<String>,
+    /// Cluster mode; `None` on a single node.
+    pub cluster: Option<ClusterApi>,
+}
+
+/// What the API reads of cluster mode: the cluster view and how far the core got.
+#[derive(Clone)]
+pub struct ClusterApi {
+    pub handle: ClusterHandle,
+    pub progress: tokio::sync::watch::Receiver<Progress>,
 }
 
 /// Background tasks that stopped while the agent is not shutting down, by name, with why.
@@ -84,6 +96,7 @@ impl TaskHealth {
         (name = "services", description = "Services and their canary weights"),
         (name = "rollouts", description = "Progressive rollouts"),
         (name = "agent", description = "Health, metrics, datapath, audit log"),
+        (name = "cluster", description = "Cluster mode: the nodes and how far each has applied the desired state"),
     ),
 )]
 struct ApiDoc;
@@ -113,6 +126,7 @@ fn parts() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(rollout_action))
         .routes(routes!(datapath_status))
         .routes(routes!(audit_log))
+        .routes(routes!(cluster_status))
         .split_for_parts()
 }
 

@@ -2,6 +2,7 @@
 //! daemon (`crate::daemon`), `sockshift uninstall` removes what it pinned; the other verbs call
 //! the agent's API and print what it answers (`output`).
 
+mod apply;
 mod output;
 
 use std::{
@@ -14,7 +15,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::{
-    api::types::{AuditLog, CanaryUpdate, RolloutView, ServiceBody, ServiceList, ServiceState},
+    api::types::{AuditLog, CanaryUpdate, ClusterStatus, RolloutView, ServiceBody, ServiceList, ServiceState},
     client::ApiClient,
     config::{Affinity, KubernetesConfig, PortSelector, Role},
     paths,
@@ -44,7 +45,30 @@ pub enum Command {
     },
     /// Show services: weight, backends, and what the kernel counted per side.
     Status {
+        #[arg(conflicts_with = "cluster")]
         service: Option<String>,
+        /// Cluster mode: show the nodes and how far each has applied the desired state.
+        #[arg(long)]
+        cluster: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Load the `[[service]]` tables of a TOML file (the config file's format): adds what is
+    /// missing, replaces what differs, leaves the rest. Idempotent; the way to load services in
+    /// cluster mode, through any node.
+    Apply {
+        /// The file of `[[service]]` tables.
+        #[arg(long = "filename", short = 'f')]
+        file: PathBuf,
+        /// Show what would change; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also remove the services the file does not name.
+        #[arg(long)]
+        prune: bool,
+        /// Answer once every live node of the cluster applied each change (`?wait=cluster`).
+        #[arg(long)]
+        wait: bool,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -320,12 +344,32 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", crate::api::openapi().to_pretty_json()?);
             Ok(())
         }
-        Command::Status { service, api } => {
-            let services = match service {
-                Some(name) => vec![api.client()?.call::<ServiceState>("GET", &format!("/v1/services/{name}"), NONE)?],
-                None => api.client()?.call::<ServiceList>("GET", "/v1/services", NONE)?.services,
+        Command::Status { cluster: true, api, .. } => {
+            let cluster: ClusterStatus = api.client()?.call("GET", "/v1/cluster", NONE)?;
+            output::cluster(&cluster, api.output)
+        }
+        Command::Status { service, api, .. } => {
+            let (services, stale, as_of) = match service {
+                Some(name) => {
+                    let state = api.client()?.call::<ServiceState>("GET", &format!("/v1/services/{name}"), NONE)?;
+                    let (stale, as_of) = (state.stale, state.as_of_revision);
+                    (vec![state], stale, as_of)
+                }
+                None => {
+                    let list = api.client()?.call::<ServiceList>("GET", "/v1/services", NONE)?;
+                    (list.services, list.stale, list.as_of_revision)
+                }
             };
+            if stale == Some(true) && api.output == Output::Table {
+                eprintln!(
+                    "stale: etcd cannot be reached; this is the state the node last applied (revision {})",
+                    as_of.unwrap_or(0)
+                );
+            }
             output::services(&services, api.output)
+        }
+        Command::Apply { file, dry_run, prune, wait, api } => {
+            apply::run(&api.client()?, &file, apply::Options { dry_run, prune, wait }, api.output)
         }
         Command::Set { service, percent, api } => {
             let body = CanaryUpdate { percent };

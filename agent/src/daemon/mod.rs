@@ -1,7 +1,9 @@
 //! `sockshift agent`: start-up, signals and the long-running tasks around the control core.
 //!
-//! Start-up binds the API (a busy port fails before anything is attached), loads the datapath,
-//! starts the control core on its own thread with the store, and serves the API. Every
+//! Start-up binds the API (a busy port fails before anything is attached), opens the store (in
+//! cluster mode: connects to etcd, or starts from the local copy of the last applied state when
+//! etcd is unreachable), loads the datapath, starts the control core on its own thread with the
+//! store, and serves the API. Every
 //! long-running task selects on one cancellation token, cancelled by SIGINT or SIGTERM; a task
 //! that stops while the agent is not shutting down (it panicked, or its loop ended) is recorded
 //! and `/healthz` fails, so Kubernetes restarts the pod instead of keeping a zombie.
@@ -18,10 +20,14 @@ use crate::{
     api::{
         self,
         guard::{HostRule, Tokens},
-        AppState, TaskHealth,
+        AppState, ClusterApi, TaskHealth,
     },
     config::Config,
-    control::{self, store::file::FileStore, ControlHandle, Faults, Start},
+    control::{
+        self,
+        store::{etcd, file::FileStore, Store},
+        ControlHandle, Faults, Start,
+    },
     datapath::Datapath,
     discovery::{self, Discovery},
     gates::GateClients,
@@ -37,7 +43,16 @@ pub fn run(config_path: &Path, check_only: bool) -> anyhow::Result<()> {
     let loaded_bytes = std::fs::read(config_path).ok();
     let config = Config::load(config_path)?;
     if check_only {
-        println!("{}: valid, {} services", config_path.display(), config.services.len());
+        match &config.cluster {
+            Some(cluster) => println!(
+                "{}: valid, cluster mode (node {:?}, etcd {}, prefix {}/v1/)",
+                config_path.display(),
+                cluster.node,
+                cluster.endpoints.join(", "),
+                cluster.prefix
+            ),
+            None => println!("{}: valid, {} services", config_path.display(), config.services.len()),
+        }
         return Ok(());
     }
     crate::cli::require_root()?;
@@ -51,8 +66,10 @@ pub fn run(config_path: &Path, check_only: bool) -> anyhow::Result<()> {
     runtime.block_on(serve(config_path, config, loaded_bytes))
 }
 
+/// How long shutdown waits for the node to leave the cluster (its lease revoked).
+const LEAVE_BOUND: Duration = Duration::from_secs(2);
+
 async fn serve(config_path: &Path, config: Config, loaded_bytes: Option<Vec<u8>>) -> anyhow::Result<()> {
-    let faults = Faults::from_env();
     // Bind first: a busy port must fail before anything is attached.
     let listener = tokio::net::TcpListener::bind(config.api)
         .await
@@ -74,12 +91,45 @@ async fn serve(config_path: &Path, config: Config, loaded_bytes: Option<Vec<u8>>
     }
     // Held while the agent runs: `sockshift uninstall` refuses to remove pins it sees locked.
     let _pin_lock = paths::prepare_pin_dir(&config.bpffs)?;
+    match &config.cluster {
+        Some(settings) => {
+            let cluster = etcd::start(settings, &config.state_dir).await.with_context(|| {
+                format!("starting cluster mode (node {:?}, etcd {})", settings.node, settings.endpoints.join(", "))
+            })?;
+            log::info!("cluster mode: node {:?}, prefix {}/v1/", settings.node, settings.prefix);
+            let parts = ClusterParts { handle: cluster.handle, follow: cluster.follow, presence: cluster.presence };
+            serve_with(config_path, config, loaded_bytes, listener, cluster.store, Some(parts)).await
+        }
+        None => {
+            let store = FileStore::open(&config.state_dir)
+                .with_context(|| {
+                    format!("opening the state directory {} (agent.state_dir)", config.state_dir.display())
+                })?
+                .with_audit_rotation(config.audit);
+            serve_with(config_path, config, loaded_bytes, listener, store, None).await
+        }
+    }
+}
+
+/// Cluster mode's pieces besides the store.
+struct ClusterParts {
+    handle: etcd::ClusterHandle,
+    follow: etcd::Follow,
+    presence: etcd::Presence,
+}
+
+async fn serve_with<S: Store>(
+    config_path: &Path,
+    config: Config,
+    loaded_bytes: Option<Vec<u8>>,
+    listener: tokio::net::TcpListener,
+    store: S,
+    cluster: Option<ClusterParts>,
+) -> anyhow::Result<()> {
+    let faults = Faults::from_env();
     let datapath = Datapath::load(&config.cgroup, &config.bpffs).with_context(|| {
         format!("loading the datapath (cgroup {}, bpffs {})", config.cgroup.display(), config.bpffs.display())
     })?;
-    let store = FileStore::open(&config.state_dir)
-        .with_context(|| format!("opening the state directory {} (agent.state_dir)", config.state_dir.display()))?
-        .with_audit_rotation(config.audit);
     let (follow_tx, follow_rx) = mpsc::unbounded_channel();
     let discovery = Discovery::restore(&config.state_dir);
     let wanted_references = discovery.subscribe();
@@ -116,9 +166,22 @@ async fn serve(config_path: &Path, config: Config, loaded_bytes: Option<Vec<u8>>
         tasks: tasks.clone(),
         gates: gates.clone(),
         openapi: Default::default(),
+        cluster: cluster
+            .as_ref()
+            .map(|parts| ClusterApi { handle: parts.handle.clone(), progress: started.progress.clone() }),
     });
     let supervisor = Supervisor { shutdown: shutdown.clone(), health: tasks, faults };
     let control = started.handle;
+    let mut left_cluster = None;
+    if let Some(ClusterParts { follow, presence, .. }) = cluster {
+        supervisor.spawn("cluster-watch", move |cancel, _| follow.run(cancel));
+        let (left, leaving) = tokio::sync::oneshot::channel();
+        left_cluster = Some(leaving);
+        supervisor.spawn("cluster-presence", move |cancel, _| async move {
+            presence.run(cancel).await;
+            let _ = left.send(());
+        });
+    }
     supervisor.spawn("rollout-driver", {
         let gates = gates.clone();
         |cancel, fault| tasks::drive_rollouts(control.clone(), gates, cancel, fault)
@@ -153,6 +216,15 @@ async fn serve(config_path: &Path, config: Config, loaded_bytes: Option<Vec<u8>>
 
     api::server::serve(listener, api::router(state.clone()), state.clone(), shutdown.clone()).await;
     shutdown.cancel();
+    if let Some(leaving) = left_cluster {
+        // Revoking the lease takes the node out of every other node's view at once, instead of
+        // after the lease's TTL.
+        if tokio::time::timeout(LEAVE_BOUND, leaving).await.is_err() {
+            log::warn!(
+                "leaving the cluster did not finish within {LEAVE_BOUND:?}; the node's keys expire with its lease"
+            );
+        }
+    }
     drop(state);
     stop_core(control, started.thread).await;
     log::info!("stopped; the pinned datapath keeps steering with the last state");

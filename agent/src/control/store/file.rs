@@ -270,6 +270,8 @@ impl Store for FileStore {
                     key: write.key.clone(),
                     expected: write.expect,
                     found: found.unwrap_or(0),
+                    // Only this agent writes the file: nothing to adopt.
+                    current: Vec::new(),
                 });
             }
         }
@@ -303,7 +305,7 @@ impl Store for FileStore {
         Ok(revision)
     }
 
-    async fn applied(&mut self, _snapshot: &Snapshot) -> Result<(), StoreError> {
+    async fn applied(&mut self, _snapshot: &Snapshot, _problems: &[String]) -> Result<(), StoreError> {
         Ok(())
     }
 
