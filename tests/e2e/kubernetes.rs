@@ -613,10 +613,11 @@ fn named_target_ports_resolve_like_kube_proxy() {
     );
 }
 
-/// `GET /metrics` as text (the harness's `call` parses JSON).
+/// `GET /metrics` as text (the harness's `call` parses JSON). The `Host` is the API's address,
+/// as a scraper sends it: the agent refuses other names.
 fn metrics_text(agent: &Agent) -> String {
     let mut stream = std::net::TcpStream::connect(agent.api).unwrap();
-    write!(stream, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    write!(stream, "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", agent.api).unwrap();
     let mut text = String::new();
     stream.read_to_string(&mut text).unwrap();
     text

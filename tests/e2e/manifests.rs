@@ -85,10 +85,38 @@ fn agent_config(docs: &[Value]) -> (String, Config) {
         .and_then(Value::as_str)
         .unwrap_or_else(|| panic!("ConfigMap sockshift-config must hold the string data.{CONFIG_KEY:?}"))
         .to_owned();
-    match Config::parse(&text) {
+    // The token files come from the Secret volume on a node; stand in for them here (mode 0400,
+    // as the volume's defaultMode makes them) so the agent's parser checks them as it would there.
+    let parsed = with_stand_in_token_files(&text);
+    match Config::parse(&parsed) {
         Ok(config) => (text, config),
         Err(err) => panic!("the agent rejects the ConfigMap's {CONFIG_KEY}: {err}\n---\n{text}"),
     }
+}
+
+/// `text` with every `token_file` moved to a stand-in file holding a distinct token, mode 0400.
+fn with_stand_in_token_files(text: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("sockshift-manifest-tokens-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut out = String::new();
+    for (i, line) in text.lines().enumerate() {
+        match line.trim().strip_prefix("token_file = ") {
+            Some(path) => {
+                let name = Path::new(path.trim_matches('"')).file_name().unwrap().to_string_lossy().into_owned();
+                let file = dir.join(&name);
+                let _ = std::fs::remove_file(&file);
+                std::fs::write(&file, format!("stand-in-token-{i:04}-for-{name}\n")).unwrap();
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o400)).unwrap();
+                out.push_str(&format!("token_file = {:?}\n", file.display().to_string()));
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
 }
 
 /// Runs kubernetes-validate; its exit status and combined output.
@@ -160,7 +188,7 @@ fn configmap_holds_a_config_the_agent_accepts() {
 #[test]
 fn daemonset_is_least_privilege_and_matches_the_config() {
     let docs = documents();
-    let (_, config) = agent_config(&docs);
+    let (text, config) = agent_config(&docs);
     let daemonset = resource(&docs, "DaemonSet", "sockshift");
     assert_eq!(str_at(&daemonset, "metadata.namespace"), "sockshift");
     let pod = at(&daemonset, "spec.template.spec");
@@ -256,6 +284,31 @@ fn daemonset_is_least_privilege_and_matches_the_config() {
         if let Some(scheme) = get.get("scheme") {
             assert_eq!(scheme.as_str(), Some("HTTP"), "{probe}.httpGet.scheme");
         }
+    }
+
+    // The API asks for tokens, and every token file comes from a Secret volume mounted 0400.
+    assert!(config.tokens.is_some(), "the shipped config must set [agent.auth]");
+    let token_files: Vec<&str> =
+        text.lines().filter_map(|l| l.trim().strip_prefix("token_file = ")).map(|p| p.trim_matches('"')).collect();
+    assert!(!token_files.is_empty(), "the tokens must come from files (a Secret), not inline");
+    let mounts = at(container, "volumeMounts").as_sequence().unwrap();
+    for file in token_files {
+        let mount = mounts
+            .iter()
+            .find(|m| m["mountPath"].as_str().is_some_and(|p| Path::new(file).starts_with(p)))
+            .unwrap_or_else(|| panic!("no volume is mounted above token_file {file}"));
+        let volume = at(pod, "volumes")
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == mount["name"])
+            .unwrap_or_else(|| panic!("volume {:?} is not declared", mount["name"]));
+        assert!(volume["secret"]["secretName"].as_str().is_some(), "token_file {file} must come from a Secret");
+        assert_eq!(
+            volume["secret"]["defaultMode"].as_u64(),
+            Some(0o400),
+            "the token Secret's defaultMode must be 0400"
+        );
     }
 }
 

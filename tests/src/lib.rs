@@ -327,14 +327,24 @@ impl Agent {
         }
     }
 
-    /// Starts the agent process on the existing config and waits for /healthz.
+    /// Starts the agent process on the existing config and waits for /healthz to answer 200.
     pub fn spawn(&mut self) {
-        self.spawn_joining(None);
+        self.spawn_until(None, |status| status == 200);
     }
 
     /// Like `spawn`, with the agent process written to `procs` (a `cgroup.procs` file, v1 or
     /// v2) before it runs: to start it under a CPU limit, say.
     pub fn spawn_joining(&mut self, procs: Option<&Path>) {
+        self.spawn_until(procs, |status| status == 200);
+    }
+
+    /// Starts the agent process and waits until /healthz answers at all (200 or 503): for tests
+    /// whose agent is meant to fail its health check from the start.
+    pub fn spawn_answering(&mut self) {
+        self.spawn_until(None, |status| status == 200 || status == 503);
+    }
+
+    fn spawn_until(&mut self, procs: Option<&Path>, up: impl Fn(u16) -> bool) {
         let log = std::fs::File::create(&self.log_path).unwrap();
         let mut command = Command::new(built_binary("sockshift"));
         command
@@ -362,7 +372,7 @@ impl Agent {
         let deadline = Instant::now() + Duration::from_secs(if procs.is_some() { 120 } else { 60 });
         while Instant::now() < deadline {
             if let Ok(r) = agent::client::request(self.api, None, "GET", "/healthz", None) {
-                if r.status == 200 {
+                if up(r.status) {
                     return;
                 }
             }

@@ -114,6 +114,13 @@ pub struct Health {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ServiceList {
     pub services: Vec<ServiceState>,
+    /// Cluster mode only: `true` when etcd cannot be reached and this is the state the node last
+    /// applied (it keeps steering with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale: Option<bool>,
+    /// Cluster mode only: every change up to this etcd revision is applied on this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub as_of_revision: Option<u64>,
 }
 
 /// One service: its configuration, current weight and what the kernel counted per side.
@@ -137,6 +144,13 @@ pub struct ServiceState {
     /// addresses.
     pub kubernetes: Option<DiscoveryStatus>,
     pub sides: Sides,
+    /// Cluster mode only: `true` when etcd cannot be reached and this is the state the node last
+    /// applied (it keeps steering with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale: Option<bool>,
+    /// Cluster mode only: every change up to this etcd revision is applied on this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub as_of_revision: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -319,6 +333,51 @@ pub struct RolloutView {
     pub history: Vec<HistoryEntry>,
     /// Events dropped from the front of `history`.
     pub history_dropped: u64,
+    /// Cluster mode only: `true` when etcd cannot be reached and this is the state the node last
+    /// applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale: Option<bool>,
+    /// Cluster mode only: every change up to this etcd revision is applied on this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub as_of_revision: Option<u64>,
+}
+
+/// `GET /v1/cluster`: the nodes of the cluster and how far each has applied the desired state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterStatus {
+    /// The node that answers.
+    pub node: String,
+    /// The node that drives the rollouts; null while none does.
+    pub leader: Option<String>,
+    /// The newest desired-state revision any live node has applied: what every node converges
+    /// to.
+    pub revision: u64,
+    /// Whether this node follows etcd now. `false`: etcd cannot be reached; everything here is as
+    /// this node last saw it (`stale`).
+    pub connected: bool,
+    pub stale: bool,
+    /// Every change up to this revision is applied on the answering node.
+    pub as_of_revision: u64,
+    /// The live nodes (each publishes its status under a lease: a node that stops disappears
+    /// within `[cluster] lease_ttl_seconds`).
+    pub nodes: Vec<ClusterNode>,
+}
+
+/// One node of `GET /v1/cluster`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterNode {
+    pub node: String,
+    /// Every change up to this etcd revision is applied to the node's datapath.
+    pub applied_revision: u64,
+    /// Since the node last changed its status (it does when it applies a change), by its clock.
+    pub age_ms: u64,
+    /// Whether the node's datapath holds the whole desired state (`detail` says what it refused).
+    pub healthy: bool,
+    /// `applied_revision` is below `revision`.
+    pub lagging: bool,
+    pub agent_version: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
 }
 
 impl RolloutView {

@@ -20,11 +20,12 @@ pub mod store;
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
+pub use self::core::check_rollout;
 use self::{
     core::Core,
-    store::{AuditSource, RemoteChange, Store, StoreError},
+    store::{AuditSource, RemoteChange, Revision, Store, StoreError},
 };
 use crate::{
     api::types::{DatapathStatus, RolloutView, ServiceBody, ServiceState},
@@ -197,6 +198,10 @@ pub enum Command {
         name: String,
         count: usize,
     },
+    /// A request the API refused, for the audit log (see `api::guard`).
+    AuditRefusal {
+        entry: Box<crate::audit::AuditEntry>,
+    },
     /// Kubernetes discovery's one way in: what it found for service `name` (sent only when it
     /// changed). Applied as one backend-set switch when the service's addresses differ from
     /// what the datapath holds; never committed to the store.
@@ -274,6 +279,14 @@ pub enum ControlError {
     /// The datapath refused the change; it and the store were put back as they were.
     #[error("the datapath refused the change (nothing changed): {0}")]
     Datapath(#[from] DatapathError),
+    /// Cluster mode: the change is committed for the whole cluster (other nodes apply it), but
+    /// this node's datapath refused it. This node keeps its previous state for it and reports
+    /// itself unhealthy until a later change applies.
+    #[error(
+        "the change is committed to the cluster (revision {revision}) but this node's datapath refused it, so this \
+         node keeps its previous state for it and reports itself unhealthy: {error}"
+    )]
+    NotAppliedHere { revision: Revision, error: String },
     /// The core did not answer within the bound: it may be stuck in I/O.
     #[error("the control core did not answer within {0:?}; a change sent now may still be applied later")]
     CoreStuck(Duration),
@@ -359,9 +372,29 @@ impl ControlHandle {
         tokio::time::timeout(bound, exchange).await.map_err(|_| ControlError::CoreStuck(bound))?
     }
 
+    /// Hands a refused request's audit entry to the core without waiting: dropped (it is
+    /// still counted in `/metrics`) when the core's queue is full, so refusals never hold up
+    /// changes or the kill switch.
+    pub fn audit_refusal(&self, entry: crate::audit::AuditEntry) {
+        if self.commands.try_send(Command::AuditRefusal { entry: Box::new(entry) }).is_err() {
+            log::debug!("audit entry of a refused request dropped: the core's queue is full");
+        }
+    }
+
     pub fn is_closed(&self) -> bool {
         self.commands.is_closed()
     }
+}
+
+/// How far the core got, published after every change (a `watch` channel: readers see the
+/// latest).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// The revision of this node's last commit.
+    pub committed: Revision,
+    /// Every change of the store up to this revision is applied (cluster mode: what the node
+    /// publishes as its `applied_revision`; a read's `as_of_revision`).
+    pub applied: Revision,
 }
 
 /// What the core starts from.
@@ -384,6 +417,7 @@ pub struct Started {
     pub audit: Arc<dyn AuditSource>,
     /// Services the core holds after start.
     pub services: usize,
+    pub progress: watch::Receiver<Progress>,
     pub thread: std::thread::JoinHandle<()>,
 }
 
@@ -403,6 +437,7 @@ pub enum StartError {
 pub async fn spawn<S: Store>(start: Start<S>) -> Result<Started, StartError> {
     let (commands, mut queue) = mpsc::channel(QUEUE);
     let (started, ready) = oneshot::channel();
+    let (progress_tx, progress) = watch::channel(Progress::default());
     let thread = std::thread::Builder::new()
         .name("sockshift-core".into())
         .spawn(move || {
@@ -414,8 +449,7 @@ pub async fn spawn<S: Store>(start: Start<S>) -> Result<Started, StartError> {
                 }
             };
             runtime.block_on(async move {
-                let Start { datapath, store, file_services, cgroup_root, follow_ups, faults, discovery } = start;
-                let begun = Core::start(datapath, store, &file_services, cgroup_root, follow_ups, faults, discovery);
+                let begun = Core::start(start, progress_tx);
                 let mut core = match begun.await {
                     Ok(core) => core,
                     Err(err) => {
@@ -441,7 +475,7 @@ pub async fn spawn<S: Store>(start: Start<S>) -> Result<Started, StartError> {
         })
         .map_err(StartError::Thread)?;
     let (audit, services) = ready.await.map_err(|_| StartError::Died)??;
-    Ok(Started { handle: ControlHandle { commands }, audit, services, thread })
+    Ok(Started { handle: ControlHandle { commands }, audit, services, progress, thread })
 }
 
 /// The next remote change, or never when there is no stream (or it ended).

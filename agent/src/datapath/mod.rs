@@ -45,7 +45,7 @@ use aya::{
     programs::ProgramError,
     BtfError, Ebpf, EbpfError,
 };
-pub use loader::{uninstall, ForeignProgram, LinkOutcome};
+pub use loader::{detach_link_pin, ForeignProgram, LinkOutcome};
 use registry::{Revisions, ServiceIds};
 pub use sockets::{Selection, Termination};
 
