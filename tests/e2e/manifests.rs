@@ -87,36 +87,11 @@ fn agent_config(docs: &[Value]) -> (String, Config) {
         .to_owned();
     // The token files come from the Secret volume on a node; stand in for them here (mode 0400,
     // as the volume's defaultMode makes them) so the agent's parser checks them as it would there.
-    let parsed = with_stand_in_token_files(&text);
+    let parsed = e2e::with_stand_in_token_files(&text);
     match Config::parse(&parsed) {
         Ok(config) => (text, config),
         Err(err) => panic!("the agent rejects the ConfigMap's {CONFIG_KEY}: {err}\n---\n{text}"),
     }
-}
-
-/// `text` with every `token_file` moved to a stand-in file holding a distinct token, mode 0400.
-fn with_stand_in_token_files(text: &str) -> String {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = std::env::temp_dir().join(format!("sockshift-manifest-tokens-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut out = String::new();
-    for (i, line) in text.lines().enumerate() {
-        match line.trim().strip_prefix("token_file = ") {
-            Some(path) => {
-                let name = Path::new(path.trim_matches('"')).file_name().unwrap().to_string_lossy().into_owned();
-                let file = dir.join(&name);
-                let _ = std::fs::remove_file(&file);
-                std::fs::write(&file, format!("stand-in-token-{i:04}-for-{name}\n")).unwrap();
-                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o400)).unwrap();
-                out.push_str(&format!("token_file = {:?}\n", file.display().to_string()));
-            }
-            None => {
-                out.push_str(line);
-                out.push('\n');
-            }
-        }
-    }
-    out
 }
 
 /// Runs kubernetes-validate; its exit status and combined output.

@@ -51,7 +51,9 @@ fn cluster_config(docs: &[Value]) -> (String, Config) {
         .to_owned();
     // Only this test file reads NODE_NAME.
     std::env::set_var("NODE_NAME", "worker-7");
-    let config = Config::parse(&text).unwrap_or_else(|err| panic!("the agent rejects the ConfigMap: {err}\n{text}"));
+    // The token files are the Secret's: parse with stand-ins, as tests/e2e/manifests.rs does.
+    let parsed = e2e::with_stand_in_token_files(&text);
+    let config = Config::parse(&parsed).unwrap_or_else(|err| panic!("the agent rejects the ConfigMap: {err}\n{text}"));
     (text, config)
 }
 
@@ -91,7 +93,10 @@ fn the_configmap_is_cluster_mode_with_no_services() {
     let tls = cluster.tls.expect("TLS settings");
     assert!(tls.identity.is_some(), "a client certificate is configured");
     // The same file with a [[service]] table is refused, naming how to load services.
-    let with_service = format!("{text}\n[[service]]\nname = \"web\"\nfrontends = [\"10.96.0.10:80\"]\n");
+    let with_service = format!(
+        "{}\n[[service]]\nname = \"web\"\nfrontends = [\"10.96.0.10:80\"]\n",
+        e2e::with_stand_in_token_files(&text)
+    );
     let err = Config::parse(&with_service).expect_err("refused").to_string();
     assert!(err.contains("sockshift apply -f"), "{err}");
 }
