@@ -11,7 +11,13 @@ use agent_common::{percent_to_ppm, MAX_BACKENDS_PER_SIDE, MAX_SERVICES, MAX_STEE
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::{gates::prometheus::PrometheusEndpoint, paths, webhook::AllowList};
+pub use crate::discovery::{KubernetesConfig, PortSelector};
+use crate::{
+    cluster::{ClusterConfig, ClusterSettings},
+    gates::prometheus::PrometheusEndpoint,
+    paths,
+    webhook::AllowList,
+};
 
 /// A config or API input problem, naming the field it is about.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -28,12 +34,26 @@ impl InvalidField {
     }
 }
 
+/// When `audit.log` is rotated and how many old files are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditRotation {
+    pub max_bytes: u64,
+    pub keep: u32,
+}
+
+impl Default for AuditRotation {
+    fn default() -> Self {
+        Self { max_bytes: DEFAULT_AUDIT_MAX_BYTES, keep: DEFAULT_AUDIT_KEEP }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("config {path} is not valid: {source}")]
-    Parse { path: PathBuf, source: toml::de::Error },
+    /// `message` is the TOML error without the file's text (see [`redacted_toml_error`]).
+    #[error("config {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
     #[error("config {path}: {source}")]
     Invalid { path: PathBuf, source: InvalidField },
 }
@@ -46,6 +66,9 @@ pub struct ConfigFile {
     pub agent: AgentSection,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
+    /// Cluster mode: the desired state lives in etcd (see `crate::cluster`).
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// `[agent]`.
@@ -60,8 +83,21 @@ pub struct AgentSection {
     pub bpffs: PathBuf,
     /// Directory of the persisted desired state and the audit log.
     pub state_dir: PathBuf,
-    /// Bearer tokens and their roles; unset: the API is open (it listens on loopback).
+    /// Bearer tokens and their roles. Required unless `api` is a loopback address or
+    /// `insecure_allow_unauthenticated_api` is set.
     pub auth: Option<AuthSection>,
+    /// Serve the API without `[agent.auth]` on a non-loopback address: anyone who reaches the
+    /// port can then steer every connection on the node. Off; never turn it on in production.
+    pub insecure_allow_unauthenticated_api: bool,
+    /// Extra names the API answers to in the `Host` header (`name` or `name:port`; without a
+    /// port, the API's). The bind address and localhost/127.0.0.1/[::1] with the API's port are
+    /// always allowed; any other `Host` is refused (421), so a browser tricked by DNS
+    /// rebinding cannot reach the API.
+    pub api_hosts: Vec<String>,
+    /// Size at which `audit.log` is rotated (to `audit.log.1`, ...), bytes; default 16 MiB.
+    pub audit_max_bytes: u64,
+    /// Rotated audit files kept (`audit.log.1` to `audit.log.N`); default 4.
+    pub audit_keep: u32,
     /// Prometheus server metric gates query (`http://host:port`, optionally with a path prefix);
     /// unset: plans with metric gates are refused. Only here, never in a plan.
     pub prometheus: Option<String>,
@@ -84,6 +120,9 @@ pub struct AgentSection {
     /// The datapath's own log: `off` (default), `info` (fail-open events), `debug` (every
     /// steering decision). Applied on reload by replacing the programs in place.
     pub datapath_log: DatapathLog,
+    /// Kubeconfig for Kubernetes discovery; unset: `KUBECONFIG`, else the in-cluster service
+    /// account (the DaemonSet's).
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// `agent.datapath_log`: what the eBPF programs log (into the agent's log, target `datapath`).
@@ -131,6 +170,10 @@ impl Default for AgentSection {
             bpffs: PathBuf::from(paths::DEFAULT_BPFFS_DIR),
             state_dir: PathBuf::from(paths::DEFAULT_STATE_DIR),
             auth: None,
+            insecure_allow_unauthenticated_api: false,
+            api_hosts: Vec::new(),
+            audit_max_bytes: DEFAULT_AUDIT_MAX_BYTES,
+            audit_keep: DEFAULT_AUDIT_KEEP,
             prometheus: None,
             prometheus_bearer_token_file: None,
             prometheus_timeout_seconds: None,
@@ -139,9 +182,23 @@ impl Default for AgentSection {
             steered_sockets_per_netns: None,
             host_netns_only: false,
             datapath_log: DatapathLog::Off,
+            kubeconfig: None,
         }
     }
 }
+
+/// Default `agent.audit_max_bytes`: 16 MiB.
+pub const DEFAULT_AUDIT_MAX_BYTES: u64 = 16 * 1024 * 1024;
+/// Default `agent.audit_keep`.
+pub const DEFAULT_AUDIT_KEEP: u32 = 4;
+/// Smallest `agent.audit_max_bytes`: one entry of the largest body must fit.
+pub const MIN_AUDIT_MAX_BYTES: u64 = 1024 * 1024;
+/// Most rotated audit files kept.
+pub const MAX_AUDIT_KEEP: u32 = 100;
+/// Shortest bearer token accepted.
+pub const MIN_TOKEN_LEN: usize = 16;
+/// Longest bearer token accepted (a token file holding something else is a mistake).
+pub const MAX_TOKEN_LEN: usize = 4096;
 
 /// `[agent.auth]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -156,9 +213,32 @@ pub struct AuthSection {
 pub struct TokenConfig {
     /// Who holds it: recorded in the audit log.
     pub name: String,
-    pub token: Option<String>,
+    pub token: Option<Secret>,
+    /// A file holding the token (surrounding whitespace ignored); owned by the agent's user,
+    /// no group or other permission bits (0400 or 0600).
     pub token_file: Option<PathBuf>,
     pub role: Role,
+}
+
+/// A secret from the config file: never shown by `Debug` (or anything else).
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(secret: impl Into<String>) -> Self {
+        Self(secret.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
 }
 
 /// What a token may do. Each role may do everything the ones before it may.
@@ -183,12 +263,31 @@ impl std::fmt::Display for Role {
     }
 }
 
-/// A validated token.
-#[derive(Debug, Clone)]
+/// A validated token. Only the SHA-256 digest of the secret is kept: a presented token is
+/// hashed and the digests compared in constant time, so neither the secret's content nor its
+/// length can be learned from timing, and no secret sits in the agent's memory or `Debug`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Token {
     pub name: String,
-    pub secret: String,
+    pub digest: TokenDigest,
     pub role: Role,
+}
+
+/// SHA-256 of a token's secret.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct TokenDigest(pub [u8; 32]);
+
+impl TokenDigest {
+    pub fn of(secret: &[u8]) -> Self {
+        use sha2::Digest;
+        Self(sha2::Sha256::digest(secret).into())
+    }
+}
+
+impl std::fmt::Debug for TokenDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenDigest(<redacted>)")
+    }
 }
 
 /// How the side is chosen.
@@ -233,7 +332,8 @@ pub struct CohortConfig {
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     pub name: String,
-    /// Addresses clients connect to (`ip:port`, `[v6]:port`).
+    /// Addresses clients connect to (`ip:port`, `[v6]:port`); empty with `kubernetes`.
+    #[serde(default)]
     pub frontends: Vec<String>,
     #[serde(default)]
     pub stable: Vec<String>,
@@ -248,6 +348,10 @@ pub struct ServiceConfig {
     pub max_operator_percent: f64,
     #[serde(default, rename = "cohort", skip_serializing_if = "Vec::is_empty")]
     pub cohorts: Vec<CohortConfig>,
+    /// Frontends and backends from Kubernetes Services instead of `frontends`/`stable`/`canary`.
+    /// Boxed: most services have none, and a service travels by value through the store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<Box<KubernetesConfig>>,
 }
 
 fn default_max_operator_percent() -> f64 {
@@ -261,13 +365,27 @@ pub struct Cohort {
     pub canary: CohortCanary,
 }
 
+/// Frontends with backends of their own. A Kubernetes service has one per Service port (port 80
+/// goes to the pods' 8080, port 443 to their 8443); a service written by hand has none: all its
+/// frontends share its `stable` and `canary`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortGroup {
+    pub frontends: Vec<SocketAddr>,
+    pub stable: Vec<SocketAddr>,
+    pub canary: Vec<SocketAddr>,
+}
+
 /// A validated service, ready for the datapath.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceSpec {
     pub name: String,
+    /// Every frontend (with `port_groups`: the union of theirs).
     pub frontends: Vec<SocketAddr>,
+    /// Every stable backend (with `port_groups`: the union of theirs).
     pub stable: Vec<SocketAddr>,
     pub canary: Vec<SocketAddr>,
+    /// Set for Kubernetes services, from discovery (see `discovery`); empty otherwise.
+    pub port_groups: Vec<PortGroup>,
     pub canary_ppm: u32,
     pub affinity: Affinity,
     pub cohorts: Vec<Cohort>,
@@ -282,8 +400,12 @@ pub struct Config {
     pub api: SocketAddr,
     pub bpffs: PathBuf,
     pub state_dir: PathBuf,
-    /// `None`: no authentication.
+    /// `None`: no authentication (loopback, or the insecure opt-out).
     pub tokens: Option<Vec<Token>>,
+    /// Extra `Host` names the API answers to (see [`AgentSection::api_hosts`]), lowercase.
+    pub api_hosts: Vec<String>,
+    /// `audit.log` rotation.
+    pub audit: AuditRotation,
     pub services: Vec<ServiceSpec>,
     /// `None`: no Prometheus, so no metric gates.
     pub prometheus: Option<PrometheusEndpoint>,
@@ -292,6 +414,10 @@ pub struct Config {
     pub steered_sockets_per_netns: u32,
     pub host_netns_only: bool,
     pub datapath_log: DatapathLog,
+    /// `Some`: cluster mode (`[cluster]`); the config file then holds no services.
+    pub cluster: Option<ClusterSettings>,
+    /// `agent.kubeconfig`.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// Smallest and largest socket table the agent accepts.
@@ -303,13 +429,13 @@ impl Config {
         let text =
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Self::parse(&text).map_err(|err| match err {
-            ParseError::Toml(source) => ConfigError::Parse { path: path.to_owned(), source },
+            ParseError::Toml(message) => ConfigError::Parse { path: path.to_owned(), message },
             ParseError::Invalid(source) => ConfigError::Invalid { path: path.to_owned(), source },
         })
     }
 
     pub fn parse(text: &str) -> Result<Self, ParseError> {
-        let file: ConfigFile = toml::from_str(text).map_err(ParseError::Toml)?;
+        let file: ConfigFile = toml::from_str(text).map_err(|err| ParseError::Toml(redacted_toml_error(text, &err)))?;
         let cgroup = match file.agent.cgroup {
             Some(path) => path,
             None => paths::cgroup2_root()
@@ -318,7 +444,7 @@ impl Config {
         if !cgroup.is_dir() {
             return Err(InvalidField::new("agent.cgroup", format!("{} is not a directory", cgroup.display())).into());
         }
-        let api =
+        let api: SocketAddr =
             file.agent.api.parse().map_err(|_| {
                 InvalidField::new("agent.api", format!("{:?} is not an ip:port address", file.agent.api))
             })?;
@@ -329,6 +455,33 @@ impl Config {
             return Err(InvalidField::new("agent.state_dir", "must be an absolute path").into());
         }
         let tokens = file.agent.auth.as_ref().map(validate_tokens).transpose()?;
+        if tokens.is_none() && !api.ip().is_loopback() && !file.agent.insecure_allow_unauthenticated_api {
+            return Err(InvalidField::new(
+                "agent.api",
+                format!(
+                    "{api} is not a loopback address and [agent.auth] is not set: anyone reaching it could steer \
+                     every connection on this node; add [[agent.auth.tokens]] (see config/sockshift.toml), or bind \
+                     to 127.0.0.1"
+                ),
+            )
+            .into());
+        }
+        let api_hosts = validate_api_hosts(&file.agent.api_hosts)?;
+        if file.agent.audit_max_bytes < MIN_AUDIT_MAX_BYTES {
+            return Err(InvalidField::new(
+                "agent.audit_max_bytes",
+                format!("must be at least {MIN_AUDIT_MAX_BYTES} (1 MiB), got {}", file.agent.audit_max_bytes),
+            )
+            .into());
+        }
+        if !(1..=MAX_AUDIT_KEEP).contains(&file.agent.audit_keep) {
+            return Err(InvalidField::new(
+                "agent.audit_keep",
+                format!("must be from 1 to {MAX_AUDIT_KEEP}, got {}", file.agent.audit_keep),
+            )
+            .into());
+        }
+        let audit = AuditRotation { max_bytes: file.agent.audit_max_bytes, keep: file.agent.audit_keep };
         let prometheus = match (&file.agent.prometheus, &file.agent.prometheus_bearer_token_file) {
             (Some(url), token_file) => Some(PrometheusEndpoint::from_config(
                 url,
@@ -367,6 +520,23 @@ impl Config {
             )
             .into());
         }
+        let cluster = file.cluster.as_ref().map(ClusterConfig::validate).transpose()?;
+        if cluster.is_some() && !file.services.is_empty() {
+            // Two sources of services would fight: every node's file against the cluster's one
+            // desired state.
+            return Err(InvalidField::new(
+                "service",
+                "[[service]] tables are not read in cluster mode ([cluster] is set): the services live in etcd. \
+                 Load them with `sockshift apply -f services.toml` (the same [[service]] tables, applied \
+                 through any node's API) or `PUT /v1/services/{name}`",
+            )
+            .into());
+        }
+        if let Some(path) = &file.agent.kubeconfig {
+            if !path.is_file() {
+                return Err(InvalidField::new("agent.kubeconfig", format!("{} is not a file", path.display())).into());
+            }
+        }
         let cgroup_root = paths::cgroup2_root().ok();
         let services = validate_services(&file.services, cgroup_root.as_deref())?;
         Ok(Self {
@@ -375,6 +545,8 @@ impl Config {
             bpffs: file.agent.bpffs,
             state_dir: file.agent.state_dir,
             tokens,
+            api_hosts,
+            audit,
             services,
             prometheus,
             webhook_allow,
@@ -382,14 +554,17 @@ impl Config {
             steered_sockets_per_netns: per_netns,
             host_netns_only: file.agent.host_netns_only,
             datapath_log: file.agent.datapath_log,
+            cluster,
+            kubeconfig: file.agent.kubeconfig,
         })
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ParseError {
-    #[error(transparent)]
-    Toml(toml::de::Error),
+    /// The TOML error, redacted (see [`redacted_toml_error`]).
+    #[error("{0}")]
+    Toml(String),
     #[error(transparent)]
     Invalid(#[from] InvalidField),
 }
@@ -399,26 +574,155 @@ fn validate_tokens(auth: &AuthSection) -> Result<Vec<Token>, InvalidField> {
         return Err(InvalidField::new("agent.auth.tokens", "at least one token is required when [agent.auth] is set"));
     }
     let mut names = HashSet::new();
-    let mut tokens = Vec::new();
+    let mut tokens: Vec<Token> = Vec::new();
     for (i, token) in auth.tokens.iter().enumerate() {
         let field = |rest: &str| format!("agent.auth.tokens[{i}].{rest}");
         if token.name.is_empty() || !names.insert(token.name.clone()) {
             return Err(InvalidField::new(field("name"), format!("{:?} is empty or used twice", token.name)));
         }
-        let secret = match (&token.token, &token.token_file) {
-            (Some(secret), None) => secret.clone(),
-            (None, Some(path)) => std::fs::read_to_string(path)
-                .map_err(|err| InvalidField::new(field("token_file"), format!("{}: {err}", path.display())))?
-                .trim()
-                .to_string(),
+        let (secret, source) = match (&token.token, &token.token_file) {
+            (Some(secret), None) => (secret.expose().to_string(), field("token")),
+            (None, Some(path)) => (read_token_file(path, &field("token_file"))?, field("token_file")),
             _ => return Err(InvalidField::new(field("token"), "set exactly one of `token` and `token_file`")),
         };
-        if secret.len() < 8 {
-            return Err(InvalidField::new(field("token"), "must be at least 8 characters"));
+        // The messages below never include the secret.
+        if secret.len() < MIN_TOKEN_LEN || secret.len() > MAX_TOKEN_LEN {
+            return Err(InvalidField::new(
+                source,
+                format!(
+                    "the token has {} characters; it must have {MIN_TOKEN_LEN} to {MAX_TOKEN_LEN} (e.g. `openssl rand \
+                     -hex 32`)",
+                    secret.len()
+                ),
+            ));
         }
-        tokens.push(Token { name: token.name.clone(), secret, role: token.role });
+        if !secret.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(InvalidField::new(
+                source,
+                "the token must be printable ASCII without spaces (it travels in an HTTP header)",
+            ));
+        }
+        let digest = TokenDigest::of(secret.as_bytes());
+        if let Some(other) = tokens.iter().find(|t| t.digest == digest) {
+            return Err(InvalidField::new(
+                source,
+                format!("this token's secret is also the secret of token {:?}: each token needs its own", other.name),
+            ));
+        }
+        tokens.push(Token { name: token.name.clone(), digest, role: token.role });
     }
     Ok(tokens)
+}
+
+/// Reads a token file, refusing one that other users could read or replace.
+fn read_token_file(path: &Path, field: &str) -> Result<String, InvalidField> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|err| InvalidField::new(field, format!("{}: {err}", path.display())))?;
+    if !meta.is_file() {
+        return Err(InvalidField::new(field, format!("{} is not a regular file", path.display())));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(InvalidField::new(
+            field,
+            format!(
+                "{} has mode {mode:04o}: a token file must not be readable or writable by group or others \
+                 (chmod 0400; in Kubernetes, defaultMode: 0400 on the Secret volume)",
+                path.display()
+            ),
+        ));
+    }
+    let euid = nix::unistd::geteuid().as_raw();
+    if meta.uid() != euid {
+        return Err(InvalidField::new(
+            field,
+            format!("{} is owned by uid {}, not by the agent's uid {euid}", path.display(), meta.uid()),
+        ));
+    }
+    let text = std::fs::read(path).map_err(|err| InvalidField::new(field, format!("{}: {err}", path.display())))?;
+    let text = String::from_utf8(text)
+        .map_err(|_| InvalidField::new(field, format!("{} is not UTF-8 text", path.display())))?;
+    Ok(text.trim().to_string())
+}
+
+/// `agent.api_hosts`: host names (lowercase), optionally with a port.
+fn validate_api_hosts(hosts: &[String]) -> Result<Vec<String>, InvalidField> {
+    hosts
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let valid = !host.is_empty()
+                && host.len() <= 255
+                && host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b));
+            if !valid {
+                return Err(InvalidField::new(
+                    format!("agent.api_hosts[{i}]"),
+                    format!("{host:?} is not a host name or host:port"),
+                ));
+            }
+            Ok(host.to_ascii_lowercase())
+        })
+        .collect()
+}
+
+/// A TOML error as the agent shows it: line, column and serde's message, never the file's
+/// text (the toml crate's `Display` quotes the offending line, which may hold an inline token).
+/// When the error is on a line that could hold a secret (it mentions `token`, or it lies in an
+/// `[agent.auth]` table), quoted values are cut from the message too, since serde quotes the
+/// value it refused (`invalid type: integer `12345678``).
+pub fn redacted_toml_error(text: &str, err: &toml::de::Error) -> String {
+    let message = err.message().trim_end();
+    let Some(span) = err.span() else { return message.to_string() };
+    let start = span.start.min(text.len());
+    let before = text.get(..start).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    let end = span.end.clamp(start, text.len());
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text.get(end..).and_then(|rest| rest.find('\n')).map_or(text.len(), |i| end + i);
+    let lines = text.get(line_start..line_end).unwrap_or("");
+    let in_auth = before
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('['))
+        .is_some_and(|header| header.replace(' ', "").contains("agent.auth"));
+    let sensitive = in_auth || lines.to_ascii_lowercase().contains("token");
+    // serde quotes the refused value in these; other messages quote keys and variant names.
+    let echoes_value = ["invalid type", "invalid value", "invalid length"].iter().any(|m| message.starts_with(m));
+    let message = if sensitive && echoes_value { strip_quoted(message) } else { message.to_string() };
+    // The key the error is at, from the first line of its span (never the value).
+    let key = lines
+        .lines()
+        .next()
+        .and_then(|l| l.split_once('='))
+        .map(|(key, _)| key.trim().trim_start_matches(['{', '[', ',', ' ']))
+        .filter(|key| !key.is_empty() && key.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.\" ".contains(&b)));
+    match key {
+        Some(key) => format!("line {line}, column {column}, at `{key}`: {message}"),
+        None => format!("line {line}, column {column}: {message}"),
+    }
+}
+
+/// `message` with the text between backticks or double quotes replaced by `…`.
+fn strip_quoted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut open: Option<char> = None;
+    for c in message.chars() {
+        match open {
+            Some(q) if c == q => {
+                out.push(c);
+                open = None;
+            }
+            Some(_) => {}
+            None if c == '`' || c == '"' => {
+                out.push(c);
+                out.push('…');
+                open = Some(c);
+            }
+            None => out.push(c),
+        }
+    }
+    out
 }
 
 /// Validates a whole set of services: each on its own, then names and frontends unique.
@@ -480,9 +784,22 @@ pub fn validate_service(
     }
     let prefix = if prefix.is_empty() { String::new() } else { format!("{prefix} {name:?}") };
     let field = |rest: &str| join(&prefix, rest);
+    if let Some(kubernetes) = &service.kubernetes {
+        // Addresses come from the cluster (discovery fills them in at run time).
+        for (key, list) in [("frontends", &service.frontends), ("stable", &service.stable), ("canary", &service.canary)]
+        {
+            if !list.is_empty() {
+                return Err(InvalidField::new(
+                    field(key),
+                    format!("a service takes `{key}` or `kubernetes`, not both: with `kubernetes` frontends and backends come from the cluster"),
+                ));
+            }
+        }
+        kubernetes.validate(&field("kubernetes"))?;
+    }
     let frontends = parse_addrs(&service.frontends, &field("frontends"))?;
-    if frontends.is_empty() {
-        return Err(InvalidField::new(field("frontends"), "at least one is required"));
+    if frontends.is_empty() && service.kubernetes.is_none() {
+        return Err(InvalidField::new(field("frontends"), "at least one is required (or a `kubernetes` table)"));
     }
     let stable = parse_addrs(&service.stable, &field("stable"))?;
     let canary = parse_addrs(&service.canary, &field("canary"))?;
@@ -548,6 +865,7 @@ pub fn validate_service(
         frontends,
         stable,
         canary,
+        port_groups: Vec::new(),
         canary_ppm,
         affinity: service.affinity,
         cohorts,
@@ -723,9 +1041,79 @@ mod tests {
         let auth = "[agent]\ncgroup = \"/tmp\"\n[[agent.auth.tokens]]\nname = \"a\"\nrole = \"operator\"\n";
         assert!(error_of(&format!("{auth}token = \"short\"")).contains("agent.auth.tokens[0].token"));
         assert!(error_of(auth).contains("agent.auth.tokens[0].token"));
-        assert!(error_of(&format!("{auth}token = \"longenough\"\nrole2 = 1")).contains("role2"));
-        let ok = Config::parse(&format!("{auth}token = \"longenough\"")).unwrap();
+        assert!(error_of(&format!("{auth}token = \"long-enough-token-1\"\nrole2 = 1")).contains("role2"));
+        let ok = Config::parse(&format!("{auth}token = \"long-enough-token-1\"")).unwrap();
         assert_eq!(ok.tokens.unwrap()[0].role, Role::Operator);
+    }
+
+    #[test]
+    fn toml_errors_never_show_a_secret() {
+        let secret = "s3cr3t-value-do-not-log";
+        let cases = [
+            format!("[agent]\ncgroup = \"/tmp\"\n[[agent.auth.tokens]]\nname = \"a\"\ntoken = {{ x = \"{secret}\" }}\nrole = \"viewer\""),
+            format!("[agent]\ncgroup = \"/tmp\"\nauth = {{ tokens = [{{ name = \"ci\", token = \"{secret}\", role = \"admn\" }}] }}"),
+            format!("[agent]\ncgroup = \"/tmp\"\n[[agent.auth.tokens]]\nname = \"a\"\ntoken = \"{secret}"),
+            format!("[agent]\ncgroup = \"/tmp\"\n[[agent.auth.tokens]]\nname = \"a\"\ntoken = [\"{secret}\"]\nrole = \"viewer\""),
+            "[agent]\ncgroup = \"/tmp\"\n[[agent.auth.tokens]]\nname = \"a\"\ntoken = 123456789012345678\nrole = \"viewer\"".to_string(),
+        ];
+        for text in &cases {
+            let err = error_of(text);
+            assert!(!err.contains(secret) && !err.contains("123456789012345678"), "{err}");
+            assert!(err.contains("line "), "{err}");
+        }
+        let config = Config::parse(&format!(
+            "[agent]\ncgroup = \"/tmp\"\n[[agent.auth.tokens]]\nname = \"a\"\ntoken = \"{secret}\"\nrole = \"viewer\""
+        ))
+        .unwrap();
+        let shown = format!("{config:?}");
+        assert!(!shown.contains(secret), "Debug shows the secret: {shown}");
+    }
+
+    #[test]
+    fn token_rules() {
+        let agent = "[agent]\ncgroup = \"/tmp\"\n";
+        let token = |name: &str, secret: &str, role: &str| {
+            format!("[[agent.auth.tokens]]\nname = \"{name}\"\ntoken = \"{secret}\"\nrole = \"{role}\"\n")
+        };
+        let short = error_of(&format!("{agent}{}", token("a", "fifteen-chars-x", "viewer")));
+        assert!(short.contains("agent.auth.tokens[0].token") && short.contains("16"), "{short}");
+        assert!(!short.contains("fifteen-chars-x"), "{short}");
+        let twice = error_of(&format!(
+            "{agent}{}{}",
+            token("admin", "same-secret-0000001", "release"),
+            token("dashboard", "same-secret-0000001", "viewer")
+        ));
+        assert!(twice.contains("agent.auth.tokens[1].token") && twice.contains("\"admin\""), "{twice}");
+        assert!(error_of(&format!("{agent}{}", token("a", " spaced-secret-00001", "viewer"))).contains("printable"));
+        // No auth on a non-loopback address: refused unless the opt-out is set.
+        let open = error_of(&format!("{agent}api = \"0.0.0.0:9477\""));
+        assert!(open.contains("agent.api") && open.contains("[agent.auth]"), "{open}");
+        assert!(
+            Config::parse(&format!("{agent}api = \"0.0.0.0:9477\"\ninsecure_allow_unauthenticated_api = true")).is_ok()
+        );
+        assert!(Config::parse(&format!(
+            "{agent}api = \"10.1.2.3:9477\"\n{}",
+            token("a", "a-long-enough-token", "viewer")
+        ))
+        .is_ok());
+        assert!(Config::parse(&format!("{agent}api = \"[::1]:9477\"")).is_ok());
+        // Token files: mode and owner checked, content trimmed.
+        let dir = std::env::temp_dir().join(format!("sockshift-token-files-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("ci");
+        std::fs::write(&file, "from-a-file-token-01\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let with_file = format!(
+            "{agent}[[agent.auth.tokens]]\nname = \"ci\"\ntoken_file = {:?}\nrole = \"operator\"\n",
+            file.display().to_string()
+        );
+        let loose = error_of(&with_file);
+        assert!(loose.contains(&file.display().to_string()) && loose.contains("0644"), "{loose}");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o400)).unwrap();
+        let config = Config::parse(&with_file).unwrap();
+        assert_eq!(config.tokens.unwrap()[0].digest, TokenDigest::of(b"from-a-file-token-01"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -759,6 +1147,67 @@ mod tests {
         let config = Config::parse(example).unwrap_or_else(|e| panic!("config/sockshift.toml: {e}"));
         assert_eq!(config.services[0].name, "web");
         assert_eq!(config.services[0].source.max_operator_percent, 25.0);
+    }
+
+    #[test]
+    fn cluster_mode_is_opt_in_and_refuses_file_services() {
+        assert!(Config::parse(GOOD).unwrap().cluster.is_none(), "no [cluster]: single node");
+        let cluster = "[cluster]\netcd = [\"http://127.0.0.1:2379\"]\nnode = \"worker-1\"\n";
+        let config = Config::parse(&format!("[agent]\ncgroup = \"/tmp\"\n{cluster}")).unwrap();
+        let settings = config.cluster.expect("[cluster] turns cluster mode on");
+        assert_eq!((settings.node.as_str(), settings.prefix.as_str()), ("worker-1", "/sockshift"));
+        let err = error_of(&format!("{GOOD}\n{cluster}"));
+        assert!(
+            err.starts_with("service:") && err.contains("sockshift apply -f") && err.contains("PUT /v1/services/"),
+            "{err}"
+        );
+        assert!(error_of("[agent]\ncgroup = \"/tmp\"\n[cluster]\netcd = []").contains("cluster.etcd"));
+        assert!(error_of("[agent]\ncgroup = \"/tmp\"\n[cluster]\netcd = [\"http://a:1\"]\nfoo = 1").contains("foo"));
+    }
+
+    #[test]
+    fn kubernetes_services_parse() {
+        let config = Config::parse(&with_service(
+            "name = \"web\"\ncanary_percent = 5.0\n[service.kubernetes]\nnamespace = \"shop\"\nfrontend = \"web\"\n\
+             stable = \"web-stable\"\ncanary = \"web-canary\"\nports = [\"http\", 443]",
+        ))
+        .unwrap();
+        let web = &config.services[0];
+        assert!(web.frontends.is_empty() && web.stable.is_empty(), "addresses come from discovery");
+        let k8s = web.source.kubernetes.as_ref().unwrap();
+        assert_eq!(k8s.frontend_ref(), "shop/web");
+        assert_eq!(k8s.ports, [PortSelector::Name("http".into()), PortSelector::Number(443)]);
+    }
+
+    #[test]
+    fn the_example_kubernetes_service_is_valid() {
+        // The commented-out example at the end of config/sockshift.toml, uncommented.
+        let example = include_str!("../../config/sockshift.toml");
+        let start = example.find("# [[service]]\n# name = \"shop\"").expect("the example is in config/sockshift.toml");
+        let service: String = example[start..].lines().map(|l| format!("{}\n", l.trim_start_matches("# "))).collect();
+        let config = Config::parse(&format!("[agent]\ncgroup = \"/tmp\"\n{service}"))
+            .unwrap_or_else(|e| panic!("{e}\n{service}"));
+        let kubernetes = config.services[0].source.kubernetes.as_ref().unwrap();
+        assert_eq!((kubernetes.frontend.as_str(), kubernetes.canary.as_deref()), ("web", Some("web-canary")));
+    }
+
+    #[test]
+    fn kubernetes_errors_name_the_field() {
+        let k8s = "[service.kubernetes]\nnamespace = \"shop\"\nfrontend = \"web\"\nstable = \"web-stable\"\n";
+        let cases = [
+            (format!("name = \"a\"\nfrontends = [\"1.2.3.4:80\"]\n{k8s}"), "service[0] \"a\".frontends"),
+            (format!("name = \"a\"\nstable = [\"1.2.3.4:80\"]\n{k8s}"), "service[0] \"a\".stable"),
+            (format!("name = \"a\"\n{k8s}ports = [0]"), "service[0] \"a\".kubernetes.ports[0]"),
+            (format!("name = \"a\"\n{k8s}namespace2 = \"x\""), "namespace2"),
+            ("name = \"a\"\n[service.kubernetes]\nnamespace = \"shop\"\nfrontend = \"web\"".to_string(), "stable"),
+            ("name = \"a\"\n".to_string(), "service[0] \"a\".frontends"),
+        ];
+        for (service, field) in cases {
+            let err = error_of(&with_service(&service));
+            assert!(err.contains(field), "error {err:?} should name {field}");
+        }
+        let err = error_of("[agent]\ncgroup = \"/tmp\"\nkubeconfig = \"/nonexistent/kubeconfig\"");
+        assert!(err.contains("agent.kubeconfig"), "{err}");
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod datapath;
+pub mod discovery;
 pub mod gates;
 pub mod metrics;
 pub mod outbound;

@@ -115,6 +115,7 @@ mod tests {
             affinity: Affinity::Connection,
             max_operator_percent: 100.0,
             cohorts: vec![],
+            kubernetes: None,
         }
     }
 

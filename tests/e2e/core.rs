@@ -55,6 +55,13 @@ impl Pending {
         agent.spawn();
         Lab { agent, servers, cgroup, netns }
     }
+
+    /// Like `start`, for an agent whose /healthz may fail from its first answer on.
+    fn start_failing(self) -> Lab {
+        let Pending { mut agent, servers, cgroup, netns } = self;
+        agent.spawn_answering();
+        Lab { agent, servers, cgroup, netns }
+    }
 }
 
 /// A filesystem mounted at a directory for one test: lazily unmounted on drop (the agent may
@@ -162,7 +169,8 @@ fn a_dead_core_fails_healthz() {
 fn a_dead_background_task_fails_healthz() {
     let mut pending = Pending::new(&web_service(""));
     pending.agent.env.push(("SOCKSHIFT_FAULT_INJECTION".into(), "task-panic=config-watcher".into()));
-    let lab = pending.start();
+    // The task dies at its first round, which may come before the first answer of /healthz.
+    let lab = pending.start_failing();
     wait_for("the dead task reported", Duration::from_secs(5), || health(&lab.agent).0 == 503);
     let (_, body) = health(&lab.agent);
     assert_eq!(body["core"], json!("ok"), "{body}");

@@ -1,7 +1,8 @@
 //! Deployment files: config/daemonset.yaml is valid Kubernetes (kubernetes-validate, strict,
 //! against the schemas it bundles, offline), its ConfigMap holds a config the agent's own parser
-//! accepts, and its DaemonSet keeps the least-privilege settings and probes consistent with that
-//! config. Needs neither root nor the kernel datapath; needs python3 with kubernetes-validate
+//! accepts, its DaemonSet keeps the least-privilege settings and probes consistent with that
+//! config, and its RBAC grants exactly get/list/watch on Services and EndpointSlices (Kubernetes
+//! discovery) to the agent's ServiceAccount. Needs neither root nor the kernel datapath; needs python3 with kubernetes-validate
 //! (`cargo xtask test` installs it) and fails, rather than skips, without it.
 
 use std::{
@@ -84,7 +85,10 @@ fn agent_config(docs: &[Value]) -> (String, Config) {
         .and_then(Value::as_str)
         .unwrap_or_else(|| panic!("ConfigMap sockshift-config must hold the string data.{CONFIG_KEY:?}"))
         .to_owned();
-    match Config::parse(&text) {
+    // The token files come from the Secret volume on a node; stand in for them here (mode 0400,
+    // as the volume's defaultMode makes them) so the agent's parser checks them as it would there.
+    let parsed = e2e::with_stand_in_token_files(&text);
+    match Config::parse(&parsed) {
         Ok(config) => (text, config),
         Err(err) => panic!("the agent rejects the ConfigMap's {CONFIG_KEY}: {err}\n---\n{text}"),
     }
@@ -116,9 +120,14 @@ fn kubernetes_validate_strict_accepts_the_manifest() {
     // It exits 0 when it has no schema for a kind (a WARN line), so check that every resource was
     // really validated, and against the version asked for.
     let minor = KUBERNETES_VERSION.rsplit_once('.').unwrap().0;
-    for resource in
-        ["namespace/sockshift", "serviceaccount/sockshift", "configmap/sockshift-config", "daemonset/sockshift"]
-    {
+    for resource in [
+        "namespace/sockshift",
+        "serviceaccount/sockshift",
+        "clusterrole/sockshift",
+        "clusterrolebinding/sockshift",
+        "configmap/sockshift-config",
+        "daemonset/sockshift",
+    ] {
         let line = format!("passed for resource {resource} against version {minor}");
         assert!(output.contains(&line), "kubernetes-validate did not validate {resource}:\n{output}");
     }
@@ -154,7 +163,7 @@ fn configmap_holds_a_config_the_agent_accepts() {
 #[test]
 fn daemonset_is_least_privilege_and_matches_the_config() {
     let docs = documents();
-    let (_, config) = agent_config(&docs);
+    let (text, config) = agent_config(&docs);
     let daemonset = resource(&docs, "DaemonSet", "sockshift");
     assert_eq!(str_at(&daemonset, "metadata.namespace"), "sockshift");
     let pod = at(&daemonset, "spec.template.spec");
@@ -251,4 +260,95 @@ fn daemonset_is_least_privilege_and_matches_the_config() {
             assert_eq!(scheme.as_str(), Some("HTTP"), "{probe}.httpGet.scheme");
         }
     }
+
+    // The API asks for tokens, and every token file comes from a Secret volume mounted 0400.
+    assert!(config.tokens.is_some(), "the shipped config must set [agent.auth]");
+    let token_files: Vec<&str> =
+        text.lines().filter_map(|l| l.trim().strip_prefix("token_file = ")).map(|p| p.trim_matches('"')).collect();
+    assert!(!token_files.is_empty(), "the tokens must come from files (a Secret), not inline");
+    let mounts = at(container, "volumeMounts").as_sequence().unwrap();
+    for file in token_files {
+        let mount = mounts
+            .iter()
+            .find(|m| m["mountPath"].as_str().is_some_and(|p| Path::new(file).starts_with(p)))
+            .unwrap_or_else(|| panic!("no volume is mounted above token_file {file}"));
+        let volume = at(pod, "volumes")
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == mount["name"])
+            .unwrap_or_else(|| panic!("volume {:?} is not declared", mount["name"]));
+        assert!(volume["secret"]["secretName"].as_str().is_some(), "token_file {file} must come from a Secret");
+        assert_eq!(
+            volume["secret"]["defaultMode"].as_u64(),
+            Some(0o400),
+            "the token Secret's defaultMode must be 0400"
+        );
+    }
+}
+
+/// The verbs Kubernetes discovery needs on each resource, and nothing else.
+const DISCOVERY_RULES: [(&str, &str); 2] = [("", "services"), ("discovery.k8s.io", "endpointslices")];
+const READ_VERBS: [&str; 3] = ["get", "list", "watch"];
+
+#[test]
+fn rbac_is_exactly_read_access_to_services_and_endpointslices() {
+    let docs = documents();
+    // The agent's pod runs as the ServiceAccount and mounts its token (in-cluster credentials).
+    let account = resource(&docs, "ServiceAccount", "sockshift");
+    assert_eq!(str_at(&account, "metadata.namespace"), "sockshift");
+    assert_ne!(account.get("automountServiceAccountToken").and_then(Value::as_bool), Some(false));
+    let daemonset = resource(&docs, "DaemonSet", "sockshift");
+    let pod = at(&daemonset, "spec.template.spec");
+    assert_eq!(str_at(pod, "serviceAccountName"), "sockshift");
+    assert_eq!(
+        pod.get("automountServiceAccountToken").and_then(Value::as_bool),
+        Some(true),
+        "the pod must mount the ServiceAccount token: discovery reads the API server with it"
+    );
+
+    // Exactly one role: get/list/watch on core services and discovery.k8s.io endpointslices.
+    let roles: Vec<&Value> =
+        docs.iter().filter(|d| matches!(d["kind"].as_str(), Some("Role" | "ClusterRole"))).collect();
+    assert_eq!(roles.len(), 1, "exactly one Role/ClusterRole: {roles:?}");
+    let role = resource(&docs, "ClusterRole", "sockshift");
+    assert!(role.get("aggregationRule").is_none(), "an aggregated role could gain rules at run time");
+    let rules = at(&role, "rules").as_sequence().expect("rules must be a list");
+    let mut granted = Vec::new();
+    for (index, rule) in rules.iter().enumerate() {
+        let keys: Vec<&str> =
+            rule.as_mapping().expect("a rule is a mapping").keys().filter_map(Value::as_str).collect();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(sorted, ["apiGroups", "resources", "verbs"], "rules[{index}]: no resourceNames or nonResourceURLs");
+        let groups = strings_at(rule, "apiGroups");
+        let resources = strings_at(rule, "resources");
+        let mut verbs = strings_at(rule, "verbs");
+        verbs.sort();
+        assert_eq!(verbs, READ_VERBS, "rules[{index}].verbs must be exactly get, list, watch");
+        for group in &groups {
+            for resource in &resources {
+                granted.push((group.clone(), resource.clone()));
+            }
+        }
+    }
+    granted.sort();
+    let mut wanted: Vec<(String, String)> =
+        DISCOVERY_RULES.iter().map(|(g, r)| (g.to_string(), r.to_string())).collect();
+    wanted.sort();
+    assert_eq!(granted, wanted, "the role grants exactly services (core) and endpointslices (discovery.k8s.io)");
+
+    // Bound to the agent's ServiceAccount and nothing else.
+    let bindings: Vec<&Value> =
+        docs.iter().filter(|d| matches!(d["kind"].as_str(), Some("RoleBinding" | "ClusterRoleBinding"))).collect();
+    assert_eq!(bindings.len(), 1, "exactly one binding: {bindings:?}");
+    let binding = resource(&docs, "ClusterRoleBinding", "sockshift");
+    assert_eq!(str_at(&binding, "roleRef.apiGroup"), "rbac.authorization.k8s.io");
+    assert_eq!(str_at(&binding, "roleRef.kind"), "ClusterRole");
+    assert_eq!(str_at(&binding, "roleRef.name"), "sockshift");
+    let subjects = at(&binding, "subjects").as_sequence().expect("subjects must be a list");
+    assert_eq!(subjects.len(), 1, "one subject: {subjects:?}");
+    assert_eq!(str_at(&subjects[0], "kind"), "ServiceAccount");
+    assert_eq!(str_at(&subjects[0], "name"), "sockshift");
+    assert_eq!(str_at(&subjects[0], "namespace"), "sockshift");
 }

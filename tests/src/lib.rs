@@ -18,6 +18,7 @@ use std::{
 
 use serde_json::Value;
 
+pub mod kube_double;
 pub mod prometheus;
 
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);
@@ -326,14 +327,24 @@ impl Agent {
         }
     }
 
-    /// Starts the agent process on the existing config and waits for /healthz.
+    /// Starts the agent process on the existing config and waits for /healthz to answer 200.
     pub fn spawn(&mut self) {
-        self.spawn_joining(None);
+        self.spawn_until(None, |status| status == 200);
     }
 
     /// Like `spawn`, with the agent process written to `procs` (a `cgroup.procs` file, v1 or
     /// v2) before it runs: to start it under a CPU limit, say.
     pub fn spawn_joining(&mut self, procs: Option<&Path>) {
+        self.spawn_until(procs, |status| status == 200);
+    }
+
+    /// Starts the agent process and waits until /healthz answers at all (200 or 503): for tests
+    /// whose agent is meant to fail its health check from the start.
+    pub fn spawn_answering(&mut self) {
+        self.spawn_until(None, |status| status == 200 || status == 503);
+    }
+
+    fn spawn_until(&mut self, procs: Option<&Path>, up: impl Fn(u16) -> bool) {
         let log = std::fs::File::create(&self.log_path).unwrap();
         let mut command = Command::new(built_binary("sockshift"));
         command
@@ -361,7 +372,7 @@ impl Agent {
         let deadline = Instant::now() + Duration::from_secs(if procs.is_some() { 120 } else { 60 });
         while Instant::now() < deadline {
             if let Ok(r) = agent::client::request(self.api, None, "GET", "/healthz", None) {
-                if r.status == 200 {
+                if up(r.status) {
                     return;
                 }
             }
@@ -434,3 +445,29 @@ impl Drop for Agent {
     }
 }
 pub mod etcd;
+
+/// A config `text` (a manifest's ConfigMap) with every `token_file` moved to a stand-in file holding a distinct token, mode 0400.
+pub fn with_stand_in_token_files(text: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("sockshift-manifest-tokens-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut out = String::new();
+    for (i, line) in text.lines().enumerate() {
+        match line.trim().strip_prefix("token_file = ") {
+            Some(path) => {
+                let name =
+                    std::path::Path::new(path.trim_matches('"')).file_name().unwrap().to_string_lossy().into_owned();
+                let file = dir.join(&name);
+                let _ = std::fs::remove_file(&file);
+                std::fs::write(&file, format!("stand-in-token-{i:04}-for-{name}\n")).unwrap();
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o400)).unwrap();
+                out.push_str(&format!("token_file = {:?}\n", file.display().to_string()));
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}

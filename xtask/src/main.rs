@@ -32,6 +32,19 @@ enum Task {
     /// Check formatting (nightly rustfmt, for the import-grouping options) and clippy with
     /// warnings denied; no root needed.
     Lint,
+    /// Fuzz the agent's inputs (config file, request bodies, persisted state, rollout plans)
+    /// with proptest on the stable toolchain; a failure prints the shrunk input and the seed.
+    Fuzz {
+        /// Seconds per target (`cargo xtask test` runs each for 15).
+        #[arg(long, default_value_t = 120)]
+        seconds: u64,
+        /// Only this target: config, bodies, state, plans.
+        #[arg(long)]
+        target: Option<String>,
+        /// Replay a run with this seed.
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// Run the demo: a namespace, a stable and a canary backend, the agent, a live split.
     Demo,
     /// Build the runtime image with podman, pulling nothing: a debootstrap Debian base from this
@@ -70,6 +83,8 @@ fn main() -> anyhow::Result<()> {
             test_args.extend(args.iter().map(String::as_str));
             cargo(&test_args).context("tests failed")?;
             if args.is_empty() {
+                // Every fuzz target for a bounded time (four targets, one minute in all).
+                fuzz(FUZZ_SECONDS_IN_TEST, None, None).context("fuzzing")?;
                 // The benchmark is not a timed test: this only checks that it runs.
                 setup::ensure_bench_tools()?;
                 println!("benchmark smoke run (checks that `cargo xtask bench` works, not how fast)");
@@ -99,6 +114,7 @@ fn main() -> anyhow::Result<()> {
             );
         }
         Task::Lint => lint()?,
+        Task::Fuzz { seconds, target, seed } => fuzz(seconds, target, seed)?,
         Task::Demo => {
             prepare_root_run("cargo xtask demo", Profile::Debug)?;
             cargo(&["run", "--quiet", "--package", "e2e", "--bin", "sockshift-demo"])?;
@@ -121,6 +137,23 @@ fn lint() -> anyhow::Result<()> {
     }
     cargo(&["clippy", "--workspace", "--exclude", "agent-ebpf", "--all-targets", "--", "-D", "warnings"])
         .context("clippy found warnings")
+}
+
+/// Seconds per fuzz target in `cargo xtask test`.
+const FUZZ_SECONDS_IN_TEST: u64 = 15;
+
+/// Runs the fuzz targets (crate `sockshift-fuzz`, proptest on stable: nothing to install).
+fn fuzz(seconds: u64, target: Option<String>, seed: Option<u64>) -> anyhow::Result<()> {
+    let seconds = seconds.to_string();
+    let mut args = vec!["run", "--quiet", "--package", "sockshift-fuzz", "--", "--seconds", &seconds];
+    if let Some(target) = &target {
+        args.extend(["--target", target.as_str()]);
+    }
+    let seed = seed.map(|s| s.to_string());
+    if let Some(seed) = &seed {
+        args.extend(["--seed", seed.as_str()]);
+    }
+    cargo(&args).context("a fuzz target failed (the input and seed are printed above)")
 }
 
 /// Whether `cargo xtask test ARGS` runs tests/e2e/daemonset.rs (it needs the image): every run

@@ -10,7 +10,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoResponses, ToSchema};
 
 use crate::{
-    control::{store::StoreError, ControlError},
+    control::{
+        store::{StoreError, Value},
+        ControlError,
+    },
     datapath::DatapathError,
 };
 
@@ -32,6 +35,12 @@ pub enum ErrorCode {
     OutOfRange,
     /// 413: the body is over 64 KiB.
     BodyTooLarge,
+    /// 408: the body did not arrive within 10 s.
+    BodyTimeout,
+    /// 415: a request that changes state without `Content-Type: application/json`.
+    UnsupportedMediaType,
+    /// 421: the `Host` header names neither the API's address nor one of `agent.api_hosts`.
+    HostNotAllowed,
     /// 401: no valid bearer token.
     Unauthorized,
     /// 403: the token's role does not allow this.
@@ -42,6 +51,8 @@ pub enum ErrorCode {
     RolloutNotFound,
     /// 404: no such route.
     NotFound,
+    /// 404: a cluster-mode route on an agent without `[cluster]`.
+    ClusterDisabled,
     /// 405
     MethodNotAllowed,
     /// 409: another service has this frontend.
@@ -60,8 +71,12 @@ pub enum ErrorCode {
     InternalError,
     /// 503: the control core did not answer in time, or has stopped.
     CoreUnavailable,
-    /// 503: the state store cannot be reached; nothing changed.
-    StoreUnavailable,
+    /// 503: cluster mode, etcd cannot be reached: nothing changed; the node keeps steering with
+    /// the state it last applied.
+    ClusterUnavailable,
+    /// 504: cluster mode, `?wait=cluster`: the change is committed, but not every live node
+    /// applied it in time; the message names them.
+    ClusterTimeout,
 }
 
 impl ErrorCode {
@@ -72,13 +87,17 @@ impl ErrorCode {
                 StatusCode::BAD_REQUEST
             }
             BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            HostNotAllowed => StatusCode::MISDIRECTED_REQUEST,
             Unauthorized => StatusCode::UNAUTHORIZED,
             Forbidden => StatusCode::FORBIDDEN,
-            ServiceNotFound | RolloutNotFound | NotFound => StatusCode::NOT_FOUND,
+            ServiceNotFound | RolloutNotFound | NotFound | ClusterDisabled => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             FrontendInUse | RolloutActive | RolloutState | Conflict => StatusCode::CONFLICT,
             StateNotSaved | DatapathRefused | InternalError => StatusCode::INTERNAL_SERVER_ERROR,
-            CoreUnavailable | StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            CoreUnavailable | ClusterUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ClusterTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 }
@@ -132,8 +151,23 @@ impl From<ControlError> for ApiError {
             ControlError::RolloutState { .. } => ApiError::new(ErrorCode::RolloutState, message),
             ControlError::Forbidden(_) => ApiError::new(ErrorCode::Forbidden, message),
             ControlError::Delegation(invalid) => ApiError::field(ErrorCode::Forbidden, invalid.field, message),
-            ControlError::Store(StoreError::Conflict { .. }) => ApiError::new(ErrorCode::Conflict, message),
-            ControlError::Store(StoreError::Unavailable(_)) => ApiError::new(ErrorCode::StoreUnavailable, message),
+            ControlError::Store(StoreError::Conflict { current, .. }) => {
+                // The node has adopted the current values: a read now shows them too.
+                let now: Vec<String> = current
+                    .iter()
+                    .filter_map(|c| match &c.value {
+                        Some(Value::Service(Some(service))) => serde_json::to_string(service).ok(),
+                        Some(Value::Service(None)) => Some(format!("{} is absent", c.key)),
+                        _ => None,
+                    })
+                    .collect();
+                if now.is_empty() {
+                    ApiError::new(ErrorCode::Conflict, message)
+                } else {
+                    ApiError::new(ErrorCode::Conflict, format!("{message}; it is now {}", now.join("; ")))
+                }
+            }
+            ControlError::Store(StoreError::Unavailable(_)) => ApiError::new(ErrorCode::ClusterUnavailable, message),
             ControlError::Store(err) => {
                 log::error!("change refused: {err}");
                 ApiError::new(ErrorCode::StateNotSaved, format!("the change was not made: {err}"))
@@ -142,6 +176,7 @@ impl From<ControlError> for ApiError {
                 log::error!("change refused by the datapath: {err}");
                 ApiError::new(ErrorCode::DatapathRefused, message)
             }
+            ControlError::NotAppliedHere { .. } => ApiError::new(ErrorCode::DatapathRefused, message),
             ControlError::CoreStuck(_) | ControlError::CoreDead => ApiError::new(ErrorCode::CoreUnavailable, message),
         }
     }
@@ -149,10 +184,24 @@ impl From<ControlError> for ApiError {
 
 // Response sets for the OpenAPI document, by what can go wrong on a route.
 
-/// A token is required (when `[agent.auth]` is set) and its role must be high enough.
+/// `?wait=cluster` ran out of time.
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub enum ClusterWaitError {
+    /// `cluster_timeout`: the change is committed, but not every live node applied it in time;
+    /// the message names them.
+    #[response(status = 504)]
+    Timeout(ErrorBody),
+}
+
+/// A token is required (when `[agent.auth]` is set) and its role must be high enough; the
+/// `Host` header must name the API.
 #[derive(IntoResponses)]
 #[allow(dead_code)] // documentation only
 pub enum AuthErrors {
+    /// `Host` names neither the API's address nor one of `agent.api_hosts` (`host_not_allowed`).
+    #[response(status = 421)]
+    Misdirected(ErrorBody),
     /// No valid bearer token (`unauthorized`).
     #[response(status = 401)]
     Unauthorized(ErrorBody),
@@ -165,6 +214,12 @@ pub enum AuthErrors {
 #[derive(IntoResponses)]
 #[allow(dead_code)]
 pub enum BodyErrors {
+    /// `body_timeout`: the body did not arrive within 10 s.
+    #[response(status = 408)]
+    Timeout(ErrorBody),
+    /// `unsupported_media_type`: a change without `Content-Type: application/json`.
+    #[response(status = 415)]
+    MediaType(ErrorBody),
     /// `malformed_json`, `invalid_type`, `missing_field`, `unknown_field`, `invalid_field`,
     /// `out_of_range`; `field` names the field.
     #[response(status = 400)]
@@ -201,7 +256,8 @@ pub enum ServerErrors {
     /// `internal_error`: nothing changed.
     #[response(status = 500)]
     Internal(ErrorBody),
-    /// `core_unavailable` (the control core is stuck or has stopped), `store_unavailable`.
+    /// `core_unavailable` (the control core is stuck or has stopped), `cluster_unavailable`
+    /// (cluster mode: etcd cannot be reached; nothing changed).
     #[response(status = 503)]
     Unavailable(ErrorBody),
 }

@@ -12,7 +12,7 @@ use std::{fmt, marker::PhantomData, sync::Arc};
 use axum::{
     body::Bytes,
     extract::{rejection::BytesRejection, FromRequest, FromRequestParts, Request},
-    http::{header, request::Parts},
+    http::request::Parts,
 };
 use serde::{
     de::{
@@ -26,7 +26,8 @@ use serde_json::Value;
 
 use super::{
     error::{ApiError, ErrorCode},
-    AppState, MAX_BODY_BYTES,
+    guard::{note_refusal, ConnInfo, Denied},
+    AppState, BODY_TIMEOUT, MAX_BODY_BYTES,
 };
 use crate::{config::Role, control::Caller};
 
@@ -58,8 +59,13 @@ impl<S: Send + Sync> FromRequest<S> for NoBody {
     }
 }
 
+/// Reads the body, at most [`MAX_BODY_BYTES`] within [`BODY_TIMEOUT`]: a client that trickles
+/// its body is cut off rather than holding a connection and its buffer.
 async fn read_body<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
-    Bytes::from_request(req, state).await.map_err(|rejection| match rejection {
+    let read = tokio::time::timeout(BODY_TIMEOUT, Bytes::from_request(req, state)).await.map_err(|_| {
+        ApiError::new(ErrorCode::BodyTimeout, format!("the request body did not arrive within {BODY_TIMEOUT:?}"))
+    })?;
+    read.map_err(|rejection| match rejection {
         BytesRejection::FailedToBufferBody(inner) if inner.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
             ApiError::new(ErrorCode::BodyTooLarge, format!("request body over the limit of {MAX_BODY_BYTES} bytes"))
         }
@@ -277,31 +283,22 @@ impl<R: RoleNeeded> FromRequestParts<Arc<AppState>> for Authorized<R> {
     }
 }
 
+/// The caller the guard authenticated (see [`super::guard`]), checked against the role the
+/// route needs. Runs before any body extractor, so a refused caller's body is never read.
 fn authorize(state: &AppState, parts: &Parts, needed: Role) -> Result<Caller, ApiError> {
-    let Some(tokens) = &state.tokens else {
-        return Ok(Caller { name: "anonymous".into(), role: Role::Release });
+    let Some(caller) = parts.extensions.get::<Caller>().cloned() else {
+        // Every route is behind the guard; a request that skipped it is refused, not trusted.
+        return Err(ApiError::new(ErrorCode::Unauthorized, "a bearer token is required"));
     };
-    let presented = parts
-        .headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "a bearer token is required"))?;
-    let token = tokens
-        .iter()
-        .find(|t| constant_time_eq(t.secret.as_bytes(), presented.trim().as_bytes()))
-        .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "unknown token"))?;
-    if token.role < needed {
+    if caller.role < needed {
+        let peer = parts.extensions.get::<ConnInfo>().map(|c| c.peer);
+        note_refusal(state, &parts.method, parts.uri.path(), peer, Some(&caller), Denied::Forbidden);
         return Err(ApiError::new(
             ErrorCode::Forbidden,
-            format!("token {:?} has role {}, this needs {needed}", token.name, token.role),
+            format!("token {:?} has role {}, this needs {needed}", caller.name, caller.role),
         ));
     }
-    Ok(Caller { name: token.name.clone(), role: token.role })
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    Ok(caller)
 }
 
 #[cfg(test)]

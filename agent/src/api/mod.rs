@@ -4,33 +4,44 @@
 
 pub mod error;
 pub mod extract;
+pub mod guard;
 pub mod handlers;
+pub mod server;
 pub mod types;
 
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex, OnceLock, PoisonError},
+    time::Duration,
 };
 
-use axum::{extract::DefaultBodyLimit, Router};
+use axum::{extract::DefaultBodyLimit, middleware, Router};
 use utoipa::{
     openapi::security::{Http, HttpAuthScheme, SecurityScheme},
     Modify, OpenApi,
 };
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use crate::{
-    config::Token,
-    control::{store::AuditSource, ControlHandle},
+use crate::control::{
+    store::{etcd::ClusterHandle, AuditSource},
+    ControlHandle, Progress,
 };
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// How long a request body may take to arrive.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct AppState {
     pub control: ControlHandle,
-    /// `None`: no authentication (the API listens on loopback).
-    pub tokens: Option<Vec<Token>>,
+    /// The accepted tokens (swapped on reload); `None` inside: no authentication.
+    pub tokens: guard::Tokens,
+    /// Which `Host` headers are answered.
+    pub hosts: guard::HostRule,
+    /// Refused requests by reason, for `/metrics`.
+    pub denied: guard::DeniedCounts,
+    /// Rate limit of refusals written to the audit log.
+    pub refusal_audit: guard::RefusalAudit,
     pub audit: Arc<dyn AuditSource>,
     /// Background tasks that died, reported by `/healthz`.
     pub tasks: TaskHealth,
@@ -38,6 +49,15 @@ pub struct AppState {
     pub gates: crate::gates::GateClients,
     /// The generated OpenAPI document, as served.
     pub openapi: OnceLock<String>,
+    /// Cluster mode; `None` on a single node.
+    pub cluster: Option<ClusterApi>,
+}
+
+/// What the API reads of cluster mode: the cluster view and how far the core got.
+#[derive(Clone)]
+pub struct ClusterApi {
+    pub handle: ClusterHandle,
+    pub progress: tokio::sync::watch::Receiver<Progress>,
 }
 
 /// Background tasks that stopped while the agent is not shutting down, by name, with why.
@@ -64,8 +84,10 @@ impl TaskHealth {
         description = "The node agent's control API: services, canary weights, rollouts, audit log, metrics. \
             Errors are `{\"code\", \"message\", \"field\"}` with a stable `code` (the `Error` schema lists them \
             all); a refused request changes nothing. With `[agent.auth]` every route but `/healthz` and \
-            `/v1/openapi.json` needs `Authorization: Bearer <token>`; each route names the role it needs \
-            (`viewer` < `operator` < `release`).",
+            `/v1/openapi.json` needs `Authorization: Bearer <token>` (`Bearer` in any case); each route names the \
+            role it needs (`viewer` < `operator` < `release`). Every request that changes state (PUT, POST, \
+            DELETE) must carry `Content-Type: application/json`, with or without a body (415 otherwise), and the \
+            `Host` header must name the API's address, localhost, or one of `agent.api_hosts` (421 otherwise).",
         license(name = "Apache-2.0"),
     ),
     modifiers(&BearerAuth),
@@ -74,6 +96,7 @@ impl TaskHealth {
         (name = "services", description = "Services and their canary weights"),
         (name = "rollouts", description = "Progressive rollouts"),
         (name = "agent", description = "Health, metrics, datapath, audit log"),
+        (name = "cluster", description = "Cluster mode: the nodes and how far each has applied the desired state"),
     ),
 )]
 struct ApiDoc;
@@ -103,6 +126,7 @@ fn parts() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(rollout_action))
         .routes(routes!(datapath_status))
         .routes(routes!(audit_log))
+        .routes(routes!(cluster_status))
         .split_for_parts()
 }
 
@@ -122,5 +146,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        // Outermost: host, content type and token are checked before any handler or extractor
+        // runs, so no body byte of a refused request is read.
+        .layer(middleware::from_fn_with_state(state.clone(), guard::guard))
         .with_state(state)
 }

@@ -9,8 +9,9 @@ use utoipa::ToSchema;
 
 use crate::{
     audit::AuditEntry,
-    config::{Affinity, CohortConfig, Role, ServiceConfig},
+    config::{Affinity, CohortConfig, KubernetesConfig, Role, ServiceConfig},
     datapath::{ForeignProgram, LinkOutcome},
+    discovery::DiscoveryStatus,
     rollout::{ExternalWindow, GateReadings, Harm, HistoryEntry, Judgement, Plan, RolloutState},
 };
 
@@ -29,13 +30,16 @@ pub struct CanaryUpdate {
 pub struct NoFields {}
 
 /// `PUT /v1/services/{name}`: a `[[service]]` table of the config file, as JSON. `name` may be
-/// left out (the path gives it); if given it must match the path.
+/// left out (the path gives it); if given it must match the path. A service has either
+/// `frontends` (with `stable` and `canary` addresses) or a `kubernetes` object.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceBody {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// Addresses clients connect to (`ip:port`, `[v6]:port`).
+    /// Addresses clients connect to (`ip:port`, `[v6]:port`); empty or left out with
+    /// `kubernetes`.
+    #[serde(default)]
     pub frontends: Vec<String>,
     #[serde(default)]
     pub stable: Vec<String>,
@@ -54,6 +58,11 @@ pub struct ServiceBody {
     /// Cohort overrides: `{ "cgroups": [...], "canary": "always" | "never" }`.
     #[serde(default, rename = "cohort", skip_serializing_if = "Vec::is_empty")]
     pub cohorts: Vec<CohortConfig>,
+    /// Frontends and backends from Kubernetes Services instead of `frontends`, `stable` and
+    /// `canary`: the ClusterIPs and ports of `frontend`, the ready endpoints of `stable` and
+    /// `canary`, all in `namespace`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubernetesConfig>,
 }
 
 impl ServiceBody {
@@ -68,6 +77,7 @@ impl ServiceBody {
             affinity: self.affinity,
             max_operator_percent: self.max_operator_percent.or(current_max_operator_percent).unwrap_or(100.0),
             cohorts: self.cohorts,
+            kubernetes: self.kubernetes.map(Box::new),
         }
     }
 }
@@ -83,6 +93,7 @@ impl From<&ServiceConfig> for ServiceBody {
             affinity: config.affinity,
             max_operator_percent: Some(config.max_operator_percent),
             cohorts: config.cohorts.clone(),
+            kubernetes: config.kubernetes.as_deref().cloned(),
         }
     }
 }
@@ -103,6 +114,13 @@ pub struct Health {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ServiceList {
     pub services: Vec<ServiceState>,
+    /// Cluster mode only: `true` when etcd cannot be reached and this is the state the node last
+    /// applied (it keeps steering with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale: Option<bool>,
+    /// Cluster mode only: every change up to this etcd revision is applied on this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub as_of_revision: Option<u64>,
 }
 
 /// One service: its configuration, current weight and what the kernel counted per side.
@@ -114,6 +132,7 @@ pub struct ServiceState {
     pub canary_ppm: u32,
     pub affinity: Affinity,
     pub max_operator_percent: f64,
+    /// The frontends the datapath steers (for a Kubernetes service: discovered).
     pub frontends: Vec<String>,
     pub stable: Vec<String>,
     pub canary: Vec<String>,
@@ -121,7 +140,17 @@ pub struct ServiceState {
     /// The datapath revision of the service's backend set (changes when backends, affinity or
     /// cohorts change, not with the weight).
     pub revision: u32,
+    /// A Kubernetes service's table and discovery status; null for services written with
+    /// addresses.
+    pub kubernetes: Option<DiscoveryStatus>,
     pub sides: Sides,
+    /// Cluster mode only: `true` when etcd cannot be reached and this is the state the node last
+    /// applied (it keeps steering with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale: Option<bool>,
+    /// Cluster mode only: every change up to this etcd revision is applied on this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub as_of_revision: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -307,6 +336,51 @@ pub struct RolloutView {
     pub history: Vec<HistoryEntry>,
     /// Events dropped from the front of `history`.
     pub history_dropped: u64,
+    /// Cluster mode only: `true` when etcd cannot be reached and this is the state the node last
+    /// applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale: Option<bool>,
+    /// Cluster mode only: every change up to this etcd revision is applied on this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub as_of_revision: Option<u64>,
+}
+
+/// `GET /v1/cluster`: the nodes of the cluster and how far each has applied the desired state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterStatus {
+    /// The node that answers.
+    pub node: String,
+    /// The node that drives the rollouts; null while none does.
+    pub leader: Option<String>,
+    /// The newest desired-state revision any live node has applied: what every node converges
+    /// to.
+    pub revision: u64,
+    /// Whether this node follows etcd now. `false`: etcd cannot be reached; everything here is as
+    /// this node last saw it (`stale`).
+    pub connected: bool,
+    pub stale: bool,
+    /// Every change up to this revision is applied on the answering node.
+    pub as_of_revision: u64,
+    /// The live nodes (each publishes its status under a lease: a node that stops disappears
+    /// within `[cluster] lease_ttl_seconds`).
+    pub nodes: Vec<ClusterNode>,
+}
+
+/// One node of `GET /v1/cluster`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterNode {
+    pub node: String,
+    /// Every change up to this etcd revision is applied to the node's datapath.
+    pub applied_revision: u64,
+    /// Since the node last changed its status (it does when it applies a change), by its clock.
+    pub age_ms: u64,
+    /// Whether the node's datapath holds the whole desired state (`detail` says what it refused).
+    pub healthy: bool,
+    /// `applied_revision` is below `revision`.
+    pub lagging: bool,
+    pub agent_version: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
 }
 
 impl RolloutView {

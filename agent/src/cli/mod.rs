@@ -2,6 +2,7 @@
 //! daemon (`crate::daemon`), `sockshift uninstall` removes what it pinned; the other verbs call
 //! the agent's API and print what it answers (`output`).
 
+mod apply;
 mod output;
 
 use std::{
@@ -14,9 +15,9 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::{
-    api::types::{AuditLog, CanaryUpdate, RolloutView, ServiceBody, ServiceList, ServiceState},
+    api::types::{AuditLog, CanaryUpdate, ClusterStatus, RolloutView, ServiceBody, ServiceList, ServiceState},
     client::ApiClient,
-    config::{Affinity, Role},
+    config::{Affinity, KubernetesConfig, PortSelector, Role},
     paths,
     rollout::{
         Approval, GatePolicy, Gates, Plan, RollbackPolicy, DEFAULT_CONFIDENCE, DEFAULT_FAILED_ATTEMPTS_TOLERANCE,
@@ -44,7 +45,30 @@ pub enum Command {
     },
     /// Show services: weight, backends, and what the kernel counted per side.
     Status {
+        #[arg(conflicts_with = "cluster")]
         service: Option<String>,
+        /// Cluster mode: show the nodes and how far each has applied the desired state.
+        #[arg(long)]
+        cluster: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Load the `[[service]]` tables of a TOML file (the config file's format): adds what is
+    /// missing, replaces what differs, leaves the rest. Idempotent; the way to load services in
+    /// cluster mode, through any node.
+    Apply {
+        /// The file of `[[service]]` tables.
+        #[arg(long = "filename", short = 'f')]
+        file: PathBuf,
+        /// Show what would change; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also remove the services the file does not name.
+        #[arg(long)]
+        prune: bool,
+        /// Answer once every live node of the cluster applied each change (`?wait=cluster`).
+        #[arg(long)]
+        wait: bool,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -87,28 +111,48 @@ pub enum Command {
     },
     /// Print the API's OpenAPI document (the one the agent serves at /v1/openapi.json).
     Openapi,
-    /// Remove the programs, links and pinned maps (the datapath stops steering).
+    /// Remove the programs, links and pinned maps (the datapath stops steering). Only
+    /// sockshift's own pins are removed, from a directory below a bpffs mount.
     Uninstall {
         /// bpffs directory the agent pinned to (agent.bpffs).
         #[arg(long, default_value = paths::DEFAULT_BPFFS_DIR)]
         bpffs: PathBuf,
+        /// Also when an agent still uses the directory (it keeps answering but steers nothing,
+        /// and pins again at its next start).
+        #[arg(long)]
+        force: bool,
+        /// Also remove the persisted state and audit log in the state directory (otherwise a
+        /// reinstalled agent restores the old API changes and rollouts).
+        #[arg(long)]
+        purge_state: bool,
+        /// The agent's state directory (agent.state_dir), for --purge-state.
+        #[arg(long, default_value = paths::DEFAULT_STATE_DIR, requires = "purge_state")]
+        state_dir: PathBuf,
     },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum ServiceAction {
-    /// Add a service, or replace it whole.
+    /// Add a service, or replace it whole: by addresses (`--frontend`), or by Kubernetes
+    /// Services (`--k8s NAMESPACE/SERVICE --stable SERVICE --canary SERVICE`).
     Add {
         name: String,
         /// Frontend `ip:port`, repeatable.
-        #[arg(long = "frontend", required = true)]
+        #[arg(long = "frontend", required_unless_present = "k8s")]
         frontends: Vec<String>,
-        /// Stable backend `ip:port`, repeatable.
+        /// Stable backend `ip:port`, repeatable; with --k8s: the stable Service's name.
         #[arg(long = "stable")]
         stable: Vec<String>,
-        /// Canary backend `ip:port`, repeatable.
+        /// Canary backend `ip:port`, repeatable; with --k8s: the canary Service's name.
         #[arg(long = "canary")]
         canary: Vec<String>,
+        /// Frontend Service NAMESPACE/NAME: its ClusterIPs and ports are the frontends, and the
+        /// ready endpoints of --stable and --canary (Service names) the backends.
+        #[arg(long, conflicts_with = "frontends")]
+        k8s: Option<String>,
+        /// With --k8s: a Service port to steer, by name or number; repeatable; default all.
+        #[arg(long = "port", requires = "k8s")]
+        ports: Vec<String>,
         #[arg(long, default_value_t = 0.0)]
         percent: f64,
         #[arg(long, value_enum, default_value_t = AffinityArg::Connection)]
@@ -250,17 +294,30 @@ pub struct ApiArgs {
     /// Address of the agent's API.
     #[arg(long, env = "SOCKSHIFT_API", default_value = paths::DEFAULT_API)]
     pub api: SocketAddr,
-    /// Bearer token, when the agent has `[agent.auth]`.
+    /// Bearer token, when the agent has `[agent.auth]`. Prefer the SOCKSHIFT_TOKEN variable or
+    /// --token-file: a value given here is visible to every user in the process list.
     #[arg(long, env = "SOCKSHIFT_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// File holding the bearer token (surrounding whitespace ignored).
+    #[arg(long, env = "SOCKSHIFT_TOKEN_FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
     /// Output format.
     #[arg(long, short, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }
 
 impl ApiArgs {
-    fn client(&self) -> ApiClient {
-        ApiClient::new(self.api, self.token.clone())
+    fn client(&self) -> anyhow::Result<ApiClient> {
+        let token = match &self.token_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the token file {}", path.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            None => self.token.clone(),
+        };
+        Ok(ApiClient::new(self.api, token))
     }
 }
 
@@ -276,35 +333,79 @@ const NONE: Option<&()> = None;
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent { config, check } => crate::daemon::run(&config, check),
-        Command::Uninstall { bpffs } => uninstall(&bpffs),
+        Command::Uninstall { bpffs, force, purge_state, state_dir } => {
+            uninstall(&bpffs, force)?;
+            if purge_state {
+                purge_state_dir(&state_dir)?;
+            }
+            Ok(())
+        }
         Command::Openapi => {
             println!("{}", crate::api::openapi().to_pretty_json()?);
             Ok(())
         }
-        Command::Status { service, api } => {
-            let services = match service {
-                Some(name) => vec![api.client().call::<ServiceState>("GET", &format!("/v1/services/{name}"), NONE)?],
-                None => api.client().call::<ServiceList>("GET", "/v1/services", NONE)?.services,
+        Command::Status { cluster: true, api, .. } => {
+            let cluster: ClusterStatus = api.client()?.call("GET", "/v1/cluster", NONE)?;
+            output::cluster(&cluster, api.output)
+        }
+        Command::Status { service, api, .. } => {
+            let (services, stale, as_of) = match service {
+                Some(name) => {
+                    let state = api.client()?.call::<ServiceState>("GET", &format!("/v1/services/{name}"), NONE)?;
+                    let (stale, as_of) = (state.stale, state.as_of_revision);
+                    (vec![state], stale, as_of)
+                }
+                None => {
+                    let list = api.client()?.call::<ServiceList>("GET", "/v1/services", NONE)?;
+                    (list.services, list.stale, list.as_of_revision)
+                }
             };
+            if stale == Some(true) && api.output == Output::Table {
+                eprintln!(
+                    "stale: etcd cannot be reached; this is the state the node last applied (revision {})",
+                    as_of.unwrap_or(0)
+                );
+            }
             output::services(&services, api.output)
+        }
+        Command::Apply { file, dry_run, prune, wait, api } => {
+            apply::run(&api.client()?, &file, apply::Options { dry_run, prune, wait }, api.output)
         }
         Command::Set { service, percent, api } => {
             let body = CanaryUpdate { percent };
             let state: ServiceState =
-                api.client().call("PUT", &format!("/v1/services/{service}/canary"), Some(&body))?;
+                api.client()?.call("PUT", &format!("/v1/services/{service}/canary"), Some(&body))?;
             output::services(&[state], api.output)
         }
         Command::Rollback { service, api } => {
-            let state: ServiceState = api.client().call("POST", &format!("/v1/services/{service}/rollback"), NONE)?;
+            let state: ServiceState = api.client()?.call("POST", &format!("/v1/services/{service}/rollback"), NONE)?;
             output::services(&[state], api.output)
         }
         Command::Promote { service, api } => {
-            let state: ServiceState = api.client().call("POST", &format!("/v1/services/{service}/promote"), NONE)?;
+            let state: ServiceState = api.client()?.call("POST", &format!("/v1/services/{service}/promote"), NONE)?;
             output::services(&[state], api.output)
         }
         Command::Service {
-            action: ServiceAction::Add { name, frontends, stable, canary, percent, affinity, max_operator_percent, api },
+            action:
+                ServiceAction::Add {
+                    name,
+                    frontends,
+                    stable,
+                    canary,
+                    k8s,
+                    ports,
+                    percent,
+                    affinity,
+                    max_operator_percent,
+                    api,
+                },
         } => {
+            let (stable, canary, kubernetes) = match k8s {
+                None => (stable, canary, None),
+                Some(frontend) => {
+                    (Vec::new(), Vec::new(), Some(kubernetes_table(&frontend, &stable, &canary, &ports)?))
+                }
+            };
             let body = ServiceBody {
                 name: None,
                 frontends,
@@ -317,12 +418,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 max_operator_percent: Some(max_operator_percent),
                 cohorts: Vec::new(),
+                kubernetes,
             };
-            let state: ServiceState = api.client().call("PUT", &format!("/v1/services/{name}"), Some(&body))?;
+            let state: ServiceState = api.client()?.call("PUT", &format!("/v1/services/{name}"), Some(&body))?;
             output::services(&[state], api.output)
         }
         Command::Service { action: ServiceAction::Rm { name, api } } => {
-            let state: ServiceState = api.client().call("DELETE", &format!("/v1/services/{name}"), NONE)?;
+            let state: ServiceState = api.client()?.call("DELETE", &format!("/v1/services/{name}"), NONE)?;
             if api.output == Output::Json {
                 output::json(&state)
             } else {
@@ -332,7 +434,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Rollout { action } => run_rollout(action),
         Command::Audit { limit, api } => {
-            let log: AuditLog = api.client().call("GET", &format!("/v1/audit?limit={limit}"), NONE)?;
+            let log: AuditLog = api.client()?.call("GET", &format!("/v1/audit?limit={limit}"), NONE)?;
             match api.output {
                 Output::Json => output::json(&log),
                 Output::Table => {
@@ -344,6 +446,33 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// The `kubernetes` object of `service add --k8s`: names are checked by the agent, which names
+/// the field it refuses.
+fn kubernetes_table(
+    frontend: &str,
+    stable: &[String],
+    canary: &[String],
+    ports: &[String],
+) -> anyhow::Result<KubernetesConfig> {
+    let (namespace, service) =
+        frontend.split_once('/').with_context(|| format!("--k8s takes NAMESPACE/SERVICE, got {frontend:?}"))?;
+    let [stable] = stable else { bail!("with --k8s, give exactly one --stable SERVICE (a Service name)") };
+    if canary.len() > 1 {
+        bail!("with --k8s, give at most one --canary SERVICE (a Service name)");
+    }
+    let ports = ports
+        .iter()
+        .map(|p| p.parse::<i64>().map_or_else(|_| PortSelector::Name(p.clone()), PortSelector::Number))
+        .collect();
+    Ok(KubernetesConfig {
+        namespace: namespace.to_string(),
+        frontend: service.to_string(),
+        stable: stable.clone(),
+        canary: canary.first().cloned(),
+        ports,
+    })
+}
+
 fn run_rollout(action: RolloutAction) -> anyhow::Result<()> {
     let (service, api, path_action) = match &action {
         RolloutAction::Approve { service, api } => (service, api, "approve"),
@@ -351,7 +480,7 @@ fn run_rollout(action: RolloutAction) -> anyhow::Result<()> {
         RolloutAction::Resume { service, api } => (service, api, "resume"),
         RolloutAction::Abort { service, api } => (service, api, "abort"),
         RolloutAction::Status { service, watch, api } => loop {
-            let rollout: RolloutView = api.client().call("GET", &format!("/v1/services/{service}/rollout"), NONE)?;
+            let rollout: RolloutView = api.client()?.call("GET", &format!("/v1/services/{service}/rollout"), NONE)?;
             if api.output == Output::Json {
                 output::json(&rollout)?;
             } else {
@@ -375,7 +504,7 @@ fn run_rollout(action: RolloutAction) -> anyhow::Result<()> {
             let plan: serde_json::Value =
                 serde_json::from_str(&text).with_context(|| format!("the plan {} is not JSON", path.display()))?;
             let rollout: RolloutView =
-                api.client().call("POST", &format!("/v1/services/{service}/rollout"), Some(&plan))?;
+                api.client()?.call("POST", &format!("/v1/services/{service}/rollout"), Some(&plan))?;
             return match api.output {
                 Output::Json => output::json(&rollout),
                 Output::Table => {
@@ -440,7 +569,7 @@ fn run_rollout(action: RolloutAction) -> anyhow::Result<()> {
                 rollback: RollbackPolicy { terminate_connections: *terminate_connections },
             };
             let rollout: RolloutView =
-                api.client().call("POST", &format!("/v1/services/{service}/rollout"), Some(&plan))?;
+                api.client()?.call("POST", &format!("/v1/services/{service}/rollout"), Some(&plan))?;
             return match api.output {
                 Output::Json => output::json(&rollout),
                 Output::Table => {
@@ -451,7 +580,7 @@ fn run_rollout(action: RolloutAction) -> anyhow::Result<()> {
         }
     };
     let rollout: RolloutView =
-        api.client().call("POST", &format!("/v1/services/{service}/rollout/{path_action}"), NONE)?;
+        api.client()?.call("POST", &format!("/v1/services/{service}/rollout/{path_action}"), NONE)?;
     match api.output {
         Output::Json => output::json(&rollout),
         Output::Table => {
@@ -461,17 +590,124 @@ fn run_rollout(action: RolloutAction) -> anyhow::Result<()> {
     }
 }
 
-/// Detaches and unpins the links, then removes the maps.
-fn uninstall(bpffs: &Path) -> anyhow::Result<()> {
+/// Detaches and unpins the links (the hooks are empty when this returns), then the maps: only the
+/// names sockshift pins (`links/<program>`, `<MAP>_V<n>`), in a directory below a bpffs mount.
+/// Anything else found there is left in place and named, and the directory stays.
+fn uninstall(bpffs: &Path, force: bool) -> anyhow::Result<()> {
     require_root()?;
     if !bpffs.exists() {
         println!("nothing to remove: {} does not exist", bpffs.display());
         return Ok(());
     }
-    for name in crate::datapath::uninstall(bpffs).with_context(|| format!("removing {}", bpffs.display()))? {
-        println!("detached {name}");
+    let meta = std::fs::symlink_metadata(bpffs).with_context(|| format!("reading {}", bpffs.display()))?;
+    if !meta.is_dir() {
+        bail!("{} is not a directory: refusing to touch it", bpffs.display());
     }
-    println!("removed {}", bpffs.display());
+    if !paths::is_bpffs(bpffs).with_context(|| format!("statfs {}", bpffs.display()))? {
+        bail!("{} is not on a bpffs: refusing to remove anything there (--bpffs names agent.bpffs)", bpffs.display());
+    }
+    if paths::is_mount_root(bpffs)? {
+        bail!(
+            "{} is the bpffs mount itself, which holds other tools' pins: refusing (--bpffs names the agent's own \
+             directory below it, default {})",
+            bpffs.display(),
+            paths::DEFAULT_BPFFS_DIR
+        );
+    }
+    let _lock = exclusive_lock(bpffs, force)?;
+    let mut left = Vec::new();
+    let links = bpffs.join("links");
+    if links.is_dir() {
+        for entry in std::fs::read_dir(&links).with_context(|| format!("reading {}", links.display()))? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if entry.file_type()?.is_file() && paths::is_sockshift_link_pin(&name) {
+                crate::datapath::detach_link_pin(&entry.path());
+                std::fs::remove_file(entry.path()).with_context(|| format!("unpinning {}", entry.path().display()))?;
+                println!("detached {name}");
+            } else {
+                left.push(entry.path());
+            }
+        }
+        if left.is_empty() {
+            std::fs::remove_dir(&links).with_context(|| format!("removing {}", links.display()))?;
+        }
+    }
+    for entry in std::fs::read_dir(bpffs).with_context(|| format!("reading {}", bpffs.display()))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name == "links" && entry.file_type()?.is_dir() {
+            continue;
+        }
+        if entry.file_type()?.is_file() && paths::is_sockshift_map_pin(&name) {
+            std::fs::remove_file(entry.path()).with_context(|| format!("unpinning {}", entry.path().display()))?;
+            println!("unpinned {name}");
+        } else {
+            left.push(entry.path());
+        }
+    }
+    if left.is_empty() && !links.exists() {
+        std::fs::remove_dir(bpffs).with_context(|| format!("removing {}", bpffs.display()))?;
+        println!("removed {}", bpffs.display());
+    } else {
+        let shown: Vec<String> = left.iter().map(|p| p.display().to_string()).collect();
+        println!("left in place (not sockshift's): {}", shown.join(", "));
+    }
+    Ok(())
+}
+
+/// Takes the pin directory's lock exclusively: it fails while an agent holds it (shared).
+fn exclusive_lock(bpffs: &Path, force: bool) -> anyhow::Result<Option<nix::fcntl::Flock<std::fs::File>>> {
+    let dir = std::fs::File::open(bpffs).with_context(|| format!("opening {}", bpffs.display()))?;
+    match nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(Some(lock)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) if force => {
+            eprintln!("warning: an agent is using {} (--force: removing its pins anyway)", bpffs.display());
+            Ok(None)
+        }
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => bail!(
+            "a running sockshift agent uses {}: stop it first (it would keep answering while nothing steers), or \
+             pass --force",
+            bpffs.display()
+        ),
+        Err((_, errno)) => Err(anyhow::Error::from(errno).context(format!("locking {}", bpffs.display()))),
+    }
+}
+
+/// Removes the files sockshift keeps in the state directory (state, its backup and set-aside
+/// copies, temporary files, the audit log and its rotations), then the directory if empty.
+fn purge_state_dir(state_dir: &Path) -> anyhow::Result<()> {
+    use crate::{audit::AUDIT_FILE, control::store::file::STATE_FILE};
+    if !state_dir.exists() {
+        println!("nothing to purge: {} does not exist", state_dir.display());
+        return Ok(());
+    }
+    let ours = |name: &str| {
+        name == STATE_FILE
+            || name.starts_with(&format!("{STATE_FILE}."))
+            || (name.starts_with(&format!(".{STATE_FILE}.")) && name.ends_with(".tmp"))
+            || name == AUDIT_FILE
+            || name
+                .strip_prefix(&format!("{AUDIT_FILE}."))
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    let mut left = Vec::new();
+    for entry in std::fs::read_dir(state_dir).with_context(|| format!("reading {}", state_dir.display()))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if entry.file_type()?.is_file() && ours(&name) {
+            std::fs::remove_file(entry.path()).with_context(|| format!("removing {}", entry.path().display()))?;
+            println!("removed {}", entry.path().display());
+        } else {
+            left.push(name);
+        }
+    }
+    if left.is_empty() {
+        std::fs::remove_dir(state_dir).with_context(|| format!("removing {}", state_dir.display()))?;
+        println!("removed {}", state_dir.display());
+    } else {
+        println!("left in {} (not sockshift's): {}", state_dir.display(), left.join(", "));
+    }
     Ok(())
 }
 

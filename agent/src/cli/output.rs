@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use super::Output;
 use crate::{
-    api::types::{AuditLog, ServiceList, ServiceState, SideState},
+    api::types::{AuditLog, ClusterStatus, ServiceList, ServiceState, SideState},
     gates::{metric::Reading, Verdict as GateVerdict},
     rollout::{GateReadings, Gates, RolloutState},
 };
@@ -31,7 +31,7 @@ pub fn services(services: &[ServiceState], output: Output) -> anyhow::Result<()>
     if output == Output::Json {
         return match services {
             [one] => json(one),
-            many => json(&ServiceList { services: many.to_vec() }),
+            many => json(&ServiceList { services: many.to_vec(), stale: None, as_of_revision: None }),
         };
     }
     let mut out =
@@ -57,15 +57,80 @@ pub fn services(services: &[ServiceState], output: Output) -> anyhow::Result<()>
         ]);
     }
     println!("{out}");
+    for s in services {
+        if let Some(k) = &s.kubernetes {
+            let message = k.message.as_deref().map(|m| format!(" ({m})")).unwrap_or_default();
+            println!("{}: kubernetes {}/{}: {}{message}", s.name, k.namespace, k.frontend, name_of(k.state));
+        }
+    }
     Ok(())
 }
 
 pub fn audit(log: &AuditLog) {
-    let mut out = table(&["TIME", "TOKEN", "ROLE", "METHOD", "ROUTE"], usize::MAX);
+    let clustered = log.entries.iter().any(|e| e.node.is_some());
+    let mut header = vec!["TIME", "TOKEN", "ROLE", "METHOD", "ROUTE"];
+    if clustered {
+        header.insert(1, "NODE");
+    }
+    let mut out = table(&header, usize::MAX);
     for e in &log.entries {
-        out.add_row(vec![e.time.clone(), e.token.clone(), e.role.to_string(), e.method.clone(), e.route.clone()]);
+        let role = e.role.map_or_else(|| "-".to_string(), |r| r.to_string());
+        let route = match &e.refused {
+            Some(reason) => format!("{} (refused: {reason})", e.route),
+            None => e.route.clone(),
+        };
+        let mut row = vec![e.time.clone(), e.token.clone(), role, e.method.clone(), route];
+        if clustered {
+            row.insert(1, e.node.clone().unwrap_or_default());
+        }
+        out.add_row(row);
     }
     println!("{out}");
+}
+
+/// `GET /v1/cluster` as a table: one row per live node.
+pub fn cluster(status: &ClusterStatus, output: Output) -> anyhow::Result<()> {
+    if output == Output::Json {
+        return json(status);
+    }
+    println!(
+        "node {}  leader {}  revision {}  {}",
+        status.node,
+        status.leader.as_deref().unwrap_or("none"),
+        status.revision,
+        if status.connected {
+            "connected".to_string()
+        } else {
+            format!("STALE: etcd unreachable, as of revision {}", status.as_of_revision)
+        }
+    );
+    let mut out = table(&["NODE", "APPLIED", "AGE", "HEALTHY", "VERSION", "DETAIL"], usize::MAX);
+    for index in [1, 2] {
+        if let Some(column) = out.column_mut(index) {
+            column.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    for node in &status.nodes {
+        let mut name = node.node.clone();
+        if status.leader.as_deref() == Some(node.node.as_str()) {
+            name.push_str(" *");
+        }
+        let applied = if node.lagging {
+            format!("{} (lagging)", node.applied_revision)
+        } else {
+            node.applied_revision.to_string()
+        };
+        out.add_row(vec![
+            name,
+            applied,
+            format!("{:.1}s", node.age_ms as f64 / 1000.0),
+            if node.healthy { "yes" } else { "NO" }.to_string(),
+            node.agent_version.clone(),
+            node.detail.clone(),
+        ]);
+    }
+    println!("{out}");
+    Ok(())
 }
 
 /// A serde enum's name as the API writes it (`rolled_back`, `not_worse`).

@@ -29,6 +29,10 @@ pub struct ClusterConfig {
     /// `spec.nodeName`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// Read the node name from this environment variable instead (the cluster DaemonSet sets
+    /// `NODE_NAME` from the downward API's `spec.nodeName`). Not with `node`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_env: Option<String>,
     /// Every key lives under `<prefix>/v1/`.
     #[serde(default = "default_prefix")]
     pub prefix: String,
@@ -79,6 +83,7 @@ impl ClusterConfig {
         Self {
             etcd: endpoints.into_iter().map(Into::into).collect(),
             node: None,
+            node_env: None,
             prefix: default_prefix(),
             ca_file: None,
             cert_file: None,
@@ -102,13 +107,31 @@ impl ClusterConfig {
             }
         }
         let https = https.unwrap_or(false);
-        let node = match &self.node {
-            Some(node) => node.clone(),
-            None => host_name().map_err(|err| {
-                InvalidField::new("cluster.node", format!("not set and the host name cannot be read: {err}"))
-            })?,
+        let (node, node_field) = match (&self.node, &self.node_env) {
+            (Some(_), Some(_)) => {
+                return Err(InvalidField::new(
+                    "cluster.node_env",
+                    "set either cluster.node or cluster.node_env, not both",
+                ))
+            }
+            (Some(node), None) => (node.clone(), "cluster.node"),
+            (None, Some(variable)) => match std::env::var(variable) {
+                Ok(node) => (node, "cluster.node_env"),
+                Err(err) => {
+                    return Err(InvalidField::new(
+                        "cluster.node_env",
+                        format!("environment variable {variable:?}: {err} (the DaemonSet sets it from spec.nodeName)"),
+                    ))
+                }
+            },
+            (None, None) => (
+                host_name().map_err(|err| {
+                    InvalidField::new("cluster.node", format!("not set and the host name cannot be read: {err}"))
+                })?,
+                "cluster.node",
+            ),
         };
-        validate_node_name(&node).map_err(|message| InvalidField::new("cluster.node", message))?;
+        validate_node_name(&node).map_err(|message| InvalidField::new(node_field, message))?;
         validate_prefix(&self.prefix).map_err(|message| InvalidField::new("cluster.prefix", message))?;
         if !(MIN_LEASE_TTL_SECONDS..=MAX_LEASE_TTL_SECONDS).contains(&self.lease_ttl_seconds) {
             return Err(InvalidField::new(
@@ -229,6 +252,18 @@ mod tests {
     }
 
     #[test]
+    fn the_node_name_can_come_from_the_environment() {
+        // PATH is set in every test environment and is not a valid node name: the error names
+        // the variable's field.
+        let err = parse("[cluster]\netcd = [\"http://a:1\"]\nnode_env = \"PATH\"").unwrap_err();
+        assert!(err.contains("cluster.node_env"), "{err}");
+        // A variable of this test's own: no other test reads it.
+        std::env::set_var("SOCKSHIFT_TEST_NODE_NAME", "worker-9");
+        let settings = parse("[cluster]\netcd = [\"http://a:1\"]\nnode_env = \"SOCKSHIFT_TEST_NODE_NAME\"").unwrap();
+        assert_eq!(settings.node, "worker-9");
+    }
+
+    #[test]
     fn tls_settings() {
         let settings = parse(
             "[cluster]\netcd = [\"https://a:2379\", \"https://b:2379\"]\nnode = \"worker-7\"\nprefix = \"/x/y\"\n\
@@ -263,6 +298,8 @@ mod tests {
             ("etcd = [\"http://a:1\"]\nprefix = \"/\"", "cluster.prefix"),
             ("etcd = [\"http://a:1\"]\nlease_ttl_seconds = 1", "cluster.lease_ttl_seconds"),
             ("etcd = [\"http://a:1\"]\nendpoints = []", "endpoints"),
+            ("etcd = [\"http://a:1\"]\nnode = \"a\"\nnode_env = \"HOME\"", "cluster.node_env"),
+            ("etcd = [\"http://a:1\"]\nnode_env = \"SOCKSHIFT_TEST_NO_SUCH_VARIABLE\"", "cluster.node_env"),
         ];
         for (body, field) in cases {
             let err = parse(&format!("[cluster]\n{body}")).expect_err(body);

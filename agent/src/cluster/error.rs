@@ -17,8 +17,8 @@ pub enum ClusterError {
     #[error("cannot set up the etcd client for {endpoints}: {detail}")]
     Setup { endpoints: String, detail: String, source: etcd_client::Error },
     /// No endpoint answered a first request within the connect timeout.
-    #[error("cannot use etcd at {endpoints} (tried for {after:?}): {problem} ({detail})")]
-    Unreachable { endpoints: String, after: Duration, problem: String, detail: String, source: etcd_client::Error },
+    #[error("cannot use etcd at {endpoints} (tried for {after:?}): {} ({detail})", .problem.text)]
+    Unreachable { endpoints: String, after: Duration, problem: Problem, detail: String, source: etcd_client::Error },
     /// A request failed or timed out: etcd is unavailable (no quorum, all members down) or the
     /// request's outcome is unknown.
     #[error("etcd {what} failed: {detail}")]
@@ -42,6 +42,25 @@ impl ClusterError {
     pub fn is_unavailable(&self) -> bool {
         matches!(self, ClusterError::Etcd { .. } | ClusterError::Unreachable { .. })
     }
+
+    /// Whether the problem is this node's configuration (a TLS file, a certificate etcd refuses
+    /// or that does not match, a scheme etcd does not serve), which waiting will not fix, as
+    /// opposed to etcd being down or without quorum, which it may.
+    pub fn is_misconfiguration(&self) -> bool {
+        match self {
+            ClusterError::TlsFile { .. } | ClusterError::Setup { .. } => true,
+            ClusterError::Unreachable { problem, .. } => problem.misconfigured,
+            _ => false,
+        }
+    }
+}
+
+/// What an operator should check after a failed first request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub text: &'static str,
+    /// The node's own setup is wrong (see [`ClusterError::is_misconfiguration`]).
+    pub misconfigured: bool,
 }
 
 /// One key whose revision did not match.
@@ -51,6 +70,9 @@ pub struct Conflict {
     pub expected: Expect,
     /// The key's value now (`None`: absent); `Err` holds why the stored value is invalid.
     pub current: Option<Versioned<Result<Value, String>>>,
+    /// etcd's revision when `current` was read (for an absent key: it was deleted at or before
+    /// this revision).
+    pub read_at: i64,
 }
 
 fn describe_conflicts(conflicts: &[Conflict]) -> String {
@@ -89,7 +111,12 @@ pub(crate) fn chain_of(err: &dyn std::error::Error) -> String {
 
 /// What an operator should check, read from the error chain of a failed first request.
 /// `tls`: whether the endpoints are https://, and whether a client certificate was offered.
-pub(crate) fn diagnose(chain: &str, tls: Option<bool>) -> String {
+pub(crate) fn diagnose(chain: &str, tls: Option<bool>) -> Problem {
+    let (text, misconfigured) = diagnose_text(chain, tls);
+    Problem { text, misconfigured }
+}
+
+fn diagnose_text(chain: &str, tls: Option<bool>) -> (&'static str, bool) {
     let lower = chain.to_lowercase();
     let says = |needles: &[&str]| needles.iter().any(|n| lower.contains(&n.to_lowercase()));
     let refused_client = says(&[
@@ -102,31 +129,31 @@ pub(crate) fn diagnose(chain: &str, tls: Option<bool>) -> String {
         "closed the connection right after the TLS handshake",
     ]);
     if refused_client && tls == Some(false) {
-        "etcd requires a client certificate: set cluster.cert_file and cluster.key_file".into()
+        ("etcd requires a client certificate: set cluster.cert_file and cluster.key_file", true)
     } else if refused_client {
-        "etcd refused the client certificate (cluster.cert_file): not signed by a CA etcd trusts, or expired".into()
+        ("etcd refused the client certificate (cluster.cert_file): not signed by a CA etcd trusts, or expired", true)
     } else if says(&["UnknownIssuer", "unknown issuer"]) {
-        "the etcd server's certificate is not signed by cluster.ca_file".into()
+        ("the etcd server's certificate is not signed by cluster.ca_file", true)
     } else if says(&["NotValidForName", "not valid for name"]) {
-        "the etcd server's certificate does not name the host of the endpoint".into()
+        ("the etcd server's certificate does not name the host of the endpoint", true)
     } else if says(&["expired"]) {
-        "a certificate has expired".into()
+        ("a certificate has expired", true)
     } else if tls.is_some()
         && says(&["InvalidContentType", "corrupt message", "http2 error", "frame with invalid size"])
     {
-        "the endpoints are https:// but etcd does not serve TLS there: use http://".into()
+        ("the endpoints are https:// but etcd does not serve TLS there: use http://", true)
     } else if tls.is_none() && says(&["broken pipe", "connection closed", "connection reset"]) {
-        "etcd closed the connection: if it serves TLS, use https:// endpoints and set cluster.ca_file".into()
+        ("etcd closed the connection: if it serves TLS, use https:// endpoints and set cluster.ca_file", true)
     } else if says(&["connection refused"]) {
-        "nothing listens at the endpoints (is etcd running, is the port its client port?)".into()
+        ("nothing listens at the endpoints (is etcd running, is the port its client port?)", false)
     } else if says(&["no leader"]) {
-        "etcd answers but has no leader (no quorum)".into()
+        ("etcd answers but has no leader (no quorum)", false)
     } else if says(&["timed out", "deadline", "elapsed"]) {
-        "no answer in time (a firewall, a wrong address, or an overloaded etcd)".into()
+        ("no answer in time (a firewall, a wrong address, or an overloaded etcd)", false)
     } else if says(&["authentication", "permission denied", "user name is empty"]) {
-        "etcd refused the client: authentication or permission".into()
+        ("etcd refused the client: authentication or permission", true)
     } else {
-        "etcd is unreachable".into()
+        ("etcd is unreachable", false)
     }
 }
 
@@ -150,7 +177,13 @@ mod tests {
             ("status: Unavailable, message: \"etcdserver: no leader\"", None, "no quorum"),
         ];
         for (chain, tls, expected) in cases {
-            assert!(diagnose(chain, tls).contains(expected), "{chain}: {}", diagnose(chain, tls));
+            assert!(diagnose(chain, tls).text.contains(expected), "{chain}: {:?}", diagnose(chain, tls));
         }
+        // Waiting fixes an etcd that is down or without quorum, not a certificate etcd refuses.
+        assert!(diagnose("TLS: received fatal alert: CertificateRequired", Some(false)).misconfigured);
+        assert!(diagnose("invalid peer certificate: UnknownIssuer", Some(true)).misconfigured);
+        assert!(!diagnose("tcp connect error: Connection refused (os error 111)", None).misconfigured);
+        assert!(!diagnose("status: Unavailable, message: \"etcdserver: no leader\"", None).misconfigured);
+        assert!(!diagnose("deadline has elapsed", Some(true)).misconfigured);
     }
 }

@@ -191,6 +191,16 @@ impl ClusterStore {
     /// the endpoints until `timeouts.connect`: an error names the problem (a missing or refused
     /// client certificate, an unknown CA, nothing listening, no quorum).
     pub async fn connect_with(settings: &ClusterSettings, timeouts: Timeouts) -> Result<Self, ClusterError> {
+        let store = Self::open(settings, timeouts).await?;
+        store.verify().await?;
+        Ok(store)
+    }
+
+    /// Reads the TLS files and sets up the client without proving that etcd answers: the client
+    /// connects when it is first used, and again after every outage. An agent that starts while
+    /// etcd is down keeps this client and catches up when etcd comes back; [`Self::verify`] says
+    /// whether it answers now.
+    pub async fn open(settings: &ClusterSettings, timeouts: Timeouts) -> Result<Self, ClusterError> {
         let endpoints = settings.endpoints.join(", ");
         let mut options = ConnectOptions::new()
             .with_connect_timeout(timeouts.connect)
@@ -202,28 +212,35 @@ impl ClusterStore {
         if let Some(tls) = &settings.tls {
             options = options.with_tls(tls_options(tls)?);
         }
-        let client = Client::connect(&settings.endpoints, Some(options)).await.map_err(|source| {
-            ClusterError::Setup { endpoints: endpoints.clone(), detail: error_chain(&source), source }
-        })?;
-        let store = Self {
+        let client = Client::connect(&settings.endpoints, Some(options))
+            .await
+            .map_err(|source| ClusterError::Setup { endpoints, detail: error_chain(&source), source })?;
+        Ok(Self {
             client,
             layout: KeyLayout::new(&settings.prefix),
             settings: Arc::new(settings.clone()),
             timeouts,
             counters: Arc::default(),
             audit: Arc::new(AuditIds { nonce: random_u32(), seq: AtomicU64::new(0) }),
-        };
-        let root = store.layout.root().to_string();
+        })
+    }
+
+    /// A first linearizable read, retried over the endpoints until the connect timeout; an error
+    /// names the problem (see [`ClusterError::is_misconfiguration`]).
+    pub async fn verify(&self) -> Result<(), ClusterError> {
+        let settings = &self.settings;
+        let timeouts = self.timeouts;
+        let root = self.layout.root().to_string();
         let deadline = Instant::now() + timeouts.connect;
         loop {
-            let mut kv = store.client.kv_client();
+            let mut kv = self.client.kv_client();
             let attempt = tokio::time::timeout(
                 deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)),
                 kv.get(root.clone(), Some(GetOptions::new().with_prefix().with_count_only())),
             )
             .await;
             let source = match attempt {
-                Ok(Ok(_)) => return Ok(store),
+                Ok(Ok(_)) => return Ok(()),
                 Ok(Err(err)) => err,
                 Err(_) => etcd_client::Error::Internal("no answer within the connect timeout".into()),
             };
@@ -236,7 +253,7 @@ impl ClusterStore {
                     detail.push_str(&format!("; {endpoint}: {why}"));
                 }
                 return Err(ClusterError::Unreachable {
-                    endpoints,
+                    endpoints: settings.endpoints.join(", "),
                     after: timeouts.connect,
                     problem: diagnose(&detail, settings.tls.as_ref().map(|tls| tls.identity.is_some())),
                     detail,
@@ -245,6 +262,11 @@ impl ClusterStore {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// The same client with other timeouts (its counters and audit ids shared).
+    pub fn with_timeouts(&self, timeouts: Timeouts) -> Self {
+        Self { timeouts, ..self.clone() }
     }
 
     pub fn layout(&self) -> &KeyLayout {
@@ -500,7 +522,8 @@ impl ClusterStore {
                     create_revision: kv.create_revision(),
                     lease: kv.lease(),
                 });
-                conflicts.push(Conflict { key, expected, current });
+                let read_at = response.header().map_or(0, |h| h.revision());
+                conflicts.push(Conflict { key, expected, current, read_at });
             }
         }
         Err(ClusterError::Conflict(conflicts))
@@ -589,7 +612,8 @@ impl ClusterStore {
     }
 
     /// Typed changes under the prefix with a revision above `after_revision` (a snapshot's
-    /// revision): see [`StateWatch`].
+    /// revision): see [`StateWatch`]. With `after_revision` 0 the watch first relists (a
+    /// [`super::WatchEvent::Resync`]) once etcd answers, then follows from there.
     pub fn watch(&self, after_revision: i64) -> StateWatch {
         StateWatch::start(self.clone(), after_revision)
     }

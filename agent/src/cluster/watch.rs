@@ -76,7 +76,8 @@ impl Drop for StateWatch {
 async fn run(store: ClusterStore, last_revision: Arc<AtomicI64>, events: mpsc::Sender<WatchEvent>) {
     let root = store.layout().root().to_string();
     let mut delay = RETRY_FIRST;
-    let mut disconnected = false;
+    // Nothing known yet (0): relist before watching rather than replay the whole history.
+    let mut disconnected = last_revision.load(Ordering::Acquire) <= 0;
     let mut first = true;
     loop {
         if !first {
@@ -90,7 +91,8 @@ async fn run(store: ClusterStore, last_revision: Arc<AtomicI64>, events: mpsc::S
             // a compacted revision is created first and canceled only later, which would
             // announce a resumption that is not one. (etcd 3.4 answers a progress request at
             // once with its current revision, synced or not: no help here.)
-            match store.history_kept_since(after).await {
+            let kept = if after <= 0 { Ok(false) } else { store.history_kept_since(after).await };
+            match kept {
                 Ok(true) => {}
                 Ok(false) => match store.load_all().await {
                     Ok(snapshot) => {
@@ -105,7 +107,7 @@ async fn run(store: ClusterStore, last_revision: Arc<AtomicI64>, events: mpsc::S
                         continue;
                     }
                     Err(err) => {
-                        log::warn!("etcd watch: relisting after a compaction: {err}");
+                        log::warn!("etcd watch: relisting the state: {err}");
                         continue;
                     }
                 },

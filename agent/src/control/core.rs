@@ -1,7 +1,7 @@
 //! The state the core owns and how each command changes it. Runs only on the core's thread.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::SocketAddr,
     path::PathBuf,
     sync::Arc,
@@ -9,18 +9,23 @@ use std::{
 
 use agent_common::{ppm_to_percent, MAX_SERVICES};
 use serde_json::json;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::{
     now_ms,
-    store::{AuditSource, Commit, Expect, Key, RemoteChange, Snapshot, Store, Value, Versioned, Write},
-    Command, ControlError, Faults, FollowUp, GateInput, GateWork, Origin, RolloutAction, ServiceMetrics, WeightChange,
+    store::{
+        AuditSource, Commit, Current, Expect, Key, RemoteChange, Revision, Snapshot, Store, StoreError, Value,
+        Versioned, Write,
+    },
+    Command, ControlError, Faults, FollowUp, GateInput, GateWork, KubernetesMetrics, Origin, Progress, RolloutAction,
+    ServiceMetrics, Start, WeightChange,
 };
 use crate::{
     api::types::{DatapathStatus, RolloutView, ServiceBody, ServiceState, Sides},
     audit::AuditEntry,
     config::{validate_percent, validate_service, validate_services, InvalidField, Role, ServiceConfig, ServiceSpec},
     datapath::{Datapath, DatapathError},
+    discovery::{Discovered, Discovery, DiscoveryStatus},
     rollout::{Effect, GateDue, Plan, Rollout, RolloutState, Snapshot as Counters},
     state::{merged_with_file, reconcile},
 };
@@ -38,6 +43,8 @@ struct Change {
     /// Services whose steered canary connections are terminated once the change (weight 0) is
     /// in effect.
     terminate_canary: Vec<String>,
+    /// A rollout's clock: see [`Commit::leader_only`].
+    leader_only: bool,
 }
 
 impl Change {
@@ -54,22 +61,66 @@ enum DatapathOp {
     Remove,
 }
 
+/// How many times a command is tried again after a conflict with a change made elsewhere
+/// (cluster mode), each time on the current values the conflict brought back, at once: any pause
+/// would only let the other writer's next change in first. Against a writer changing the key
+/// flat out a try can lose again (its compare is judged when etcd commits it), so a 409 needs
+/// 16 losses in a row.
+const CONFLICT_RETRIES: u32 = 16;
+
 pub(super) struct Core<S: Store> {
     datapath: Datapath,
     store: S,
     /// What the datapath holds, with the store revision each key was committed at (0: not in
-    /// the store yet).
+    /// the store yet). `state.revision`: every change of the store up to it is applied (for a
+    /// shared store, this node's own commits above it are applied too, at their keys'
+    /// revisions, but changes made elsewhere in between may still be on their way).
     state: Snapshot,
     cgroup_root: Option<PathBuf>,
     follow_ups: mpsc::UnboundedSender<FollowUp>,
     faults: Faults,
     /// The last error of the rollout clock's commits, logged once until it changes.
     tick_error: Option<String>,
+    /// Whether other nodes write the store too ([`Store::shared`]).
+    shared: bool,
+    /// Keys this node deleted (or learned were deleted) at a revision the store's change stream
+    /// has not reached yet: an older change to them arriving later must not bring them back.
+    tombstones: BTreeMap<Key, Revision>,
+    /// Keys whose value in the store this node's datapath refused, with why: the node keeps
+    /// their previous state and reports itself unhealthy until they apply.
+    refused: BTreeMap<Key, String>,
+    /// This node's last commit.
+    committed: Revision,
+    progress: watch::Sender<Progress>,
+    /// Kubernetes services' discovered addresses: facts of this node, overlaid on their services
+    /// on the way to the datapath, never in `state` nor in the store (see `discovery`).
+    discovery: Discovery,
+}
+
+/// Runs a change, and after a conflict with a change made elsewhere adopts the current values
+/// the store read back and runs it again (the command's intent, judged on the new state: a
+/// weight set by another node in between is replaced, a rollout started in between refuses a
+/// manual weight). Gives up with the conflict (409) after [`CONFLICT_RETRIES`].
+macro_rules! retrying {
+    ($core:ident, $change:expr) => {{
+        let mut attempt = 0;
+        loop {
+            match $change {
+                Err(ControlError::Store(StoreError::Conflict { current, .. }))
+                    if attempt < CONFLICT_RETRIES && !current.is_empty() =>
+                {
+                    attempt += 1;
+                    $core.adopt(current).await;
+                }
+                result => break result,
+            }
+        }
+    }};
 }
 
 /// A rollout read back from the store is checked before it is ticked: the state machine trusts
 /// its own invariants (a step index within the plan).
-fn check_rollout(rollout: &Rollout) -> Result<(), String> {
+pub fn check_rollout(rollout: &Rollout) -> Result<(), String> {
     rollout.plan.validate().map_err(|err| err.to_string())?;
     if rollout.step >= rollout.plan.steps.len() {
         return Err(format!("step {} of a plan of {} steps", rollout.step, rollout.plan.steps.len()));
@@ -77,8 +128,33 @@ fn check_rollout(rollout: &Rollout) -> Result<(), String> {
     if !rollout.percent.is_finite() || !(0.0..=100.0).contains(&rollout.percent) {
         return Err(format!("weight {} %", rollout.percent));
     }
+    // The baselines are kernel counters. No kernel counter gets near 2^53 (285 years at a
+    // million connections a second); a larger one was not written by an agent, and the gates'
+    // arithmetic on it would overflow.
+    for (name, snapshot) in
+        [("window", &rollout.window_baseline), ("rollout", &rollout.rollout_baseline), ("step", &rollout.step_baseline)]
+    {
+        for side in [&snapshot.stable, &snapshot.canary] {
+            let counters = [
+                side.connections,
+                side.datagrams,
+                side.established,
+                side.failed_attempts,
+                side.abandoned_attempts,
+                side.resets,
+                side.srtt_sum_us,
+                side.srtt_samples,
+            ];
+            if counters.iter().any(|c| *c > MAX_PLAUSIBLE_COUNTER) {
+                return Err(format!("the {name} baseline holds a counter above 2^53"));
+            }
+        }
+    }
     Ok(())
 }
+
+/// Largest counter value a stored rollout may hold (see [`check_rollout`]).
+const MAX_PLAUSIBLE_COUNTER: u64 = 1 << 53;
 
 /// What notifications and webhook checks get: the event, where the rollout is, and every gate's
 /// reading (the kernel's of the last judgement, the last judgement's one verdict with the metric
@@ -105,33 +181,40 @@ fn role_name(role: Role) -> String {
 
 impl<S: Store> Core<S> {
     /// Restores the stored state, reconciles it with the config file's services and makes the
-    /// datapath hold the result.
-    pub(super) async fn start(
-        datapath: Datapath,
-        mut store: S,
-        file_specs: &[ServiceSpec],
-        cgroup_root: Option<PathBuf>,
-        follow_ups: mpsc::UnboundedSender<FollowUp>,
-        faults: Faults,
-    ) -> Result<Self, ControlError> {
+    /// datapath hold the result. A shared store's state is only followed: what does not fit
+    /// this node is left out of its datapath (and reported), never written back.
+    pub(super) async fn start(start: Start<S>, progress: watch::Sender<Progress>) -> Result<Self, ControlError> {
+        let Start { datapath, mut store, file_services, cgroup_root, follow_ups, faults, mut discovery } = start;
+        let file_specs = &file_services;
         let loaded = store.load().await?;
         for note in &loaded.recovered {
             log::error!("{note}");
         }
         let stored = loaded.snapshot;
+        let shared = store.shared();
         let file: BTreeMap<String, ServiceConfig> =
             file_specs.iter().map(|s| (s.name.clone(), s.source.clone())).collect();
         let current: BTreeMap<String, ServiceConfig> =
             stored.services.iter().map(|(name, v)| (name.clone(), v.value.clone())).collect();
-        let merged = merged_with_file(&current, &stored.file_services, &file);
+        let merged = if shared { current.clone() } else { merged_with_file(&current, &stored.file_services, &file) };
         let root = cgroup_root.clone();
-        let (services, specs, dropped) = reconcile(&merged, &file, |s| validate_service(s, "", root.as_deref()));
+        let (services, mut specs, dropped) = reconcile(&merged, &file, |s| validate_service(s, "", root.as_deref()));
+        let mut refused = BTreeMap::new();
         for dropped in &dropped {
-            log::error!(
-                "stored service {:?} dropped at start, the rest of the stored state is kept: {}",
-                dropped.service,
-                dropped.reason
-            );
+            if shared {
+                log::error!(
+                    "service {:?} from the cluster's state is not applied on this node: {}",
+                    dropped.service,
+                    dropped.reason
+                );
+                refused.insert(Key::Service(dropped.service.clone()), dropped.reason.clone());
+            } else {
+                log::error!(
+                    "stored service {:?} dropped at start, the rest of the stored state is kept: {}",
+                    dropped.service,
+                    dropped.reason
+                );
+            }
         }
         let mut change = Change::default();
         for name in stored.services.keys().chain(services.keys()) {
@@ -148,29 +231,71 @@ impl<S: Store> Core<S> {
             } else {
                 continue;
             };
-            log::error!("stored rollout of {name:?} dropped at start: {problem}");
+            if shared {
+                log::error!("the cluster's rollout of {name:?} is not applied on this node: {problem}");
+                refused.insert(Key::Rollout(name.clone()), problem);
+            } else {
+                log::error!("stored rollout of {name:?} dropped at start: {problem}");
+            }
             change.rollouts.insert(name.clone(), None);
         }
-        if stored.file_services != file {
+        if !shared && stored.file_services != file {
             change.file_services = Some(file);
         }
 
-        let mut core = Self { datapath, store, state: stored, cgroup_root, follow_ups, faults, tick_error: None };
-        // Only the store is written here: the datapath is filled whole below.
-        match core.commit_to_store(&change).await {
-            Ok(revision) => core.take_into_state(change, revision),
-            Err(err) => {
-                // Fail static: the datapath still gets the reconciled state; the store keeps the
-                // old one (and its revisions, so later commits compare against what it holds).
-                log::error!("recording the reconciled state at start: {err}");
-                core.take_into_state(change, 0);
+        // Kubernetes services start with the addresses cached by the previous run (fail static
+        // while the API server is away); hand-written frontends win over discovered ones.
+        discovery.publish_wanted(services.values());
+        let mut claimed: HashSet<SocketAddr> =
+            specs.iter().filter(|s| s.source.kubernetes.is_none()).flat_map(|s| s.frontends.iter().copied()).collect();
+        for spec in specs.iter_mut().filter(|s| s.source.kubernetes.is_some()) {
+            discovery.overlay(spec, |f| claimed.contains(f));
+            claimed.extend(spec.frontends.iter().copied());
+        }
+        let mut core = Self {
+            datapath,
+            store,
+            state: stored,
+            cgroup_root,
+            follow_ups,
+            faults,
+            tick_error: None,
+            shared,
+            tombstones: BTreeMap::new(),
+            refused,
+            committed: 0,
+            progress,
+            discovery,
+        };
+        if shared {
+            // Left out of this node's state, which is what its datapath holds; the store keeps
+            // them for the nodes that can apply them.
+            let revision = core.state.revision;
+            for (name, value) in change.services {
+                if value.is_none() {
+                    core.state.services.remove(&name);
+                }
+            }
+            for name in change.rollouts.keys() {
+                core.state.rollouts.remove(name);
+            }
+            core.state.revision = revision;
+        } else {
+            // Only the store is written here: the datapath is filled whole below.
+            match core.commit_to_store(&change).await {
+                Ok(revision) => core.take_into_state(change, revision),
+                Err(err) => {
+                    // Fail static: the datapath still gets the reconciled state; the store keeps
+                    // the old one (and its revisions, so later commits compare against what it
+                    // holds).
+                    log::error!("recording the reconciled state at start: {err}");
+                    core.take_into_state(change, 0);
+                }
             }
         }
         // The whole set: what an earlier run pinned and no service wants any more goes too.
         core.datapath.sync(&specs)?;
-        if let Err(err) = core.store.applied(&core.state).await {
-            log::warn!("recording the applied state: {err}");
-        }
+        core.record_applied().await;
         Ok(core)
     }
 
@@ -209,19 +334,19 @@ impl<S: Store> Core<S> {
                 let _ = reply.send(self.metrics());
             }
             Command::SetWeight { name, change, origin, reply } => {
-                let _ = reply.send(self.set_weight(&name, change, &origin).await);
+                let _ = reply.send(retrying!(self, self.set_weight(&name, change, &origin).await));
             }
             Command::PutService { name, body, origin, reply } => {
-                let _ = reply.send(self.put_service(name, body, &origin).await);
+                let _ = reply.send(retrying!(self, self.put_service(name.clone(), body.clone(), &origin).await));
             }
             Command::DeleteService { name, origin, reply } => {
-                let _ = reply.send(self.delete_service(&name, &origin).await);
+                let _ = reply.send(retrying!(self, self.delete_service(&name, &origin).await));
             }
             Command::StartRollout { name, plan, origin, reply } => {
-                let _ = reply.send(self.start_rollout(&name, plan, &origin).await);
+                let _ = reply.send(retrying!(self, self.start_rollout(&name, plan.clone(), &origin).await));
             }
             Command::RolloutAction { name, action, origin, reply } => {
-                let _ = reply.send(self.rollout_action(&name, action, &origin).await);
+                let _ = reply.send(retrying!(self, self.rollout_action(&name, action, &origin).await));
             }
             Command::SetDatapathLog { level, reply } => {
                 let _ = reply.send(self.datapath.set_log(level).map_err(ControlError::Datapath));
@@ -236,6 +361,12 @@ impl<S: Store> Core<S> {
             Command::GateInput { name, window, input } => self.gate_input(&name, window, input).await,
             Command::ReapRetired => self.datapath.reap_retired(),
             Command::NoteTerminated { name, count } => self.note_terminated(&name, count).await,
+            Command::AuditRefusal { entry } => {
+                if let Err(err) = self.store.audit_refusal(*entry).await {
+                    log::warn!("recording a refused API request in the audit log: {err}");
+                }
+            }
+            Command::SetDiscovered { name, discovered } => self.set_discovered(&name, *discovered),
         }
     }
 
@@ -279,8 +410,29 @@ impl<S: Store> Core<S> {
             canary: text(&view.spec.canary),
             cohorts: config.cohorts.clone(),
             revision: view.revision,
+            kubernetes: self.kubernetes_status(config, &view.spec),
             sides: Sides { stable: (&counters.stable).into(), canary: (&counters.canary).into() },
+            stale: None,
+            as_of_revision: None,
         })
+    }
+
+    /// A Kubernetes service's discovery status (`None` for others), saying which discovered
+    /// frontends it does not steer and who has them.
+    fn kubernetes_status(&self, config: &ServiceConfig, installed: &ServiceSpec) -> Option<DiscoveryStatus> {
+        let missing: Vec<String> = self
+            .discovery
+            .frontends(config)
+            .into_iter()
+            .filter(|f| !installed.frontends.contains(f))
+            .map(|f| match self.datapath.frontend_owner(&f) {
+                Some(owner) => format!("{f} (service {owner:?} has it)"),
+                None => f.to_string(),
+            })
+            .collect();
+        let note =
+            (!missing.is_empty()).then(|| format!("frontend {} not steered by this service", missing.join(", ")));
+        self.discovery.status(config, note)
     }
 
     /// Counters of both sides now.
@@ -323,6 +475,8 @@ impl<S: Store> Core<S> {
             plan: rollout.plan.clone(),
             history: rollout.history.iter().cloned().collect(),
             history_dropped: rollout.history_dropped,
+            stale: None,
+            as_of_revision: None,
         })
     }
 
@@ -331,7 +485,16 @@ impl<S: Store> Core<S> {
         for name in self.datapath.service_names() {
             let Some(view) = self.datapath.service(&name) else { continue };
             let counters = self.datapath.counters(&name)?;
-            out.push(ServiceMetrics { name, canary_percent: ppm_to_percent(view.spec.canary_ppm), counters });
+            let kubernetes = self
+                .discovery
+                .is_stale(&name)
+                .map(|stale| KubernetesMetrics { stale, changes_applied: self.discovery.changes_applied(&name) });
+            out.push(ServiceMetrics {
+                name,
+                canary_percent: ppm_to_percent(view.spec.canary_ppm),
+                counters,
+                kubernetes,
+            });
         }
         Ok(out)
     }
@@ -490,6 +653,11 @@ impl<S: Store> Core<S> {
     /// The config file now says `file`: merge by the rules in `state`, validate, commit, apply.
     async fn reload_file(&mut self, file: Vec<ServiceConfig>) -> Result<usize, ControlError> {
         let count = file.len();
+        if self.shared {
+            // Cluster mode reads no services from the file (the config refuses them): the
+            // cluster's state is never changed by one node's file.
+            return Ok(0);
+        }
         let file: BTreeMap<String, ServiceConfig> = file.into_iter().map(|s| (s.name.clone(), s)).collect();
         let current: BTreeMap<String, ServiceConfig> =
             self.state.services.iter().map(|(name, v)| (name.clone(), v.value.clone())).collect();
@@ -514,8 +682,12 @@ impl<S: Store> Core<S> {
 
     /// Advances every running rollout's clock; all the rollouts that moved are one commit.
     async fn tick_rollouts(&mut self) {
+        // Cluster mode: one node drives the rollouts; the others follow its commits.
+        if !self.store.leads() {
+            return;
+        }
         let now = now_ms();
-        let mut change = Change::default();
+        let mut change = Change { leader_only: true, ..Change::default() };
         let running: Vec<String> = self
             .state
             .rollouts
@@ -558,6 +730,10 @@ impl<S: Store> Core<S> {
     /// What the driver must read for the running rollouts' metric gates and webhook checks.
     fn gate_work(&self) -> Vec<GateWork> {
         let mut work = Vec::new();
+        // Cluster mode: only the node driving the rollouts reads their gates.
+        if !self.store.leads() {
+            return work;
+        }
         for (name, rollout) in &self.state.rollouts {
             let rollout = &rollout.value;
             let (Some(due), Some(gates)) = (rollout.gate_due(), rollout.plan.gates.judged()) else { continue };
@@ -584,7 +760,7 @@ impl<S: Store> Core<S> {
     /// Readings the driver took for `name`'s rollout at `window`: the rollout judges them.
     async fn gate_input(&mut self, name: &str, window: u64, input: GateInput) {
         let now = now_ms();
-        let mut change = Change::default();
+        let mut change = Change { leader_only: true, ..Change::default() };
         self.advance_rollout(name, &mut change, |rollout, counters| match input {
             GateInput::Poll(readings) => rollout.observe_metrics(now, counters, window, &readings),
             GateInput::Judge { metrics, checks } => rollout.conclude(now, counters, window, &metrics, checks),
@@ -659,17 +835,38 @@ impl<S: Store> Core<S> {
     // --- commit and apply ----------------------------------------------------------------
 
     /// Validates `change`, commits it to the store, applies it to the datapath (undoing both if
-    /// the datapath refuses), and sends its follow-ups. On error nothing has changed.
+    /// the datapath refuses, see the `store` module docs for a shared store), and sends its
+    /// follow-ups. On error nothing has changed (but see [`ControlError::NotAppliedHere`]).
     async fn commit(&mut self, mut change: Change) -> Result<(), ControlError> {
         if change.is_empty() {
             return Ok(());
         }
         let ops = self.plan_datapath(&change.services)?;
         let revision = self.commit_to_store(&change).await?;
+        self.committed = revision;
         change.audit = None;
+        let frontends_moved = moves_frontends(&ops);
         if let Err(err) = self.apply_datapath(ops) {
-            self.revert_store(&change, revision).await;
-            return Err(ControlError::Datapath(err));
+            if !self.shared {
+                self.revert_store(&change, revision).await;
+                return Err(ControlError::Datapath(err));
+            }
+            // Committed for the whole cluster: other nodes may have applied it already, so it
+            // stays; this node keeps what it had for these keys and says so.
+            let error = err.to_string();
+            let keys: Vec<Key> = change
+                .services
+                .keys()
+                .map(|name| Key::Service(name.clone()))
+                .chain(change.rollouts.keys().map(|name| Key::Rollout(name.clone())))
+                .collect();
+            for key in keys {
+                self.note_revision(&key, revision);
+                self.refused.insert(key, error.clone());
+            }
+            log::error!("a committed change (revision {revision}) is not applied on this node: {error}");
+            self.record_applied().await;
+            return Err(ControlError::NotAppliedHere { revision, error });
         }
         let mut follow_ups = std::mem::take(&mut change.follow_ups);
         // The weight is 0 in the datapath now, so no new connection goes to the canary. The
@@ -682,14 +879,59 @@ impl<S: Store> Core<S> {
                 Err(err) => log::error!("service {service}: closing canary connections: {err}"),
             }
         }
-        self.take_into_state(change, revision);
-        if let Err(err) = self.store.applied(&self.state).await {
-            log::warn!("recording the applied state: {err}");
+        for name in change.services.keys() {
+            self.refused.remove(&Key::Service(name.clone()));
         }
+        for name in change.rollouts.keys() {
+            self.refused.remove(&Key::Rollout(name.clone()));
+        }
+        self.take_into_state(change, revision);
+        if frontends_moved {
+            self.reclaim_discovered_frontends();
+        }
+        self.record_applied().await;
         for follow_up in follow_ups {
             let _ = self.follow_ups.send(follow_up);
         }
         Ok(())
+    }
+
+    /// Tells the store what the datapath now holds (and what it refused), and publishes the
+    /// core's progress.
+    async fn record_applied(&mut self) {
+        let problems: Vec<String> = self.refused.iter().map(|(key, why)| format!("{key} not applied: {why}")).collect();
+        if let Err(err) = self.store.applied(&self.state, &problems).await {
+            log::warn!("recording the applied state: {err}");
+        }
+        let applied = self.state.revision;
+        let committed = self.committed.max(if self.shared { 0 } else { applied });
+        self.progress.send_replace(Progress { committed, applied });
+    }
+
+    /// The store holds `key` at `revision` now, whatever this node's datapath holds for it: a
+    /// later commit compares on this revision, and older changes to the key are ignored.
+    fn note_revision(&mut self, key: &Key, revision: Revision) {
+        let found = match key {
+            Key::Service(name) => self.state.services.get_mut(name).map(|v| &mut v.revision),
+            Key::Rollout(name) => self.state.rollouts.get_mut(name).map(|v| &mut v.revision),
+        };
+        match found {
+            Some(known) => *known = revision,
+            None => {
+                if self.shared {
+                    self.tombstones.insert(key.clone(), revision);
+                }
+            }
+        }
+    }
+
+    /// The revision this node knows `key` at: its value's, or the deletion's.
+    fn known_revision(&self, key: &Key) -> Revision {
+        let present = match key {
+            Key::Service(name) => self.state.services.get(name).map(|v| v.revision),
+            Key::Rollout(name) => self.state.rollouts.get(name).map(|v| v.revision),
+        };
+        present.or_else(|| self.tombstones.get(key).copied()).unwrap_or(0)
     }
 
     /// Writes `change` to the store, compared on the revisions the core holds.
@@ -712,7 +954,12 @@ impl<S: Store> Core<S> {
                 value: Value::Rollout(value.clone().map(Box::new)),
             });
         }
-        let commit = Commit { writes, file_services: change.file_services.clone(), audit: change.audit.clone() };
+        let commit = Commit {
+            writes,
+            file_services: change.file_services.clone(),
+            audit: change.audit.clone(),
+            leader_only: change.leader_only,
+        };
         Ok(self.store.commit(commit).await?)
     }
 
@@ -736,7 +983,7 @@ impl<S: Store> Core<S> {
             });
         }
         let file_services = change.file_services.as_ref().map(|_| self.state.file_services.clone());
-        let revert = Commit { writes, file_services, audit: None };
+        let revert = Commit { writes, file_services, audit: None, leader_only: false };
         match self.store.commit(revert).await {
             Ok(reverted) => {
                 // The store holds the old values again, at a new revision.
@@ -758,9 +1005,14 @@ impl<S: Store> Core<S> {
         }
     }
 
-    /// Makes a committed change the core's state.
+    /// Makes a committed change the core's state. `revision` 0: the store did not take it (the
+    /// keys keep their revisions).
     fn take_into_state(&mut self, change: Change, revision: u64) {
         let keep = |old: Option<u64>| if revision == 0 { old.unwrap_or(0) } else { revision };
+        let kubernetes_changed = change.services.iter().any(|(name, new)| {
+            self.state.services.get(name).and_then(|v| v.value.kubernetes.as_ref())
+                != new.as_ref().and_then(|s| s.kubernetes.as_ref())
+        });
         for (name, value) in change.services {
             match value {
                 Some(value) => {
@@ -769,6 +1021,9 @@ impl<S: Store> Core<S> {
                 }
                 None => {
                     self.state.services.remove(&name);
+                    if self.shared {
+                        self.tombstones.insert(Key::Service(name), revision);
+                    }
                 }
             }
         }
@@ -780,20 +1035,33 @@ impl<S: Store> Core<S> {
                 }
                 None => {
                     self.state.rollouts.remove(&name);
+                    if self.shared {
+                        self.tombstones.insert(Key::Rollout(name), revision);
+                    }
                 }
             }
         }
         if let Some(file_services) = change.file_services {
             self.state.file_services = file_services;
         }
-        if revision > 0 {
-            self.state.revision = revision;
+        // A shared store's revision moves with its change stream: changes made elsewhere below
+        // this commit's revision may not have arrived yet.
+        if revision > 0 && !self.shared {
+            self.state.revision = self.state.revision.max(revision);
+        }
+        if kubernetes_changed {
+            self.discovery.publish_wanted(self.state.services.values().map(|v| &v.value));
         }
     }
 
     /// Validates the changed services against each other and the rest, and says what the
     /// datapath must do for each. Only changed services are validated: a weight change costs no
     /// more with 65,536 services than with one.
+    ///
+    /// A Kubernetes service gets the addresses discovery last gave it, after the hand-written
+    /// services have claimed their frontends: a discovered frontend another service has is left
+    /// out (its status says so), and a hand-written frontend takes the place of a discovered one
+    /// (that service is replaced without it first, before the frontend changes hands).
     fn plan_datapath(
         &self,
         services: &BTreeMap<String, Option<ServiceConfig>>,
@@ -810,6 +1078,8 @@ impl<S: Store> Core<S> {
         }
         let mut ops = Vec::new();
         let mut claimed: HashMap<SocketAddr, &str> = HashMap::new();
+        let mut discovered: Vec<(&str, ServiceSpec)> = Vec::new();
+        let mut displaced: BTreeSet<&str> = BTreeSet::new();
         for (name, new) in services {
             let old = self.state.services.get(name).map(|v| &v.value);
             match (old, new) {
@@ -830,12 +1100,25 @@ impl<S: Store> Core<S> {
                         );
                     }
                     let spec = validate_service(new, "", self.cgroup_root.as_deref())?;
+                    if new.kubernetes.is_some() {
+                        discovered.push((name, spec));
+                        continue;
+                    }
                     for frontend in &spec.frontends {
                         let owner = claimed.get(frontend).copied().or_else(|| {
                             self.datapath.frontend_owner(frontend).filter(|owner| !services.contains_key(*owner))
                         });
-                        if let Some(owner) = owner.filter(|owner| *owner != name) {
-                            return Err(ControlError::FrontendInUse { frontend: *frontend, owner: owner.to_string() });
+                        match owner.filter(|owner| *owner != name) {
+                            Some(owner) if self.is_kubernetes(owner) => {
+                                displaced.insert(owner);
+                            }
+                            Some(owner) => {
+                                return Err(ControlError::FrontendInUse {
+                                    frontend: *frontend,
+                                    owner: owner.to_string(),
+                                })
+                            }
+                            None => {}
                         }
                         claimed.insert(*frontend, name);
                     }
@@ -843,7 +1126,38 @@ impl<S: Store> Core<S> {
                 }
             }
         }
-        Ok(ops)
+        let taken = |claimed: &HashMap<SocketAddr, &str>, name: &str, frontend: &SocketAddr| match claimed.get(frontend)
+        {
+            Some(owner) => *owner != name,
+            None => self
+                .datapath
+                .frontend_owner(frontend)
+                .is_some_and(|owner| owner != name && !services.contains_key(owner)),
+        };
+        // Kubernetes services that give a frontend up are replaced without it in the same
+        // whole-set update (the frontend is overwritten with its new owner's value, never
+        // deleted in between).
+        let mut releases = Vec::new();
+        for name in displaced {
+            let Some(config) = self.state.services.get(name).map(|v| &v.value) else { continue };
+            let mut spec = validate_service(config, "", self.cgroup_root.as_deref())?;
+            self.discovery.overlay(&mut spec, |f| taken(&claimed, name, f));
+            releases.push((name.to_string(), DatapathOp::Replace(Box::new(spec))));
+        }
+        for (name, mut spec) in discovered {
+            self.discovery.overlay(&mut spec, |f| taken(&claimed, name, f));
+            for frontend in &spec.frontends {
+                claimed.insert(*frontend, name);
+            }
+            ops.push((name.to_string(), DatapathOp::Replace(Box::new(spec))));
+        }
+        releases.extend(ops);
+        Ok(releases)
+    }
+
+    /// Whether service `name` has a `kubernetes` table.
+    fn is_kubernetes(&self, name: &str) -> bool {
+        self.state.services.get(name).is_some_and(|v| v.value.kubernetes.is_some())
     }
 
     /// Applies `ops`: the services added, replaced or removed as one whole-set update of the
@@ -893,65 +1207,198 @@ impl<S: Store> Core<S> {
         Ok(())
     }
 
-    /// A change made elsewhere (cluster mode): applied to the datapath without committing it
-    /// again. A value that does not validate is skipped with an error naming its key, and the
-    /// service keeps its last valid state.
+    /// Changes made elsewhere (cluster mode), in the store's order: applied to the datapath
+    /// without committing them again. A change older than what this node knows of its key (its
+    /// own commit, echoed back by the change stream) is ignored. A value this node cannot apply
+    /// (it does not validate here, or the datapath refuses it) is skipped with an error naming
+    /// its key: the service keeps its last state on this node, which reports itself unhealthy.
     pub(super) async fn apply_remote(&mut self, change: RemoteChange) {
         let (revision, writes) = match change {
-            RemoteChange::Changed { revision, writes } => (revision, writes),
-            RemoteChange::Resync(snapshot) => {
-                let mut writes = Vec::new();
-                for name in self.state.services.keys().chain(snapshot.services.keys()) {
-                    let wanted = snapshot.services.get(name).map(|v| v.value.clone());
-                    if self.state.services.get(name).map(|v| &v.value) != wanted.as_ref() {
-                        writes.push((Key::Service(name.clone()), Value::Service(wanted)));
-                    }
-                }
-                for name in self.state.rollouts.keys().chain(snapshot.rollouts.keys()) {
-                    let wanted = snapshot.rollouts.get(name).map(|v| Box::new(v.value.clone()));
-                    if self.state.rollouts.get(name).map(|v| &v.value) != wanted.as_deref() {
-                        writes.push((Key::Rollout(name.clone()), Value::Rollout(wanted)));
-                    }
-                }
-                (snapshot.revision, writes)
+            RemoteChange::Changed { revision, writes } => {
+                (revision, writes.into_iter().map(|(key, value)| (key, revision, value)).collect())
             }
+            RemoteChange::Resync(snapshot) => (snapshot.revision, self.resync_writes(&snapshot)),
         };
-        let mut change = Change::default();
-        for (key, value) in writes {
-            match (key, value) {
-                (Key::Service(name), Value::Service(value)) => {
+        let mut failed = Vec::new();
+        for (key, at, value) in writes {
+            if self.known_revision(&key) >= at && !self.refused.contains_key(&key) {
+                continue;
+            }
+            if let Err(error) = self.apply_remote_write(&key, at, value.clone()) {
+                failed.push((key, at, value, error));
+            }
+        }
+        // Once more for what failed: a frontend moved from one service to another is free only
+        // after the other's change.
+        for (key, at, value, first_error) in failed {
+            if let Err(error) = self.apply_remote_write(&key, at, value) {
+                let error = if error == first_error { error } else { format!("{error} (first: {first_error})") };
+                log::error!(
+                    "skipping {key} at revision {at} from the cluster, this node keeps its last state: {error}"
+                );
+                self.note_revision(&key, at);
+                self.refused.insert(key, error);
+            }
+        }
+        self.state.revision = self.state.revision.max(revision);
+        let reached = self.state.revision;
+        self.tombstones.retain(|_, deleted_at| *deleted_at > reached);
+        self.record_applied().await;
+    }
+
+    /// What differs between a relisted state and this node's: by value, so that nothing is
+    /// removed and added back, and only where the relist is newer than what this node knows.
+    fn resync_writes(&self, snapshot: &Snapshot) -> Vec<(Key, Revision, Value)> {
+        let mut writes = Vec::new();
+        for name in self.state.services.keys().chain(snapshot.services.keys()) {
+            let key = Key::Service(name.clone());
+            let wanted = snapshot.services.get(name);
+            let at = wanted.map_or(snapshot.revision, |v| v.revision);
+            let differs = self.state.services.get(name).map(|v| &v.value) != wanted.map(|v| &v.value);
+            if differs || self.refused.contains_key(&key) || self.known_revision(&key) < at {
+                writes.push((key, at, Value::Service(wanted.map(|v| v.value.clone()))));
+            }
+        }
+        for name in self.state.rollouts.keys().chain(snapshot.rollouts.keys()) {
+            let key = Key::Rollout(name.clone());
+            let wanted = snapshot.rollouts.get(name);
+            let at = wanted.map_or(snapshot.revision, |v| v.revision);
+            let differs = self.state.rollouts.get(name).map(|v| &v.value) != wanted.map(|v| &v.value);
+            if differs || self.refused.contains_key(&key) || self.known_revision(&key) < at {
+                writes.push((key, at, Value::Rollout(wanted.map(|v| Box::new(v.value.clone())))));
+            }
+        }
+        writes.sort_by(|a, b| a.0.cmp(&b.0));
+        writes.dedup_by(|a, b| a.0 == b.0);
+        writes
+    }
+
+    /// Makes this node hold `value` for `key`, as the store holds it at `revision`.
+    fn apply_remote_write(&mut self, key: &Key, revision: Revision, value: Value) -> Result<(), String> {
+        match (key, value) {
+            (Key::Service(name), Value::Service(value)) => {
+                let old = self.state.services.get(name).map(|v| &v.value);
+                let same = old == value.as_ref();
+                let kubernetes_changed =
+                    old.and_then(|s| s.kubernetes.as_ref()) != value.as_ref().and_then(|s| s.kubernetes.as_ref());
+                let mut frontends_moved = false;
+                if !same {
                     let single = BTreeMap::from([(name.clone(), value.clone())]);
-                    match self.plan_datapath(&single) {
-                        Ok(_) => {
-                            change.services.insert(name, value);
-                        }
-                        Err(err) => log::error!("skipping services/{name} from the store: {err}"),
+                    let ops = self.plan_datapath(&single).map_err(|err| err.to_string())?;
+                    frontends_moved = moves_frontends(&ops);
+                    self.apply_datapath(ops).map_err(|err| err.to_string())?;
+                }
+                match value {
+                    Some(value) => {
+                        self.state.services.insert(name.clone(), Versioned { revision, value });
+                    }
+                    None => {
+                        self.state.services.remove(name);
+                        self.tombstones.insert(key.clone(), revision);
                     }
                 }
-                (Key::Rollout(name), Value::Rollout(value)) => {
-                    if let Some(Err(problem)) = value.as_deref().map(check_rollout) {
-                        log::error!("skipping rollouts/{name} from the store: {problem}");
-                        continue;
-                    }
-                    change.rollouts.insert(name, value.map(|rollout| *rollout));
+                // Each node resolves a Kubernetes service's addresses itself, like kube-proxy:
+                // the reference came through the store, the watch for it starts here.
+                if kubernetes_changed {
+                    self.discovery.publish_wanted(self.state.services.values().map(|v| &v.value));
                 }
-                (key, value) => log::error!("skipping {key} from the store: it cannot hold {value:?}"),
+                if frontends_moved {
+                    self.reclaim_discovered_frontends();
+                }
+            }
+            (Key::Rollout(name), Value::Rollout(value)) => {
+                if let Some(problem) = value.as_deref().and_then(|rollout| check_rollout(rollout).err()) {
+                    return Err(problem);
+                }
+                if value.is_some() && !self.state.services.contains_key(name) {
+                    return Err(format!("the service {name:?} is not applied on this node"));
+                }
+                match value {
+                    Some(value) => {
+                        self.state.rollouts.insert(name.clone(), Versioned { revision, value: *value });
+                    }
+                    None => {
+                        self.state.rollouts.remove(name);
+                        self.tombstones.insert(key.clone(), revision);
+                    }
+                }
+            }
+            (key, value) => return Err(format!("{key} cannot hold {value:?}")),
+        }
+        self.refused.remove(key);
+        Ok(())
+    }
+
+    /// After a conflict: the store's current values of the conflicting keys become this node's
+    /// (an invalid one only moves the revision compared on; the key keeps its last valid value).
+    async fn adopt(&mut self, current: Vec<Current>) {
+        for Current { key, revision, value } in current {
+            if self.known_revision(&key) >= revision && !self.refused.contains_key(&key) {
+                continue;
+            }
+            match value {
+                Some(value) => {
+                    if let Err(error) = self.apply_remote_write(&key, revision, value) {
+                        log::error!("{key} at revision {revision} is not applied on this node: {error}");
+                        self.note_revision(&key, revision);
+                        self.refused.insert(key, error);
+                    }
+                }
+                None => self.note_revision(&key, revision),
             }
         }
-        let ops = match self.plan_datapath(&change.services) {
-            Ok(ops) => ops,
-            Err(err) => {
-                log::error!("changes from the store do not fit together, not applied: {err}");
-                return;
-            }
-        };
-        if let Err(err) = self.apply_datapath(ops) {
-            log::error!("applying changes from the store at revision {revision}: {err}");
-            return;
-        }
-        self.take_into_state(change, revision.max(1));
-        if let Err(err) = self.store.applied(&self.state).await {
-            log::warn!("recording the applied state: {err}");
+        self.record_applied().await;
+    }
+
+    // --- Kubernetes discovery ------------------------------------------------------------
+
+    /// What discovery found for `name`: recorded, and applied as one backend-set switch when
+    /// the service's addresses now differ from what the datapath holds. Nothing is committed.
+    fn set_discovered(&mut self, name: &str, discovered: Discovered) {
+        let Some(config) = self.state.services.get(name).map(|v| &v.value) else { return };
+        if self.discovery.record(config, discovered) {
+            self.install_discovered(name);
         }
     }
+
+    /// Makes the datapath hold Kubernetes service `name` with its discovered addresses, less
+    /// the frontends other services have.
+    fn install_discovered(&mut self, name: &str) {
+        let Some(config) = self.state.services.get(name).map(|v| &v.value) else { return };
+        let mut spec = match validate_service(config, "", self.cgroup_root.as_deref()) {
+            Ok(spec) => spec,
+            Err(err) => return log::error!("service {name}: {err}"),
+        };
+        let datapath = &self.datapath;
+        self.discovery.overlay(&mut spec, |f| datapath.frontend_owner(f).is_some_and(|owner| owner != name));
+        if self.datapath.service(name).is_some_and(|installed| installed.spec == spec) {
+            return; // a status change only
+        }
+        match self.datapath.update(BTreeMap::from([(name.to_string(), Some(spec))])) {
+            Ok(()) => self.discovery.note_applied(name, now_ms()),
+            Err(err) => log::error!("service {name}: applying discovered addresses: {err}"),
+        }
+    }
+
+    /// After frontends changed hands: Kubernetes services that were left without a discovered
+    /// frontend take it if it is free now.
+    fn reclaim_discovered_frontends(&mut self) {
+        let waiting: Vec<String> = self
+            .discovery
+            .names()
+            .into_iter()
+            .filter(|name| {
+                let Some(config) = self.state.services.get(name).map(|v| &v.value) else { return false };
+                self.discovery.frontends(config).iter().any(|f| self.datapath.frontend_owner(f) != Some(name.as_str()))
+            })
+            .collect();
+        for name in waiting {
+            self.install_discovered(&name);
+        }
+    }
+}
+
+/// Whether applying `ops` may free a frontend (anything but weight changes).
+fn moves_frontends(ops: &[(String, DatapathOp)]) -> bool {
+    ops.iter().any(|(_, op)| !matches!(op, DatapathOp::Weight(_)))
 }

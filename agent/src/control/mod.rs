@@ -2,11 +2,17 @@
 //!
 //! It runs on a thread of its own ([`spawn`]) and applies [`Command`]s one at a time, in the
 //! order they arrive, from every source: the API handlers, the config-file watcher, the rollout
-//! driver, the revision reaper and, in cluster mode, the store's change stream. Each command
+//! driver, the revision reaper, Kubernetes discovery and, in cluster mode, the store's change
+//! stream. Each command
 //! carries a reply channel; a handler awaits the reply and never blocks a runtime worker on the
 //! datapath's syscalls or the store's fsyncs. A change is validated whole, committed to the
 //! [`store::Store`] with its audit entry, then applied to the datapath (see `store` for the
 //! order and what happens on failure), and only then answered.
+//!
+//! Kubernetes discovery is the one source that is not desired state: the addresses it finds are
+//! facts of this node (each node watches for itself, like kube-proxy). The core keeps them in
+//! its [`Discovery`], overlays them on the services that have a `kubernetes` table whenever
+//! those reach the datapath, and never commits them to the store.
 
 mod core;
 pub mod store;
@@ -14,16 +20,18 @@ pub mod store;
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
+pub use self::core::check_rollout;
 use self::{
     core::Core,
-    store::{AuditSource, RemoteChange, Store, StoreError},
+    store::{AuditSource, RemoteChange, Revision, Store, StoreError},
 };
 use crate::{
     api::types::{DatapathStatus, RolloutView, ServiceBody, ServiceState},
     config::{InvalidField, Role, ServiceConfig, ServiceSpec},
     datapath::{Datapath, DatapathError, ServiceCounters, Termination},
+    discovery::{Discovered, Discovery},
     gates::{
         checks::{CheckResult, WebhookCheck},
         metric::{MetricGate, OnMissing, Reading},
@@ -95,6 +103,17 @@ pub struct ServiceMetrics {
     pub name: String,
     pub canary_percent: f64,
     pub counters: ServiceCounters,
+    /// Set for a Kubernetes service once discovery has reported on it.
+    pub kubernetes: Option<KubernetesMetrics>,
+}
+
+/// A Kubernetes service's discovery figures.
+#[derive(Debug, Clone, Copy)]
+pub struct KubernetesMetrics {
+    /// The API server does not answer: the service steers with the last state it gave.
+    pub stale: bool,
+    /// Backend-set switches discovery made since the agent started.
+    pub changes_applied: u64,
 }
 
 pub type Reply<T> = oneshot::Sender<Result<T, ControlError>>;
@@ -184,6 +203,17 @@ pub enum Command {
         name: String,
         count: usize,
     },
+    /// A request the API refused, for the audit log (see `api::guard`).
+    AuditRefusal {
+        entry: Box<crate::audit::AuditEntry>,
+    },
+    /// Kubernetes discovery's one way in: what it found for service `name` (sent only when it
+    /// changed). Applied as one backend-set switch when the service's addresses differ from
+    /// what the datapath holds; never committed to the store.
+    SetDiscovered {
+        name: String,
+        discovered: Box<Discovered>,
+    },
 }
 
 /// What the rollout driver must read for one running rollout: the plan's metric gates and
@@ -254,6 +284,14 @@ pub enum ControlError {
     /// The datapath refused the change; it and the store were put back as they were.
     #[error("the datapath refused the change (nothing changed): {0}")]
     Datapath(#[from] DatapathError),
+    /// Cluster mode: the change is committed for the whole cluster (other nodes apply it), but
+    /// this node's datapath refused it. This node keeps its previous state for it and reports
+    /// itself unhealthy until a later change applies.
+    #[error(
+        "the change is committed to the cluster (revision {revision}) but this node's datapath refused it, so this \
+         node keeps its previous state for it and reports itself unhealthy: {error}"
+    )]
+    NotAppliedHere { revision: Revision, error: String },
     /// The core did not answer within the bound: it may be stuck in I/O.
     #[error("the control core did not answer within {0:?}; a change sent now may still be applied later")]
     CoreStuck(Duration),
@@ -339,9 +377,29 @@ impl ControlHandle {
         tokio::time::timeout(bound, exchange).await.map_err(|_| ControlError::CoreStuck(bound))?
     }
 
+    /// Hands a refused request's audit entry to the core without waiting: dropped (it is
+    /// still counted in `/metrics`) when the core's queue is full, so refusals never hold up
+    /// changes or the kill switch.
+    pub fn audit_refusal(&self, entry: crate::audit::AuditEntry) {
+        if self.commands.try_send(Command::AuditRefusal { entry: Box::new(entry) }).is_err() {
+            log::debug!("audit entry of a refused request dropped: the core's queue is full");
+        }
+    }
+
     pub fn is_closed(&self) -> bool {
         self.commands.is_closed()
     }
+}
+
+/// How far the core got, published after every change (a `watch` channel: readers see the
+/// latest).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// The revision of this node's last commit.
+    pub committed: Revision,
+    /// Every change of the store up to this revision is applied (cluster mode: what the node
+    /// publishes as its `applied_revision`; a read's `as_of_revision`).
+    pub applied: Revision,
 }
 
 /// What the core starts from.
@@ -353,6 +411,9 @@ pub struct Start<S> {
     pub cgroup_root: Option<PathBuf>,
     pub follow_ups: mpsc::UnboundedSender<FollowUp>,
     pub faults: Faults,
+    /// Kubernetes discovery's state, restored from the node-local cache
+    /// ([`Discovery::restore`]); the daemon keeps a subscription to the references it publishes.
+    pub discovery: Discovery,
 }
 
 /// A started core.
@@ -361,6 +422,7 @@ pub struct Started {
     pub audit: Arc<dyn AuditSource>,
     /// Services the core holds after start.
     pub services: usize,
+    pub progress: watch::Receiver<Progress>,
     pub thread: std::thread::JoinHandle<()>,
 }
 
@@ -380,6 +442,7 @@ pub enum StartError {
 pub async fn spawn<S: Store>(start: Start<S>) -> Result<Started, StartError> {
     let (commands, mut queue) = mpsc::channel(QUEUE);
     let (started, ready) = oneshot::channel();
+    let (progress_tx, progress) = watch::channel(Progress::default());
     let thread = std::thread::Builder::new()
         .name("sockshift-core".into())
         .spawn(move || {
@@ -391,9 +454,8 @@ pub async fn spawn<S: Store>(start: Start<S>) -> Result<Started, StartError> {
                 }
             };
             runtime.block_on(async move {
-                let Start { datapath, store, file_services, cgroup_root, follow_ups, faults } = start;
-                let mut core = match Core::start(datapath, store, &file_services, cgroup_root, follow_ups, faults).await
-                {
+                let begun = Core::start(start, progress_tx);
+                let mut core = match begun.await {
                     Ok(core) => core,
                     Err(err) => {
                         let _ = started.send(Err(StartError::Restore(err)));
@@ -418,7 +480,7 @@ pub async fn spawn<S: Store>(start: Start<S>) -> Result<Started, StartError> {
         })
         .map_err(StartError::Thread)?;
     let (audit, services) = ready.await.map_err(|_| StartError::Died)??;
-    Ok(Started { handle: ControlHandle { commands }, audit, services, thread })
+    Ok(Started { handle: ControlHandle { commands }, audit, services, progress, thread })
 }
 
 /// The next remote change, or never when there is no stream (or it ended).

@@ -11,18 +11,24 @@
 //!
 //! A commit that fails (disk full, conflict, store unreachable) leaves the datapath and the
 //! core's view untouched: the caller gets an error and the old state stays. A datapath apply that
-//! fails after a commit is undone on the datapath and in the store (a second commit writing the
-//! previous values back, compared on the revisions the first one produced).
+//! fails after a commit depends on the store:
+//! - a node-local store ([`Store::shared`] false) is put back: a second commit writes the
+//!   previous values back, compared on the revisions the first one produced; nothing changed;
+//! - a shared store keeps the commit: other nodes may already have applied it, and writing the
+//!   old values back would flap their datapaths. This node keeps its previous state for those
+//!   keys, reports itself unhealthy with the reason ([`Store::applied`]'s `problems`), and the
+//!   caller is told that the change is committed but not applied here.
 //!
-//! Two implementations are meant to exist with this one interface:
+//! Two implementations exist with this one interface:
 //! - [`file::FileStore`] (single node, the default): `state.json` and `audit.log` under
 //!   `agent.state_dir`. Revisions are a local counter. Nothing changes it but this agent, so
 //!   [`Store::take_changes`] gives `None`; the config file watcher is a separate command source.
-//! - an etcd store (cluster mode): keys under `<prefix>/v1/`, revisions are etcd `mod_revision`s,
-//!   a commit is one etcd transaction (`compare mod_revision` on every key it writes, the audit
-//!   entry written in the same transaction), [`Store::take_changes`] is the prefix watch, and
-//!   [`Store::applied`] writes the node's local copy of the last applied state (so an agent
-//!   restarted while etcd is unreachable restores it) and publishes how far the node got.
+//! - [`etcd::EtcdStore`] (cluster mode): keys under `<prefix>/v1/`, revisions are etcd
+//!   `mod_revision`s, a commit is one etcd transaction (`compare mod_revision` on every key it
+//!   writes, the audit entry written in the same transaction), [`Store::take_changes`] is the
+//!   prefix watch, and [`Store::applied`] writes the node's local copy of the last applied state
+//!   (so an agent restarted while etcd is unreachable restores it) and publishes how far the node
+//!   got.
 //!
 //! Implementations run on the core's own thread (a current-thread Tokio runtime), never on the
 //! API's workers: they may do blocking file I/O, but must bound every network wait (a store that
@@ -127,6 +133,10 @@ pub struct Commit {
     /// The accepted change as the audit log records it; `None` for changes no caller made (a
     /// rollout's clock, a config file reload).
     pub audit: Option<AuditEntry>,
+    /// Written only while this node drives the rollouts (a rollout's clock): a shared store
+    /// fences the commit on the node's leadership, so a deposed leader writes nothing. The
+    /// file store, whose node always leads, ignores it.
+    pub leader_only: bool,
 }
 
 /// A change made by someone else (another node), delivered by [`Store::take_changes`]. The core
@@ -140,11 +150,35 @@ pub enum RemoteChange {
     Resync(Snapshot),
 }
 
+/// A key's value in the store when a commit found it at another revision than expected.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Current {
+    pub key: Key,
+    /// The key's `mod_revision`; for an absent key, the store's revision when it was read.
+    pub revision: Revision,
+    /// The value now (`Value::Service(None)`: absent); `None` when the stored value is invalid
+    /// (the core keeps the key's last valid value, but compares on this revision from now on).
+    pub value: Option<Value>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// A compared key was not at the expected revision: someone else changed it first.
     #[error("{key} was changed concurrently (expected {expected:?}, found revision {found})")]
-    Conflict { key: Key, expected: Expect, found: Revision },
+    Conflict {
+        key: Key,
+        expected: Expect,
+        found: Revision,
+        /// The current values of the keys that did not match, when the store read them (a
+        /// shared store does): the core adopts them and tries the command again.
+        current: Vec<Current>,
+    },
+    /// A leader-only commit (see [`Commit::leader_only`]) from a node that does not lead.
+    #[error("not the rollout leader: {0}")]
+    NotLeader(String),
+    /// The store refused to write a value (a shared store's own check): nothing was written.
+    #[error("the state store refused the change: {0}")]
+    Rejected(String),
     /// The store cannot be reached (a shared store's backend is down). Nothing was written.
     #[error("the state store is unavailable: {0}")]
     Unavailable(String),
@@ -169,6 +203,18 @@ pub trait AuditSource: Send + Sync + 'static {
 
 /// Durable, revisioned desired state. See the module docs for the order the core calls it in.
 pub trait Store: Send + 'static {
+    /// Whether other nodes share this store (their changes arrive through
+    /// [`Store::take_changes`]). A shared store is the source of truth: the core never writes to
+    /// it on its own behalf (at start, after a datapath refusal), it only follows it.
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Whether this node may make [`Commit::leader_only`] commits now (it drives the rollouts).
+    fn leads(&self) -> bool {
+        true
+    }
+
     /// Reads the whole state at start. Recovers from what it can (and says so in
     /// [`Loaded::recovered`]) rather than refusing to start: an agent that cannot start has no
     /// kill switch. A shared store that cannot reach its backend returns its local copy of the
@@ -180,10 +226,16 @@ pub trait Store: Send + 'static {
     /// the returned revision. The audit entry is durable when this returns.
     fn commit(&mut self, commit: Commit) -> impl Future<Output = Result<Revision, StoreError>> + Send;
 
-    /// The datapath now holds `snapshot` (up to `snapshot.revision`). A shared store persists
-    /// it locally and publishes the node's progress; the file store has nothing to do (its
-    /// commit already wrote the same state).
-    fn applied(&mut self, snapshot: &Snapshot) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// The datapath now holds `snapshot`: every change of the store up to `snapshot.revision`,
+    /// and this node's own commits (at their keys' revisions). `problems` says why the datapath
+    /// differs from the store (changes it refused), empty when it does not. A shared store
+    /// persists the snapshot locally and publishes the node's progress and health; the file
+    /// store has nothing to do (its commit already wrote the same state).
+    fn applied(
+        &mut self,
+        snapshot: &Snapshot,
+        problems: &[String],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// The stream of changes made elsewhere, taken once by the core at start. `None` when
     /// nothing but this agent writes the store (the file store).
@@ -191,6 +243,13 @@ pub trait Store: Send + 'static {
 
     /// A reader of the audit log for the API.
     fn audit_source(&self) -> std::sync::Arc<dyn AuditSource>;
+
+    /// Records a refused request in the audit log (no state changes). The default commits an
+    /// empty change carrying the entry; a store that can append to its log alone does that.
+    fn audit_refusal(&mut self, entry: AuditEntry) -> impl Future<Output = Result<(), StoreError>> + Send {
+        async move { self.commit(Commit { audit: Some(entry), ..Default::default() }).await.map(|_| ()) }
+    }
 }
 
+pub mod etcd;
 pub mod file;

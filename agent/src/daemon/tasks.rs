@@ -343,6 +343,9 @@ pub async fn watch_config(
         if gates.reconfigure(config.prometheus.clone(), config.webhook_allow.clone()) {
             log::info!("config reload: agent.prometheus and agent.webhook_allow applied");
         }
+        if config.cluster != initial.cluster {
+            log::warn!("config reload: changes to [cluster] take effect at the next restart");
+        }
         let services: Vec<_> = config.services.iter().map(|s| s.source.clone()).collect();
         let result = tokio::select! {
             () = cancel.cancelled() => return,

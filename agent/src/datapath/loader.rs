@@ -356,31 +356,17 @@ fn foreign_programs(
     found
 }
 
-/// Removes the pinned datapath under `bpffs`: detaches every pinned link at once (the hooks are
-/// empty when this returns, not a moment later), unpins it, then removes the pinned maps.
-/// Returns the names of the links it detached.
-pub fn uninstall(bpffs: &Path) -> Result<Vec<String>, DatapathError> {
-    let links = bpffs.join("links");
-    let mut detached = Vec::new();
-    if links.exists() {
-        let entries =
-            std::fs::read_dir(&links).map_err(|source| DatapathError::Bpffs { path: links.clone(), source })?;
-        for entry in entries {
-            let path = entry.map_err(|source| DatapathError::Bpffs { path: links.clone(), source })?.path();
-            match bpf_sys::obj_get(&path) {
-                // A link type that cannot be detached by hand still goes with its pin.
-                Ok(link) => {
-                    let _ = bpf_sys::link_detach(link.as_fd());
-                }
-                Err(err) => log::warn!("{}: {err}", path.display()),
-            }
-            std::fs::remove_file(&path).map_err(|source| DatapathError::Bpffs { path: path.clone(), source })?;
-            detached.push(path.file_name().unwrap_or_default().to_string_lossy().into_owned());
+/// Detaches the link pinned at `path` at once (BPF_LINK_DETACH): dropping a link's last
+/// reference detaches it from a work queue a few ms later, which let connections be steered after
+/// `sockshift uninstall` returned. The caller removes the pin afterwards.
+pub fn detach_link_pin(path: &Path) {
+    match bpf_sys::obj_get(path) {
+        // A link type that cannot be detached by hand still goes with its pin.
+        Ok(link) => {
+            let _ = bpf_sys::link_detach(link.as_fd());
         }
-        std::fs::remove_dir(&links).map_err(|source| DatapathError::Bpffs { path: links.clone(), source })?;
+        Err(err) => log::warn!("{}: {err}", path.display()),
     }
-    std::fs::remove_dir_all(bpffs).map_err(|source| DatapathError::Bpffs { path: bpffs.to_owned(), source })?;
-    Ok(detached)
 }
 
 fn program_id(

@@ -13,6 +13,12 @@
 //! what an earlier run pinned, so the first `sync` also removes that run's leftovers, and a
 //! service whose pinned revision holds exactly its backends keeps it: a restart rewrites nothing.
 //!
+//! A service is one or more backend groups: frontends that share backends. A hand-written service
+//! is one group; a Kubernetes service has one per Service port (port 80 to the pods' 8080, port
+//! 443 to their 8443). Each group has a revision of its own; its frontends carry that revision
+//! and the group's counts, and share the service's id, weight, flags and seed, so one service is
+//! still one split, one set of counters and one cohort table.
+//!
 //! Module layout: `loader` checks pinned maps and links and attaches the programs, `registry`
 //! hands out service ids and revisions, `sockets` finds and destroys chosen steered sockets.
 
@@ -40,7 +46,7 @@ use aya::{
     programs::ProgramError,
     BtfError, Ebpf, EbpfError,
 };
-pub use loader::{uninstall, ForeignProgram, LinkOutcome};
+pub use loader::{detach_link_pin, ForeignProgram, LinkOutcome};
 use registry::{Revisions, ServiceIds};
 pub use sockets::{Selection, Termination};
 
@@ -166,8 +172,32 @@ pub const fn default_sockets_per_netns(capacity: u32) -> u32 {
 struct Installed {
     id: u32,
     spec: ServiceSpec,
-    /// The frontend value every frontend of the service carries.
+    /// Its backend groups, in the order `backend_groups` gives them.
+    groups: Vec<InstalledGroup>,
+}
+
+impl Installed {
+    /// The revisions its frontends point at.
+    fn revisions(&self) -> impl Iterator<Item = u32> + '_ {
+        self.groups.iter().map(|g| g.value.revision)
+    }
+}
+
+/// One backend group as installed: every one of its frontends carries `value`.
+#[derive(Debug, Clone)]
+struct InstalledGroup {
+    frontends: Vec<FrontendKey>,
+    /// The group's backend slots (revision 0), to find the revision again when an update keeps them.
+    layout: Vec<(BackendKey, BackendValue)>,
     value: FrontendValue,
+}
+
+/// Frontends that share backends: the whole of a hand-written service, or one port of a
+/// Kubernetes service.
+struct BackendGroup<'a> {
+    frontends: &'a [SocketAddr],
+    stable: &'a [SocketAddr],
+    canary: &'a [SocketAddr],
 }
 
 /// Counters of both sides of a service, summed over CPUs.
@@ -181,6 +211,7 @@ pub struct ServiceCounters {
 #[derive(Debug, Clone)]
 pub struct ServiceView {
     pub id: u32,
+    /// The revision of its first backend group (a Kubernetes service has one per port).
     pub revision: u32,
     pub spec: ServiceSpec,
 }
@@ -467,8 +498,10 @@ impl Datapath {
         // The switch: every frontend to its target value, then what no service has any more.
         let mut target: StdHashMap<FrontendKey, FrontendValue> = StdHashMap::new();
         for plan in &plans {
-            for key in frontend_keys(&plan.spec) {
-                target.insert(key, plan.value);
+            for group in &plan.groups {
+                for key in &group.frontends {
+                    target.insert(*key, group.value);
+                }
             }
         }
         let mut written: Vec<(FrontendKey, Option<FrontendValue>)> = Vec::new();
@@ -536,18 +569,26 @@ impl Datapath {
                 if !removed_backends.is_empty() {
                     self.terminator.destroy_connected_udp(Selection::backends(old.id, removed_backends));
                 }
-                if old.value.canary_ppm > 0 && plan.value.canary_ppm == 0 {
+                if old.spec.canary_ppm > 0 && plan.spec.canary_ppm == 0 {
                     self.terminator.destroy_connected_udp(Selection::side(old.id, SIDE_CANARY));
                 }
-                if old.value.revision != plan.value.revision {
-                    self.retired.entry(old.value.revision).or_insert(now);
+                let kept: HashSet<u32> = plan.groups.iter().map(|g| g.value.revision).collect();
+                for revision in old.revisions().filter(|r| !kept.contains(r)) {
+                    self.retired.entry(revision).or_insert(now);
                 }
             }
-            self.services.insert(plan.spec.name.clone(), Installed { id: plan.id, spec: plan.spec, value: plan.value });
+            let groups = plan
+                .groups
+                .into_iter()
+                .map(|g| InstalledGroup { frontends: g.frontends, layout: g.layout, value: g.value })
+                .collect();
+            self.services.insert(plan.spec.name.clone(), Installed { id: plan.id, spec: plan.spec, groups });
         }
         for (_, gone) in before {
             self.ids.release(gone.id, now);
-            self.retired.entry(gone.value.revision).or_insert(now);
+            for revision in gone.revisions() {
+                self.retired.entry(revision).or_insert(now);
+            }
             let backends: Vec<SocketAddr> = gone.spec.stable.iter().chain(&gone.spec.canary).copied().collect();
             if !backends.is_empty() {
                 self.terminator.destroy_connected_udp(Selection::backends(gone.id, backends));
@@ -557,7 +598,7 @@ impl Datapath {
             if self.pinned_start.take().is_some() {
                 self.ids.drain_unclaimed(now);
             }
-            let referenced: HashSet<u32> = self.services.values().map(|s| s.value.revision).collect();
+            let referenced: HashSet<u32> = self.services.values().flat_map(Installed::revisions).collect();
             for revision in self.revisions.keys() {
                 if !referenced.contains(revision) {
                     self.retired.entry(*revision).or_insert(now);
@@ -570,18 +611,16 @@ impl Datapath {
         Ok(())
     }
 
-    /// Works out each service's id, revision and frontend value, writing the new revisions, the
-    /// counters of new ids and the cohort entries (all recorded in `undo`).
+    /// Works out each service's id and each of its groups' revision and frontend value, writing
+    /// the new revisions, the counters of new ids and the cohort entries (all recorded in `undo`).
     fn plan(&mut self, specs: &[ServiceSpec], undo: &mut Undo) -> Result<Vec<Plan>, DatapathError> {
         let mut plans = Vec::with_capacity(specs.len());
-        let mut adopted: HashSet<u32> = HashSet::new();
+        // Pinned revisions adopted so far, with the service id that adopted each.
+        let mut adopted: StdHashMap<u32, u32> = StdHashMap::new();
         let mut new_slots = 0usize;
         for spec in specs {
-            let installed = self.services.get(&spec.name);
-            let layout = backend_layout(spec);
-            let (id, revision) = match installed {
-                Some(i) if i.spec.stable == spec.stable && i.spec.canary == spec.canary => (i.id, i.value.revision),
-                Some(i) => (i.id, 0), // new backends: a new revision
+            let id = match self.services.get(&spec.name) {
+                Some(installed) => installed.id,
                 None => {
                     let (id, claimed) = self.id_for_new(spec)?;
                     if claimed {
@@ -589,23 +628,36 @@ impl Datapath {
                     } else {
                         undo.ids.push(id);
                     }
-                    (id, 0)
+                    id
                 }
             };
-            let revision = if revision != 0 {
-                revision
-            } else if let Some(r) = self.adoptable_revision(spec, id, &layout).filter(|r| adopted.insert(*r)) {
-                r
-            } else {
-                new_slots += layout.len();
-                0 // written below, once the total is known to fit
-            };
-            plans.push(Plan {
-                spec: spec.clone(),
-                id,
-                value: FrontendValue { revision, ..Default::default() },
-                cohorts: Vec::new(),
-            });
+            let installed = self.services.get(&spec.name);
+            let seed = service_seed(spec.name.as_bytes());
+            let mut groups = Vec::new();
+            for group in backend_groups(spec) {
+                let frontends: Vec<FrontendKey> = group.frontends.iter().map(frontend_key).collect();
+                let layout = backend_layout(group.stable, group.canary);
+                // A group whose backends are unchanged keeps its revision (compared group by
+                // group: two ports may swap backends with the unions unchanged).
+                let kept =
+                    installed.and_then(|i| i.groups.iter().find(|g| g.layout == layout)).map(|g| g.value.revision);
+                let revision = match kept {
+                    Some(revision) => revision,
+                    None => match self.adoptable_revision(&frontends, id, seed, &layout) {
+                        Some(r) if *adopted.entry(r).or_insert(id) == id => r,
+                        _ => {
+                            new_slots += layout.len();
+                            0 // written below, once the total is known to fit
+                        }
+                    },
+                };
+                groups.push(PlannedGroup {
+                    frontends,
+                    layout,
+                    value: FrontendValue { revision, ..Default::default() },
+                });
+            }
+            plans.push(Plan { spec: spec.clone(), id, groups, cohorts: Vec::new() });
         }
         let used: usize = self.revisions.values().map(Vec::len).sum();
         let free = (MAX_BACKEND_SLOTS as usize).saturating_sub(used);
@@ -615,10 +667,6 @@ impl Datapath {
 
         for plan in &mut plans {
             let spec = &plan.spec;
-            let layout = backend_layout(spec);
-            if plan.value.revision == 0 {
-                plan.value.revision = self.write_revision(&layout, undo)?;
-            }
             if !self.services.contains_key(&spec.name) {
                 for side in [SIDE_STABLE, SIDE_CANARY] {
                     let key = CounterKey { service_id: plan.id, side: side as u32 };
@@ -629,25 +677,6 @@ impl Datapath {
                         undo.counters.push(key);
                     }
                 }
-            }
-            let mut value = FrontendValue {
-                service_id: plan.id,
-                revision: plan.value.revision,
-                canary_ppm: spec.canary_ppm,
-                flags: 0,
-                seed: service_seed(spec.name.as_bytes()),
-                ..Default::default()
-            };
-            for (key, _) in &layout {
-                match (key.side, key.family) {
-                    (SIDE_STABLE, FAMILY_V4) => value.stable_v4 += 1,
-                    (SIDE_STABLE, _) => value.stable_v6 += 1,
-                    (_, FAMILY_V4) => value.canary_v4 += 1,
-                    _ => value.canary_v6 += 1,
-                }
-            }
-            if spec.affinity == Affinity::Client {
-                value.flags |= FLAG_AFFINITY_CLIENT;
             }
             // Cohort entries before the flag that makes the programs look for them.
             plan.cohorts = cohort_keys(spec, plan.id);
@@ -660,10 +689,31 @@ impl Datapath {
                 self.cohort_table.insert(*key, *mode);
                 undo.cohorts.push((*key, previous));
             }
-            if !plan.cohorts.is_empty() {
-                value.flags |= FLAG_HAS_COHORTS;
+            let mut flags = 0;
+            if spec.affinity == Affinity::Client {
+                flags |= FLAG_AFFINITY_CLIENT;
             }
-            plan.value = value;
+            if !plan.cohorts.is_empty() {
+                flags |= FLAG_HAS_COHORTS;
+            }
+            let (id, canary_ppm, seed) = (plan.id, spec.canary_ppm, service_seed(spec.name.as_bytes()));
+            for group in &mut plan.groups {
+                let mut revision = group.value.revision;
+                if revision == 0 {
+                    revision = self.write_revision(&group.layout, undo)?;
+                }
+                let mut value =
+                    FrontendValue { service_id: id, revision, canary_ppm, flags, seed, ..Default::default() };
+                for (key, _) in &group.layout {
+                    match (key.side, key.family) {
+                        (SIDE_STABLE, FAMILY_V4) => value.stable_v4 += 1,
+                        (SIDE_STABLE, _) => value.stable_v6 += 1,
+                        (_, FAMILY_V4) => value.canary_v4 += 1,
+                        _ => value.canary_v6 += 1,
+                    }
+                }
+                group.value = value;
+            }
         }
         Ok(plans)
     }
@@ -685,15 +735,21 @@ impl Datapath {
         Ok((id, false))
     }
 
-    /// At the first sync of a run: the pinned revision this service's frontends all point at, if
-    /// it was written for this service (same id and name) and holds exactly its backends. Adopting
-    /// it makes a restart rewrite nothing and need no room for a second copy.
-    fn adoptable_revision(&self, spec: &ServiceSpec, id: u32, layout: &[(BackendKey, BackendValue)]) -> Option<u32> {
+    /// At the first sync of a run: the pinned revision a backend group's frontends all point at,
+    /// if it was written for this service (same id, seed of the same name) and holds exactly the
+    /// group's backends. Adopting it makes a restart rewrite nothing and need no room for a
+    /// second copy.
+    fn adoptable_revision(
+        &self,
+        frontends: &[FrontendKey],
+        id: u32,
+        seed: u32,
+        layout: &[(BackendKey, BackendValue)],
+    ) -> Option<u32> {
         let start = self.pinned_start.as_ref()?;
-        let seed = service_seed(spec.name.as_bytes());
         let mut revision = None;
-        for key in frontend_keys(spec) {
-            let value = self.frontend_table.get(&key)?;
+        for key in frontends {
+            let value = self.frontend_table.get(key)?;
             if value.service_id != id || value.seed != seed || revision.is_some_and(|r| r != value.revision) {
                 return None;
             }
@@ -760,13 +816,27 @@ impl Datapath {
     /// applications connect again, to stable.
     pub fn set_weight(&mut self, name: &str, canary_ppm: u32) -> Result<(), DatapathError> {
         let installed = self.services.get_mut(name).ok_or_else(|| DatapathError::UnknownService(name.into()))?;
-        let value = FrontendValue { canary_ppm, ..installed.value };
-        for key in frontend_keys(&installed.spec) {
-            self.frontends.insert(key, value, 0).map_err(map_err(MAP_FRONTENDS))?;
-            self.frontend_table.insert(key, value);
+        let mut written: Vec<(FrontendKey, FrontendValue)> = Vec::new();
+        for group in &installed.groups {
+            let value = FrontendValue { canary_ppm, ..group.value };
+            for key in &group.frontends {
+                if let Err(err) = self.frontends.insert(key, value, 0) {
+                    // Put back the frontends set so far: the weight is one or the other.
+                    for (key, previous) in written {
+                        if self.frontends.insert(key, previous, 0).is_ok() {
+                            self.frontend_table.insert(key, previous);
+                        }
+                    }
+                    return Err(map_err(MAP_FRONTENDS)(err));
+                }
+                written.push((*key, group.value));
+                self.frontend_table.insert(*key, value);
+            }
         }
-        let was = installed.value.canary_ppm;
-        installed.value = value;
+        for group in &mut installed.groups {
+            group.value.canary_ppm = canary_ppm;
+        }
+        let was = installed.spec.canary_ppm;
         installed.spec.canary_ppm = canary_ppm;
         installed.spec.source.canary_percent = agent_common::ppm_to_percent(canary_ppm);
         if was > 0 && canary_ppm == 0 {
@@ -785,7 +855,11 @@ impl Datapath {
     }
 
     pub fn service(&self, name: &str) -> Option<ServiceView> {
-        self.services.get(name).map(|s| ServiceView { id: s.id, revision: s.value.revision, spec: s.spec.clone() })
+        self.services.get(name).map(|s| ServiceView {
+            id: s.id,
+            revision: s.groups.first().map_or(0, |g| g.value.revision),
+            spec: s.spec.clone(),
+        })
     }
 
     /// The service that has `frontend`, if any.
@@ -861,7 +935,7 @@ impl Datapath {
     /// socket record of theirs is open (deleting their counters).
     pub fn reap_retired(&mut self) {
         let now = Instant::now();
-        let referenced: HashSet<u32> = self.services.values().map(|s| s.value.revision).collect();
+        let referenced: HashSet<u32> = self.services.values().flat_map(Installed::revisions).collect();
         let due: Vec<u32> = self
             .retired
             .iter()
@@ -901,8 +975,16 @@ impl Datapath {
 struct Plan {
     spec: ServiceSpec,
     id: u32,
-    value: FrontendValue,
+    groups: Vec<PlannedGroup>,
     cohorts: Vec<(CohortKey, u32)>,
+}
+
+/// One backend group's part of a `Plan`.
+struct PlannedGroup {
+    frontends: Vec<FrontendKey>,
+    layout: Vec<(BackendKey, BackendValue)>,
+    /// Revision 0 until the group's new revision is written.
+    value: FrontendValue,
 }
 
 /// What a `sync` wrote before its switch, to revert it if a later step fails.
@@ -1000,11 +1082,24 @@ fn backend_value(addr: &SocketAddr) -> BackendValue {
     BackendValue { addr_be: addr_words(addr), port_be: addr.port().to_be(), _pad: 0 }
 }
 
-/// A service's backend slots (revision 0: filled in when written), in the order the programs
+/// A service's backend groups. A Kubernetes service's ports are its groups, less those left
+/// without a frontend (other services have them all): those steer nothing.
+fn backend_groups(spec: &ServiceSpec) -> Vec<BackendGroup<'_>> {
+    if spec.port_groups.is_empty() {
+        return vec![BackendGroup { frontends: &spec.frontends, stable: &spec.stable, canary: &spec.canary }];
+    }
+    spec.port_groups
+        .iter()
+        .filter(|g| !g.frontends.is_empty())
+        .map(|g| BackendGroup { frontends: &g.frontends, stable: &g.stable, canary: &g.canary })
+        .collect()
+}
+
+/// A backend group's slots (revision 0: filled in when written), in the order the programs
 /// index them: per side and family, in the order the spec lists them.
-fn backend_layout(spec: &ServiceSpec) -> Vec<(BackendKey, BackendValue)> {
+fn backend_layout(stable: &[SocketAddr], canary: &[SocketAddr]) -> Vec<(BackendKey, BackendValue)> {
     let mut layout = Vec::new();
-    for (side, addrs) in [(SIDE_STABLE, &spec.stable), (SIDE_CANARY, &spec.canary)] {
+    for (side, addrs) in [(SIDE_STABLE, stable), (SIDE_CANARY, canary)] {
         for family in [FAMILY_V4, FAMILY_V6] {
             for (index, addr) in addrs.iter().filter(|a| family_of(a) == family).enumerate() {
                 layout.push((BackendKey { revision: 0, side, family, index: index as u16 }, backend_value(addr)));
@@ -1035,11 +1130,13 @@ fn cohort_keys(spec: &ServiceSpec, id: u32) -> Vec<(CohortKey, u32)> {
     keys
 }
 
+/// Every frontend of a service (with port groups: the union of theirs).
 fn frontend_keys(spec: &ServiceSpec) -> Vec<FrontendKey> {
-    spec.frontends
-        .iter()
-        .map(|addr| FrontendKey { addr_be: addr_words(addr), port_be: addr.port().to_be(), _pad: 0 })
-        .collect()
+    spec.frontends.iter().map(frontend_key).collect()
+}
+
+fn frontend_key(addr: &SocketAddr) -> FrontendKey {
+    FrontendKey { addr_be: addr_words(addr), port_be: addr.port().to_be(), _pad: 0 }
 }
 
 /// Cookie of the agent's own network namespace, which is the host's for a DaemonSet with

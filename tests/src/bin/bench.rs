@@ -60,11 +60,12 @@ fn main() {
     results.insert("machine", machine());
     results.insert("mode", json!(if smoke { "smoke" } else { "full" }));
     type Section = (&'static str, fn(&Settings) -> Value);
-    let sections: [Section; 6] = [
+    let sections: [Section; 7] = [
         ("throughput", throughput),
         ("connect_cost", connect_cost),
         ("scale", scale),
         ("control_plane", control_plane),
+        ("cluster", cluster),
         ("split_accuracy", split_accuracy),
         ("footprint", footprint),
     ];
@@ -698,6 +699,92 @@ fn control_plane(settings: &Settings) -> Value {
     })
 }
 
+/// Cluster mode: from a weight change through one node's API to the last of N nodes applying
+/// it, N simulated nodes (an agent process each, with its own cgroup, bpffs directory, state
+/// directory and API port) on a 3-member etcd cluster on this machine.
+fn cluster(settings: &Settings) -> Value {
+    let sizes: &[usize] = if settings.smoke { &[3] } else { &[3, 10] };
+    let changes = if settings.smoke { 20 } else { 300 };
+    let runs: Vec<Value> = sizes.iter().map(|&nodes| cluster_run(nodes, changes)).collect();
+    json!({
+        "changes": changes,
+        "runs": runs,
+        // Documented figures of what users would compare with (not measured here).
+        "anchors": {
+            "kube_proxy_min_sync_period_ms": 1000,
+            "istio_push_debounce_ms": 100,
+        },
+    })
+}
+
+fn cluster_run(nodes: usize, changes: usize) -> Value {
+    // Dropped last: the agents leave the cluster while etcd is up.
+    let etcd = e2e::etcd::EtcdCluster::start();
+    let prefix = format!("/{}", e2e::unique_name("bench"));
+    let endpoints = etcd.endpoints().iter().map(|e| format!("\"{e}\"")).collect::<Vec<_>>().join(", ");
+    let cgroups: Vec<Cgroup> = (0..nodes).map(|_| Cgroup::new()).collect();
+    let agents: Vec<Agent> = cgroups
+        .iter()
+        .enumerate()
+        .map(|(i, cgroup)| {
+            check_interrupted();
+            Agent::start(
+                cgroup,
+                &format!("[cluster]\netcd = [{endpoints}]\nnode = \"node-{i}\"\nprefix = \"{prefix}\"\n"),
+            )
+        })
+        .collect();
+    let writer = &agents[0];
+    let body = json!({ "frontends": [FRONTEND], "stable": [STABLE], "canary": [CANARY], "canary_percent": 0.0 });
+    let (status, answer) = writer.call("PUT", "/v1/services/target?wait=cluster", Some(&body));
+    assert_eq!(status, 201, "{answer}");
+    let set = |percent: f64, wait: bool| {
+        let path = if wait { "/v1/services/target/canary?wait=cluster" } else { "/v1/services/target/canary" };
+        let started = Instant::now();
+        let (status, answer) = writer.call("PUT", path, Some(&json!({ "percent": percent })));
+        assert_eq!(status, 200, "{answer}");
+        started.elapsed().as_secs_f64() * 1000.0
+    };
+    for i in 0..10 {
+        set(f64::from(i), true);
+    }
+    // ?wait=cluster answers once the writer has seen every node publish that it applied the
+    // change: the figure includes that publication's own round trip through etcd.
+    let mut converged: Vec<f64> = (0..changes)
+        .map(|i| {
+            check_interrupted();
+            set((i % 100) as f64 + 0.5, true)
+        })
+        .collect();
+    // The writer's own answer: validated, committed to etcd, applied to its datapath.
+    let mut committed: Vec<f64> = (0..changes / 2).map(|i| set((i % 100) as f64 + 0.25, false)).collect();
+    for values in [&mut converged, &mut committed] {
+        values.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    }
+    let pct = |values: &[f64], p: f64| values[((values.len() as f64 * p) as usize).min(values.len() - 1)];
+    let (status, view) = writer.call("GET", "/v1/cluster", None);
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["nodes"].as_array().map(Vec::len), Some(nodes), "every node is in the cluster view: {view}");
+    let run = json!({
+        "nodes": nodes,
+        "changes": changes,
+        "converged_p50_ms": pct(&converged, 0.5),
+        "converged_p99_ms": pct(&converged, 0.99),
+        "converged_max_ms": converged.last().copied(),
+        "committed_p50_ms": pct(&committed, 0.5),
+        "committed_p99_ms": pct(&committed, 0.99),
+    });
+    println!(
+        "  {nodes} nodes: last node applied p50 {:.1} ms, p99 {:.1} ms",
+        pct(&converged, 0.5),
+        pct(&converged, 0.99)
+    );
+    drop(agents);
+    drop(cgroups);
+    drop(etcd);
+    run
+}
+
 /// This process's cgroup v2 directory.
 fn own_cgroup() -> Option<PathBuf> {
     let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
@@ -885,6 +972,22 @@ fn render(r: &Value) -> (String, String) {
         "\n## Control plane\n\n{} updates alternating 0 and 100 %: from sending `PUT .../canary` to the first connection that lands on the new side: p50 {} µs, p99 {} µs. API: {} requests/s (`GET /v1/services/NAME`, {} clients).\n",
         cp["updates"], f(&cp["update_to_effect_p50_us"], 0), f(&cp["update_to_effect_p99_us"], 0), f(&cp["api_requests_per_second"], 0), cp["api_clients"]
     ));
+    let cl = &r["cluster"];
+    md.push_str(&format!(
+        "\n## Cluster mode\n\nN agents (one per simulated node: own cgroup, bpffs, state directory, API port) on a 3-member etcd cluster on this machine; {} weight changes through node 0's API. Converged: from sending `PUT .../canary?wait=cluster` to its answer, which comes once every node has published that it applied the change (an upper bound: it includes that publication's round trip through etcd). Committed: the writer's own answer without `wait` (validated, committed to etcd, applied to its datapath). Anchors, documented, not measured here: kube-proxy syncs at most every `minSyncPeriod` (1 s by default); Istio debounces pushes for 100 ms (`PILOT_DEBOUNCE_AFTER`).\n\n| nodes | converged p50 ms | converged p99 ms | max ms | committed p50 ms | committed p99 ms |\n|---|---|---|---|---|---|\n",
+        cl["changes"]
+    ));
+    for run in cl["runs"].as_array().into_iter().flatten() {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} |\n",
+            run["nodes"],
+            f(&run["converged_p50_ms"], 1),
+            f(&run["converged_p99_ms"], 1),
+            f(&run["converged_max_ms"], 1),
+            f(&run["committed_p50_ms"], 1),
+            f(&run["committed_p99_ms"], 1),
+        ));
+    }
     md.push_str("\n## Split accuracy\n\n| target % | connections | observed % | 95 % interval |\n|---|---|---|---|\n");
     for row in r["split_accuracy"].as_array().into_iter().flatten() {
         md.push_str(&format!(
@@ -978,6 +1081,19 @@ fn render(r: &Value) -> (String, String) {
             cp["update_to_effect_p99_us"].as_f64().unwrap_or(f64::MAX) < 2000.0,
         ),
     ];
+    let mut targets = targets.to_vec();
+    let largest_cluster =
+        cl["runs"].as_array().into_iter().flatten().max_by_key(|run| run["nodes"].as_u64().unwrap_or(0)).cloned();
+    if let Some(run) = largest_cluster {
+        targets.push((
+            format!(
+                "cluster: weight change to the last of {} nodes p99 {} ms (< 50 at 10 nodes)",
+                run["nodes"],
+                f(&run["converged_p99_ms"], 1)
+            ),
+            run["converged_p99_ms"].as_f64().unwrap_or(f64::MAX) < 50.0,
+        ));
+    }
     let mut summary = String::from("sockshift benchmark summary (ratios from interleaved rounds of this run)\n");
     md.push_str("\n## Targets\n\n| target | result |\n|---|---|\n");
     for (text, ok) in &targets {

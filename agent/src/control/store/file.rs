@@ -115,10 +115,26 @@ pub struct FileStore {
 
 impl FileStore {
     /// Opens (creating) `state_dir` and its audit log. Reading the state is [`Store::load`].
+    /// The state files are made readable by root only (they hold every service and webhook
+    /// URL); files an older agent left 0644 are tightened.
     pub fn open(state_dir: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
         fs::create_dir_all(state_dir)?;
+        for name in [STATE_FILE, BACKUP_FILE] {
+            match fs::set_permissions(state_dir.join(name), fs::Permissions::from_mode(0o600)) {
+                Ok(()) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => return Err(err),
+            }
+        }
         let audit = AuditFile::open(state_dir)?;
         Ok(Self { dir: state_dir.to_owned(), state: Snapshot::default(), audit })
+    }
+
+    /// Rotates `audit.log` by size (`agent.audit_max_bytes`, `agent.audit_keep`).
+    pub fn with_audit_rotation(mut self, rotation: crate::config::AuditRotation) -> Self {
+        self.audit.set_rotation(rotation);
+        self
     }
 
     fn path(&self) -> PathBuf {
@@ -254,6 +270,8 @@ impl Store for FileStore {
                     key: write.key.clone(),
                     expected: write.expect,
                     found: found.unwrap_or(0),
+                    // Only this agent writes the file: nothing to adopt.
+                    current: Vec::new(),
                 });
             }
         }
@@ -287,7 +305,7 @@ impl Store for FileStore {
         Ok(revision)
     }
 
-    async fn applied(&mut self, _snapshot: &Snapshot) -> Result<(), StoreError> {
+    async fn applied(&mut self, _snapshot: &Snapshot, _problems: &[String]) -> Result<(), StoreError> {
         Ok(())
     }
 
@@ -297,6 +315,10 @@ impl Store for FileStore {
 
     fn audit_source(&self) -> Arc<dyn AuditSource> {
         Arc::new(FileAudit { path: self.audit.path().to_owned() })
+    }
+
+    async fn audit_refusal(&mut self, entry: AuditEntry) -> Result<(), StoreError> {
+        self.audit.append(&entry).map(|_| ()).map_err(|source| self.persist_err(source))
     }
 }
 
@@ -336,6 +358,7 @@ mod tests {
             affinity: Affinity::Connection,
             max_operator_percent: 100.0,
             cohorts: vec![],
+            kubernetes: None,
         }
     }
 
