@@ -599,7 +599,8 @@ fn render(manifest: &Manifest, node: &Node, name: &str, variant: &Variant) -> St
     let bpffs_volume = manifest.host_volume_above(&manifest.config.bpffs);
     let state_volume = manifest.host_volume_above(&manifest.config.state_dir);
     for volume in spec["volumes"].as_sequence_mut().expect("volumes") {
-        if let Some(volume) = volume.as_mapping_mut().filter(|v| v.contains_key("secret")) {
+        let tokens_secret = volume["secret"]["secretName"].as_str() == Some("sockshift-tokens");
+        if let Some(volume) = volume.as_mapping_mut().filter(|_| tokens_secret) {
             volume.remove("secret");
             let mut host_path = Mapping::new();
             host_path.insert("path".into(), node.tokens.to_string_lossy().into_owned().into());

@@ -163,10 +163,12 @@ mod tests {
 
     fn side() -> serde_json::Value {
         serde_json::json!({
-            "connections_steered": 0, "datagrams_steered": 0,
-            "health": {"established": 0, "failed_attempts": 0, "resets": 0, "retransmission_timeouts": 0,
-                       "srtt_avg_us": null, "srtt_sum_us": 0, "srtt_samples": 0},
-            "fail_open": {"backend_missing": 0, "socket_table_full": 0},
+            "connections_steered": 0, "datagrams_steered": 0, "open_socket_records": 0,
+            "health": {"established": 0, "failed_attempts": 0, "abandoned_attempts": 0, "resets": 0,
+                       "retransmission_timeouts": 0, "connections_with_rto": 0, "srtt_avg_us": null,
+                       "srtt_sum_us": 0, "srtt_samples": 0, "srtt_close_sum_us": 0, "srtt_close_samples": 0},
+            "unrecorded": {"socket_table_full": 0, "socket_netns_full": 0},
+            "fail_open": {"backend_missing": 0},
         })
     }
 }

@@ -63,13 +63,6 @@ pub async fn drive_rollouts(control: ControlHandle, gates: GateClients, cancel: 
     }
 }
 
-/// Whether this agent reads the gates beyond the kernel. Single-node, it always does. In
-/// cluster mode only the rollout leader will (one set of queries and calls per cluster, not per
-/// node): this is the one place that asks.
-fn reads_gates_here() -> bool {
-    true
-}
-
 /// The driver's reads per rollout: at most one in flight, in-window polls every poll interval,
 /// and an end-of-window judgement asked for again every poll interval while a gate holds.
 #[derive(Default)]
@@ -98,9 +91,8 @@ impl GateReads {
             }
             keep
         });
-        if !reads_gates_here() {
-            return;
-        }
+        // In cluster mode only the rollout leader gets work (the core's gate_work is empty on
+        // other nodes): one set of queries and calls per cluster, not per node.
         let now = Instant::now();
         for work in work {
             let state = self.services.entry(work.service.clone()).or_insert(ReadState {
