@@ -505,13 +505,7 @@ fn run_rollout(action: RolloutAction) -> anyhow::Result<()> {
                 serde_json::from_str(&text).with_context(|| format!("the plan {} is not JSON", path.display()))?;
             let rollout: RolloutView =
                 api.client()?.call("POST", &format!("/v1/services/{service}/rollout"), Some(&plan))?;
-            return match api.output {
-                Output::Json => output::json(&rollout),
-                Output::Table => {
-                    output::rollout(&rollout);
-                    Ok(())
-                }
-            };
+            return show_rollout(&rollout, api.output);
         }
         RolloutAction::Start {
             service,
@@ -570,21 +564,20 @@ fn run_rollout(action: RolloutAction) -> anyhow::Result<()> {
             };
             let rollout: RolloutView =
                 api.client()?.call("POST", &format!("/v1/services/{service}/rollout"), Some(&plan))?;
-            return match api.output {
-                Output::Json => output::json(&rollout),
-                Output::Table => {
-                    output::rollout(&rollout);
-                    Ok(())
-                }
-            };
+            return show_rollout(&rollout, api.output);
         }
     };
     let rollout: RolloutView =
         api.client()?.call("POST", &format!("/v1/services/{service}/rollout/{path_action}"), NONE)?;
-    match api.output {
-        Output::Json => output::json(&rollout),
+    show_rollout(&rollout, api.output)
+}
+
+/// A rollout as the API answered it: JSON, or the table.
+fn show_rollout(rollout: &RolloutView, format: Output) -> anyhow::Result<()> {
+    match format {
+        Output::Json => output::json(rollout),
         Output::Table => {
-            output::rollout(&rollout);
+            output::rollout(rollout);
             Ok(())
         }
     }
