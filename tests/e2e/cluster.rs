@@ -18,7 +18,7 @@ use std::{
 };
 
 use e2e::{
-    built_binary,
+    assert_canary_share, built_binary,
     etcd::{EtcdCluster, TcpProxy},
     kube_double::{endpoint_slice, service, KubeDouble, Pod},
     probe, require_root, serve, tcp_connects, unique_name, Agent, Cgroup, NetNs, Placement, Spawned, TcpReport,
@@ -194,19 +194,12 @@ impl Lab {
 }
 
 /// Asserts no connection failed and the canary's share (tags starting with `canary`, or exactly
-/// `tag`) is `percent` within 4.5 standard deviations of a binomial draw.
+/// `tag`) is what `percent` gives (a 5-sigma binomial bound, see `assert_canary_share`).
 fn assert_split(report: &TcpReport, percent: f64, what: &str) {
     let count = report.tags_total();
     assert_eq!(report.errors_total(), 0, "{what}: connections failed (not steered?): {:?}", report.raw);
     assert!(count > 0, "{what}: no connection: {:?}", report.raw);
-    let p = percent / 100.0;
-    let tolerance = 450.0 * (p * (1.0 - p) / count as f64).sqrt() + 100.0 / count as f64;
-    let share = report.share("canary");
-    assert!(
-        (share - percent).abs() <= tolerance,
-        "{what}: canary share {share:.2} % of {count}, expected {percent} ± {tolerance:.2}: {:?}",
-        report.raw
-    );
+    assert_canary_share(what, report.hits("canary"), count, percent);
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {

@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use e2e::{require_root, serve, Agent, Cgroup, NetNs, Placement, Spawned};
+use e2e::{assert_canary_share, require_root, serve, Agent, Cgroup, NetNs, Placement, Spawned, TcpReport};
 
 pub const FRONTEND4: &str = "127.1.0.1:80";
 pub const FRONTEND6: &str = "[fd00:5eed::1]:80";
@@ -79,12 +79,10 @@ canary_percent = {canary_percent}
     }
 }
 
-/// Asserts an observed share is within `tolerance` points of `target`.
-pub fn assert_share(what: &str, observed: f64, target: f64, tolerance: f64) {
-    assert!(
-        (observed - target).abs() <= tolerance,
-        "{what}: canary share {observed:.2} %, wanted {target} ± {tolerance}"
-    );
+/// Asserts the canary's share of `report`'s connections is what a weight of `percent` gives
+/// (a 5-sigma binomial bound, see `assert_canary_share`).
+pub fn assert_share(what: &str, report: &TcpReport, percent: f64) {
+    assert_canary_share(what, report.hits("canary"), report.tags_total(), percent);
 }
 
 /// A counter of one side from a service state: `key` in `sides.SIDE` or `sides.SIDE.health`.

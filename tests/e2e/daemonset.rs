@@ -54,6 +54,7 @@ use std::{
 
 use agent::config::Config;
 use e2e::{
+    assert_canary_share,
     kube_double::{self, KubeDouble},
     probe, require_root, run, serve, unique_name, Cgroup, NetNs, Placement, TcpReport,
 };
@@ -890,19 +891,12 @@ impl Backends {
     }
 }
 
-/// Asserts every connection reached a backend and the canary's share is `percent` within 4.5
-/// standard deviations of a binomial draw.
+/// Asserts every connection reached a backend and the canary's share is what `percent` gives
+/// (a 5-sigma binomial bound, see `assert_canary_share`).
 fn assert_share(report: &TcpReport, count: u64, percent: f64, what: &str) {
     assert_eq!(report.errors_total(), 0, "{what}: connections failed (not steered?): {:?}", report.raw);
     assert_eq!(report.tags_total(), count, "{what}: {:?}", report.raw);
-    let p = percent / 100.0;
-    let tolerance = 450.0 * (p * (1.0 - p) / count as f64).sqrt() + 100.0 / count as f64;
-    let share = report.share("canary");
-    assert!(
-        (share - percent).abs() <= tolerance,
-        "{what}: canary share {share:.2} % over {count} connections, expected {percent} ± {tolerance:.2}: {:?}",
-        report.raw
-    );
+    assert_canary_share(what, report.hits("canary"), count, percent);
 }
 
 // ---- the checks, each for a manifest -----------------------------------------------------------

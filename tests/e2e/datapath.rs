@@ -11,7 +11,10 @@ use std::{
 };
 
 use common::{counter, Lab, FRONTEND4, FRONTEND6, FRONTEND_MAPPED};
-use e2e::{probe, require_root, serve, spawn_in, spawn_probe, tcp_connects, Agent, Cgroup, NetNs, Placement};
+use e2e::{
+    assert_canary_share, probe, require_root, serve, spawn_in, spawn_probe, tcp_connects, Agent, Cgroup, NetNs,
+    Placement,
+};
 use serde_json::{json, Value};
 
 #[test]
@@ -85,8 +88,7 @@ canary_percent = 20
     // dig accepts a reply only from the address it asked: 2000 answers mean every reply came
     // back as from the frontend.
     assert_eq!(stable + canary, 2000, "dig answers {answers:?}\nstderr: {}", String::from_utf8_lossy(&output.stderr));
-    let share = canary as f64 * 100.0 / 2000.0;
-    assert!((share - 20.0).abs() <= 3.0, "DNS canary share {share} %");
+    assert_canary_share("DNS answers", canary.into(), 2000, 20.0);
 
     let state = agent.service("dns");
     assert!(counter(&state, "stable", "connections_steered") + counter(&state, "stable", "datagrams_steered") > 0);
@@ -158,7 +160,7 @@ canary_percent = 50
             .filter(|(k, _)| k.starts_with("canary"))
             .map(|(_, v)| v.as_u64().unwrap())
             .sum::<u64>();
-        assert!((canary as f64 / 10.0 - 50.0).abs() <= 5.0, "{target}: {report}");
+        assert_canary_share(&format!("{target}: {report}"), canary, 1000, 50.0);
     }
     let state = agent.service("udp");
     assert!(counter(&state, "canary", "datagrams_steered") > 0, "{state}");

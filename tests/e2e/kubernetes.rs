@@ -20,6 +20,7 @@ use std::{
 };
 
 use e2e::{
+    assert_canary_share,
     kube_double::{endpoint_slice, service, Kind, KubeDouble, Pod},
     require_root, run, serve, spawn_probe, tcp_connects, unique_name, Agent, Cgroup, NetNs, Placement, Spawned,
 };
@@ -195,8 +196,7 @@ fn steers_to_the_ready_endpoints_of_both_services_at_the_weight() {
         "only ready endpoints: {:?}",
         report.raw
     );
-    let share = report.share("canary");
-    assert!((share - 30.0).abs() <= 6.0, "canary share {share:.1} %, weight 30 %");
+    assert_canary_share("weight 30 %", report.hits("canary"), report.tags_total(), 30.0);
     assert!(report.tag("stable-1") > 0 && report.tag("stable-2") > 0, "both stable pods get connections");
 
     let report6 = tcp_connects(lab.inside(), FRONTEND6, 300);

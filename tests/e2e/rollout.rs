@@ -391,7 +391,7 @@ fn healthy_canary_is_promoted_and_the_split_follows_each_step() {
         // Well inside the 2 s step: this batch sees only this step's weight.
         let report = tcp_connects(lab.inside(), FRONTEND4, 1000);
         assert_eq!(report.errors_total(), 0, "{:?}", report.raw);
-        assert_share(&format!("step {step}"), report.share("canary"), percent, 5.0);
+        assert_share(&format!("step {step}"), &report, percent);
     }
     let r = wait_rollout(&lab, "promoted", Duration::from_secs(10), |r| r["state"] == json!("promoted"));
     assert_eq!(lab.agent.service("web")["canary_percent"], json!(100.0), "{r}");

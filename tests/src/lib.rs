@@ -252,12 +252,37 @@ impl TcpReport {
         self.raw["peer_is_target"].as_u64().unwrap_or(0)
     }
     /// Share of connections whose tag starts with `prefix`, in percent.
+    /// Hits of every tag that starts with `prefix` (`canary` counts `canary` and `canary6`).
+    pub fn hits(&self, prefix: &str) -> u64 {
+        self.raw["tags"]
+            .as_object()
+            .map_or(0, |m| m.iter().filter(|(k, _)| k.starts_with(prefix)).filter_map(|(_, v)| v.as_u64()).sum())
+    }
     pub fn share(&self, prefix: &str) -> f64 {
         let hits: u64 = self.raw["tags"]
             .as_object()
             .map_or(0, |m| m.iter().filter(|(k, _)| k.starts_with(prefix)).filter_map(|(_, v)| v.as_u64()).sum());
         hits as f64 * 100.0 / self.tags_total().max(1) as f64
     }
+}
+
+/// Asserts that `canary` of `total` connections is what a canary weight of `percent` gives.
+///
+/// Each connection's side is an independent hash draw, so the canary count is binomial. The bound
+/// is 5 standard deviations plus one connection for rounding: a correct datapath fails it about
+/// once in 1.7 million checks (a fixed 3-sigma bound failed a CI run among the suite's ~30 share
+/// checks), while a wrong weight still fails it (at 1000 connections and 60 % the bound is 7.8
+/// points; the checks compare weights further apart than that).
+pub fn assert_canary_share(what: &str, canary: u64, total: u64, percent: f64) {
+    assert!(total > 0, "{what}: no connection reached a backend");
+    let p = percent / 100.0;
+    let n = total as f64;
+    let tolerance = 500.0 * (p * (1.0 - p) / n).sqrt() + 100.0 / n;
+    let share = canary as f64 * 100.0 / n;
+    assert!(
+        (share - percent).abs() <= tolerance,
+        "{what}: canary share {share:.2} % of {total} connections, wanted {percent} ± {tolerance:.2} (5 sigma)"
+    );
 }
 
 /// `count` sequential TCP connections to `target`.
