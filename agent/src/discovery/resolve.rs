@@ -141,8 +141,23 @@ pub fn resolve(
             }
             sides.push(addrs);
         }
-        let canary = sides.pop().unwrap_or_default();
+        let mut canary = sides.pop().unwrap_or_default();
         let stable = sides.pop().unwrap_or_default();
+        // Weight 0 and `never` cohorts must mean no canary traffic, which needs a stable pod of
+        // the connection's family to send it to (the config-file rule, which refuses the
+        // service; here endpoints come and go, so the family is left to the ClusterIP, that
+        // is to kube-proxy, until stable has a ready endpoint in it again).
+        for v4 in [true, false] {
+            let in_family = |a: &SocketAddr| a.is_ipv4() == v4;
+            if canary.iter().any(in_family) && !stable.iter().any(in_family) {
+                canary.retain(|a| !in_family(a));
+                notes.push(format!(
+                    "port {label}: stable has no ready IPv{v} endpoint but canary has: IPv{v} connections are not \
+                     steered (they reach the ClusterIP as without sockshift) until stable has one",
+                    v = if v4 { 4 } else { 6 }
+                ));
+            }
+        }
         groups.push(PortGroup { frontends, stable, canary });
     }
     Ok(Resolved { groups, notes })
@@ -321,6 +336,30 @@ mod tests {
         let (state, message) = resolve(&reference(vec![]), None, &[], &[]).unwrap_err();
         assert_eq!(state, DiscoveryState::Waiting);
         assert!(message.contains("shop/web does not exist"), "{message}");
+    }
+
+    #[test]
+    fn a_family_only_the_canary_has_is_left_unsteered_until_stable_has_it() {
+        // Dual-stack canary, stable ready in IPv4 only: at weight 0 an IPv6 client would have
+        // no stable pod to go to, so the canary's IPv6 pods are not steered to at all.
+        let svc = service(&["10.96.0.10", "fd00::10"], &[("http", 80, "http")]);
+        let stable = slice("IPv4", &[("http", 8080)], &[("10.0.1.5", None)]);
+        let stable6 = slice("IPv6", &[("http", 8080)], &[("fd00::1:5", Some(false))]);
+        let canary = slice("IPv4", &[("http", 8080)], &[("10.0.2.7", None)]);
+        let canary6 = slice("IPv6", &[("http", 8080)], &[("fd00::2:7", None)]);
+        let resolved = resolve(&reference(vec![]), Some(&svc), &[&stable, &stable6], &[&canary, &canary6]).unwrap();
+        assert_eq!(resolved.groups[0].stable, addrs(&["10.0.1.5:8080"]));
+        assert_eq!(resolved.groups[0].canary, addrs(&["10.0.2.7:8080"]));
+        assert!(
+            resolved.notes.iter().any(|n| n.contains("stable has no ready IPv6 endpoint but canary has")),
+            "{:?}",
+            resolved.notes
+        );
+        // Once the stable IPv6 pod is ready, both families are steered.
+        let stable6 = slice("IPv6", &[("http", 8080)], &[("fd00::1:5", Some(true))]);
+        let resolved = resolve(&reference(vec![]), Some(&svc), &[&stable, &stable6], &[&canary, &canary6]).unwrap();
+        assert_eq!(resolved.groups[0].canary, addrs(&["10.0.2.7:8080", "[fd00::2:7]:8080"]));
+        assert!(resolved.notes.is_empty(), "{:?}", resolved.notes);
     }
 
     #[test]
