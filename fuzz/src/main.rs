@@ -26,6 +26,11 @@ struct Args {
     seed: Option<u64>,
 }
 
+thread_local! {
+    /// Set while a fuzz target runs on one input, whose panic the runner reports.
+    static IN_TARGET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 const TARGETS: [&str; 4] = ["config", "bodies", "state", "plans"];
 /// Inputs per proptest run; the time budget is checked between runs.
 const CASES_PER_ROUND: u32 = 64;
@@ -40,9 +45,15 @@ fn main() -> anyhow::Result<()> {
         Some(other) => bail!("no fuzz target {other:?}: {}", TARGETS.join(", ")),
         None => TARGETS.to_vec(),
     };
-    // Failures are reported once, shrunk, by the runner: silence the panic messages of the
-    // cases it tries while shrinking.
-    std::panic::set_hook(Box::new(|_| {}));
+    // Failures of a target are reported once, shrunk, by the runner: silence the panic messages
+    // of the cases it tries while shrinking. A panic anywhere else (building inputs, the runner
+    // itself) keeps the default message, or it would end the run with no word of why.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !IN_TARGET.get() {
+            default_hook(info);
+        }
+    }));
     println!("fuzzing {} for {} s each, seed {seed}", targets.join(", "), args.seconds);
     let budget = Duration::from_secs(args.seconds);
     let mut failed = 0;
@@ -107,6 +118,15 @@ fn run(
             Config { cases: CASES_PER_ROUND, failure_persistence: None, max_shrink_iters: 4096, ..Config::default() };
         let mut runner = TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &key));
         let result = runner.run(&strategy, |input| {
+            /// Clears `IN_TARGET` however the target ends, a panic included.
+            struct Leave;
+            impl Drop for Leave {
+                fn drop(&mut self) {
+                    IN_TARGET.set(false);
+                }
+            }
+            IN_TARGET.set(true);
+            let _leave = Leave;
             target(&input);
             Ok(())
         });
