@@ -97,6 +97,45 @@ impl ApiClient {
         Ok(Response { status, body })
     }
 
+    /// Follows a GET response that streams lines (`/v1/datapath/log`), giving `each` every line
+    /// until the agent ends the response or `each` returns false. No overall timeout: the stream
+    /// is meant to stay open.
+    pub fn follow_lines(&self, path: &str, mut each: impl FnMut(&str) -> bool) -> Result<(), ClientError> {
+        use std::io::BufRead;
+        let addr = self.addr;
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(5)))
+            .build()
+            .new_agent();
+        let mut request = agent.get(format!("http://{addr}{path}"));
+        if let Some(token) = &self.token {
+            request = request.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let mut response = request.call().map_err(|source| match source {
+            ureq::Error::Io(_) | ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => {
+                ClientError::Connect { addr, source }
+            }
+            source => ClientError::Transport { addr, source },
+        })?;
+        let status = response.status().as_u16();
+        if !(200..300).contains(&status) {
+            let text = response.body_mut().read_to_string().unwrap_or_default();
+            return Err(match serde_json::from_str::<ErrorBody>(&text) {
+                Ok(body) => ClientError::Api { status, body },
+                Err(_) => ClientError::Unexpected { addr, status, text },
+            });
+        }
+        let reader = std::io::BufReader::new(response.body_mut().as_reader());
+        for line in reader.lines() {
+            let line = line.map_err(|err| ClientError::Transport { addr, source: ureq::Error::Io(err) })?;
+            if !each(&line) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// One request with a JSON body (or none).
     pub fn request(&self, method: &str, path: &str, body: Option<&impl Serialize>) -> Result<Response, ClientError> {
         let bytes = body

@@ -100,3 +100,94 @@ fn switch_on_and_off(lab: &Lab) {
     let after = steer_lines(&lab.agent.log()).len();
     assert_eq!(after, before, "decisions logged with datapath_log = \"off\"");
 }
+
+/// A `sockshift logs --datapath` process; its stdout lines and stderr arrive on channels.
+struct Follower {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    errors: std::sync::mpsc::Receiver<String>,
+}
+
+impl Follower {
+    fn start(lab: &Lab, extra: &[&str]) -> Self {
+        use std::io::BufRead;
+        let mut command = std::process::Command::new(e2e::built_binary("sockshift"));
+        command.args(["logs", "--datapath", "--api", &lab.agent.api.to_string()]).args(extra);
+        if let Some(token) = &lab.agent.token {
+            command.env("SOCKSHIFT_TOKEN", token);
+        }
+        let mut child = command
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run sockshift logs");
+        let pipe = |reader: Box<dyn std::io::Read + Send>| {
+            let (send, receive) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(reader).lines().map_while(Result::ok) {
+                    if send.send(line).is_err() {
+                        return;
+                    }
+                }
+            });
+            receive
+        };
+        let lines = pipe(Box::new(child.stdout.take().unwrap()));
+        let errors = pipe(Box::new(child.stderr.take().unwrap()));
+        Self { child, lines, errors }
+    }
+
+    /// Every line that arrived within `wait`.
+    fn collect(&self, wait: Duration) -> Vec<String> {
+        let deadline = Instant::now() + wait;
+        let mut lines = Vec::new();
+        while let Ok(line) = self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            lines.push(line);
+        }
+        lines
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `sockshift logs --datapath` follows the records through the API: a follower started while
+/// logging is off is told so, keeps following across the reload that turns it on and sees the
+/// decisions; `--service` filters by the record's service; the verb needs `--datapath`.
+#[test]
+fn sockshift_logs_datapath_follows_the_records_across_a_level_change() {
+    let lab = Lab::new(50.0);
+    let web = Follower::start(&lab, &["--service", "web"]);
+    let other = Follower::start(&lab, &["--service", "no-such-service"]);
+    let warning = web.errors.recv_timeout(Duration::from_secs(30)).expect("a note that logging is off");
+    assert!(warning.contains("datapath_log is \"off\""), "{warning}");
+
+    set_datapath_log(&lab, "debug");
+    // The followers subscribed before the reload; give the API a moment to have both streams open.
+    std::thread::sleep(Duration::from_millis(300));
+    let report = tcp_connects(lab.inside(), FRONTEND4, 20);
+    assert_eq!(report.errors_total(), 0, "{:?}", report.raw);
+    let lines = web.collect(Duration::from_secs(3));
+    let steered: Vec<&String> = lines.iter().filter(|line| line.starts_with("steer ")).collect();
+    assert!(steered.len() >= 20, "each of the 20 connections logged (got {}): {lines:?}", steered.len());
+    for line in &lines {
+        assert!(line.contains("service=web "), "only web's records: {line}");
+    }
+    assert!(
+        steered.iter().all(|line| line.contains("side=stable backend=127.0.0.1:8001 ")
+            || line.contains("side=canary backend=127.0.0.1:8002 ")),
+        "{steered:?}"
+    );
+    assert_eq!(other.collect(Duration::from_millis(200)), Vec::<String>::new(), "--service filters");
+
+    let output = std::process::Command::new(e2e::built_binary("sockshift"))
+        .args(["logs", "--api", &lab.agent.api.to_string()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("--datapath"), "{stderr}");
+}

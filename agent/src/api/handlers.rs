@@ -372,6 +372,36 @@ pub async fn datapath_status(
     Ok(Json(state.control.ask(|reply| Command::Datapath { reply }).await?))
 }
 
+/// Follows the datapath's log records (`agent.datapath_log`) as the agent reads them: one record
+/// per line of plain text, from now on, until the client goes or the agent stops. At `off` the
+/// programs log nothing and the response stays open, empty, until the level is raised. A client
+/// that reads too slowly gets a line saying how many records it missed. Needs `viewer`.
+#[utoipa::path(get, path = "/v1/datapath/log", tag = "agent", security(("bearer" = [])),
+    responses((status = 200, description = "Records as they come, one per line", content_type = "text/plain", body = String), AuthErrors, ServerErrors))]
+pub async fn datapath_log(State(state): State<Arc<AppState>>, _: Authorized<Viewer>) -> axum::response::Response {
+    use tokio::sync::broadcast::error::RecvError;
+    let records = state.datapath_log.subscribe();
+    let shutdown = state.shutdown.clone();
+    let lines = futures_util::stream::unfold((records, shutdown), |(mut records, shutdown)| async move {
+        let line = tokio::select! {
+            () = shutdown.cancelled() => return None,
+            next = records.recv() => match next {
+                Ok(record) => record + "\n",
+                Err(RecvError::Lagged(missed)) => {
+                    format!("sockshift: {missed} datapath records missed here (this client read too slowly)\n")
+                }
+                Err(RecvError::Closed) => return None,
+            },
+        };
+        Some((Ok::<_, std::convert::Infallible>(line), (records, shutdown)))
+    });
+    axum::response::Response::builder()
+        .header(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .header(axum::http::header::CACHE_CONTROL, "no-store")
+        .body(axum::body::Body::from_stream(lines))
+        .unwrap_or_else(|_| axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct AuditQuery {

@@ -51,6 +51,10 @@ pub struct AppState {
     pub openapi: OnceLock<String>,
     /// Cluster mode; `None` on a single node.
     pub cluster: Option<ClusterApi>,
+    /// The datapath's log records, for `GET /v1/datapath/log`.
+    pub datapath_log: crate::datapath::RecordFeed,
+    /// Cancelled when the agent shuts down: ends the responses that follow a stream.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// What the API reads of cluster mode: the cluster view and how far the core got.
@@ -125,6 +129,7 @@ fn parts() -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(get_rollout, start_rollout))
         .routes(routes!(rollout_action))
         .routes(routes!(datapath_status))
+        .routes(routes!(datapath_log))
         .routes(routes!(audit_log))
         .routes(routes!(cluster_status))
         .split_for_parts()

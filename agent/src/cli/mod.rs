@@ -6,6 +6,7 @@ mod apply;
 mod output;
 
 use std::{
+    io::Write,
     net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
@@ -15,7 +16,9 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::{
-    api::types::{AuditLog, CanaryUpdate, ClusterStatus, RolloutView, ServiceBody, ServiceList, ServiceState},
+    api::types::{
+        AuditLog, CanaryUpdate, ClusterStatus, DatapathStatus, RolloutView, ServiceBody, ServiceList, ServiceState,
+    },
     client::ApiClient,
     config::{Affinity, KubernetesConfig, PortSelector, Role},
     paths,
@@ -106,6 +109,20 @@ pub enum Command {
     Audit {
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Follow the datapath's log records as the agent reads them (`agent.datapath_log`; the
+    /// agent's own log holds them too, target `datapath`). Runs until interrupted or the agent
+    /// stops.
+    Logs {
+        /// The datapath's records (the only log this verb follows; the agent's own log is its
+        /// standard error: `kubectl logs` or the journal).
+        #[arg(long, required = true)]
+        datapath: bool,
+        /// Only records of this service.
+        #[arg(long)]
+        service: Option<String>,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -342,6 +359,26 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Openapi => {
             println!("{}", crate::api::openapi().to_pretty_json()?);
+            Ok(())
+        }
+        Command::Logs { datapath: _, service, api } => {
+            let client = api.client()?;
+            let status: DatapathStatus = client.call("GET", "/v1/datapath", NONE)?;
+            if status.datapath_log == crate::config::DatapathLog::Off {
+                eprintln!(
+                    "agent.datapath_log is \"off\": the programs log nothing until it is set to \"info\" (fail-open \
+                     events) or \"debug\" (every steering decision) in the agent's config; following anyway"
+                );
+            }
+            let wanted = service.map(|name| format!(" service={name} "));
+            let mut stdout = std::io::stdout().lock();
+            client.follow_lines("/v1/datapath/log", |line| {
+                // A record is `steer service=NAME ...`: match the whole field.
+                let shown = wanted.as_ref().is_none_or(|w| format!(" {line} ").contains(w.as_str()));
+                // Stop when stdout is gone (a closed pipe).
+                !shown || (writeln!(stdout, "{line}").is_ok() && stdout.flush().is_ok())
+            })?;
+            eprintln!("the agent ended the stream (it stopped or restarted)");
             Ok(())
         }
         Command::Status { cluster: true, api, .. } => {

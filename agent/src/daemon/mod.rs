@@ -131,6 +131,7 @@ async fn serve_with<S: Store>(
     let datapath = Datapath::load(&DatapathOptions::from(&config)).with_context(|| {
         format!("loading the datapath (cgroup {}, bpffs {})", config.cgroup.display(), config.bpffs.display())
     })?;
+    let datapath_log = datapath.record_feed();
     let (follow_tx, follow_rx) = mpsc::unbounded_channel();
     let discovery = Discovery::restore(&config.state_dir);
     let wanted_references = discovery.subscribe();
@@ -170,6 +171,8 @@ async fn serve_with<S: Store>(
         cluster: cluster
             .as_ref()
             .map(|parts| ClusterApi { handle: parts.handle.clone(), progress: started.progress.clone() }),
+        datapath_log,
+        shutdown: shutdown.clone(),
     });
     let supervisor = Supervisor { shutdown: shutdown.clone(), health: tasks, faults };
     let control = started.handle;

@@ -47,6 +47,7 @@ use aya::{
     BtfError, Ebpf, EbpfError,
 };
 pub use loader::{detach_link_pin, ForeignProgram, LinkOutcome};
+pub use program_log::RecordFeed;
 use registry::{Revisions, ServiceIds};
 pub use sockets::{Selection, Termination};
 
@@ -396,6 +397,11 @@ impl Datapath {
             foreign,
             terminator: sockets::Terminator::start(options.cgroup.clone(), sockets),
         })
+    }
+
+    /// The programs' log records as they are read (whatever the level; none at `off`).
+    pub fn record_feed(&self) -> RecordFeed {
+        self.log_reader.feed()
     }
 
     /// Replaces the programs with ones that log at `level` (`agent.datapath_log`): the object is

@@ -4,6 +4,9 @@
 //!
 //! The reader follows the programs: when they are replaced (a new level), it drains the old
 //! object's buffer once more, then reads the new one; at `off` it reads nothing.
+//!
+//! Each named record also goes to a [`RecordFeed`], which `GET /v1/datapath/log` (and so
+//! `sockshift logs --datapath`) follows; with no one following, nothing is sent.
 
 use std::{
     collections::HashMap,
@@ -27,6 +30,12 @@ pub const LOG_TARGET: &str = "datapath";
 /// picked up within this.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
+/// Records kept for a follower that falls behind; beyond this it is told how many it missed.
+const FEED_BACKLOG: usize = 4096;
+
+/// The named records as they are read, for whoever follows them (`GET /v1/datapath/log`).
+pub type RecordFeed = tokio::sync::broadcast::Sender<String>;
+
 /// Service id -> name, as the datapath holds them; written by the datapath, read per record.
 pub type ServiceNames = Arc<RwLock<HashMap<u32, String>>>;
 
@@ -34,30 +43,38 @@ pub type ServiceNames = Arc<RwLock<HashMap<u32, String>>>;
 pub struct LogReader {
     swap: mpsc::Sender<Option<EbpfLogger<Sink>>>,
     names: ServiceNames,
+    feed: RecordFeed,
 }
 
 impl LogReader {
     pub fn start() -> Self {
         let (swap, buffers) = mpsc::channel();
         let names = ServiceNames::default();
+        let (feed, _) = tokio::sync::broadcast::channel(FEED_BACKLOG);
         // The reader ends when the datapath (the sender) goes.
         let spawned = std::thread::Builder::new().name("datapath-log".into()).spawn(move || read(buffers));
         if let Err(err) = spawned {
             log::error!("cannot start the datapath log reader ({err}); datapath_log records are not read");
         }
-        Self { swap, names }
+        Self { swap, names, feed }
+    }
+
+    /// The records as they are read, for followers.
+    pub fn feed(&self) -> RecordFeed {
+        self.feed.clone()
     }
 
     /// Reads the log of `ebpf` (just loaded) from now on; `None` (level `off`): nothing.
     pub fn follow(&self, ebpf: Option<&mut Ebpf>) {
-        let logger =
-            ebpf.and_then(|ebpf| match EbpfLogger::init_with_logger(ebpf, Sink { names: self.names.clone() }) {
+        let logger = ebpf.and_then(|ebpf| {
+            match EbpfLogger::init_with_logger(ebpf, Sink { names: self.names.clone(), feed: self.feed.clone() }) {
                 Ok(logger) => Some(logger),
                 Err(err) => {
                     log::error!("cannot read the datapath log: {err}");
                     None
                 }
-            });
+            }
+        });
         let _ = self.swap.send(logger);
     }
 
@@ -92,9 +109,10 @@ fn read(buffers: mpsc::Receiver<Option<EbpfLogger<Sink>>>) {
     }
 }
 
-/// Writes each record to the agent's log, named.
+/// Writes each record to the agent's log, named, and to the followers.
 pub struct Sink {
     names: ServiceNames,
+    feed: RecordFeed,
 }
 
 impl log::Log for Sink {
@@ -108,6 +126,10 @@ impl log::Log for Sink {
             Ok(names) => describe(&text, &names),
             Err(_) => describe(&text, &HashMap::new()),
         };
+        if self.feed.receiver_count() > 0 {
+            // Fails only when the last follower left meanwhile.
+            let _ = self.feed.send(line.clone());
+        }
         // At the agent's info level whatever the record's: agent.datapath_log is the filter.
         log::info!(target: LOG_TARGET, "{line}");
     }
