@@ -374,6 +374,35 @@ fn two_nodes_racing_on_one_service_end_identical_to_etcd_with_every_change_audit
     assert_eq!(weight_changes.len() as u32, a_accepted + b_accepted, "no other weight change is audited");
     let last = weight_changes.last().unwrap();
     assert_eq!(last["after"]["canary_percent"].as_f64(), Some(in_etcd), "the last audited change is etcd's: {last}");
+
+    // Refused requests stay in the audit log of the node that refused them, never in etcd:
+    // anyone who reaches an API can make them without a token, and in etcd each would be a
+    // commit fanned out to every node, filling etcd's quota.
+    let audit_keys = || {
+        let keys = lab.etcd.etcdctl_ok(&["get", "--prefix", "--keys-only", &format!("{}/v1/audit/", lab.prefix)]);
+        keys.lines().filter(|line| !line.trim().is_empty()).count()
+    };
+    let keys_before = audit_keys();
+    for _ in 0..5 {
+        let body = json!({ "percent": 1.0 });
+        let (status, body) = lab.node("node-a").agent.call_as(None, "PUT", "/v1/services/web/canary", Some(&body));
+        assert_eq!(status, 401, "{body}");
+    }
+    let refused_on = |node: &str| -> Vec<String> {
+        let (status, log) = lab.node(node).call("GET", "/v1/audit?limit=1000", None);
+        assert_eq!(status, 200, "{log}");
+        let entries = log["entries"].as_array().unwrap();
+        entries.iter().filter(|e| e["refused"] == "no_token").map(|e| e["node"].as_str().unwrap().to_string()).collect()
+    };
+    eventually(Duration::from_secs(5), "node-a's refusals in its audit log, named as its", || {
+        let refused = refused_on("node-a");
+        match refused.len() == 5 && refused.iter().all(|node| node == "node-a") {
+            true => Ok(()),
+            false => Err(format!("{refused:?}")),
+        }
+    });
+    assert_eq!(refused_on("node-c"), Vec::<String>::new(), "node-a's refusals are its own");
+    assert_eq!(audit_keys(), keys_before, "refusals wrote audit keys to etcd");
 }
 
 #[test]

@@ -96,7 +96,8 @@ async fn serve(config_path: &Path, config: Config, loaded_bytes: Option<Vec<u8>>
             })?;
             log::info!("cluster mode: node {:?}, prefix {}/v1/", settings.node, settings.prefix);
             let parts = ClusterParts { handle: cluster.handle, follow: cluster.follow, presence: cluster.presence };
-            serve_with(config_path, config, loaded_bytes, listener, cluster.store, Some(parts)).await
+            let store = cluster.store.with_audit_rotation(config.audit);
+            serve_with(config_path, config, loaded_bytes, listener, store, Some(parts)).await
         }
         None => {
             let store = FileStore::open(&config.state_dir)

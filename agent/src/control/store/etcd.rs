@@ -131,6 +131,8 @@ pub enum StartError {
     Misconfigured(ClusterError),
     #[error("starting the local copy's writer thread: {0}")]
     Thread(std::io::Error),
+    #[error("opening the node's audit log of refused requests in {}: {source}", path.display())]
+    LocalAudit { path: std::path::PathBuf, source: std::io::Error },
 }
 
 /// Cluster mode, set up: the store for the core, a handle for the API, and the two background
@@ -146,6 +148,8 @@ pub struct Started {
 /// state from it (otherwise starts from the local copy and catches up later).
 pub async fn start(settings: &ClusterSettings, state_dir: &Path) -> Result<Started, StartError> {
     let local_path = state_dir.join(LOCAL_COPY_FILE);
+    let refusals = crate::audit::AuditFile::open(state_dir)
+        .map_err(|source| StartError::LocalAudit { path: state_dir.to_owned(), source })?;
     let mut recovered = Vec::new();
     let local = read_local_copy(&local_path, &settings.prefix, &mut recovered);
     let store = ClusterStore::open(settings, Timeouts::default()).await.map_err(StartError::Misconfigured)?;
@@ -228,6 +232,8 @@ pub async fn start(settings: &ClusterSettings, state_dir: &Path) -> Result<Start
             status: status_tx,
             leadership: leadership.clone(),
             persist,
+            refusals,
+            node: settings.node.clone(),
         },
         handle: ClusterHandle {
             node: settings.node.clone(),
@@ -252,9 +258,22 @@ pub struct EtcdStore {
     status: watch::Sender<NodeStatus>,
     leadership: watch::Receiver<Option<Leadership>>,
     persist: std::sync::mpsc::Sender<LocalCopy>,
+    /// Refused requests: in the node's own rotated `audit.log`, never in etcd. Anyone who can
+    /// reach the API can make refusals without a token; written to etcd they would cost a
+    /// commit each, fan out to every node's watch and fill etcd's quota, which stops every
+    /// change (the kill switch included) on every node.
+    refusals: crate::audit::AuditFile,
+    node: String,
 }
 
 impl EtcdStore {
+    /// Rotates the node's audit log of refused requests by size (`agent.audit_max_bytes`,
+    /// `agent.audit_keep`).
+    pub fn with_audit_rotation(mut self, rotation: crate::config::AuditRotation) -> Self {
+        self.refusals.set_rotation(rotation);
+        self
+    }
+
     /// How long the watch has been down, once that is longer than [`FAIL_FAST_AFTER`], with why.
     fn outage(&self) -> Option<(Duration, String)> {
         let view = self.view.borrow();
@@ -367,7 +386,18 @@ impl Store for EtcdStore {
     }
 
     fn audit_source(&self) -> Arc<dyn AuditSource> {
-        Arc::new(EtcdAudit { store: self.store.clone() })
+        Arc::new(EtcdAudit {
+            store: self.store.clone(),
+            refusals: self.refusals.path().to_owned(),
+            node: self.node.clone(),
+        })
+    }
+
+    async fn audit_refusal(&mut self, entry: AuditEntry) -> Result<(), StoreError> {
+        self.refusals
+            .append(&entry)
+            .map(|_| ())
+            .map_err(|source| StoreError::Persist { path: self.refusals.path().to_owned(), source })
     }
 }
 
@@ -415,9 +445,12 @@ fn conflict(conflicts: Vec<cluster::Conflict>) -> StoreError {
     }
 }
 
-/// The audit log in etcd, readable from every node.
+/// The audit log: accepted changes in etcd, readable from every node, merged by time with the
+/// requests this node refused (its own `audit.log`).
 struct EtcdAudit {
     store: ClusterStore,
+    refusals: std::path::PathBuf,
+    node: String,
 }
 
 impl AuditSource for EtcdAudit {
@@ -429,21 +462,36 @@ impl AuditSource for EtcdAudit {
             for invalid in &page.invalid {
                 log::error!("skipping a bad audit entry in etcd: {invalid}");
             }
-            Ok(page
-                .entries
-                .into_iter()
-                .filter_map(|record| {
-                    let mut entry: AuditEntry = match serde_json::from_value(record.value.entry) {
-                        Ok(entry) => entry,
-                        Err(err) => {
-                            log::error!("skipping an audit entry in etcd that is not one: {err}");
-                            return None;
-                        }
-                    };
-                    entry.node = Some(record.value.node);
-                    Some(entry)
-                })
-                .collect())
+            let path = self.refusals.clone();
+            let refused = tokio::task::spawn_blocking({
+                let path = path.clone();
+                move || crate::audit::tail(&path, limit)
+            })
+            .await
+            .map_err(|join| std::io::Error::other(join.to_string()))
+            .and_then(|r| r)
+            .map_err(|source| StoreError::AuditRead { path, source })?;
+            let accepted = page.entries.into_iter().filter_map(|record| {
+                let mut entry: AuditEntry = match serde_json::from_value(record.value.entry) {
+                    Ok(entry) => entry,
+                    Err(err) => {
+                        log::error!("skipping an audit entry in etcd that is not one: {err}");
+                        return None;
+                    }
+                };
+                entry.node = Some(record.value.node);
+                Some(entry)
+            });
+            let refused = refused.into_iter().map(|mut entry| {
+                entry.node = Some(self.node.clone());
+                entry
+            });
+            // Times are RFC 3339 UTC with milliseconds: they sort as text. Stable, so entries of
+            // one millisecond keep their order within each log.
+            let mut entries: Vec<AuditEntry> = accepted.chain(refused).collect();
+            entries.sort_by(|a, b| a.time.cmp(&b.time));
+            let skip = entries.len().saturating_sub(limit);
+            Ok(entries.split_off(skip))
         })
     }
 }
