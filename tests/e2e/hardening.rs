@@ -554,9 +554,42 @@ fn the_audit_log_rotates_and_is_read_from_the_end() {
     let percents: Vec<f64> = entries[..29].iter().map(|e| e["after"]["canary_percent"].as_f64().unwrap()).collect();
     let expected: Vec<f64> = (ROUNDS - 29..ROUNDS).map(|r| f64::from(r % 50)).collect();
     assert_eq!(percents, expected, "the entries around the bad lines are all there, in order");
-    let (status, reply) = lab.agent.call("GET", "/v1/audit?limit=5000", None);
+}
+
+/// One read of the audit log returns at most 1000 entries, the newest ones, however long the
+/// log: the default is 1000 and a larger `limit` is refused, naming the field.
+#[test]
+fn audit_reads_return_at_most_the_newest_1000_entries() {
+    let mut lab = Lab::with_agent(TOKENS, &web_service(""));
+    lab.agent.token = RELEASE.map(String::from);
+    lab.agent.stop_with(libc::SIGTERM);
+    // 1,100 entries older than anything the agent writes, then the agent's own.
+    let path = lab.agent.state_dir.join("audit.log");
+    let mut log = std::fs::read_to_string(&path).unwrap_or_default();
+    let old: String = (0..1100)
+        .map(|i| {
+            let entry = json!({ "time": format!("2020-01-01T00:{:02}:{:02}.000Z", i / 60, i % 60), "token": "old",
+                "role": "operator", "method": "PUT", "route": format!("/v1/services/old-{i}/canary"),
+                "before": null, "after": null });
+            format!("{entry}\n")
+        })
+        .collect();
+    log.insert_str(0, &old);
+    std::fs::write(&path, log).unwrap();
+    lab.agent.spawn();
+    lab.agent.set_percent("web", 7.0);
+
+    let (status, reply) = lab.agent.call("GET", "/v1/audit", None);
     assert_eq!(status, 200, "{reply}");
-    assert!(reply["entries"].as_array().unwrap().len() <= 1000, "limit is capped at 1000");
+    let entries = reply["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 1000, "the default is the most: 1000");
+    assert_eq!(entries.last().unwrap()["after"]["canary_percent"], json!(7.0), "the newest entry last");
+    let oldest = entries.iter().find(|e| e["token"] == "old").unwrap();
+    let kept_old = entries.iter().filter(|e| e["token"] == "old").count();
+    assert_eq!(oldest["route"], json!(format!("/v1/services/old-{}/canary", 1100 - kept_old)), "the newest old ones");
+    let (status, reply) = lab.agent.call("GET", "/v1/audit?limit=1001", None);
+    assert_eq!((status, reply["code"].as_str(), reply["field"].as_str()), (400, Some("out_of_range"), Some("limit")));
+    assert!(reply["message"].as_str().unwrap().contains("1000"), "{reply}");
 }
 
 /// A viewer sees webhook URLs without their query strings (in the rollout and the audit log);

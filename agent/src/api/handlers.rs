@@ -415,14 +415,21 @@ pub struct AuditQuery {
 /// their query strings.
 #[utoipa::path(get, path = "/v1/audit", tag = "agent", security(("bearer" = [])),
     params(AuditQuery),
-    responses((status = 200, description = "The last entries, oldest first", body = AuditLog), (status = 400, description = "`invalid_field`: a bad `limit`", body = ErrorBody), AuthErrors, ServerErrors))]
+    responses((status = 200, description = "The last entries, oldest first", body = AuditLog), (status = 400, description = "`invalid_field`: `limit` is not a number; `out_of_range`: `limit` above 1000", body = ErrorBody), AuthErrors, ServerErrors))]
 pub async fn audit_log(
     State(state): State<Arc<AppState>>,
     Authorized(caller, ..): Authorized<Viewer>,
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<AuditLog>, ApiError> {
     let Query(query) = query.map_err(|err| ApiError::field(ErrorCode::InvalidField, "limit", err.body_text()))?;
-    let limit = query.limit.unwrap_or(AUDIT_LIMIT_MAX).min(AUDIT_LIMIT_MAX);
+    let limit = query.limit.unwrap_or(AUDIT_LIMIT_MAX);
+    if limit > AUDIT_LIMIT_MAX {
+        return Err(ApiError::field(
+            ErrorCode::OutOfRange,
+            "limit",
+            format!("limit {limit} is above {AUDIT_LIMIT_MAX}, the most one read returns"),
+        ));
+    }
     let mut entries = state.audit.tail(limit).await.map_err(|err| match err {
         // Cluster mode keeps the log in etcd.
         StoreError::Unavailable(_) => ApiError::new(ErrorCode::ClusterUnavailable, err.to_string()),
