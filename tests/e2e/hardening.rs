@@ -27,7 +27,7 @@ const RELEASE: Option<&str> = Some("release-token-001");
 /// closes: (status, head and body as text, time to the first byte of the answer).
 fn raw_http(addr: SocketAddr, request: &[u8]) -> (u16, String, Duration) {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect to the API");
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     stream.write_all(request).expect("send the request");
     let started = Instant::now();
     let mut first = [0u8; 1];
@@ -208,6 +208,22 @@ fn refused_requests_are_answered_counted_and_audited() {
     assert_eq!(status, 401, "{text}");
     assert!(waited < Duration::from_secs(1), "the agent waited {waited:?} for a body before refusing");
     std::thread::sleep(Duration::from_millis(150));
+
+    // An authorized request whose body stalls gets 408 `body_timeout` once the body's time
+    // (BODY_TIMEOUT, 10 s) is up, and changes nothing.
+    let head = format!(
+        "PUT {canary} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{json}\r\nAuthorization: Bearer \
+         operator-token-01\r\nContent-Length: 100\r\n\r\n{{\"percent\":"
+    );
+    let (status, text, waited) = raw_http(api, head.as_bytes());
+    assert_eq!(status, 408, "{text}");
+    assert!(text.contains("\"code\":\"body_timeout\""), "{text}");
+    assert!(
+        waited >= Duration::from_secs(9) && waited < Duration::from_secs(13),
+        "answered after {waited:?}, not when the body's 10 s were up"
+    );
+    let after = lab.agent.call_as(RELEASE, "GET", "/v1/services/web", None).1;
+    assert_eq!(before["canary_percent"], after["canary_percent"], "a stalled body changed the weight");
 
     // Allowed: lower-case `bearer`, localhost and [::1]-style hosts, a charset parameter.
     for (host, scheme) in [(format!("localhost:{}", api.port()), "bearer"), (host.clone(), "BEARER")] {
