@@ -368,16 +368,16 @@ fn the_frontend_follows_the_cluster_ip_and_a_missing_service_says_why() {
     }
     assert_eq!(lab.agent.call("GET", "/v1/services/bad", None).0, 404, "a refused service is not added");
 
-    // The CLI: `sockshift service add --k8s`.
+    // The CLI: `sockshift service add --k8s`, the service named after the frontend Service.
     lab.double.apply(&service(NS, "api", &["127.1.0.95"], &[("http", 80, "http")]));
     let output = std::process::Command::new(e2e::built_binary("sockshift"))
-        .args(["service", "add", "api", "--k8s", "shop/api", "--stable", "web-stable", "--canary", "web-canary"])
+        .args(["service", "add", "--k8s", "shop/api", "--stable", "web-stable", "--canary", "web-canary"])
         .args(["--percent", "100", "--port", "http", "--api", &lab.agent.api.to_string(), "--output", "json"])
         .output()
         .unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let added: Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(added["kubernetes"]["canary"], "web-canary", "{added}");
+    assert_eq!((added["name"].as_str(), added["kubernetes"]["canary"].as_str()), (Some("api"), Some("web-canary")));
     lab.wait_for("api", "the CLI-added service", |s| kube_state(s) == "synced");
     let report = tcp_connects(lab.inside(), "127.1.0.95:80", 50);
     assert_eq!((report.errors_total(), tags(&report)), (0, set(&["canary-1"])), "{:?}", report.raw);

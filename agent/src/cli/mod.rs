@@ -153,7 +153,9 @@ pub enum ServiceAction {
     /// Add a service, or replace it whole: by addresses (`--frontend`), or by Kubernetes
     /// Services (`--k8s NAMESPACE/SERVICE --stable SERVICE --canary SERVICE`).
     Add {
-        name: String,
+        /// The service's name; with --k8s it defaults to the frontend Service's name.
+        #[arg(required_unless_present = "k8s")]
+        name: Option<String>,
         /// Frontend `ip:port`, repeatable.
         #[arg(long = "frontend", required_unless_present = "k8s")]
         frontends: Vec<String>,
@@ -437,11 +439,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     api,
                 },
         } => {
-            let (stable, canary, kubernetes) = match k8s {
+            let (stable, canary, kubernetes) = match &k8s {
                 None => (stable, canary, None),
-                Some(frontend) => {
-                    (Vec::new(), Vec::new(), Some(kubernetes_table(&frontend, &stable, &canary, &ports)?))
-                }
+                Some(frontend) => (Vec::new(), Vec::new(), Some(kubernetes_table(frontend, &stable, &canary, &ports)?)),
+            };
+            // `--k8s shop/web` names the service `web` unless a name is given.
+            let name = match (name, &kubernetes) {
+                (Some(name), _) => name,
+                (None, Some(table)) => table.frontend.clone(),
+                (None, None) => bail!("a service name is required (or --k8s NAMESPACE/SERVICE)"),
             };
             let body = ServiceBody {
                 name: None,
