@@ -473,6 +473,12 @@ fn one_udp_socket_talking_to_several_frontends_gets_every_reply_translated() {
         })
         .collect();
     let agent = Agent::start(&cgroup, &services);
+    let udp_flows = || {
+        let (status, body) = agent.call("GET", "/v1/datapath", None);
+        assert_eq!(status, 200, "{body}");
+        body["udp_flows"].as_u64().unwrap()
+    };
+    let flows_before = udp_flows();
     let inside = Placement { netns: Some(&netns), cgroup: Some(&cgroup) };
     for (targets, prefix) in [
         ("127.1.0.81:53,127.1.0.82:53,127.1.0.83:53", ""),
@@ -502,6 +508,12 @@ fn one_udp_socket_talking_to_several_frontends_gets_every_reply_translated() {
     for name in ["ns-a", "ns-b", "ns-c"] {
         assert_eq!(side(&agent.service(name), "stable", "datagrams_steered"), 20, "{name}");
     }
+    // The probes have exited: every socket's three translations went with it.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while udp_flows() != flows_before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(udp_flows(), flows_before, "translations of closed sockets left in the UDP flow table");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -924,6 +936,21 @@ fn srtt_skips_zero_samples_and_rtos_are_counted_per_connection() {
          [\"127.0.0.1:8002\"]\ncanary_percent = 100\n",
     );
     in_netns(&lab.netns, &["sysctl", "-qw", "net.ipv4.tcp_timestamps=0", "net.ipv4.tcp_no_metrics_save=1"]);
+    // First to stable, with no SYN lost: each connection is sampled when it is established and
+    // again when it closes.
+    lab.agent.set_percent("lossy", 0.0);
+    let report = TcpReport {
+        raw: probe(
+            lab.inside(),
+            &["tcp", "--target", "127.1.0.6:80", "--count", "5", "--request", "--connect-timeout-ms", "5000"],
+        ),
+    };
+    assert_eq!(report.tag("stable"), 5, "{:?}", report.raw);
+    let state = lab.agent.service("lossy");
+    assert_eq!(side(&state, "stable", "health.established"), 5, "{state}");
+    assert_eq!(side(&state, "stable", "health.srtt_close_samples"), 5, "{state}");
+    assert_eq!(side(&state, "stable", "health.srtt_samples"), 10, "one sample at establishment, one at close: {state}");
+    lab.agent.set_percent("lossy", 100.0);
     // Every other SYN to the canary is dropped: each connection's first, so its retransmission
     // (one second later) gets through.
     in_netns(
