@@ -149,23 +149,32 @@ fn elapsed_s(rollout: &Value) -> f64 {
 }
 
 /// A canary that accepts every connection but answers 500 to 20 % of requests: the kernel sees
-/// nothing wrong, the error-rate gate does. The same plan promotes a healthy canary.
+/// nothing wrong, the error-rate gate does, and rolls it back during its first step's window,
+/// long before the window ends. A plan of the same gate promotes a healthy canary.
 #[test]
 fn an_error_rate_gate_rolls_back_a_canary_answering_500s_that_every_kernel_gate_passes() {
-    let plan = json!({
-        "steps": [50, 100],
-        "step_seconds": 4,
-        "gates": { "metrics": [error_rate_gate()] },
-    });
+    let plan = |step_seconds: u64| {
+        json!({
+            "steps": [50, 100],
+            "step_seconds": step_seconds,
+            "gates": { "metrics": [error_rate_gate()] },
+        })
+    };
 
     let lab = MetricLab::new(20.0, &[]);
-    let started = lab.start(&plan);
+    // A 60 s window: judged only at its end, the rollback would come after 60 s. Read every 5 s
+    // (the poll interval), three failing readings in a row fail the step: about 15 s after the
+    // first scrapes show the errors; 40 s leaves room for a loaded machine and still proves it.
+    let started = lab.start(&plan(60));
+    let started_at = Instant::now();
     assert_eq!(started["plan"]["gates"]["metrics"][0]["name"], "error-rate", "{started}");
     assert_eq!(started["plan"]["gates"]["on_missing"], "hold", "the default is shown: {started}");
-    let rolled_back = lab.wait("rolled back", Duration::from_secs(30), |r| {
+    let rolled_back = lab.wait("rolled back early, inside the 60 s window", Duration::from_secs(40), |r| {
         assert_ne!(r["state"], "promoted", "a canary answering 20 % 500s was promoted: {r:#}");
         r["state"] == "rolled_back"
     });
+    assert!(started_at.elapsed() < Duration::from_secs(45), "rolled back after {:?}", started_at.elapsed());
+    assert_eq!(rolled_back["step"], 0, "in the first step: {rolled_back}");
     assert_eq!(lab.canary_percent(), 0.0);
     let events = history(&rolled_back);
     let reason = event(&events, "rolled_back").unwrap();
@@ -197,7 +206,7 @@ fn an_error_rate_gate_rolls_back_a_canary_answering_500s_that_every_kernel_gate_
     // The same plan, started from a file by the CLI, promotes a healthy canary.
     let lab = MetricLab::new(0.0, &[]);
     let path = std::env::temp_dir().join(unique_name("plan.json"));
-    std::fs::write(&path, plan.to_string()).unwrap();
+    std::fs::write(&path, plan(4).to_string()).unwrap();
     let started = lab.cli(&["rollout", "start", "web", "--plan", path.to_str().unwrap()]);
     let _ = std::fs::remove_file(&path);
     assert!(started.contains("metric error-rate"), "{started}");
