@@ -293,13 +293,15 @@ fn prometheus_down_mid_rollout_holds_the_step_or_fails_it_as_the_plan_says() {
 fn a_webhook_check_answering_500_holds_the_step_and_rolls_back_after_the_threshold() {
     let failing = Receiver::start(Behaviour::Answer(500));
     let passing = Receiver::start(Behaviour::Answer(200));
-    let allow = [failing.allow(), passing.allow()];
+    let notified = Receiver::start(Behaviour::Answer(200));
+    let allow = [failing.allow(), passing.allow(), notified.allow()];
     let plan = |url: String| {
         json!({
             "steps": [50, 100],
             "step_seconds": 2,
             "failure_threshold": 2,
             "gates": { "webhooks": [{ "name": "acceptance", "url": url, "timeout_seconds": 5 }] },
+            "webhooks": [notified.url("/events")],
         })
     };
 
@@ -327,6 +329,29 @@ fn a_webhook_check_answering_500_holds_the_step_and_rolls_back_after_the_thresho
     }
     assert_eq!(rolled_back["last_judgement"]["webhooks"][0]["status"], 500, "{rolled_back}");
     assert_eq!(lab.canary_percent(), 0.0);
+    // The rollback's notification carries the judgement: the check's status and detail.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let notification = loop {
+        let events: Vec<Value> = notified
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, body)| serde_json::from_slice::<Value>(body).unwrap())
+            .collect();
+        if let Some(rolled) = events.into_iter().find(|e| e["event"] == "rolled_back") {
+            break rolled;
+        }
+        assert!(Instant::now() < deadline, "no rolled_back notification");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let check = &notification["judgement"]["webhooks"][0];
+    assert_eq!((&check["name"], &check["status"]), (&json!("acceptance"), &json!(500)), "{notification}");
+    assert!(check["detail"].as_str().is_some_and(|d| d.contains("HTTP 500")), "{notification}");
+    assert!(notification["detail"].as_str().is_some_and(|d| d.contains("acceptance")), "{notification}");
+    // `rollout status --watch` on a finished rollout prints its table once and ends.
+    let watched = lab.cli(&["rollout", "status", "web", "--watch"]);
+    assert!(watched.contains("rolled_back"), "{watched}");
     drop(lab);
 
     let lab = MetricLab::new(0.0, &allow);
