@@ -645,7 +645,7 @@ fn a_restarted_agent_resumes_the_rollout_at_the_same_step() {
 
 #[test]
 fn bad_plans_are_refused_and_nothing_starts() {
-    let lab = Lab::new(0.0);
+    let lab = Lab::new_with_agent(0.0, "webhook_allow = [\"127.0.0.1:9\"]");
     let many_steps: Vec<f64> = (1..=101).map(|i| f64::from(i) * 0.5).collect();
     let cases = [
         (json!({ "steps": [], "step_seconds": 1 }), "steps"),
@@ -655,7 +655,6 @@ fn bad_plans_are_refused_and_nothing_starts() {
         (json!({ "steps": [10, 50], "step_seconds": -2 }), "step_seconds"),
         (json!({ "steps": [10, 50], "step_seconds": 0.5 }), "step_seconds"),
         (json!({ "steps": [10, 50], "step_seconds": 1, "failure_threshold": 1000 }), "failure_threshold"),
-        (json!({ "steps": [10, 50], "step_seconds": 1, "webhooks": vec!["http://127.0.0.1:9/"; 9] }), "webhooks"),
         (json!({ "steps": [10, 50], "step_seconds": 1, "gates": { "max_error_budget": 0.1 } }), "gates"),
         (json!({ "steps": [10, 50], "step_seconds": 1, "gates": { "confidence": 1.5 } }), "gates.confidence"),
         (
@@ -679,6 +678,11 @@ fn bad_plans_are_refused_and_nothing_starts() {
         assert_eq!(status, 400, "{plan}: {body}");
         assert!(body["field"].as_str().unwrap_or("").starts_with(field), "{plan}: {body}");
     }
+    // Nine allowed webhooks: refused for their number, not for one of them.
+    let plan = json!({ "steps": [10, 50], "step_seconds": 1, "webhooks": vec!["http://127.0.0.1:9/"; 9] });
+    let (status, body) = lab.agent.call("POST", "/v1/services/web/rollout", Some(&plan));
+    assert_eq!((status, body["field"].as_str()), (400, Some("webhooks")), "{body}");
+    assert!(body["message"].as_str().unwrap_or("").contains("at most 8"), "{body}");
     let (status, body) = lab.agent.call("GET", "/v1/services/web/rollout", None);
     assert_eq!((status, body["code"].as_str()), (404, Some("rollout_not_found")), "{body}");
     assert_eq!(lab.agent.service("web")["canary_percent"], json!(0.0));
