@@ -1157,9 +1157,20 @@ fn restart_keeps_steering_without_a_gap(manifest_path: &Path) {
     backends.wait_discovered(manifest.config.api, manifest.release_token().as_deref());
     let set = pod.exec(&["sockshift", "set", &backends.service, "50"]);
     assert!(set.status.success(), "sockshift set: {}", String::from_utf8_lossy(&set.stderr));
+    kill_and_replay_under_traffic(&pod, &readiness, &backends, &node, 50.0);
 
-    // Batches of connections from a host process in the cgroup, timestamped, while the pod is
-    // killed and played again (at most two minutes).
+    // The new agent adopted the pins and restored the weight from the state directory.
+    let logs = pod.logs();
+    assert!(logs.contains("adopted"), "the replayed agent did not adopt the pinned links:\n{logs}");
+    let status = pod.exec(&["sockshift", "status", &backends.service, "--output", "json"]);
+    let state: serde_json::Value = serde_json::from_slice(&status.stdout).expect("sockshift status --output json");
+    assert_eq!(state["canary_percent"], serde_json::json!(50.0), "{state}");
+}
+
+/// Kills the pod and plays it again while a host process in the cgroup connects in timestamped
+/// batches (at most two minutes): no connection fails before, while no agent runs, or after,
+/// and the canary's share is `percent` while the agent is gone and after it is back.
+fn kill_and_replay_under_traffic(pod: &Pod, readiness: &HttpProbe, backends: &Backends, node: &Node, percent: f64) {
     const BATCH: u32 = 40;
     let stop = AtomicBool::new(false);
     let (killed_at, ready_at, batches) = std::thread::scope(|scope| {
@@ -1177,7 +1188,7 @@ fn restart_keeps_steering_without_a_gap(manifest_path: &Path) {
         let api_down = !readiness.passes();
         std::thread::sleep(Duration::from_secs(3));
         pod.replay();
-        let ready_at = pod.played_at.get() + pod.wait_ready(&readiness, Duration::from_secs(60));
+        let ready_at = pod.played_at.get() + pod.wait_ready(readiness, Duration::from_secs(60));
         std::thread::sleep(Duration::from_secs(2));
         stop.store(true, Ordering::Relaxed);
         let batches = traffic.join().expect("traffic thread");
@@ -1216,16 +1227,9 @@ fn restart_keeps_steering_without_a_gap(manifest_path: &Path) {
         ready_at - killed_at,
         report.share("canary")
     );
-    assert_share(&report, count, 50.0, "with no agent running");
+    assert_share(&report, count, percent, "with no agent running");
     let (report, count) = merged(batches.iter().filter(|(t, _)| *t >= ready_at).map(|(_, r)| r).collect());
-    assert_share(&report, count, 50.0, "after the replay");
-
-    // The new agent adopted the pins and restored the weight from the state directory.
-    let logs = pod.logs();
-    assert!(logs.contains("adopted"), "the replayed agent did not adopt the pinned links:\n{logs}");
-    let status = pod.exec(&["sockshift", "status", &backends.service, "--output", "json"]);
-    let state: serde_json::Value = serde_json::from_slice(&status.stdout).expect("sockshift status --output json");
-    assert_eq!(state["canary_percent"], serde_json::json!(50.0), "{state}");
+    assert_share(&report, count, percent, "after the replay");
 }
 
 /// The cluster manifest's pod on this node, joined to a real etcd (3 members, TLS with client
@@ -1309,6 +1313,16 @@ fn cluster_pod_joins_and_steers(manifest_path: &Path) {
     let status = pod.exec(&["sockshift", "status", "--cluster"]);
     let table = String::from_utf8_lossy(&status.stdout);
     assert!(status.status.success() && table.contains(NODE_NAME), "sockshift status --cluster in the pod:\n{table}");
+
+    // Killed and played again: no connection fails while no agent runs, and the new agent, on
+    // the same pins, state directory and etcd, adopts the links and keeps the weight.
+    kill_and_replay_under_traffic(&pod, &readiness, &backends, &node, 30.0);
+    let logs = pod.logs();
+    assert!(logs.contains("adopted"), "the replayed agent did not adopt the pinned links:\n{logs}");
+    let (status, state) = call("GET", "/v1/services/web", None);
+    assert_eq!((status, state["canary_percent"].as_f64()), (200, Some(30.0)), "{state}");
+    let (status, view) = call("GET", "/v1/cluster", None);
+    assert_eq!((status, view["connected"].as_bool()), (200, Some(true)), "rejoined etcd: {view}");
 }
 
 // ---- config/daemonset.yaml ---------------------------------------------------------------------
