@@ -97,10 +97,10 @@ impl ApiClient {
         Ok(Response { status, body })
     }
 
-    /// Follows a GET response that streams lines (`/v1/datapath/log`), giving `each` every line
-    /// until the agent ends the response or `each` returns false. No overall timeout: the stream
-    /// is meant to stay open.
-    pub fn follow_lines(&self, path: &str, mut each: impl FnMut(&str) -> bool) -> Result<(), ClientError> {
+    /// Follows a GET answered with server-sent events (`/v1/datapath/log`), giving `each` every
+    /// event (its name, `message` when unnamed, and its data) until the agent ends the stream or
+    /// `each` returns false. No overall timeout: the stream is meant to stay open.
+    pub fn follow_events(&self, path: &str, mut each: impl FnMut(&str, &str) -> bool) -> Result<(), ClientError> {
         use std::io::BufRead;
         let addr = self.addr;
         let agent = ureq::Agent::config_builder()
@@ -127,10 +127,32 @@ impl ApiClient {
             });
         }
         let reader = std::io::BufReader::new(response.body_mut().as_reader());
+        let (mut name, mut data): (Option<String>, Option<String>) = (None, None);
         for line in reader.lines() {
             let line = line.map_err(|err| ClientError::Transport { addr, source: ureq::Error::Io(err) })?;
-            if !each(&line) {
-                break;
+            // The event stream format: `field: value` lines, `:` comments, a blank line ends an
+            // event; several `data` lines join with newlines.
+            if line.is_empty() {
+                if let Some(data) = data.take() {
+                    if !each(name.as_deref().unwrap_or("message"), &data) {
+                        break;
+                    }
+                }
+                name = None;
+                continue;
+            }
+            let (field, value) = line.split_once(':').unwrap_or((&line, ""));
+            let value = value.strip_prefix(' ').unwrap_or(value);
+            match field {
+                "data" => match &mut data {
+                    Some(data) => {
+                        data.push('\n');
+                        data.push_str(value);
+                    }
+                    None => data = Some(value.to_string()),
+                },
+                "event" => name = Some(value.to_string()),
+                _ => {} // comments (keep-alives), ids, retry
             }
         }
         Ok(())

@@ -101,6 +101,19 @@ fn switch_on_and_off(lab: &Lab) {
     assert_eq!(after, before, "decisions logged with datapath_log = \"off\"");
 }
 
+/// `GET /v1/datapath/log` on a raw connection: the answer's status, and the connection (the
+/// stream stays open while it is held).
+fn open_log_stream(lab: &Lab) -> (u16, std::net::TcpStream) {
+    use std::io::{BufRead, Write};
+    let mut stream = std::net::TcpStream::connect(lab.agent.api).expect("connect to the API");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let auth = lab.agent.token.as_ref().map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(stream, "GET /v1/datapath/log HTTP/1.1\r\nHost: {}\r\n{auth}\r\n", lab.agent.api).unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(&stream).read_line(&mut line).expect("the status line");
+    (line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0), stream)
+}
+
 /// A `sockshift logs --datapath` process; its stdout lines and stderr arrive on channels.
 struct Follower {
     child: std::process::Child,
@@ -183,6 +196,27 @@ fn sockshift_logs_datapath_follows_the_records_across_a_level_change() {
         "{steered:?}"
     );
     assert_eq!(other.collect(Duration::from_millis(200)), Vec::<String>::new(), "--service filters");
+
+    // At most 8 followers: with the two above and six more streams open, the ninth is refused;
+    // once one goes (noticed at the next record written to it), a new one is let in.
+    let mut streams: Vec<(u16, std::net::TcpStream)> = (0..6).map(|_| open_log_stream(&lab)).collect();
+    assert!(streams.iter().all(|(status, _)| *status == 200), "{:?}", streams.iter().map(|s| s.0).collect::<Vec<_>>());
+    let (status, refused) = open_log_stream(&lab);
+    assert_eq!(status, 429, "a ninth follower");
+    drop(refused);
+    drop(streams.pop());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let report = tcp_connects(lab.inside(), FRONTEND4, 5);
+        assert_eq!(report.errors_total(), 0, "{:?}", report.raw);
+        std::thread::sleep(Duration::from_millis(200));
+        let (status, stream) = open_log_stream(&lab);
+        if status == 200 {
+            streams.push((status, stream));
+            break;
+        }
+        assert!(Instant::now() < deadline, "the place of a follower that went was never freed");
+    }
 
     let output = std::process::Command::new(e2e::built_binary("sockshift"))
         .args(["logs", "--api", &lab.agent.api.to_string()])

@@ -77,6 +77,8 @@ pub enum ErrorCode {
     /// 504: cluster mode, `?wait=cluster`: the change is committed, but not every live node
     /// applied it in time; the message names them.
     ClusterTimeout,
+    /// 429: as many clients as allowed already follow the datapath's log.
+    TooManyFollowers,
 }
 
 impl ErrorCode {
@@ -98,6 +100,7 @@ impl ErrorCode {
             StateNotSaved | DatapathRefused | InternalError => StatusCode::INTERNAL_SERVER_ERROR,
             CoreUnavailable | ClusterUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ClusterTimeout => StatusCode::GATEWAY_TIMEOUT,
+            TooManyFollowers => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 }

@@ -372,35 +372,57 @@ pub async fn datapath_status(
     Ok(Json(state.control.ask(|reply| Command::Datapath { reply }).await?))
 }
 
-/// Follows the datapath's log records (`agent.datapath_log`) as the agent reads them: one record
-/// per line of plain text, from now on, until the client goes or the agent stops. At `off` the
-/// programs log nothing and the response stays open, empty, until the level is raised. A client
-/// that reads too slowly gets a line saying how many records it missed. Needs `viewer`.
+/// Clients following the datapath's log at once, at most.
+pub const DATAPATH_LOG_FOLLOWERS: usize = 8;
+
+/// Follows the datapath's log records (`agent.datapath_log`) as the agent reads them, as
+/// server-sent events (`text/event-stream`): each record is one event's `data`; a client that
+/// reads too slowly gets an event `missed` whose `data` says how many records it missed; a
+/// comment every 10 s of silence keeps the connection checked. From now on, until the client goes
+/// or the agent stops; at `off` the programs log nothing and the stream stays open until the
+/// level is raised. At most 8 clients follow at once. Needs `viewer`.
 #[utoipa::path(get, path = "/v1/datapath/log", tag = "agent", security(("bearer" = [])),
-    responses((status = 200, description = "Records as they come, one per line", content_type = "text/plain", body = String), AuthErrors, ServerErrors))]
-pub async fn datapath_log(State(state): State<Arc<AppState>>, _: Authorized<Viewer>) -> axum::response::Response {
+    responses(
+        (status = 200, description = "Records as they come, one event each", content_type = "text/event-stream", body = String),
+        (status = 429, description = "`too_many_followers`: 8 clients already follow the log", body = ErrorBody),
+        AuthErrors, ServerErrors,
+    ))]
+pub async fn datapath_log(
+    State(state): State<Arc<AppState>>,
+    _: Authorized<Viewer>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
     use tokio::sync::broadcast::error::RecvError;
+    let follower = state.datapath_followers.clone().try_acquire_owned().map_err(|_| {
+        ApiError::new(
+            ErrorCode::TooManyFollowers,
+            format!("{DATAPATH_LOG_FOLLOWERS} clients already follow the datapath's log; stop one and try again"),
+        )
+    })?;
     let records = state.datapath_log.subscribe();
     let shutdown = state.shutdown.clone();
-    let lines = futures_util::stream::unfold((records, shutdown), |(mut records, shutdown)| async move {
-        let line = tokio::select! {
-            () = shutdown.cancelled() => return None,
-            next = records.recv() => match next {
-                Ok(record) => record + "\n",
-                Err(RecvError::Lagged(missed)) => {
-                    format!("sockshift: {missed} datapath records missed here (this client read too slowly)\n")
-                }
-                Err(RecvError::Closed) => return None,
-            },
-        };
-        Some((Ok::<_, std::convert::Infallible>(line), (records, shutdown)))
-    });
-    axum::response::Response::builder()
-        .header(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
-        .header(axum::http::header::CACHE_CONTROL, "no-store")
-        .body(axum::body::Body::from_stream(lines))
-        .unwrap_or_else(|_| axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response())
+    // The permit lives as long as the stream. A client that goes is noticed at the next write,
+    // a record or the keep-alive comment, and its place freed.
+    let events =
+        futures_util::stream::unfold((records, shutdown, follower), |(mut records, shutdown, follower)| async move {
+            let event = tokio::select! {
+                () = shutdown.cancelled() => return None,
+                next = records.recv() => match next {
+                    Ok(record) => Event::default().data(record),
+                    Err(RecvError::Lagged(missed)) => Event::default().event("missed").data(missed.to_string()),
+                    Err(RecvError::Closed) => return None,
+                },
+            };
+            Some((Ok::<_, std::convert::Infallible>(event), (records, shutdown, follower)))
+        });
+    let keep_alive = KeepAlive::new().interval(DATAPATH_LOG_KEEP_ALIVE);
+    let mut response = Sse::new(events).keep_alive(keep_alive).into_response();
+    response.headers_mut().insert(axum::http::header::CACHE_CONTROL, axum::http::HeaderValue::from_static("no-store"));
+    Ok(response)
 }
+
+/// Silence after which a follower of the datapath's log gets a keep-alive comment.
+pub const DATAPATH_LOG_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]

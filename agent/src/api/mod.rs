@@ -53,6 +53,9 @@ pub struct AppState {
     pub cluster: Option<ClusterApi>,
     /// The datapath's log records, for `GET /v1/datapath/log`.
     pub datapath_log: crate::datapath::RecordFeed,
+    /// Followers of the datapath's log at once: a stream holds its connection busy, which the
+    /// connection limit never closes, so their number is bounded well below it.
+    pub datapath_followers: Arc<tokio::sync::Semaphore>,
     /// Cancelled when the agent shuts down: ends the responses that follow a stream.
     pub shutdown: tokio_util::sync::CancellationToken,
 }

@@ -374,11 +374,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let wanted = service.map(|name| format!(" service={name} "));
             let mut stdout = std::io::stdout().lock();
-            client.follow_lines("/v1/datapath/log", |line| {
+            client.follow_events("/v1/datapath/log", |event, data| {
+                if event == "missed" {
+                    eprintln!("sockshift: {data} datapath records missed here (this client read too slowly)");
+                    return true;
+                }
                 // A record is `steer service=NAME ...`: match the whole field.
-                let shown = wanted.as_ref().is_none_or(|w| format!(" {line} ").contains(w.as_str()));
+                let shown = wanted.as_ref().is_none_or(|w| format!(" {data} ").contains(w.as_str()));
                 // Stop when stdout is gone (a closed pipe).
-                !shown || (writeln!(stdout, "{line}").is_ok() && stdout.flush().is_ok())
+                !shown || (writeln!(stdout, "{data}").is_ok() && stdout.flush().is_ok())
             })?;
             eprintln!("the agent ended the stream (it stopped or restarted)");
             Ok(())

@@ -173,6 +173,7 @@ async fn serve_with<S: Store>(
             .as_ref()
             .map(|parts| ClusterApi { handle: parts.handle.clone(), progress: started.progress.clone() }),
         datapath_log,
+        datapath_followers: Arc::new(tokio::sync::Semaphore::new(api::handlers::DATAPATH_LOG_FOLLOWERS)),
         shutdown: shutdown.clone(),
     });
     let supervisor = Supervisor { shutdown: shutdown.clone(), health: tasks, faults };
