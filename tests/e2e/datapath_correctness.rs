@@ -759,12 +759,32 @@ fn pinned_links_and_maps_are_adopted_only_where_they_match() {
     set_agent_key(&lab.agent, "steered_socket_capacity", "1024");
     let refusal = agent_refuses(&lab.agent);
     for expected in
-        ["SOCKETS_V1", "max entries is 262144", "needs 1024", "agent.steered_socket_capacity = 262144", "uninstall"]
+        ["SOCKETS_V1", "max entries is 65536", "needs 1024", "agent.steered_socket_capacity = 65536", "uninstall"]
     {
         assert!(refusal.contains(expected), "the refusal should say {expected:?}:\n{refusal}");
     }
     let report = tcp_connects(place(&lab, &third), FRONTEND4, 100);
     assert_eq!((report.tags_total(), report.peer_is_target()), (100, 100), "still steering: {:?}", report.raw);
+
+    // Tables made with another size (an older release's default, say) are adopted as they are
+    // when the size is not configured: the key removed, the agent starts on the 1024-slot
+    // tables instead of refusing them.
+    let status = Command::new(built_binary("sockshift")).args(["uninstall", "--bpffs"]).arg(&lab.agent.bpffs).status();
+    assert!(status.unwrap().success());
+    lab.agent.spawn();
+    lab.agent.stop_with(libc::SIGTERM);
+    let config = std::fs::read_to_string(&lab.agent.config_path).unwrap();
+    let unset: Vec<&str> = config.lines().filter(|l| !l.starts_with("steered_socket_capacity =")).collect();
+    std::fs::write(&lab.agent.config_path, unset.join("\n") + "\n").unwrap();
+    lab.agent.spawn();
+    let status = datapath(&lab.agent);
+    assert_eq!(
+        (&status["steered_socket_capacity"], &status["udp_flow_capacity"], &status["steered_sockets_per_netns"]),
+        (&json!(1024), &json!(1024), &json!(256)),
+        "the pinned size, and a quarter of it per namespace: {status}"
+    );
+    let report = tcp_connects(place(&lab, &third), FRONTEND4, 100);
+    assert_eq!((report.tags_total(), report.peer_is_target()), (100, 100), "{:?}", report.raw);
 }
 
 // ---------------------------------------------------------------------------------------------
