@@ -14,29 +14,30 @@ static SK_COOKIE_OFFSET: u32 = u32::MAX;
 #[unsafe(no_mangle)]
 static SOCK_OPS_SK_OFFSET: u32 = u32::MAX;
 
-/// Whether the socket at kernel address `sk` never had a cookie. Every program asks for a
-/// socket's cookie before it records anything under it, and a cookie, once made, stays: so a
-/// socket without one has no record and no UDP flow, and closing it needs no map lookup at all
-/// (asking for its cookie would also make one, and take a hash lookup that misses). `false`
-/// when that cannot be told (offset unknown, read failed): the caller then looks as before.
+/// The cookie of the socket at kernel address `sk` as it stands, without making one: 0 if it
+/// never had one. Every program asks for a socket's cookie before it records anything under it,
+/// and a cookie, once made, stays; so a socket without one has no record and no UDP flow, and
+/// closing it needs no map lookup at all (asking for its cookie would make one, and a hash
+/// lookup that misses). `None` when that cannot be told (offset unknown, read failed): the
+/// caller asks for the cookie as before.
 #[inline(always)]
-pub fn never_had_cookie(sk: *const u8) -> bool {
+pub fn current_cookie(sk: *const u8) -> Option<u64> {
     let offset = unsafe { core::ptr::read_volatile(&SK_COOKIE_OFFSET) };
     if offset == u32::MAX {
-        return false;
+        return None;
     }
-    matches!(unsafe { bpf_probe_read_kernel(sk.wrapping_add(offset as usize) as *const u64) }, Ok(0))
+    unsafe { bpf_probe_read_kernel(sk.wrapping_add(offset as usize) as *const u64) }.ok()
 }
 
-/// `never_had_cookie` for the socket of a sock_ops context (`ops`: the context pointer).
+/// `current_cookie` of the socket of a sock_ops context (`ops`: the context pointer).
 #[inline(always)]
-pub fn sock_ops_never_had_cookie(ops: *const u8) -> bool {
+pub fn sock_ops_current_cookie(ops: *const u8) -> Option<u64> {
     let offset = unsafe { core::ptr::read_volatile(&SOCK_OPS_SK_OFFSET) };
     if offset == u32::MAX {
-        return false;
+        return None;
     }
     match unsafe { bpf_probe_read_kernel(ops.wrapping_add(offset as usize) as *const u64) } {
-        Ok(sk) if sk != 0 => never_had_cookie(sk as *const u8),
-        _ => false,
+        Ok(sk) if sk != 0 => current_cookie(sk as *const u8),
+        _ => None,
     }
 }

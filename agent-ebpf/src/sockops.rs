@@ -16,7 +16,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    kernel::{never_had_cookie, sock_ops_never_had_cookie},
+    kernel::{current_cookie, sock_ops_current_cookie},
     maps::SOCKETS,
     steer::{bump, count, forget_socket},
 };
@@ -34,10 +34,14 @@ pub fn sock_health(ctx: SockOpsContext) -> u32 {
     }
     // An unsteered socket has no cookie yet (connect4 asks for one only when it steers): asking
     // for it here would make one for every TCP connection and take a lookup that misses.
-    if sock_ops_never_had_cookie(ctx.ops as *const u8) {
-        return 1;
-    }
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // State and RTO callbacks come only for steered sockets (their connect callback asked for
+    // them), so only the two that come for every connection look first.
+    let every_connection = op == BPF_SOCK_OPS_TCP_CONNECT_CB || op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB;
+    let cookie = match if every_connection { sock_ops_current_cookie(ctx.ops as *const u8) } else { None } {
+        Some(0) => return 1,
+        Some(cookie) => cookie,
+        None => unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+    };
     let Some(entry) = SOCKETS.get_ptr_mut(cookie) else {
         return 1; // not a steered socket
     };
@@ -115,10 +119,11 @@ pub fn sock_health(ctx: SockOpsContext) -> u32 {
 #[btf_tracepoint(function = "tcp_receive_reset")]
 pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
     let sk: *mut core::ffi::c_void = ctx.arg(0);
-    if never_had_cookie(sk as *const u8) {
-        return 0; // never steered (asking would make it a cookie)
-    }
-    let cookie = unsafe { bpf_get_socket_cookie(sk) };
+    let cookie = match current_cookie(sk as *const u8) {
+        Some(0) => return 0, // never steered (asking would make it a cookie)
+        Some(cookie) => cookie,
+        None => unsafe { bpf_get_socket_cookie(sk) },
+    };
     if let Some(entry) = unsafe { SOCKETS.get(cookie) } {
         if entry.flags & SOCKET_ESTABLISHED != 0 {
             bump(entry.service_id, entry.side, |c| count!(c, resets));
