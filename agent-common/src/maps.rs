@@ -16,21 +16,26 @@ pub const MAP_SOCKETS: &str = "SOCKETS_V1";
 pub const MAP_UDP_FLOWS: &str = "UDP_FLOWS_V1";
 /// Network namespace bucket -> SOCKETS records its sockets hold (the per-namespace bound).
 pub const MAP_NETNS_SOCKETS: &str = "NETNS_SOCKETS_V1";
-/// (service id, side) -> per-CPU counters.
-pub const MAP_COUNTERS: &str = "COUNTERS_V2";
+/// `counter_slot(service id, side)` -> the side's counters, one copy shared by every CPU.
+pub const MAP_COUNTERS: &str = "COUNTERS_V3";
 /// (client cgroup id, service id) -> cohort override.
 pub const MAP_COHORTS: &str = "COHORTS_V1";
 /// Single slot of node-wide settings the agent writes at start.
 pub const MAP_SETTINGS: &str = "SETTINGS_V2";
 
 /// Maps an earlier agent pinned under names this one no longer uses. The agent reads what it
-/// still needs from them (COUNTERS_V1: the counts of every service) and unpins them once its own
-/// programs run.
+/// still needs from them (COUNTERS_V1 and COUNTERS_V2: the counts of every service) and unpins
+/// them once its own programs run.
 pub const MAP_COUNTERS_V1: &str = "COUNTERS_V1";
+/// Per-CPU hash keyed by `CounterKey`: its memory grew with services × CPUs (about 250 MiB at
+/// 10,000 services on a 96-CPU node).
+pub const MAP_COUNTERS_V2: &str = "COUNTERS_V2";
 pub const MAP_SETTINGS_V1: &str = "SETTINGS_V1";
 
 /// Most services the datapath holds (frontends may be several per service).
 pub const MAX_SERVICES: u32 = 65_536;
+/// Slots of COUNTERS: one per side of every possible service id.
+pub const COUNTER_SLOTS: u32 = 2 * MAX_SERVICES;
 /// Most frontends across all services.
 pub const MAX_FRONTENDS: u32 = 4 * MAX_SERVICES;
 /// Most backends per side of one service (per address family).
@@ -38,8 +43,10 @@ pub const MAX_BACKENDS_PER_SIDE: u32 = 1_024;
 /// Backend slots in the kernel: every backend of every live and retiring revision.
 pub const MAX_BACKEND_SLOTS: u32 = 1 << 20;
 /// Default size of the socket table: steered TCP and connected UDP sockets open at the same
-/// time (`agent.steered_socket_capacity`). Also the default size of the UDP flow table.
-pub const MAX_STEERED_SOCKETS: u32 = 1 << 18;
+/// time (`agent.steered_socket_capacity`). Also the default size of the UDP flow table. Both are
+/// preallocated at about 120 B a slot, so 65,536 is 7.5 MiB each; a node with more steered
+/// sockets open at once sets it higher.
+pub const MAX_STEERED_SOCKETS: u32 = 1 << 16;
 /// Buckets of the per-namespace socket count: a namespace counts in bucket
 /// `netns_bucket(cookie)`. Two namespaces share a bound only if they share a bucket (one pair in
 /// 65,536), and an array needs no upkeep as namespaces come and go.
@@ -204,7 +211,17 @@ pub struct UdpFlow {
 }
 const _: () = assert!(core::mem::size_of::<UdpFlow>() == 40);
 
-/// Key of COUNTERS.
+/// Slot of COUNTERS for one side of a service: `service_id * 2 + side`. `None` for an id out of
+/// range (the agent never hands one out; the bound also proves the index to the verifier).
+#[inline(always)]
+pub const fn counter_slot(service_id: u32, side: u8) -> Option<u32> {
+    if service_id >= MAX_SERVICES || side > SIDE_CANARY {
+        return None;
+    }
+    Some(service_id * 2 + side as u32)
+}
+
+/// Key of COUNTERS_V1 and COUNTERS_V2 (read once at an upgrade).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct CounterKey {
@@ -213,7 +230,9 @@ pub struct CounterKey {
 }
 const _: () = assert!(core::mem::size_of::<CounterKey>() == 8);
 
-/// Value of COUNTERS, one per CPU: what the kernel saw for one side of one service.
+/// Value of COUNTERS: what the kernel saw for one side of one service. One copy for all CPUs,
+/// every field moved by atomic adds: a per-CPU copy would multiply the map by the CPU count
+/// (136 B × 2 sides × CPUs a service), and the programs add at most a few times per connection.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct SideCounters {
@@ -368,6 +387,12 @@ mod user {
     unsafe impl aya::Pod for super::Settings {}
 }
 
+/// Read-only globals the agent patches at load with offsets from the kernel's BTF: `sk_cookie`
+/// in `struct sock`, and `sk` in `struct bpf_sock_ops_kern`. Left at `u32::MAX` (unknown), the
+/// programs ask for every socket's cookie, as they did before.
+pub const SK_COOKIE_OFFSET_GLOBAL: &str = "SK_COOKIE_OFFSET";
+pub const SOCK_OPS_SK_OFFSET_GLOBAL: &str = "SOCK_OPS_SK_OFFSET";
+
 /// aya-log's level global in the object: the agent patches it at load (`agent.datapath_log`). It
 /// lives in read-only data, so the verifier knows its value and removes every log statement above
 /// it as dead code: a datapath loaded with logging off runs no log instruction at all.
@@ -399,3 +424,18 @@ pub const LOG_REASON_FLOW_TABLE_FULL: u8 = 4;
 /// `call=` of a record.
 pub const LOG_CALL_CONNECT: u8 = 0;
 pub const LOG_CALL_DATAGRAM: u8 = 1;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_slots_are_dense_and_bounded() {
+        assert_eq!(counter_slot(0, SIDE_STABLE), Some(0));
+        assert_eq!(counter_slot(0, SIDE_CANARY), Some(1));
+        assert_eq!(counter_slot(7, SIDE_CANARY), Some(15));
+        assert_eq!(counter_slot(MAX_SERVICES - 1, SIDE_CANARY), Some(COUNTER_SLOTS - 1));
+        assert_eq!(counter_slot(MAX_SERVICES, SIDE_STABLE), None);
+        assert_eq!(counter_slot(3, 2), None);
+    }
+}

@@ -8,6 +8,7 @@
 #![allow(internal_features)]
 
 mod connect;
+mod kernel;
 mod maps;
 mod peer;
 mod sockaddr;

@@ -3,14 +3,14 @@
 //! The agent checks each pinned map against these definitions before it adopts it.
 
 use agent_common::{
-    BackendKey, BackendValue, CohortKey, CounterKey, FrontendKey, FrontendValue, Settings, SideCounters, SocketEntry,
-    UdpFlow, UdpFlowKey, MAX_BACKEND_SLOTS, MAX_COHORT_ENTRIES, MAX_FRONTENDS, MAX_SERVICES, MAX_STEERED_SOCKETS,
+    BackendKey, BackendValue, CohortKey, FrontendKey, FrontendValue, Settings, SideCounters, SocketEntry, UdpFlow,
+    UdpFlowKey, COUNTER_SLOTS, MAX_BACKEND_SLOTS, MAX_COHORT_ENTRIES, MAX_FRONTENDS, MAX_STEERED_SOCKETS,
     NETNS_BUCKETS,
 };
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap},
 };
 
 /// Frontend ip:port -> split and backend revision. Writer: agent. Readers: connect4/6,
@@ -51,11 +51,13 @@ pub static UDP_FLOWS: LruHashMap<UdpFlowKey, UdpFlow> = LruHashMap::pinned(MAX_S
 #[map(name = "NETNS_SOCKETS_V1")]
 pub static NETNS_SOCKETS: Array<u64> = Array::pinned(NETNS_BUCKETS, 0);
 
-/// (service, side) -> counters, per CPU so the hot path takes no lock. Entries are created by the
-/// agent when it adds a service (the programs never insert), so a side has exactly one entry.
-#[map(name = "COUNTERS_V2")]
-pub static COUNTERS: PerCpuHashMap<CounterKey, SideCounters> =
-    PerCpuHashMap::pinned(2 * MAX_SERVICES, BPF_F_NO_PREALLOC);
+/// `counter_slot(service, side)` -> counters. Writers: every program, by atomic adds (one copy
+/// for all CPUs: per-CPU copies would multiply the map by the CPU count, about 250 MiB at 10,000
+/// services on 96 CPUs); the agent zeroes a slot before it hands its id to a new service. Reader:
+/// the agent. An array: its lookup is inlined on the hot path (no helper call, no hashing), at
+/// a fixed 136 B a slot (17 MiB for every possible service id).
+#[map(name = "COUNTERS_V3")]
+pub static COUNTERS: Array<SideCounters> = Array::pinned(COUNTER_SLOTS, 0);
 
 /// (client cgroup id, service) -> COHORT_ALWAYS_CANARY / COHORT_NEVER_CANARY. Writer: agent.
 /// Reader: connect4/6 and sendmsg4/6, only for services flagged FLAG_HAS_COHORTS.

@@ -9,6 +9,7 @@ use aya_ebpf::{
 };
 
 use crate::{
+    kernel::current_cookie,
     maps::SOCKETS,
     sockaddr::{set_user_ip4, set_user_ip6, set_user_port_be, user_ip4, user_ip6, user_port_be},
     steer::{forget_flows, forget_socket, reverse_socket, socket_cookie},
@@ -39,7 +40,12 @@ pub fn sock6_getpeername(ctx: SockAddrContext) -> i32 {
 /// which is when an attempt the client gave up ends and a connection's last RTT is known.
 #[cgroup_sock(sock_release)]
 pub fn sock_release(ctx: SockContext) -> i32 {
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // Most sockets were never steered, and most of those never had a cookie: done without one.
+    let cookie = match current_cookie(ctx.sock as *const u8) {
+        Some(0) => return 1,
+        Some(cookie) => cookie,
+        None => unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+    };
     let (protocol, state) = unsafe { ((*ctx.sock).protocol, (*ctx.sock).state) };
     if protocol == IPPROTO_UDP {
         forget_flows(cookie);

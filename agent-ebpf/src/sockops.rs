@@ -16,8 +16,9 @@ use aya_ebpf::{
 };
 
 use crate::{
+    kernel::{current_cookie, sock_ops_current_cookie},
     maps::SOCKETS,
-    steer::{bump, forget_socket},
+    steer::{bump, count, forget_socket},
 };
 
 #[sock_ops]
@@ -31,7 +32,16 @@ pub fn sock_health(ctx: SockOpsContext) -> u32 {
     {
         return 1;
     }
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // An unsteered socket has no cookie yet (connect4 asks for one only when it steers): asking
+    // for it here would make one for every TCP connection and take a lookup that misses.
+    // State and RTO callbacks come only for steered sockets (their connect callback asked for
+    // them), so only the two that come for every connection look first.
+    let every_connection = op == BPF_SOCK_OPS_TCP_CONNECT_CB || op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB;
+    let cookie = match if every_connection { sock_ops_current_cookie(ctx.ops as *const u8) } else { None } {
+        Some(0) => return 1,
+        Some(cookie) => cookie,
+        None => unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+    };
     let Some(entry) = SOCKETS.get_ptr_mut(cookie) else {
         return 1; // not a steered socket
     };
@@ -51,10 +61,10 @@ pub fn sock_health(ctx: SockOpsContext) -> u32 {
             unsafe { (*entry).flags |= SOCKET_ESTABLISHED };
             let srtt = srtt_sample_us(unsafe { (*ctx.ops).srtt_us });
             bump(service_id, side, |c| {
-                c.established += 1;
+                count!(c, established);
                 if let Some(us) = srtt {
-                    c.srtt_sum_us += us;
-                    c.srtt_samples += 1;
+                    count!(c, srtt_sum_us, us);
+                    count!(c, srtt_samples);
                 }
             });
         }
@@ -74,15 +84,15 @@ pub fn sock_health(ctx: SockOpsContext) -> u32 {
             let netns = || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
             forget_socket(cookie, &record, netns, |c| {
                 match outcome {
-                    AttemptOutcome::Failed => c.failed_attempts += 1,
-                    AttemptOutcome::Abandoned => c.abandoned_attempts += 1,
+                    AttemptOutcome::Failed => count!(c, failed_attempts),
+                    AttemptOutcome::Abandoned => count!(c, abandoned_attempts),
                     AttemptOutcome::NotAnAttempt => {}
                 }
                 if let Some(us) = srtt {
-                    c.srtt_sum_us += us;
-                    c.srtt_samples += 1;
-                    c.srtt_close_sum_us += us;
-                    c.srtt_close_samples += 1;
+                    count!(c, srtt_sum_us, us);
+                    count!(c, srtt_samples);
+                    count!(c, srtt_close_sum_us, us);
+                    count!(c, srtt_close_samples);
                 }
             });
         }
@@ -92,9 +102,9 @@ pub fn sock_health(ctx: SockOpsContext) -> u32 {
                 unsafe { (*entry).flags |= SOCKET_HAD_RTO };
             }
             bump(service_id, side, |c| {
-                c.rto += 1;
+                count!(c, rto);
                 if first {
-                    c.rto_connections += 1;
+                    count!(c, rto_connections);
                 }
             });
         }
@@ -109,10 +119,14 @@ pub fn sock_health(ctx: SockOpsContext) -> u32 {
 #[btf_tracepoint(function = "tcp_receive_reset")]
 pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
     let sk: *mut core::ffi::c_void = ctx.arg(0);
-    let cookie = unsafe { bpf_get_socket_cookie(sk) };
+    let cookie = match current_cookie(sk as *const u8) {
+        Some(0) => return 0, // never steered (asking would make it a cookie)
+        Some(cookie) => cookie,
+        None => unsafe { bpf_get_socket_cookie(sk) },
+    };
     if let Some(entry) = unsafe { SOCKETS.get(cookie) } {
         if entry.flags & SOCKET_ESTABLISHED != 0 {
-            bump(entry.service_id, entry.side, |c| c.resets += 1);
+            bump(entry.service_id, entry.side, |c| count!(c, resets));
         }
     }
     0

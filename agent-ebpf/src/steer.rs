@@ -2,7 +2,7 @@
 //! record or UDP flow, counters. Each returns `None` to leave the call untouched.
 
 use agent_common::{
-    backend_index, family_of, netns_bucket, pick_side, split_bucket, BackendKey, BackendValue, CohortKey, CounterKey,
+    backend_index, counter_slot, family_of, netns_bucket, pick_side, split_bucket, BackendKey, BackendValue, CohortKey,
     FrontendKey, FrontendValue, Settings, SideCounters, SocketEntry, UdpFlow, UdpFlowKey, FLAG_AFFINITY_CLIENT,
     FLAG_HAS_COHORTS, LOG_CALL_CONNECT, LOG_CALL_DATAGRAM, LOG_KEY_CGROUP, LOG_KEY_CONNECTION, LOG_KEY_NETNS,
     LOG_REASON_BACKEND_MISSING, LOG_REASON_FLOW_TABLE_FULL, LOG_REASON_NETNS_FULL, LOG_REASON_NO_BACKEND_FAMILY,
@@ -47,12 +47,23 @@ pub fn socket_cookie(ctx: &SockAddrContext) -> u64 {
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
 
+/// Adds to a field of the counters `c` points at (shared by every CPU: an atomic add).
+macro_rules! count {
+    ($c:expr, $field:ident) => {
+        count!($c, $field, 1)
+    };
+    ($c:expr, $field:ident, $delta:expr) => {
+        $crate::steer::atomic_add(unsafe { core::ptr::addr_of_mut!((*$c).$field) }, $delta)
+    };
+}
+pub(crate) use count;
+
+/// Moves the counters of one side of a service: `update` gets the slot, to `count!` on.
 #[inline(always)]
-pub fn bump(service_id: u32, side: u8, update: impl FnOnce(&mut SideCounters)) {
-    let key = CounterKey { service_id, side: side as u32 };
-    if let Some(counters) = COUNTERS.get_ptr_mut(key) {
-        // Per-CPU value: no other CPU writes it, so a plain increment is race-free.
-        update(unsafe { &mut *counters });
+pub fn bump(service_id: u32, side: u8, update: impl FnOnce(*mut SideCounters)) {
+    let Some(slot) = counter_slot(service_id, side) else { return };
+    if let Some(counters) = COUNTERS.get_ptr_mut(slot) {
+        update(counters);
     }
 }
 
@@ -81,13 +92,13 @@ pub fn forget_socket(
     cookie: u64,
     entry: &SocketEntry,
     netns: impl FnOnce() -> u64,
-    update: impl FnOnce(&mut SideCounters),
+    update: impl FnOnce(*mut SideCounters),
 ) {
     if SOCKETS.remove(cookie).is_err() {
         return; // deleted meanwhile by another path: counted there
     }
     bump(entry.service_id, entry.side, |c| {
-        c.socket_records_closed += 1;
+        count!(c, socket_records_closed);
         update(c);
     });
     if entry.flags & SOCKET_NETNS_COUNTED != 0 {
@@ -185,7 +196,7 @@ pub fn steer<const DATAGRAM: bool>(ctx: &SockAddrContext, dst_be: &[u32; 4], por
     let index = backend_index(cookie, frontend.seed, count);
     let slot = BackendKey { revision: frontend.revision, side, family, index };
     let Some(backend) = (unsafe { BACKENDS.get(slot).copied() }) else {
-        bump(frontend.service_id, side, |c| c.fail_open_backend_missing += 1);
+        bump(frontend.service_id, side, |c| count!(c, fail_open_backend_missing));
         info!(
             ctx,
             "fail_open service_id={} call={} side={} reason={} revision={} index={}",
@@ -244,11 +255,11 @@ pub fn steer<const DATAGRAM: bool>(ctx: &SockAddrContext, dst_be: &[u32; 4], por
                 ),
             }
             bump(frontend.service_id, side, |c| {
-                c.connections_steered += 1;
+                count!(c, connections_steered);
                 match recorded {
-                    Recorded::Yes => c.socket_records_opened += 1,
-                    Recorded::TableFull => c.socket_table_full += 1,
-                    Recorded::NetnsFull => c.socket_netns_full += 1,
+                    Recorded::Yes => count!(c, socket_records_opened),
+                    Recorded::TableFull => count!(c, socket_table_full),
+                    Recorded::NetnsFull => count!(c, socket_netns_full),
                 }
             });
         }
@@ -265,9 +276,9 @@ pub fn steer<const DATAGRAM: bool>(ctx: &SockAddrContext, dst_be: &[u32; 4], por
                 );
             }
             bump(frontend.service_id, side, |c| {
-                c.datagrams_steered += 1;
+                count!(c, datagrams_steered);
                 if !recorded {
-                    c.socket_table_full += 1;
+                    count!(c, socket_table_full);
                 }
             });
         }
@@ -314,7 +325,7 @@ fn record_socket(ctx: &SockAddrContext, cookie: u64, settings: &Settings, mut en
             // its new record replaces the old, which is counted closed where it was opened.
             if let Some(old) = unsafe { SOCKETS.get(cookie) }.copied() {
                 // Counted closed where it was opened; the new record is counted opened below.
-                bump(old.service_id, old.side, |c| c.socket_records_closed += 1);
+                bump(old.service_id, old.side, |c| count!(c, socket_records_closed));
                 if old.flags & SOCKET_NETNS_COUNTED != 0 {
                     entry.flags |= SOCKET_NETNS_COUNTED; // same socket, same namespace: same share
                 } else if let Some(count) = netns_count {

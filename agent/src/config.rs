@@ -7,7 +7,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use agent_common::{percent_to_ppm, MAX_BACKENDS_PER_SIDE, MAX_SERVICES, MAX_STEERED_SOCKETS};
+use agent_common::{percent_to_ppm, MAX_BACKENDS_PER_SIDE, MAX_SERVICES};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -108,9 +108,10 @@ pub struct AgentSection {
     /// `host:port` pairs webhooks (notifications and checks) may reach; empty: none.
     pub webhook_allow: Vec<String>,
     /// Size of the socket table (steered TCP and connected UDP sockets open at once) and of the
-    /// UDP flow table; preallocated, about 100 bytes a socket. Fixed when the map is first
-    /// pinned: changing it needs `sockshift uninstall`.
-    pub steered_socket_capacity: u32,
+    /// UDP flow table; preallocated, about 120 bytes a socket in each. Fixed when the map is
+    /// first pinned: changing it needs `sockshift uninstall`. Unset: the size of the tables
+    /// already pinned (so an upgrade keeps them), else 65,536.
+    pub steered_socket_capacity: Option<u32>,
     /// Most steered sockets one client network namespace gets records for; unset: a quarter of
     /// the capacity; 0: no bound.
     pub steered_sockets_per_netns: Option<u32>,
@@ -178,7 +179,7 @@ impl Default for AgentSection {
             prometheus_bearer_token_file: None,
             prometheus_timeout_seconds: None,
             webhook_allow: Vec::new(),
-            steered_socket_capacity: MAX_STEERED_SOCKETS,
+            steered_socket_capacity: None,
             steered_sockets_per_netns: None,
             host_netns_only: false,
             datapath_log: DatapathLog::Off,
@@ -410,8 +411,10 @@ pub struct Config {
     /// `None`: no Prometheus, so no metric gates.
     pub prometheus: Option<PrometheusEndpoint>,
     pub webhook_allow: AllowList,
-    pub steered_socket_capacity: u32,
-    pub steered_sockets_per_netns: u32,
+    /// `None`: the pinned tables' size, else the default (resolved when the datapath loads).
+    pub steered_socket_capacity: Option<u32>,
+    /// `None`: a quarter of the socket table.
+    pub steered_sockets_per_netns: Option<u32>,
     pub host_netns_only: bool,
     pub datapath_log: DatapathLog,
     /// `Some`: cluster mode (`[cluster]`); the config file then holds no services.
@@ -500,7 +503,7 @@ impl Config {
         };
         let webhook_allow = AllowList::from_config(&file.agent.webhook_allow)?;
         let capacity = file.agent.steered_socket_capacity;
-        if !SOCKET_CAPACITY_RANGE.contains(&capacity) {
+        if let Some(capacity) = capacity.filter(|c| !SOCKET_CAPACITY_RANGE.contains(c)) {
             return Err(InvalidField::new(
                 "agent.steered_socket_capacity",
                 format!(
@@ -511,9 +514,8 @@ impl Config {
             )
             .into());
         }
-        let per_netns =
-            file.agent.steered_sockets_per_netns.unwrap_or(crate::datapath::default_sockets_per_netns(capacity));
-        if per_netns > capacity {
+        let per_netns = file.agent.steered_sockets_per_netns;
+        if let Some((per_netns, capacity)) = per_netns.zip(capacity).filter(|(n, c)| n > c) {
             return Err(InvalidField::new(
                 "agent.steered_sockets_per_netns",
                 format!("{per_netns} is more than agent.steered_socket_capacity ({capacity})"),

@@ -771,12 +771,102 @@ fn pinned_links_and_maps_are_adopted_only_where_they_match() {
     set_agent_key(&lab.agent, "steered_socket_capacity", "1024");
     let refusal = agent_refuses(&lab.agent);
     for expected in
-        ["SOCKETS_V1", "max entries is 262144", "needs 1024", "agent.steered_socket_capacity = 262144", "uninstall"]
+        ["SOCKETS_V1", "max entries is 65536", "needs 1024", "agent.steered_socket_capacity = 65536", "uninstall"]
     {
         assert!(refusal.contains(expected), "the refusal should say {expected:?}:\n{refusal}");
     }
     let report = tcp_connects(place(&lab, &third), FRONTEND4, 100);
     assert_eq!((report.tags_total(), report.peer_is_target()), (100, 100), "still steering: {:?}", report.raw);
+
+    // Tables made with another size (an older release's default, say) are adopted as they are
+    // when the size is not configured: the key removed, the agent starts on the 1024-slot
+    // tables instead of refusing them.
+    let status = Command::new(built_binary("sockshift")).args(["uninstall", "--bpffs"]).arg(&lab.agent.bpffs).status();
+    assert!(status.unwrap().success());
+    lab.agent.spawn();
+    lab.agent.stop_with(libc::SIGTERM);
+    let config = std::fs::read_to_string(&lab.agent.config_path).unwrap();
+    let unset: Vec<&str> = config.lines().filter(|l| !l.starts_with("steered_socket_capacity =")).collect();
+    std::fs::write(&lab.agent.config_path, unset.join("\n") + "\n").unwrap();
+    lab.agent.spawn();
+    let status = datapath(&lab.agent);
+    assert_eq!(
+        (&status["steered_socket_capacity"], &status["udp_flow_capacity"], &status["steered_sockets_per_netns"]),
+        (&json!(1024), &json!(1024), &json!(256)),
+        "the pinned size, and a quarter of it per namespace: {status}"
+    );
+    let report = tcp_connects(place(&lab, &third), FRONTEND4, 100);
+    assert_eq!((report.tags_total(), report.peer_is_target()), (100, 100), "{:?}", report.raw);
+}
+
+/// An upgrade from an agent that kept per-CPU counters (COUNTERS_V2): each service's counts
+/// carry over into the shared COUNTERS_V3, summed over CPUs, before the new programs run, and
+/// the old map is unpinned. (The older agent is stood in for by its map, made with bpftool in
+/// the layout it had: a per-CPU hash of (service id, side) to 136-byte counters.)
+#[test]
+fn per_cpu_counters_of_an_older_agent_carry_over() {
+    require_root();
+    let cgroup = Cgroup::new();
+    let mut agent = Agent::start(
+        &cgroup,
+        "[[service]]\nname = \"web\"\nfrontends = [\"127.1.0.1:80\"]\nstable = [\"127.0.0.1:8001\"]\n",
+    );
+    agent.stop_with(libc::SIGTERM);
+    let pin = agent.bpffs.join("COUNTERS_V2");
+    let pin_arg = pin.display().to_string();
+    run(
+        "bpftool",
+        &[
+            "map",
+            "create",
+            &pin_arg,
+            "type",
+            "percpu_hash",
+            "key",
+            "8",
+            "value",
+            "136",
+            "entries",
+            "131072",
+            "name",
+            "COUNTERS_V2",
+            "flags",
+            "1",
+        ],
+    );
+    // Service id 0 (the only service), stable side: 5 connections steered, 3 established, on
+    // every CPU (bpftool writes the value to each).
+    let mut value = vec!["00"; 136];
+    value[0] = "05";
+    value[16] = "03";
+    let mut args =
+        vec!["map", "update", "pinned", &pin_arg, "key", "hex", "00", "00", "00", "00", "00", "00", "00", "00"];
+    args.push("value");
+    args.push("hex");
+    args.extend(value.iter().copied());
+    run("bpftool", &args);
+    let possible = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap();
+    let cpus: u64 = possible
+        .trim()
+        .split(',')
+        .map(|range| match range.split_once('-') {
+            Some((a, b)) => b.parse::<u64>().unwrap() - a.parse::<u64>().unwrap() + 1,
+            None => 1,
+        })
+        .sum();
+
+    agent.spawn();
+    let web = agent.service("web");
+    assert_eq!(side(&web, "stable", "connections_steered"), 5 * cpus, "{web}");
+    assert_eq!(side(&web, "stable", "health.established"), 3 * cpus, "{web}");
+    assert!(!pin.exists(), "the old counters map is unpinned once the new programs run");
+    assert!(agent.log().contains("carried the counters of 1 service sides over"), "{}", agent.log());
+    let memory = datapath(&agent);
+    let names: Vec<&str> = memory["maps"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
+    assert!(names.contains(&"COUNTERS_V3") && !names.contains(&"COUNTERS_V2"), "{memory}");
+    let total: u64 = memory["maps"].as_array().unwrap().iter().map(|m| m["bytes"].as_u64().unwrap()).sum();
+    assert_eq!(memory["map_memory_bytes"], json!(total), "{memory}");
+    assert!(total > 17 << 20, "the counters array alone is 17 MiB: {memory}");
 }
 
 // ---------------------------------------------------------------------------------------------

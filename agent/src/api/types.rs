@@ -10,7 +10,7 @@ use utoipa::ToSchema;
 use crate::{
     audit::AuditEntry,
     config::{Affinity, CohortConfig, KubernetesConfig, Role, ServiceConfig},
-    datapath::{ForeignProgram, LinkOutcome},
+    datapath::{ForeignProgram, LinkOutcome, MapMemory},
     discovery::DiscoveryStatus,
     rollout::{ExternalWindow, GateReadings, Harm, HistoryEntry, Judgement, Plan, RolloutState},
 };
@@ -275,6 +275,12 @@ pub struct DatapathStatus {
     /// Other programs on sockshift's hooks for this cgroup (another socket load balancer): which
     /// one steers a connection depends on the order they run in.
     pub foreign_programs: Vec<ForeignProgram>,
+    /// Kernel memory of all the datapath's maps, bytes, as the kernel charges it (the sum of
+    /// `maps`). No map is per CPU, so it does not grow with the node's CPU count; see "Map
+    /// memory" in the README for the formula per service.
+    pub map_memory_bytes: u64,
+    /// Each pinned map with its size and kernel memory.
+    pub maps: Vec<MapMemory>,
 }
 
 impl From<crate::datapath::DatapathStatus> for DatapathStatus {
@@ -292,6 +298,8 @@ impl From<crate::datapath::DatapathStatus> for DatapathStatus {
             datapath_log: status.datapath_log,
             links: status.links.into_iter().map(|(program, outcome)| (program.to_string(), outcome)).collect(),
             foreign_programs: status.foreign_programs,
+            map_memory_bytes: status.maps.iter().map(|m| m.bytes).sum(),
+            maps: status.maps,
         }
     }
 }

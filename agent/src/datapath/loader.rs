@@ -6,11 +6,11 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     fs::File,
-    os::fd::{AsFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, OwnedFd},
     path::Path,
 };
 
-use agent_common::{LOG_LEVEL_GLOBAL, MAP_SOCKETS, MAP_UDP_FLOWS};
+use agent_common::{LOG_LEVEL_GLOBAL, MAP_SOCKETS, MAP_UDP_FLOWS, SK_COOKIE_OFFSET_GLOBAL, SOCK_OPS_SK_OFFSET_GLOBAL};
 use aya::{
     maps::MapInfo,
     programs::{
@@ -20,7 +20,7 @@ use aya::{
 };
 use aya_obj::generated::bpf_attach_type as hook;
 
-use super::{DatapathError, DatapathOptions, EBPF_OBJECT};
+use super::{DatapathError, DatapathOptions, TableSizes, EBPF_OBJECT};
 use crate::bpf_sys;
 
 /// The sock_addr programs, each with its hook.
@@ -90,7 +90,7 @@ pub struct ForeignProgram {
 /// Checks that every map already pinned under the bpffs directory is the map this agent's
 /// programs define (type, key and value size, size, flags), before anything is loaded: a map
 /// adopted as it is must never be misread, and nothing is attached if one does not match.
-pub fn check_pinned_maps(options: &DatapathOptions) -> Result<(), DatapathError> {
+pub fn check_pinned_maps(options: &DatapathOptions, sizes: &TableSizes) -> Result<(), DatapathError> {
     let object = aya_obj::Object::parse(EBPF_OBJECT).map_err(|err| DatapathError::Object(err.to_string()))?;
     let mut names: Vec<&String> = object.maps.keys().collect();
     names.sort();
@@ -105,7 +105,7 @@ pub fn check_pinned_maps(options: &DatapathOptions) -> Result<(), DatapathError>
         }
         let info =
             MapInfo::from_pin(&path).map_err(|source| DatapathError::PinnedMap { path: path.clone(), source })?;
-        let wanted_entries = configured_max_entries(options, name).unwrap_or(definition.max_entries());
+        let wanted_entries = configured_max_entries(sizes, name).unwrap_or(definition.max_entries());
         let pinned_type = info.map_type().map(|t| t as u32).unwrap_or(u32::MAX);
         let fields = [
             ("type", u64::from(pinned_type), u64::from(definition.map_type())),
@@ -129,6 +129,43 @@ pub fn check_pinned_maps(options: &DatapathOptions) -> Result<(), DatapathError>
     Ok(())
 }
 
+/// One pinned map and the kernel memory it holds.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct MapMemory {
+    /// The map's pinned name (`SOCKETS_V1`).
+    pub name: String,
+    /// The kernel's map type number (`BPF_MAP_TYPE_*`: 1 hash, 2 array, 9 LRU hash).
+    pub map_type: u32,
+    pub max_entries: u32,
+    /// What the kernel charges for it (`memlock` in the map's fdinfo): a preallocated map its
+    /// whole size, a map that allocates per entry its buckets plus the entries it holds now.
+    pub bytes: u64,
+}
+
+/// The kernel memory of every map pinned under the bpffs directory that this agent's programs
+/// use, as the kernel accounts it, by name. Maps that cannot be read are left out.
+pub fn map_memory(bpffs: &Path) -> Vec<MapMemory> {
+    let Ok(object) = aya_obj::Object::parse(EBPF_OBJECT) else { return Vec::new() };
+    let mut names: Vec<&String> = object.maps.keys().filter(|n| !n.starts_with('.')).collect();
+    names.sort();
+    names
+        .into_iter()
+        .filter_map(|name| {
+            let fd = bpf_sys::obj_get(&bpffs.join(name)).ok()?;
+            let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).ok()?;
+            let field = |key: &str| -> Option<u64> {
+                fdinfo.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(':')?.trim().parse().ok())
+            };
+            Some(MapMemory {
+                name: name.clone(),
+                map_type: u32::try_from(field("map_type")?).ok()?,
+                max_entries: u32::try_from(field("max_entries")?).ok()?,
+                bytes: field("memlock")?,
+            })
+        })
+        .collect()
+}
+
 /// What the user can do about a pinned map that does not match.
 fn mismatch_hint(name: &str, field: &str, pinned: u64, bpffs: &Path) -> String {
     let uninstall = format!(
@@ -139,27 +176,43 @@ fn mismatch_hint(name: &str, field: &str, pinned: u64, bpffs: &Path) -> String {
     if field == "max entries" && name == MAP_SOCKETS {
         format!(
             "the socket table was created with agent.steered_socket_capacity = {pinned} and a map cannot be resized \
-             in place: set agent.steered_socket_capacity = {pinned} again, or {uninstall} and start with the new size"
+             in place: set agent.steered_socket_capacity = {pinned} again (or leave it unset: the pinned size is then \
+             kept), or {uninstall} and start with the new size"
         )
     } else {
         format!("it was created by an incompatible sockshift version with the same map name: {uninstall}")
     }
 }
 
-fn configured_max_entries(options: &DatapathOptions, name: &str) -> Option<u32> {
-    (name == MAP_SOCKETS || name == MAP_UDP_FLOWS).then_some(options.steered_socket_capacity)
+fn configured_max_entries(sizes: &TableSizes, name: &str) -> Option<u32> {
+    match name {
+        MAP_SOCKETS => Some(sizes.sockets),
+        MAP_UDP_FLOWS => Some(sizes.udp_flows),
+        _ => None,
+    }
 }
 
 /// Loads the object with its maps pinned (adopting matching pins), its log statements at
 /// `options.log` (aya-log's level global, in read-only data: the verifier removes what is off).
-pub fn load_object(options: &DatapathOptions) -> Result<Ebpf, DatapathError> {
+pub fn load_object(options: &DatapathOptions, sizes: &TableSizes) -> Result<Ebpf, DatapathError> {
     let level = options.log.level();
+    // Unknown offsets keep the globals' defaults: the programs then ask for each cookie.
+    let offsets = super::kernel_btf::socket_offsets();
+    let sk_cookie = offsets.sk_cookie.unwrap_or(u32::MAX);
+    let sock_ops_sk = offsets.sock_ops_sk.unwrap_or(u32::MAX);
+    if sk_cookie == u32::MAX || sock_ops_sk == u32::MAX {
+        log::warn!(
+            "the kernel's BTF does not say where a socket's cookie is: closing an unsteered socket takes a map lookup"
+        );
+    }
     let mut loader = EbpfLoader::new();
     loader
         .override_global(LOG_LEVEL_GLOBAL, &level, true)
+        .override_global(SK_COOKIE_OFFSET_GLOBAL, &sk_cookie, true)
+        .override_global(SOCK_OPS_SK_OFFSET_GLOBAL, &sock_ops_sk, true)
         .default_map_pin_directory(&options.bpffs)
-        .map_max_entries(MAP_SOCKETS, options.steered_socket_capacity)
-        .map_max_entries(MAP_UDP_FLOWS, options.steered_socket_capacity);
+        .map_max_entries(MAP_SOCKETS, sizes.sockets)
+        .map_max_entries(MAP_UDP_FLOWS, sizes.udp_flows);
     Ok(loader.load(EBPF_OBJECT)?)
 }
 

@@ -22,6 +22,7 @@
 //! Module layout: `loader` checks pinned maps and links and attaches the programs, `registry`
 //! hands out service ids and revisions, `sockets` finds and destroys chosen steered sockets.
 
+mod kernel_btf;
 mod loader;
 pub mod program_log;
 mod registry;
@@ -35,18 +36,18 @@ use std::{
 };
 
 use agent_common::{
-    service_seed, v4_mapped, BackendKey, BackendValue, CohortKey, CounterKey, FrontendKey, FrontendValue, Settings,
-    SideCounters, SideCountersV1, COHORT_ALWAYS_CANARY, COHORT_NEVER_CANARY, FAMILY_V4, FAMILY_V6,
-    FLAG_AFFINITY_CLIENT, FLAG_HAS_COHORTS, MAP_BACKENDS, MAP_COHORTS, MAP_COUNTERS, MAP_COUNTERS_V1, MAP_FRONTENDS,
-    MAP_SETTINGS, MAP_SETTINGS_V1, MAP_SOCKETS, MAP_UDP_FLOWS, MAX_BACKEND_SLOTS, MAX_FRONTENDS, MAX_SERVICES,
-    MAX_STEERED_SOCKETS, SETTING_HOST_NETNS_ONLY, SIDE_CANARY, SIDE_STABLE,
+    counter_slot, service_seed, v4_mapped, BackendKey, BackendValue, CohortKey, CounterKey, FrontendKey, FrontendValue,
+    Settings, SideCounters, SideCountersV1, COHORT_ALWAYS_CANARY, COHORT_NEVER_CANARY, COUNTER_SLOTS, FAMILY_V4,
+    FAMILY_V6, FLAG_AFFINITY_CLIENT, FLAG_HAS_COHORTS, MAP_BACKENDS, MAP_COHORTS, MAP_COUNTERS, MAP_COUNTERS_V1,
+    MAP_COUNTERS_V2, MAP_FRONTENDS, MAP_SETTINGS, MAP_SETTINGS_V1, MAP_SOCKETS, MAP_UDP_FLOWS, MAX_BACKEND_SLOTS,
+    MAX_FRONTENDS, MAX_SERVICES, MAX_STEERED_SOCKETS, SETTING_HOST_NETNS_ONLY, SIDE_CANARY, SIDE_STABLE,
 };
 use aya::{
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuHashMap, PerCpuValues},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuHashMap},
     programs::ProgramError,
     BtfError, Ebpf, EbpfError,
 };
-pub use loader::{detach_link_pin, ForeignProgram, LinkOutcome};
+pub use loader::{detach_link_pin, ForeignProgram, LinkOutcome, MapMemory};
 pub use program_log::RecordFeed;
 use registry::{Revisions, ServiceIds};
 pub use sockets::{Selection, Termination};
@@ -110,6 +111,11 @@ pub enum DatapathError {
          theirs {REVISION_GRACE:?} after the change that replaced them)"
     )]
     TooManyBackendSlots { needed: usize, free: usize },
+    #[error(
+        "agent.steered_sockets_per_netns = {per_netns} is more than the socket table holds ({capacity}, the size \
+         already pinned or the default, as agent.steered_socket_capacity is not set)"
+    )]
+    PerNetnsAboveCapacity { per_netns: u32, capacity: u32 },
     #[error("reading the host network namespace cookie: {0}")]
     NetnsCookie(std::io::Error),
 }
@@ -126,10 +132,12 @@ pub struct DatapathOptions {
     pub cgroup: PathBuf,
     /// bpffs directory of the pinned maps and links.
     pub bpffs: PathBuf,
-    /// Size of the socket table (and of the UDP flow table).
-    pub steered_socket_capacity: u32,
-    /// Most socket records one network namespace may hold; 0: no bound.
-    pub steered_sockets_per_netns: u32,
+    /// Size of the socket table (and of the UDP flow table); `None`: the size of the tables
+    /// already pinned, else `MAX_STEERED_SOCKETS`.
+    pub steered_socket_capacity: Option<u32>,
+    /// Most socket records one network namespace may hold; 0: no bound; `None`: a quarter of
+    /// the socket table.
+    pub steered_sockets_per_netns: Option<u32>,
     /// Steer only the host network namespace's sockets.
     pub host_netns_only: bool,
     /// What the programs log (fixed at load; `Datapath::set_log` reloads them).
@@ -142,8 +150,8 @@ impl DatapathOptions {
         Self {
             cgroup: cgroup.to_owned(),
             bpffs: bpffs.to_owned(),
-            steered_socket_capacity: MAX_STEERED_SOCKETS,
-            steered_sockets_per_netns: default_sockets_per_netns(MAX_STEERED_SOCKETS),
+            steered_socket_capacity: None,
+            steered_sockets_per_netns: None,
             host_netns_only: false,
             log: DatapathLog::Off,
         }
@@ -166,6 +174,35 @@ impl From<&crate::config::Config> for DatapathOptions {
 /// A quarter of the table: one client namespace cannot take more, and it takes four to fill it.
 pub const fn default_sockets_per_netns(capacity: u32) -> u32 {
     capacity / 4
+}
+
+/// The socket table's and UDP flow table's sizes, and the per-namespace bound, as they will be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableSizes {
+    pub sockets: u32,
+    pub udp_flows: u32,
+    pub sockets_per_netns: u32,
+}
+
+impl DatapathOptions {
+    /// The configured sizes; where none is configured, the size of the table already pinned (an
+    /// upgrade or restart adopts the tables it finds, whatever the default was when they were
+    /// made), else the default.
+    pub fn table_sizes(&self) -> Result<TableSizes, DatapathError> {
+        let pinned = |name: &str| aya::maps::MapInfo::from_pin(self.bpffs.join(name)).ok().map(|i| i.max_entries());
+        let (sockets, udp_flows) = match self.steered_socket_capacity {
+            Some(capacity) => (capacity, capacity),
+            None => (
+                pinned(MAP_SOCKETS).unwrap_or(MAX_STEERED_SOCKETS),
+                pinned(MAP_UDP_FLOWS).unwrap_or(MAX_STEERED_SOCKETS),
+            ),
+        };
+        let sockets_per_netns = self.steered_sockets_per_netns.unwrap_or(default_sockets_per_netns(sockets));
+        if sockets_per_netns > sockets {
+            return Err(DatapathError::PerNetnsAboveCapacity { per_netns: sockets_per_netns, capacity: sockets });
+        }
+        Ok(TableSizes { sockets, udp_flows, sockets_per_netns })
+    }
 }
 
 /// A service as installed in the maps.
@@ -241,6 +278,8 @@ pub struct DatapathStatus {
     pub links: BTreeMap<&'static str, LinkOutcome>,
     /// Other programs on sockshift's hooks for this cgroup.
     pub foreign_programs: Vec<ForeignProgram>,
+    /// Kernel memory of the pinned maps, by map, as the kernel charges it.
+    pub maps: Vec<MapMemory>,
 }
 
 /// What an earlier run pinned, kept until the first `sync` has adopted what it can.
@@ -258,7 +297,7 @@ pub struct Datapath {
     frontends: HashMap<MapData, FrontendKey, FrontendValue>,
     backends: HashMap<MapData, BackendKey, BackendValue>,
     udp_flows: HashMap<MapData, agent_common::UdpFlowKey, agent_common::UdpFlow>,
-    counters: PerCpuHashMap<MapData, CounterKey, SideCounters>,
+    counters: Array<MapData, SideCounters>,
     cohorts: HashMap<MapData, CohortKey, u32>,
     services: BTreeMap<String, Installed>,
     /// What FRONTENDS holds (this process writes it alone).
@@ -272,9 +311,10 @@ pub struct Datapath {
     pinned_start: Option<PinnedStart>,
     ids: ServiceIds,
     revision_ids: Revisions,
-    nr_cpus: usize,
     socket_capacity: u32,
     udp_flow_capacity: u32,
+    /// The table sizes this run loaded with (reloads use the same).
+    sizes: TableSizes,
     links: BTreeMap<&'static str, LinkOutcome>,
     foreign: Vec<ForeignProgram>,
     terminator: sockets::Terminator,
@@ -292,24 +332,24 @@ impl Datapath {
         std::fs::create_dir_all(&options.bpffs)
             .map_err(|source| DatapathError::Bpffs { path: options.bpffs.clone(), source })?;
 
-        loader::check_pinned_maps(options)?;
-        let mut ebpf = loader::load_object(options)?;
+        let sizes = options.table_sizes()?;
+        loader::check_pinned_maps(options, &sizes)?;
+        let mut ebpf = loader::load_object(options, &sizes)?;
         let frontends: HashMap<MapData, FrontendKey, FrontendValue> = take_map(&mut ebpf, MAP_FRONTENDS)?;
         let backends: HashMap<MapData, BackendKey, BackendValue> = take_map(&mut ebpf, MAP_BACKENDS)?;
         let sockets: HashMap<MapData, u64, agent_common::SocketEntry> = take_map(&mut ebpf, MAP_SOCKETS)?;
         let udp_flows: HashMap<MapData, agent_common::UdpFlowKey, agent_common::UdpFlow> =
             take_map(&mut ebpf, MAP_UDP_FLOWS)?;
-        let mut counters: PerCpuHashMap<MapData, CounterKey, SideCounters> = take_map(&mut ebpf, MAP_COUNTERS)?;
+        let mut counters: Array<MapData, SideCounters> = take_map(&mut ebpf, MAP_COUNTERS)?;
         let cohorts: HashMap<MapData, CohortKey, u32> = take_map(&mut ebpf, MAP_COHORTS)?;
         let mut settings: Array<MapData, Settings> = take_map(&mut ebpf, MAP_SETTINGS)?;
         // Settings first: the new programs read them from their first run.
         let value = Settings {
             host_netns_cookie: host_netns_cookie()?,
-            sockets_per_netns: options.steered_sockets_per_netns,
+            sockets_per_netns: sizes.sockets_per_netns,
             flags: if options.host_netns_only { SETTING_HOST_NETNS_ONLY } else { 0 },
         };
         settings.set(0, value, 0).map_err(map_err(MAP_SETTINGS))?;
-        let nr_cpus = aya::util::nr_cpus().map_err(|(_, err)| DatapathError::NetnsCookie(err))?;
 
         // What an earlier run left, read before anything changes.
         let frontend_table: StdHashMap<FrontendKey, FrontendValue> = frontends.iter().filter_map(Result::ok).collect();
@@ -323,11 +363,15 @@ impl Datapath {
         }
         let revisions: StdHashMap<u32, Vec<BackendKey>> =
             pinned_revisions.iter().map(|(r, slots)| (*r, slots.iter().map(|(k, _)| *k).collect())).collect();
-        let migrated = migrate_counters_v1(&options.bpffs, &mut counters, nr_cpus)?;
+        let migrated = migrate_counters(&options.bpffs, &mut counters)?;
+        // Ids with counts are ids of services an earlier run held (or still draining).
+        let counted_ids = (0..COUNTER_SLOTS)
+            .filter(|slot| counters.get(slot, 0).is_ok_and(|c| c != SideCounters::default()))
+            .map(|slot| slot / 2);
         let pinned_ids: HashSet<u32> = frontend_table
             .values()
             .map(|v| v.service_id)
-            .chain(counters.keys().filter_map(Result::ok).map(|k| k.service_id))
+            .chain(counted_ids)
             .chain(cohort_table.keys().map(|k| k.service_id))
             .collect();
 
@@ -335,7 +379,7 @@ impl Datapath {
         log_reader.follow((options.log != DatapathLog::Off).then_some(&mut ebpf));
         let loader::Attached { links, foreign } = loader::attach_programs(&mut ebpf, options)?;
         // The new programs run now: maps only older programs used can go.
-        for name in [MAP_COUNTERS_V1, MAP_SETTINGS_V1] {
+        for name in [MAP_COUNTERS_V1, MAP_COUNTERS_V2, MAP_SETTINGS_V1] {
             let pin = options.bpffs.join(name);
             if pin.exists() {
                 if let Err(err) = std::fs::remove_file(&pin) {
@@ -344,7 +388,7 @@ impl Datapath {
             }
         }
         if migrated > 0 {
-            log::info!("carried the counters of {migrated} service sides over from {MAP_COUNTERS_V1}");
+            log::info!("carried the counters of {migrated} service sides over from an older counters map");
         }
         let updated = links.iter().filter(|(_, o)| *o == LinkOutcome::Updated).count();
         if updated > 0 {
@@ -390,9 +434,9 @@ impl Datapath {
             pinned_start: Some(PinnedStart { revisions: pinned_revisions }),
             ids: ServiceIds::new(MAX_SERVICES, pinned_ids),
             revision_ids: Revisions::new(highest_revision),
-            nr_cpus,
             socket_capacity,
             udp_flow_capacity,
+            sizes,
             links: links.into_iter().collect(),
             foreign,
             terminator: sockets::Terminator::start(options.cgroup.clone(), sockets),
@@ -413,7 +457,7 @@ impl Datapath {
             return Ok(());
         }
         let options = DatapathOptions { log: level, ..self.options.clone() };
-        let mut ebpf = loader::load_object(&options)?;
+        let mut ebpf = loader::load_object(&options, &self.sizes)?;
         // The new object's buffer is read from before its programs run.
         if level != DatapathLog::Off {
             self.publish_names();
@@ -426,7 +470,7 @@ impl Datapath {
                 // Links switched before the error run the new programs; put the old level's
                 // programs back on every hook (loaded again: the object's fds were taken).
                 log::error!("replacing the programs for datapath_log = \"{level}\" failed: {err}");
-                let mut again = loader::load_object(&self.options)?;
+                let mut again = loader::load_object(&self.options, &self.sizes)?;
                 self.log_reader.follow((self.options.log != DatapathLog::Off).then_some(&mut again));
                 loader::attach_programs(&mut again, &self.options)?;
                 self.ebpf_object = again;
@@ -674,14 +718,10 @@ impl Datapath {
         for plan in &mut plans {
             let spec = &plan.spec;
             if !self.services.contains_key(&spec.name) {
-                for side in [SIDE_STABLE, SIDE_CANARY] {
-                    let key = CounterKey { service_id: plan.id, side: side as u32 };
-                    // Keep counts a previous run left for this id: it is this service's (same
-                    // frontends, same name), claimed above.
-                    if self.counters.get(&key, 0).is_err() {
-                        self.insert_zero_counters(key)?;
-                        undo.counters.push(key);
-                    }
+                // Keep counts a previous run left for a claimed id: it is this service's (same
+                // frontends, same name). A newly handed-out id starts from zero.
+                if undo.ids.contains(&plan.id) {
+                    self.zero_counters(plan.id)?;
                 }
             }
             // Cohort entries before the flag that makes the programs look for them.
@@ -806,9 +846,6 @@ impl Datapath {
                 let _ = self.backends.remove(&key);
             }
         }
-        for key in undo.counters {
-            let _ = self.counters.remove(&key);
-        }
         for id in undo.ids {
             self.ids.unallocate(id);
         }
@@ -887,13 +924,9 @@ impl Datapath {
     }
 
     fn side_counters(&self, id: u32, side: u8) -> Result<SideCounters, DatapathError> {
-        let key = CounterKey { service_id: id, side: side as u32 };
-        let per_cpu = self.counters.get(&key, 0).map_err(map_err(MAP_COUNTERS))?;
-        let mut total = SideCounters::default();
-        for cpu in per_cpu.iter() {
-            total.add(cpu);
-        }
-        Ok(total)
+        let slot =
+            counter_slot(id, side).ok_or(DatapathError::Map { name: MAP_COUNTERS, source: MapError::KeyNotFound })?;
+        self.counters.get(&slot, 0).map_err(map_err(MAP_COUNTERS))
     }
 
     /// Socket records still open that carry `id`, on both sides (0 if it has no counters).
@@ -905,17 +938,10 @@ impl Datapath {
             .sum()
     }
 
-    /// Steered sockets currently open: socket records of every service, removed ones included.
+    /// Steered sockets currently open: socket records of every service, removed ones included
+    /// (only installed and draining ids can have open records).
     pub fn open_steered_sockets(&self) -> u64 {
-        let mut total = SideCounters::default();
-        for key in self.counters.keys().filter_map(Result::ok) {
-            if let Ok(per_cpu) = self.counters.get(&key, 0) {
-                for cpu in per_cpu.iter() {
-                    total.add(cpu);
-                }
-            }
-        }
-        total.open_socket_records()
+        self.services.values().map(|s| s.id).chain(self.ids.draining_ids()).map(|id| self.open_records(id)).sum()
     }
 
     /// Datapath-wide figures.
@@ -925,7 +951,7 @@ impl Datapath {
             cgroup: self.options.cgroup.clone(),
             open_steered_sockets: self.open_steered_sockets(),
             steered_socket_capacity: self.socket_capacity,
-            steered_sockets_per_netns: self.options.steered_sockets_per_netns,
+            steered_sockets_per_netns: self.sizes.sockets_per_netns,
             udp_flows: self.udp_flows.keys().count(),
             udp_flow_capacity: self.udp_flow_capacity,
             draining_service_ids: self.ids.draining(),
@@ -933,6 +959,7 @@ impl Datapath {
             datapath_log: self.options.log,
             links: self.links.clone(),
             foreign_programs: self.foreign.clone(),
+            maps: loader::map_memory(&self.options.bpffs),
         }
     }
 
@@ -959,21 +986,21 @@ impl Datapath {
         }
         if let Some(drained_before) = now.checked_sub(REVISION_GRACE) {
             for id in self.ids.draining_since(drained_before) {
-                if self.open_records(id) == 0 {
-                    for side in [SIDE_STABLE, SIDE_CANARY] {
-                        let _ = self.counters.remove(&CounterKey { service_id: id, side: side as u32 });
-                    }
+                if self.open_records(id) == 0 && self.zero_counters(id).is_ok() {
                     self.ids.free(id);
                 }
             }
         }
     }
 
-    /// Creates a side's counters. Per-CPU entries come from the kernel's per-CPU allocator,
-    /// which fails with ENOMEM while it grows its pool in the background (it may not sleep in
-    /// this path), so a short retry rides that out.
-    fn insert_zero_counters(&mut self, key: CounterKey) -> Result<(), DatapathError> {
-        insert_counters(&mut self.counters, key, vec![SideCounters::default(); self.nr_cpus])
+    /// Zeroes both sides' counters of `id` (an id handed to a new service, or freed).
+    fn zero_counters(&mut self, id: u32) -> Result<(), DatapathError> {
+        for side in [SIDE_STABLE, SIDE_CANARY] {
+            if let Some(slot) = counter_slot(id, side) {
+                self.counters.set(slot, SideCounters::default(), 0).map_err(map_err(MAP_COUNTERS))?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1000,54 +1027,48 @@ struct Undo {
     /// Ids claimed from pinned state: they go back to being pinned.
     claimed: Vec<u32>,
     revisions: Vec<u32>,
-    counters: Vec<CounterKey>,
     cohorts: Vec<(CohortKey, Option<u32>)>,
 }
 
-fn insert_counters(
-    counters: &mut PerCpuHashMap<MapData, CounterKey, SideCounters>,
-    key: CounterKey,
-    values: Vec<SideCounters>,
-) -> Result<(), DatapathError> {
-    let mut attempt = 0;
-    loop {
-        let per_cpu =
-            PerCpuValues::try_from(values.clone()).map_err(|err| map_err(MAP_COUNTERS)(MapError::from(err)))?;
-        match counters.insert(key, per_cpu, 0) {
-            Ok(()) => return Ok(()),
-            Err(MapError::SyscallError(err)) if err.io_error.raw_os_error() == Some(libc::ENOMEM) && attempt < 200 => {
-                attempt += 1;
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(err) => return Err(map_err(MAP_COUNTERS)(err)),
-        }
-    }
-}
-
-/// Copies the counters an older agent kept in COUNTERS_V1 into COUNTERS_V2 (for ids that have
-/// none there yet), before the new programs run, so rollout windows and totals carry on across
-/// the upgrade. Events counted between this copy and the program switch (milliseconds) are lost.
-fn migrate_counters_v1(
-    bpffs: &Path,
-    counters: &mut PerCpuHashMap<MapData, CounterKey, SideCounters>,
-    nr_cpus: usize,
-) -> Result<usize, DatapathError> {
-    let pin = bpffs.join(MAP_COUNTERS_V1);
-    if !pin.exists() {
-        return Ok(0);
-    }
-    let data = MapData::from_pin(&pin).map_err(|source| DatapathError::PinnedMap { path: pin.clone(), source })?;
-    let old: PerCpuHashMap<MapData, CounterKey, SideCountersV1> = PerCpuHashMap::try_from(Map::PerCpuHashMap(data))
-        .map_err(|source| DatapathError::PinnedMap { path: pin, source })?;
+/// Carries the counters an older agent kept (COUNTERS_V2, per-CPU, or COUNTERS_V1, per-CPU in an
+/// older layout) over into COUNTERS, summed over CPUs, for sides that have no counts there yet,
+/// before the new programs run, so rollout windows and totals carry on across the upgrade.
+/// Events counted between this copy and the program switch (milliseconds) are lost.
+fn migrate_counters(bpffs: &Path, counters: &mut Array<MapData, SideCounters>) -> Result<usize, DatapathError> {
     let mut migrated = 0;
-    for (key, values) in old.iter().filter_map(Result::ok) {
-        if counters.get(&key, 0).is_ok() {
-            continue;
+    let mut carry = |key: CounterKey, total: SideCounters| -> Result<(), DatapathError> {
+        let Some(slot) = u8::try_from(key.side).ok().and_then(|side| counter_slot(key.service_id, side)) else {
+            return Ok(());
+        };
+        if counters.get(&slot, 0).is_ok_and(|c| c != SideCounters::default()) {
+            return Ok(());
         }
-        let mut converted: Vec<SideCounters> = values.iter().map(|v| SideCounters::from(*v)).collect();
-        converted.resize(nr_cpus, SideCounters::default());
-        insert_counters(counters, key, converted)?;
+        counters.set(slot, total, 0).map_err(map_err(MAP_COUNTERS))?;
         migrated += 1;
+        Ok(())
+    };
+    let pin = bpffs.join(MAP_COUNTERS_V2);
+    if pin.exists() {
+        let data = MapData::from_pin(&pin).map_err(|source| DatapathError::PinnedMap { path: pin.clone(), source })?;
+        let old: PerCpuHashMap<MapData, CounterKey, SideCounters> =
+            PerCpuHashMap::try_from(Map::PerCpuHashMap(data))
+                .map_err(|source| DatapathError::PinnedMap { path: pin, source })?;
+        for (key, values) in old.iter().filter_map(Result::ok) {
+            let mut total = SideCounters::default();
+            values.iter().for_each(|cpu| total.add(cpu));
+            carry(key, total)?;
+        }
+    }
+    let pin = bpffs.join(MAP_COUNTERS_V1);
+    if pin.exists() {
+        let data = MapData::from_pin(&pin).map_err(|source| DatapathError::PinnedMap { path: pin.clone(), source })?;
+        let old: PerCpuHashMap<MapData, CounterKey, SideCountersV1> = PerCpuHashMap::try_from(Map::PerCpuHashMap(data))
+            .map_err(|source| DatapathError::PinnedMap { path: pin, source })?;
+        for (key, values) in old.iter().filter_map(Result::ok) {
+            let mut total = SideCounters::default();
+            values.iter().for_each(|cpu| total.add(&SideCounters::from(*cpu)));
+            carry(key, total)?;
+        }
     }
     Ok(migrated)
 }

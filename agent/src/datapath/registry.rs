@@ -95,6 +95,11 @@ impl ServiceIds {
         self.draining.len()
     }
 
+    /// Ids of removed services (and unclaimed pinned state) still draining.
+    pub fn draining_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.draining.keys().copied()
+    }
+
     #[cfg(test)]
     pub fn is_draining(&self, id: u32) -> bool {
         self.draining.contains_key(&id)

@@ -481,8 +481,11 @@ fn connect_cost(settings: &Settings) -> Value {
     let count = if settings.smoke { "300" } else { "2000" };
     let backends = Backends::start();
     let cgroup = Cgroup::new();
-    let _agent = Agent::start(
+    // SOCKSHIFT_BENCH_AGENT: extra `[agent]` keys for experiments (a smaller socket table, say).
+    let agent_extra = std::env::var("SOCKSHIFT_BENCH_AGENT").unwrap_or_default();
+    let _agent = Agent::start_with(
         &cgroup,
+        &agent_extra,
         &format!("[[service]]\nname = \"target\"\nfrontends = [\"{FRONTEND}\"]\nstable = [\"{STABLE}\"]\n"),
     );
     let outside = backends.placement();
@@ -494,19 +497,32 @@ fn connect_cost(settings: &Settings) -> Value {
     // sock_release runs once per socket closed: for the connections that were not steered, it is
     // what closing a socket costs every process in the cgroup.
     let mut release: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+    // sock_ops runs several times per TCP connection, steered or not.
+    let mut sock_ops: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
     for round in 0..rounds {
         check_interrupted();
         for i in 0..configs.len() {
             let (name, placement, target) = configs[(i + round) % configs.len()];
-            let before = (prog_stats(&cgroup, "sock4_connect"), prog_stats(&cgroup, "sock_release"));
+            let before = (
+                prog_stats(&cgroup, "sock4_connect"),
+                prog_stats(&cgroup, "sock_release"),
+                prog_stats(&cgroup, "sock_health"),
+            );
             let report = probe(placement, &["connect-cost", "--target", target, "--count", count]);
-            let after = (prog_stats(&cgroup, "sock4_connect"), prog_stats(&cgroup, "sock_release"));
+            let after = (
+                prog_stats(&cgroup, "sock4_connect"),
+                prog_stats(&cgroup, "sock_release"),
+                prog_stats(&cgroup, "sock_health"),
+            );
             let entry = kernel.entry(name).or_default();
             entry.0 += after.0 .0 - before.0 .0;
             entry.1 += after.0 .1 - before.0 .1;
             let entry = release.entry(name).or_default();
             entry.0 += after.1 .0 - before.1 .0;
             entry.1 += after.1 .1 - before.1 .1;
+            let entry = sock_ops.entry(name).or_default();
+            entry.0 += after.2 .0 - before.2 .0;
+            entry.1 += after.2 .1 - before.2 .1;
             medians.entry(name).or_default().push(report["median_ns"].as_f64().unwrap());
         }
     }
@@ -521,6 +537,8 @@ fn connect_cost(settings: &Settings) -> Value {
                 "kernel_program_runs": kernel[name].1,
                 "kernel_release_ns_per_run": per_run(release[name]),
                 "kernel_release_runs": release[name].1,
+                "kernel_sock_ops_ns_per_run": per_run(sock_ops[name]),
+                "kernel_sock_ops_runs": sock_ops[name].1,
             }),
         );
     }
@@ -866,11 +884,15 @@ fn footprint(settings: &Settings) -> Value {
                 }
             }
         }
+        // The agent's own report (GET /v1/datapath), map by map, which users see.
+        let (_, status) = agent.call("GET", "/v1/datapath", None);
         rows.push(json!({
             "services": services,
             "agent_rss_kib": rss_kib,
             "map_memory_bytes": map_bytes,
             "map_memory_bytes_96_cpus": map_bytes_96,
+            "api_map_memory_bytes": status["map_memory_bytes"],
+            "maps": status["maps"],
         }));
     }
     json!(rows)
@@ -932,13 +954,14 @@ fn render(r: &Value) -> (String, String) {
         ));
     }
     let c = &r["connect_cost"];
-    md.push_str(&format!("\n## connect() cost\n\nMedian of per-round medians over {} interleaved rounds; kernel run time from `kernel.bpf_stats_enabled` for `sock4_connect`, and for `sock_release` when the socket is closed.\n\n| case | connect() ns | connect4 program ns per run | sock_release ns per run |\n|---|---|---|---|\n", c["rounds"]));
+    md.push_str(&format!("\n## connect() cost\n\nMedian of per-round medians over {} interleaved rounds; kernel run time from `kernel.bpf_stats_enabled` for `sock4_connect`, for `sock_release` when the socket is closed, and for `sock_health` (sock_ops, several calls per TCP connection). On a VM an empty program reads 40–60 ns per run by these statistics (their own clock reads).\n\n| case | connect() ns | connect4 program ns per run | sock_release ns per run | sock_ops ns per run |\n|---|---|---|---|---|\n", c["rounds"]));
     for name in ["no_program", "attached_not_matching", "steering"] {
         md.push_str(&format!(
-            "| {name} | {} | {} | {} |\n",
+            "| {name} | {} | {} | {} | {} |\n",
             f(&c[name]["connect_ns_median"], 0),
             f(&c[name]["kernel_program_ns_per_run"], 0),
-            f(&c[name]["kernel_release_ns_per_run"], 0)
+            f(&c[name]["kernel_release_ns_per_run"], 0),
+            f(&c[name]["kernel_sock_ops_ns_per_run"], 0)
         ));
     }
     md.push_str(&format!(
@@ -1008,6 +1031,21 @@ fn render(r: &Value) -> (String, String) {
             row["map_memory_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
             row["map_memory_bytes_96_cpus"].as_f64().unwrap_or(0.0) / 1048576.0
         ));
+    }
+    if let Some(largest) = r["footprint"].as_array().and_then(|rows| rows.last()) {
+        md.push_str(&format!(
+            "\nBy map at {} services, as the agent reports it (`GET /v1/datapath`, `maps`):\n\n| map | type | max entries | MiB |\n|---|---|---|---|\n",
+            largest["services"]
+        ));
+        for map in largest["maps"].as_array().into_iter().flatten() {
+            md.push_str(&format!(
+                "| {} | {} | {} | {:.2} |\n",
+                map["name"].as_str().unwrap_or("?"),
+                map["map_type"],
+                map["max_entries"],
+                map["bytes"].as_f64().unwrap_or(0.0) / 1048576.0
+            ));
+        }
     }
 
     // Targets.
