@@ -59,6 +59,15 @@ impl Node {
         body
     }
 
+    fn metric(&self, name: &str) -> f64 {
+        let r = agent::client::request(self.agent.api, Some(RELEASE), "GET", "/metrics", None).expect("GET /metrics");
+        let text = r.body.as_str().unwrap_or_default().to_string();
+        text.lines()
+            .find_map(|line| line.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{}: no {name} in /metrics:\n{text}", self.name))
+    }
+
     fn percent(&self) -> f64 {
         let (status, body) = self.call("GET", "/v1/services/web", None);
         assert_eq!(status, 200, "{}: GET web: {body}", self.name);
@@ -72,6 +81,7 @@ struct Lab {
     nodes: Vec<Node>,
     _servers: Spawned,
     netns: NetNs,
+    prefix: String,
     etcd: EtcdCluster,
 }
 
@@ -97,7 +107,7 @@ impl Lab {
             agent.spawn();
             nodes.push(Node { name: name.into(), agent, cgroup });
         }
-        let lab = Self { nodes, _servers: servers, netns, etcd };
+        let lab = Self { nodes, _servers: servers, netns, prefix, etcd };
         let body = json!({
             "frontends": [FRONTEND], "stable": ["127.0.0.1:8001"], "canary": [format!("127.0.0.1:{CANARY_PORT}")],
             "canary_percent": 0.0,
@@ -105,6 +115,11 @@ impl Lab {
         let (status, answer) = lab.node("node-a").call("PUT", "/v1/services/web?wait=cluster", Some(&body));
         assert_eq!(status, 201, "adding web: {answer}");
         lab
+    }
+
+    /// Writes `value` at `<prefix>/v1/<key>` with etcdctl (under no lease).
+    fn etcdctl_put(&self, key: &str, value: &Value) {
+        self.etcd.etcdctl_ok(&["put", &format!("{}/v1/{key}", self.prefix), &value.to_string()]);
     }
 
     fn node(&self, name: &str) -> &Node {
@@ -222,12 +237,29 @@ fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
 }
 
+/// Counters of web as a node publishes them: `failed` canary attempts, nothing else.
+fn health_value(node: &str, failed: u64) -> Value {
+    let side = |failed: u64| json!({ "connections": failed, "failed_attempts": failed });
+    json!({ "schema": 1, "health": { "node": node, "at_unix_ms": 1,
+        "services": { "web": { "stable": side(0), "canary": side(failed) } } } })
+}
+
 /// Issue 11: a rollout started through node A promotes a healthy canary; every node's clients see
-/// each step's split within 5 points.
+/// each step's split within 5 points. Counters in etcd that no agent published (a value under no
+/// lease, a value no kernel counts) are ignored with an error naming the key, never summed.
 #[test]
 fn a_rollout_started_on_one_node_is_driven_once_and_every_node_steers_each_step() {
     let _serial = serial();
     let lab = Lab::new();
+    let invalid = |node: &Node| node.metric("sockshift_cluster_invalid_values_total");
+    let invalid_before: Vec<f64> = lab.nodes.iter().map(invalid).collect();
+    // A counter above 2^53: refused by every node.
+    let mut intruder = health_value("intruder", 0);
+    intruder["health"]["services"]["web"]["canary"]["resets"] = json!(u64::MAX);
+    lab.etcdctl_put("health/intruder", &intruder);
+    // A well-formed value under no lease, whose failures grow during step 1 below: if the
+    // leader summed it, the rollout would be rolled back.
+    lab.etcdctl_put("health/ghost", &health_value("ghost", 0));
     // Background traffic on every node for the gates, beyond the samples below.
     let loads = lab.load(&NODES, 40, 70.0);
     let steps = [10.0, 50.0, 100.0];
@@ -264,6 +296,9 @@ fn a_rollout_started_on_one_node_is_driven_once_and_every_node_steers_each_step(
             threads.into_iter().map(|t| t.join().unwrap()).collect()
         });
         let sampled_for = sample_started.elapsed();
+        if i == 1 {
+            lab.etcdctl_put("health/ghost", &health_value("ghost", 100_000));
+        }
         // Still the same step on every node: the samples saw one weight.
         for node in &lab.nodes {
             let now = node.rollout();
@@ -296,6 +331,20 @@ fn a_rollout_started_on_one_node_is_driven_once_and_every_node_steers_each_step(
     // attempts than any one node made at that step.
     let judged = r["last_gates"]["canary_attempts"].as_u64().unwrap_or(0);
     assert!(judged > 2 * u64::from(SAMPLE), "the gates summed the nodes' counters: {judged} canary attempts: {r}");
+    for (node, before) in lab.nodes.iter().zip(invalid_before) {
+        assert!(invalid(node) > before, "{}: the implausible counters were counted as invalid", node.name);
+        let log = node.agent.log();
+        assert!(
+            log.contains(&format!("{}/v1/health/intruder", lab.prefix)) && log.contains("above 2^53"),
+            "{}: the log names the bad key and field",
+            node.name
+        );
+        assert!(
+            log.contains(&format!("{}/v1/health/ghost: not under a lease", lab.prefix)),
+            "{}: the log says why the ghost's counters are ignored",
+            node.name
+        );
+    }
     for (name, report) in load_reports(loads) {
         assert_eq!(errors_total(&report), 0, "{name}'s clients: {report}");
     }
@@ -571,4 +620,9 @@ fn a_canary_failing_only_on_one_node_is_rolled_back_cluster_wide() {
         "node-b reset every canary connection its clients held: {outcome}"
     );
     assert_eq!(outcome["stable"].get("reset"), None, "stable connections stay open: {outcome}");
+    // Every node adds what it terminated to the rollout's count.
+    let r = wait_rollout(a, "node-b's terminations counted", Duration::from_secs(10), |r| {
+        r["terminated_connections"].as_u64().is_some_and(|n| n >= canary_held)
+    });
+    eprintln!("terminated_connections {} (node-b's clients held {canary_held})", r["terminated_connections"]);
 }

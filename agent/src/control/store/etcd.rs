@@ -244,7 +244,14 @@ pub async fn start(settings: &ClusterSettings, state_dir: &Path) -> Result<Start
             view,
             leadership: leadership.clone(),
         },
-        follow: Follow { watch, mirror, to_core, view: view_tx, health: health_tx },
+        follow: Follow {
+            watch,
+            mirror,
+            to_core,
+            view: view_tx,
+            health: health_tx,
+            layout: cluster::KeyLayout::new(&settings.prefix),
+        },
         presence: Presence { store, status: status_rx, leadership: leadership_tx, health: published_rx },
     })
 }
@@ -538,12 +545,14 @@ pub struct Follow {
     view: watch::Sender<ClusterView>,
     /// The live nodes' counters, for the leader's gates ([`Store::node_counters`]).
     health: watch::Sender<BTreeMap<String, NodeHealth>>,
+    layout: cluster::KeyLayout,
 }
 
 /// The published counters of the nodes whose keys are in `snapshot` (the live ones: the keys
-/// are under the nodes' leases).
+/// are under the nodes' leases). A value under no lease was not published by an agent (written
+/// by hand, say): it is left out.
 fn live_health(snapshot: &cluster::Snapshot) -> BTreeMap<String, NodeHealth> {
-    snapshot.health.iter().map(|(node, v)| (node.clone(), v.value.clone())).collect()
+    snapshot.health.iter().filter(|(_, v)| v.lease != 0).map(|(node, v)| (node.clone(), v.value.clone())).collect()
 }
 
 impl Follow {
@@ -585,7 +594,13 @@ impl Follow {
                             self.publish_members();
                             None
                         }
-                        cluster::Key::Health(_) => {
+                        cluster::Key::Health(node) => {
+                            if self.mirror.health.get(node).is_some_and(|v| v.lease == 0) {
+                                log::warn!(
+                                    "ignoring the counters at {}: not under a lease, so not published by an agent",
+                                    self.layout.key(&change.key)
+                                );
+                            }
                             self.health.send_replace(live_health(&self.mirror));
                             None
                         }
