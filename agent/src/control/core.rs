@@ -104,6 +104,10 @@ pub(super) struct Core<S: Store> {
     terminate_pending: BTreeSet<String>,
 }
 
+/// Cluster mode: every live node's cumulative counters of one service that are known here, by
+/// node, and the nodes in the cluster now.
+type LiveCounters = (BTreeMap<String, Counters>, BTreeSet<String>);
+
 /// How often a node publishes its counters of the services with an active rollout (cluster
 /// mode): the leader's gates see other nodes' counts this much late at most.
 const PUBLISH_COUNTERS_MS: u64 = 1000;
@@ -471,10 +475,7 @@ impl<S: Store> Core<S> {
     /// Cluster mode: the cumulative counters of `name` of every live node that has them (this
     /// node's read now, the others' as they last published them), and the nodes in the cluster.
     /// `None` in single-node mode.
-    fn node_counters(
-        &self,
-        name: &str,
-    ) -> Result<Option<(BTreeMap<String, Counters>, BTreeSet<String>)>, ControlError> {
+    fn node_counters(&self, name: &str) -> Result<Option<LiveCounters>, ControlError> {
         let Some(NodeCounters { me, others: mut live, present }) = self.store.node_counters(name) else {
             return Ok(None);
         };
