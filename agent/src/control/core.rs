@@ -557,6 +557,7 @@ impl<S: Store> Core<S> {
             plan: rollout.plan.clone(),
             history: rollout.history.iter().cloned().collect(),
             history_dropped: rollout.history_dropped,
+            counted_nodes: self.shared.then(|| rollout.nodes.keys().cloned().collect()),
             stale: None,
             as_of_revision: None,
         })
