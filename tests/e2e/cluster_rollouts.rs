@@ -499,6 +499,9 @@ fn etcd_losing_a_member_is_harmless_and_losing_quorum_pauses_the_rollout_until_i
         at_ms(events(&r, "promoted")[0]).saturating_sub(restored_at),
         r["history"]
     );
+    // Losing one member lost no node's lease: none was dropped from the gates' sum before quorum
+    // went (without quorum every lease runs out, and nodes may be counted again after it).
+    assert!(events(&r, "node_left").into_iter().all(|h| at_ms(h) >= lost_at), "{r}");
     // Nothing moved while quorum was gone: no history entry is dated inside the outage, and
     // step 3 and the promotion came after it.
     for entry in r["history"].as_array().unwrap() {
