@@ -344,6 +344,10 @@ pub struct RolloutView {
     pub history: Vec<HistoryEntry>,
     /// Events dropped from the front of `history`.
     pub history_dropped: u64,
+    /// Cluster mode only: the nodes whose counters the gates sum (the live nodes that published
+    /// the service's counters since the rollout started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counted_nodes: Option<Vec<String>>,
     /// Cluster mode only: `true` when etcd cannot be reached and this is the state the node last
     /// applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -14,7 +14,7 @@
 //! | `<prefix>/v1/rollouts/<service>` | `{"schema":1,"rollout":{Rollout}}`: plan, state, step, window, history | none | the leader (fenced), or any node for start/pause/abort |
 //! | `<prefix>/v1/audit/<ms:013>-<node>-<nonce>-<seq>` | `{"schema":1,"audit":{"node","at_unix_ms","entry":{...}}}` | none | the node that accepted the change, in the change's own transaction |
 //! | `<prefix>/v1/nodes/<node>` | `{"schema":1,"node":{"node","agent_version","applied_revision","at_unix_ms","healthy","detail"}}` | the node's | the node |
-//! | `<prefix>/v1/health/<node>` | `{"schema":1,"health":{"node","at_unix_ms","services":{"<name>":{"stable":{..},"canary":{..}}}}}` | the node's | the node, about once a second (for cluster-wide rollout gates: reserved, not published by the agent yet) |
+//! | `<prefix>/v1/health/<node>` | `{"schema":1,"health":{"node","at_unix_ms","services":{"<name>":{"stable":{..},"canary":{..}}}}}` | the node's | the node, at most once a second when they changed, for the services with an active rollout (the leader's gates sum them) |
 //! | `<prefix>/v1/leader/<lease hex>` | `{"schema":1,"leader":{"node"}}` | the candidate's | etcd's election service (`Campaign`); the oldest key is the leader |
 //!
 //! - Everything is under `<prefix>/v1/`. A layout an older agent would misread gets `v2/`; an

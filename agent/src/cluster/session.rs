@@ -112,6 +112,9 @@ impl Drop for NodeSession {
     }
 }
 
+/// Pause between two keep-alive attempts of one renewal.
+const KEEP_ALIVE_RETRY: Duration = Duration::from_millis(50);
+
 struct Keeper {
     store: ClusterStore,
     ttl: Duration,
@@ -164,21 +167,35 @@ impl Keeper {
         }
     }
 
-    /// One keep-alive round trip: Ok(false) when etcd no longer knows the lease.
+    /// One keep-alive round trip, tried again until a third of the TTL has passed: Ok(false)
+    /// when etcd no longer knows the lease.
     async fn renew(&self) -> Result<bool, String> {
-        let mut lease = self.store.client().lease_client();
-        let round_trip = async {
-            let (mut keeper, mut responses) = lease.keep_alive(self.lease).await?;
-            keeper.keep_alive().await?;
-            responses.message().await
-        };
-        match tokio::time::timeout(self.ttl / 3, round_trip).await {
-            Ok(Ok(Some(response))) => Ok(response.ttl() > 0),
-            Ok(Ok(None)) => Err("the keep-alive stream ended".into()),
-            // etcd-client turns etcd's answer for a revoked or expired lease into an error.
-            Ok(Err(err)) if error_chain(&err).contains("lease not found") => Ok(false),
-            Ok(Err(err)) => Err(error_chain(&err)),
-            Err(_) => Err(format!("no keep-alive answer within {:?}", self.ttl / 3)),
+        let budget = self.ttl / 3;
+        let deadline = Instant::now() + budget;
+        loop {
+            let mut lease = self.store.client().lease_client();
+            let round_trip = async {
+                let (mut keeper, mut responses) = lease.keep_alive(self.lease).await?;
+                keeper.keep_alive().await?;
+                responses.message().await
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            let error = match tokio::time::timeout(left, round_trip).await {
+                Ok(Ok(Some(response))) => return Ok(response.ttl() > 0),
+                Ok(Ok(None)) => "the keep-alive stream ended".to_string(),
+                // etcd-client turns etcd's answer for a revoked or expired lease into an error.
+                Ok(Err(err)) if error_chain(&err).contains("lease not found") => return Ok(false),
+                Ok(Err(err)) => error_chain(&err),
+                Err(_) => return Err(format!("no keep-alive answer within {budget:?}")),
+            };
+            // A keep-alive is safe to repeat. The balanced channel sends some requests to a
+            // member that is down (a connect error at once) until it is back: tried again at
+            // once, the next one most likely goes to a live member, instead of the lease running
+            // out after a few unlucky ticks (seen with a 3 s TTL and one of three members killed).
+            if Instant::now() + KEEP_ALIVE_RETRY >= deadline {
+                return Err(error);
+            }
+            tokio::time::sleep(KEEP_ALIVE_RETRY).await;
         }
     }
 

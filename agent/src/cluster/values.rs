@@ -154,6 +154,7 @@ impl Value {
             Key::Health(name) => {
                 let health = decode::<HealthEnvelope>(bytes)?.health;
                 same_name("health.node", name, &health.node)?;
+                check_counters(&health)?;
                 Ok(Value::Health(health))
             }
             Key::Audit(_) => Ok(Value::Audit(decode::<AuditEnvelope>(bytes)?.audit)),
@@ -172,6 +173,35 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
             format!("{path}: {}", err.inner())
         }
     })
+}
+
+/// Largest counter a node may publish: no kernel counter gets near 2^53 (285 years at a million
+/// connections a second). A larger one was not written by an agent, and sums of them could
+/// overflow.
+const MAX_COUNTER: u64 = 1 << 53;
+
+/// Every counter of a node's published health is one a kernel could have counted.
+fn check_counters(health: &NodeHealth) -> Result<(), String> {
+    for (service, counters) in &health.services {
+        for (side, c) in [("stable", &counters.stable), ("canary", &counters.canary)] {
+            let fields = [
+                ("connections", c.connections),
+                ("datagrams", c.datagrams),
+                ("established", c.established),
+                ("failed_attempts", c.failed_attempts),
+                ("abandoned_attempts", c.abandoned_attempts),
+                ("resets", c.resets),
+                ("srtt_sum_us", c.srtt_sum_us),
+                ("srtt_samples", c.srtt_samples),
+            ];
+            if let Some((field, value)) = fields.iter().find(|(_, v)| *v > MAX_COUNTER) {
+                return Err(format!(
+                    "health.services.{service}.{side}.{field}: {value} is above 2^53, not a kernel counter"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn same_name(field: &str, key_name: &str, value_name: &str) -> Result<(), String> {
@@ -256,6 +286,29 @@ mod tests {
         assert_eq!(Value::decode(&Key::Node("n1".into()), &value.encode()), Ok(value.clone()));
         let err = Value::decode(&Key::Node("n2".into()), &value.encode()).unwrap_err();
         assert!(err.contains("node.node"), "{err}");
+    }
+
+    #[test]
+    fn health_values_round_trip_and_implausible_counters_are_named() {
+        let mut counters = SideCounters::default();
+        counters.canary.failed_attempts = 3;
+        let health =
+            NodeHealth { node: "n1".into(), at_unix_ms: 1, services: BTreeMap::from([("web".into(), counters)]) };
+        let value = Value::Health(health.clone());
+        let key = Key::Health("n1".into());
+        assert_eq!(Value::decode(&key, &value.encode()), Ok(value));
+        let mut bad = health.clone();
+        bad.services.get_mut("web").unwrap().canary.resets = u64::MAX;
+        let err = Value::decode(&key, &Value::Health(bad).encode()).unwrap_err();
+        assert!(err.starts_with("health.services.web.canary.resets:"), "{err}");
+        let err = Value::decode(&Key::Health("n2".into()), &Value::Health(health).encode()).unwrap_err();
+        assert!(err.contains("health.node"), "{err}");
+        let err = Value::decode(
+            &key,
+            br#"{"schema":1,"health":{"node":"n1","at_unix_ms":1,"services":{"web":{"canary":{"resets":-1}}}}}"#,
+        )
+        .unwrap_err();
+        assert!(err.contains("health.services.web.canary.resets"), "{err}");
     }
 
     #[test]

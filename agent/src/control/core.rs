@@ -14,8 +14,8 @@ use tokio::sync::{mpsc, watch};
 use super::{
     now_ms,
     store::{
-        AuditSource, Commit, Current, Expect, Key, RemoteChange, Revision, Snapshot, Store, StoreError, Value,
-        Versioned, Write,
+        AuditSource, Commit, Current, Expect, Key, NodeCounters, RemoteChange, Revision, Snapshot, Store, StoreError,
+        Value, Versioned, Write,
     },
     Command, ControlError, Faults, FollowUp, GateInput, GateWork, KubernetesMetrics, Origin, Progress, RolloutAction,
     ServiceMetrics, Start, WeightChange,
@@ -95,7 +95,22 @@ pub(super) struct Core<S: Store> {
     /// Kubernetes services' discovered addresses: facts of this node, overlaid on their services
     /// on the way to the datapath, never in `state` nor in the store (see `discovery`).
     discovery: Discovery,
+    /// Cluster mode: the counters last handed to the store for publication, and when.
+    published: (u64, BTreeMap<String, Counters>),
+    /// Cluster mode: services whose rollout another node rolled back with
+    /// `terminate_connections`; their steered canary connections are terminated here once this
+    /// node's datapath holds weight 0 for them (the service's change may come after the
+    /// rollout's).
+    terminate_pending: BTreeSet<String>,
 }
+
+/// Cluster mode: every live node's cumulative counters of one service that are known here, by
+/// node, and the nodes in the cluster now.
+type LiveCounters = (BTreeMap<String, Counters>, BTreeSet<String>);
+
+/// How often a node publishes its counters of the services with an active rollout (cluster
+/// mode): the leader's gates see other nodes' counts this much late at most.
+const PUBLISH_COUNTERS_MS: u64 = 1000;
 
 /// Runs a change, and after a conflict with a change made elsewhere adopts the current values
 /// the store read back and runs it again (the command's intent, judged on the new state: a
@@ -131,9 +146,19 @@ pub fn check_rollout(rollout: &Rollout) -> Result<(), String> {
     // The baselines are kernel counters. No kernel counter gets near 2^53 (285 years at a
     // million connections a second); a larger one was not written by an agent, and the gates'
     // arithmetic on it would overflow.
-    for (name, snapshot) in
-        [("window", &rollout.window_baseline), ("rollout", &rollout.rollout_baseline), ("step", &rollout.step_baseline)]
-    {
+    let mut baselines: Vec<(String, &Counters)> = vec![
+        ("window".into(), &rollout.window_baseline),
+        ("rollout".into(), &rollout.rollout_baseline),
+        ("step".into(), &rollout.step_baseline),
+    ];
+    for (node, b) in &rollout.nodes {
+        baselines.extend([
+            (format!("node {node:?}'s window"), &b.window),
+            (format!("node {node:?}'s rollout"), &b.rollout),
+            (format!("node {node:?}'s step"), &b.step),
+        ]);
+    }
+    for (name, snapshot) in baselines {
         for side in [&snapshot.stable, &snapshot.canary] {
             let counters = [
                 side.connections,
@@ -266,6 +291,8 @@ impl<S: Store> Core<S> {
             committed: 0,
             progress,
             discovery,
+            published: (0, BTreeMap::new()),
+            terminate_pending: BTreeSet::new(),
         };
         if shared {
             // Left out of this node's state, which is what its datapath holds; the store keeps
@@ -360,7 +387,11 @@ impl<S: Store> Core<S> {
             }
             Command::GateInput { name, window, input } => self.gate_input(&name, window, input).await,
             Command::ReapRetired => self.datapath.reap_retired(),
-            Command::NoteTerminated { name, count } => self.note_terminated(&name, count).await,
+            Command::NoteTerminated { name, count } => {
+                if let Err(err) = retrying!(self, self.note_terminated(&name, count).await) {
+                    log::error!("recording terminated connections of {name}: {err}");
+                }
+            }
             Command::AuditRefusal { entry } => {
                 if let Err(err) = self.store.audit_refusal(*entry).await {
                     log::warn!("recording a refused API request in the audit log: {err}");
@@ -441,14 +472,65 @@ impl<S: Store> Core<S> {
         Ok(Counters { stable: (&counters.stable).into(), canary: (&counters.canary).into() })
     }
 
+    /// Cluster mode: the cumulative counters of `name` of every live node that has them (this
+    /// node's read now, the others' as they last published them), and the nodes in the cluster.
+    /// `None` in single-node mode.
+    fn node_counters(&self, name: &str) -> Result<Option<LiveCounters>, ControlError> {
+        let Some(NodeCounters { me, others: mut live, present }) = self.store.node_counters(name) else {
+            return Ok(None);
+        };
+        live.insert(me, self.counters(name)?);
+        Ok(Some((live, present)))
+    }
+
+    /// Runs `step` on `rollout` with the counters its gates judge: this node's, or in cluster
+    /// mode the sum of the live nodes' (see [`Rollout::count_nodes`]).
+    fn with_counters<R>(
+        &self,
+        name: &str,
+        rollout: &mut Rollout,
+        step: impl FnOnce(&mut Rollout, Counters) -> R,
+    ) -> Result<R, ControlError> {
+        let Some((live, present)) = self.node_counters(name)? else {
+            return Ok(step(rollout, self.counters(name)?));
+        };
+        let total = rollout.count_nodes(now_ms(), &live, |node| present.contains(node));
+        let (window, steps) = (rollout.window, rollout.harm.steps.len());
+        let result = step(rollout, total);
+        rollout.rebase_nodes(window, steps, &live);
+        Ok(result)
+    }
+
+    /// Cluster mode: hands this node's counters of the services with an active rollout to the
+    /// store to publish, about once a second and only when they changed. Reads the per-CPU
+    /// counter maps here, on the control thread, never on the datapath.
+    fn publish_counters(&mut self, now: u64) {
+        if !self.shared || now.saturating_sub(self.published.0) < PUBLISH_COUNTERS_MS {
+            return;
+        }
+        let services: BTreeMap<String, Counters> = self
+            .state
+            .rollouts
+            .iter()
+            .filter(|(_, r)| r.value.state.is_active())
+            .filter_map(|(name, _)| Some((name.clone(), self.counters(name).ok()?)))
+            .collect();
+        self.published.0 = now;
+        if services != self.published.1 {
+            self.published.1 = services.clone();
+            self.store.publish_counters(services);
+        }
+    }
+
     fn rollout(&self, name: &str) -> Result<&Rollout, ControlError> {
         self.config(name)?;
         self.state.rollouts.get(name).map(|v| &v.value).ok_or_else(|| ControlError::NoRollout(name.into()))
     }
 
     fn rollout_view(&self, name: &str) -> Result<RolloutView, ControlError> {
-        let rollout = self.rollout(name)?;
-        let counters = self.counters(name).ok();
+        let mut rollout = self.rollout(name)?.clone();
+        let counters = self.with_counters(name, &mut rollout, |_, counters| counters).ok();
+        let rollout = &rollout;
         let current_window = counters.as_ref().map(|now| rollout.readings(now));
         let harm = counters.as_ref().map_or_else(|| rollout.harm.clone(), |now| rollout.harm(now));
         let window_elapsed_ms = match rollout.paused_at_elapsed_ms {
@@ -475,6 +557,7 @@ impl<S: Store> Core<S> {
             plan: rollout.plan.clone(),
             history: rollout.history.iter().cloned().collect(),
             history_dropped: rollout.history_dropped,
+            counted_nodes: self.shared.then(|| rollout.nodes.keys().cloned().collect()),
             stale: None,
             as_of_revision: None,
         })
@@ -528,8 +611,16 @@ impl<S: Store> Core<S> {
             (WeightChange::KillSwitch, Some(mut rollout)) => {
                 // The kill switch works even when the counters cannot be read (the step's cost
                 // then stops where it was last counted).
-                let counters = self.counters(name).unwrap_or(rollout.step_baseline);
-                let effects = rollout.roll_back(now_ms(), counters, format!("kill switch by {}", caller.name));
+                let reason = format!("kill switch by {}", caller.name);
+                let effects = match self
+                    .with_counters(name, &mut rollout, |r, counters| r.roll_back(now_ms(), counters, reason.clone()))
+                {
+                    Ok(effects) => effects,
+                    Err(_) => {
+                        let counters = rollout.step_baseline;
+                        rollout.roll_back(now_ms(), counters, reason)
+                    }
+                };
                 self.effects(&mut service, &rollout, effects, &mut change_set)?;
                 change_set.rollouts.insert(name.to_string(), Some(rollout));
             }
@@ -583,9 +674,16 @@ impl<S: Store> Core<S> {
         if self.state.rollouts.get(name).is_some_and(|r| r.value.state.is_active()) {
             return Err(ControlError::RolloutActive(name.into()));
         }
-        let counters = self.counters(name)?;
+        let live = self.node_counters(name)?.map(|(live, _)| live);
+        let counters = match &live {
+            Some(live) => live.values().fold(Counters::default(), |sum, node| sum + *node),
+            None => self.counters(name)?,
+        };
         plan.check_health_signal(name, &counters)?;
-        let (rollout, effects) = Rollout::start(plan.clone(), now_ms(), counters, &origin.caller.name);
+        let (mut rollout, effects) = Rollout::start(plan.clone(), now_ms(), counters, &origin.caller.name);
+        if let Some(live) = &live {
+            rollout.count_from(live);
+        }
         let mut change = Change::default();
         let mut service = current.clone();
         self.effects(&mut service, &rollout, effects, &mut change)?;
@@ -606,7 +704,6 @@ impl<S: Store> Core<S> {
         origin: &Origin,
     ) -> Result<RolloutView, ControlError> {
         let mut rollout = self.rollout(name)?.clone();
-        let counters = self.counters(name)?;
         let caller = &origin.caller;
         if action == RolloutAction::Approve {
             if let Some(needed) = rollout.approval_role().filter(|needed| caller.role < *needed) {
@@ -626,14 +723,19 @@ impl<S: Store> Core<S> {
             needed,
         };
         let now = now_ms();
+        let by = caller.name.clone();
         let effects = match (action, before) {
             (RolloutAction::Pause, RolloutState::Running) => rollout.pause(now, &caller.name),
             (RolloutAction::Pause, _) => return Err(wrong_state("a running rollout")),
             (RolloutAction::Resume, RolloutState::Paused) => rollout.resume(now, &caller.name),
             (RolloutAction::Resume, _) => return Err(wrong_state("a paused rollout")),
-            (RolloutAction::Approve, RolloutState::AwaitingApproval) => rollout.approve(now, counters, &caller.name),
+            (RolloutAction::Approve, RolloutState::AwaitingApproval) => {
+                self.with_counters(name, &mut rollout, |r, counters| r.approve(now, counters, &by))?
+            }
             (RolloutAction::Approve, _) => return Err(wrong_state("a rollout awaiting approval")),
-            (RolloutAction::Abort, state) if state.is_active() => rollout.abort(now, counters, &caller.name),
+            (RolloutAction::Abort, state) if state.is_active() => {
+                self.with_counters(name, &mut rollout, |r, counters| r.abort(now, counters, &by))?
+            }
             (RolloutAction::Abort, _) => return Err(wrong_state("an active rollout")),
         };
         let current = self.config(name)?.clone();
@@ -682,11 +784,12 @@ impl<S: Store> Core<S> {
 
     /// Advances every running rollout's clock; all the rollouts that moved are one commit.
     async fn tick_rollouts(&mut self) {
+        let now = now_ms();
+        self.publish_counters(now);
         // Cluster mode: one node drives the rollouts; the others follow its commits.
         if !self.store.leads() {
             return;
         }
-        let now = now_ms();
         let mut change = Change { leader_only: true, ..Change::default() };
         let running: Vec<String> = self
             .state
@@ -709,10 +812,10 @@ impl<S: Store> Core<S> {
         change: &mut Change,
         step: impl FnOnce(&mut Rollout, Counters) -> Vec<Effect>,
     ) {
-        let (Ok(counters), Ok(current)) = (self.counters(name), self.config(name).cloned()) else { return };
+        let Ok(current) = self.config(name).cloned() else { return };
         let Some(before) = self.state.rollouts.get(name).map(|v| &v.value) else { return };
         let mut rollout = before.clone();
-        let effects = step(&mut rollout, counters);
+        let Ok(effects) = self.with_counters(name, &mut rollout, step) else { return };
         if rollout == *before {
             return;
         }
@@ -784,13 +887,34 @@ impl<S: Store> Core<S> {
         }
     }
 
-    async fn note_terminated(&mut self, name: &str, count: usize) {
-        let Some(mut rollout) = self.state.rollouts.get(name).map(|v| v.value.clone()) else { return };
-        rollout.terminated_connections = Some(count as u64);
+    /// Adds `count` connections this node terminated to the rollout's count (in cluster mode
+    /// every node adds its own).
+    async fn note_terminated(&mut self, name: &str, count: usize) -> Result<(), ControlError> {
+        let Some(mut rollout) = self.state.rollouts.get(name).map(|v| v.value.clone()) else { return Ok(()) };
+        rollout.terminated_connections = Some(rollout.terminated_connections.unwrap_or(0) + count as u64);
         let mut change = Change::default();
         change.rollouts.insert(name.to_string(), Some(rollout));
-        if let Err(err) = self.commit(change).await {
-            log::error!("recording terminated connections of {name}: {err}");
+        self.commit(change).await
+    }
+
+    /// Cluster mode: terminates the steered canary connections of the services another node
+    /// rolled back (see `terminate_pending`) whose weight 0 this node's datapath holds now.
+    fn terminate_remote_rollbacks(&mut self) {
+        let pending = std::mem::take(&mut self.terminate_pending);
+        for service in pending {
+            match self.datapath.service(&service).map(|view| view.spec.canary_ppm) {
+                None => {}
+                Some(0) => match self.datapath.terminate_canary_sockets(&service) {
+                    Ok(termination) => {
+                        let _ = self.follow_ups.send(FollowUp::TerminateCanary { service, termination });
+                    }
+                    Err(err) => log::error!("service {service}: closing canary connections: {err}"),
+                },
+                Some(_) => {
+                    // Still steering to the canary: wait for the service's change.
+                    self.terminate_pending.insert(service);
+                }
+            }
         }
     }
 
@@ -1243,6 +1367,7 @@ impl<S: Store> Core<S> {
         self.state.revision = self.state.revision.max(revision);
         let reached = self.state.revision;
         self.tombstones.retain(|_, deleted_at| *deleted_at > reached);
+        self.terminate_remote_rollbacks();
         self.record_applied().await;
     }
 
@@ -1313,6 +1438,15 @@ impl<S: Store> Core<S> {
                 if value.is_some() && !self.state.services.contains_key(name) {
                     return Err(format!("the service {name:?} is not applied on this node"));
                 }
+                // Rolled back elsewhere while this node knew it active: this node cuts its own
+                // clients' canary connections too, once its weight is 0.
+                let rolled_back_elsewhere =
+                    value.as_deref().is_some_and(|rollout| {
+                        rollout.state == RolloutState::RolledBack && rollout.plan.rollback.terminate_connections
+                    }) && self.state.rollouts.get(name).is_some_and(|old| old.value.state.is_active());
+                if rolled_back_elsewhere {
+                    self.terminate_pending.insert(name.clone());
+                }
                 match value {
                     Some(value) => {
                         self.state.rollouts.insert(name.clone(), Versioned { revision, value: *value });
@@ -1347,6 +1481,7 @@ impl<S: Store> Core<S> {
                 None => self.note_revision(&key, revision),
             }
         }
+        self.terminate_remote_rollbacks();
         self.record_applied().await;
     }
 

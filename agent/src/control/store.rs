@@ -38,11 +38,26 @@ use std::{collections::BTreeMap, future::Future, pin::Pin};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{audit::AuditEntry, config::ServiceConfig, rollout::Rollout};
+use crate::{
+    audit::AuditEntry,
+    config::ServiceConfig,
+    rollout::{Rollout, Snapshot as Counters},
+};
 
 /// Revision of a key, or of the whole store. The file store counts commits; etcd gives its
 /// `mod_revision`. 0 means "never written".
 pub type Revision = u64;
+
+/// Cluster mode: the other nodes' counters of one service, for the leader's gates.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeCounters {
+    /// This node's name.
+    pub me: String,
+    /// The cumulative counters the other live nodes last published, by node.
+    pub others: BTreeMap<String, Counters>,
+    /// Every node in the cluster now (its keys are under a live lease), this one included.
+    pub present: std::collections::BTreeSet<String>,
+}
 
 /// What a key names: one service's spec (with its weight and cohorts), or one service's rollout
 /// (the last one, active or finished). An etcd store maps them to `<prefix>/v1/services/<name>`
@@ -214,6 +229,17 @@ pub trait Store: Send + 'static {
     fn leads(&self) -> bool {
         true
     }
+
+    /// Cluster mode: what the other nodes published of `service` (see
+    /// [`Store::publish_counters`]). `None` for a store of one node: the gates judge this
+    /// node's counters alone.
+    fn node_counters(&self, _service: &str) -> Option<NodeCounters> {
+        None
+    }
+
+    /// Cluster mode: publishes this node's cumulative counters of the services with an active
+    /// rollout (under the node's lease), for the leader's gates. Nothing for a store of one node.
+    fn publish_counters(&mut self, _services: BTreeMap<String, Counters>) {}
 
     /// Reads the whole state at start. Recovers from what it can (and says so in
     /// [`Loaded::recovered`]) rather than refusing to start: an agent that cannot start has no

@@ -237,16 +237,18 @@ impl SideSnapshot {
 impl Add for SideSnapshot {
     type Output = SideSnapshot;
 
+    /// Saturating: the counts come from other nodes (cluster mode), never trusted not to
+    /// overflow.
     fn add(self, other: SideSnapshot) -> SideSnapshot {
         SideSnapshot {
-            connections: self.connections + other.connections,
-            datagrams: self.datagrams + other.datagrams,
-            established: self.established + other.established,
-            failed_attempts: self.failed_attempts + other.failed_attempts,
-            abandoned_attempts: self.abandoned_attempts + other.abandoned_attempts,
-            resets: self.resets + other.resets,
-            srtt_sum_us: self.srtt_sum_us + other.srtt_sum_us,
-            srtt_samples: self.srtt_samples + other.srtt_samples,
+            connections: self.connections.saturating_add(other.connections),
+            datagrams: self.datagrams.saturating_add(other.datagrams),
+            established: self.established.saturating_add(other.established),
+            failed_attempts: self.failed_attempts.saturating_add(other.failed_attempts),
+            abandoned_attempts: self.abandoned_attempts.saturating_add(other.abandoned_attempts),
+            resets: self.resets.saturating_add(other.resets),
+            srtt_sum_us: self.srtt_sum_us.saturating_add(other.srtt_sum_us),
+            srtt_samples: self.srtt_samples.saturating_add(other.srtt_samples),
         }
     }
 }

@@ -23,7 +23,7 @@ mod gates;
 mod plan;
 pub mod stats;
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 pub use external::{ExternalWindow, GateDue, Judgement};
 pub use gates::{
@@ -164,6 +164,43 @@ pub struct Rollout {
     pub terminated_connections: Option<u64>,
     #[serde(default)]
     pub harm: Harm,
+    /// Cluster mode: the nodes whose counters the gates sum, each with its own cumulative
+    /// counters at the rollout's three baselines (the baselines above are their sums). Empty in
+    /// single-node mode. See [`Rollout::count_nodes`].
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub nodes: BTreeMap<String, NodeBaselines>,
+}
+
+/// One node's cumulative counters of the service when the rollout, the current step and the
+/// current window began (or when the node was first counted, if later).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeBaselines {
+    pub rollout: Snapshot,
+    pub step: Snapshot,
+    pub window: Snapshot,
+}
+
+impl NodeBaselines {
+    fn at(counters: Snapshot) -> Self {
+        Self { rollout: counters, step: counters, window: counters }
+    }
+}
+
+/// Whether any counter of `now` is below `earlier`'s (the node's datapath, or the service on
+/// it, was re-created and its counters started again).
+fn went_back(now: &Snapshot, earlier: &Snapshot) -> bool {
+    let back = |n: &SideSnapshot, e: &SideSnapshot| {
+        n.connections < e.connections
+            || n.datagrams < e.datagrams
+            || n.established < e.established
+            || n.failed_attempts < e.failed_attempts
+            || n.abandoned_attempts < e.abandoned_attempts
+            || n.resets < e.resets
+            || n.srtt_sum_us < e.srtt_sum_us
+            || n.srtt_samples < e.srtt_samples
+    };
+    back(&now.stable, &earlier.stable) || back(&now.canary, &earlier.canary)
 }
 
 /// What the engine must do after a tick or an operation.
@@ -201,6 +238,7 @@ impl Rollout {
             history_dropped: 0,
             terminated_connections: None,
             harm: Harm::default(),
+            nodes: BTreeMap::new(),
         };
         let detail = match &rollout.plan.gates {
             GatePolicy::None => format!("by {by}; gates: none (timed rollout: the canary's health is not judged)"),
@@ -215,6 +253,92 @@ impl Rollout {
             rollout.enter_step(0, now_ms, counters)
         };
         (rollout, effects)
+    }
+
+    /// Cluster mode, at the start: the gates sum these nodes' counters (`live`, whose sum the
+    /// rollout was started with).
+    pub fn count_from(&mut self, live: &BTreeMap<String, Snapshot>) {
+        self.nodes = live.iter().map(|(node, counters)| (node.clone(), NodeBaselines::at(*counters))).collect();
+    }
+
+    /// Cluster mode: the counters the gates judge now, the sum of the counted nodes' cumulative
+    /// counters `live` (this node's, and those the others published). Before that, the counted
+    /// set follows the cluster:
+    /// - a node that is no longer `present` in the cluster (its lease expired: it died or lost
+    ///   etcd) is dropped from the sum: its counts since each baseline are taken out of the
+    ///   baselines, as if it had never been counted, and the history says so;
+    /// - a node whose counters went back (its datapath was reloaded) is counted again from now;
+    /// - a node in `live` not counted yet (it published its first counters, or joined the
+    ///   cluster) is counted from now;
+    /// - a counted node that is present but has no counters in `live` (not published yet) adds
+    ///   nothing new: it stands at its window baseline.
+    ///
+    /// After the state machine ran on the sum, [`Rollout::rebase_nodes`] moves the nodes'
+    /// baselines to where the sum's moved.
+    pub fn count_nodes(
+        &mut self,
+        now_ms: u64,
+        live: &BTreeMap<String, Snapshot>,
+        present: impl Fn(&str) -> bool,
+    ) -> Snapshot {
+        let gone: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(node, baselines)| match live.get(*node) {
+                Some(now) => went_back(now, &baselines.window),
+                None => !present(node),
+            })
+            .map(|(node, _)| node.clone())
+            .collect();
+        for node in gone {
+            let Some(baselines) = self.nodes.remove(&node) else { continue };
+            self.rollout_baseline = self.rollout_baseline.since(&baselines.rollout);
+            self.step_baseline = self.step_baseline.since(&baselines.step);
+            self.window_baseline = self.window_baseline.since(&baselines.window);
+            let detail = match live.get(&node) {
+                None => format!(
+                    "node {node} left the cluster (its lease expired): its counters are dropped from the gates' sum, this \
+                     window's counts from it included"
+                ),
+                Some(_) => format!(
+                    "node {node}'s counters went back (its datapath was reloaded): its earlier counts are dropped \
+                     from the gates' sum, it is counted again from now"
+                ),
+            };
+            if self.state.is_active() {
+                self.record(now_ms, "node_left", detail);
+            }
+        }
+        for (node, now) in live {
+            if !self.nodes.contains_key(node) {
+                self.nodes.insert(node.clone(), NodeBaselines::at(*now));
+                self.rollout_baseline = self.rollout_baseline + *now;
+                self.step_baseline = self.step_baseline + *now;
+                self.window_baseline = self.window_baseline + *now;
+            }
+        }
+        self.nodes
+            .iter()
+            .map(|(node, baselines)| live.get(node).copied().unwrap_or(baselines.window))
+            .fold(Snapshot::default(), |sum, now| sum + now)
+    }
+
+    /// Cluster mode, after the state machine ran on the sum of `live` (see
+    /// [`Rollout::count_nodes`]): a window or step that began since `window` and `steps` (the
+    /// window number and the number of steps entered before) began at every node's counters now.
+    pub fn rebase_nodes(&mut self, window: u64, steps: usize, live: &BTreeMap<String, Snapshot>) {
+        let new_window = self.window != window;
+        let new_step = self.harm.steps.len() != steps;
+        for (node, baselines) in &mut self.nodes {
+            // A node without counters now was summed at its window baseline.
+            let now = live.get(node).copied().unwrap_or(baselines.window);
+            if new_window {
+                baselines.window = now;
+            }
+            if new_step {
+                baselines.step = now;
+            }
+        }
     }
 
     fn record(&mut self, now_ms: u64, event: &str, detail: String) {
@@ -845,6 +969,61 @@ mod tests {
             matches!(&judgement.verdict, GateVerdict::Fail { gate, cause: crate::gates::FailCause::Kernel { .. } } if gate == "failed_attempts"),
             "{judgement:?}"
         );
+    }
+
+    /// Cluster mode: the gates judge the sum of the counted nodes' counts since the window
+    /// began; a node that leaves is dropped from the sum (history says so); a node whose
+    /// counters went back is counted again from then; a new node from its first counters.
+    #[test]
+    fn cluster_counters_are_summed_and_a_node_that_leaves_is_dropped() {
+        let node =
+            |canary_ok, canary_failed, stable_ok| traffic(Snapshot::default(), canary_ok, canary_failed, stable_ok);
+        let mut live = BTreeMap::from([("a".to_string(), node(100, 0, 400)), ("c".to_string(), node(50, 0, 200))]);
+        let start: Snapshot = live.values().fold(Snapshot::default(), |sum, n| sum + *n);
+        let (mut r, _) = Rollout::start(Plan { step_seconds: 60.0, ..plan(&[10.0, 50.0]) }, 0, start, "t");
+        r.count_from(&live);
+        // node-c's clients see the canary fail; node-a's do not; b publishes later.
+        live.insert("a".into(), node(110, 0, 490));
+        live.insert("c".into(), node(50, 4, 236));
+        live.insert("b".into(), node(7, 0, 30));
+        let total = r.count_nodes(100, &live, |_| false);
+        let window = r.window_counts(&total).window;
+        assert_eq!((window.canary.established, window.canary.failed_attempts), (10, 4), "b counts from now");
+        assert_eq!(window.stable.established, 90 + 36);
+        assert_eq!(r.nodes.len(), 3);
+        // node-c leaves: its 4 failures leave the window with it.
+        live.remove("c");
+        live.insert("a".into(), node(120, 0, 580));
+        live.insert("b".into(), node(9, 0, 40));
+        let total = r.count_nodes(200, &live, |_| false);
+        let window = r.window_counts(&total).window;
+        assert_eq!((window.canary.established, window.canary.failed_attempts), (22, 0));
+        assert_eq!(window.stable.established, 180 + 10);
+        let left = r.history.back().unwrap();
+        assert_eq!(left.event, "node_left");
+        assert!(left.detail.starts_with("node c left the cluster"), "{left:?}");
+        // node-d is counted but has not published yet; it is in the cluster: it stays, at its
+        // baseline, until its counters come.
+        r.nodes.insert("d".into(), NodeBaselines::at(node(5, 0, 5)));
+        r.window_baseline = r.window_baseline + node(5, 0, 5);
+        let total = r.count_nodes(250, &live, |n| n == "d");
+        assert_eq!(r.window_counts(&total).window.canary.established, 22);
+        assert!(r.nodes.contains_key("d") && r.history.back().unwrap().detail.starts_with("node c"));
+        r.nodes.remove("d");
+        r.window_baseline = r.window_baseline.since(&node(5, 0, 5));
+        // node-b's datapath reloaded: its counters start again, it is counted from then.
+        live.insert("b".into(), node(1, 0, 2));
+        let total = r.count_nodes(300, &live, |_| false);
+        assert_eq!(r.window_counts(&total).window.canary.established, 20);
+        assert!(r.history.back().unwrap().detail.contains("went back"), "{:?}", r.history.back());
+        // A new window (a step) starts at every node's counters now.
+        let (window_before, steps_before) = (r.window, r.harm.steps.len());
+        let effects = r.approve(400, total, "t");
+        r.rebase_nodes(window_before, steps_before, &live);
+        assert_eq!(effects[0], Effect::SetPercent(10.0));
+        assert!(r.nodes.iter().all(|(n, b)| b.window == live[n] && b.step == live[n]));
+        let sum = r.nodes.values().fold(Snapshot::default(), |sum, b| sum + b.window);
+        assert_eq!(sum, r.window_baseline, "the window baseline is the nodes' sum");
     }
 
     #[test]

@@ -25,9 +25,13 @@
 //! - **Leadership.** [`Presence`] campaigns for the rollout leadership on the node's lease; only
 //!   the leader ticks rollouts, and its rollout commits are fenced on the leadership
 //!   ([`Commit::leader_only`]).
+//! - **Cluster-wide health.** The core hands this node's counters of the services with an active
+//!   rollout to [`Store::publish_counters`]; [`Presence`] writes them to `health/<node>` under
+//!   the node's lease. [`Follow`] keeps every live node's from the watch, which the leader's
+//!   gates sum ([`Store::node_counters`], `Rollout::count_nodes`).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs::{self, File, OpenOptions},
     future::Future,
     io::Write as _,
@@ -43,17 +47,17 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    AuditSource, BoxFuture, Commit, Current, Expect, Key, Loaded, RemoteChange, Revision, Snapshot, Store, StoreError,
-    Value, Versioned,
+    AuditSource, BoxFuture, Commit, Current, Expect, Key, Loaded, NodeCounters, RemoteChange, Revision, Snapshot,
+    Store, StoreError, Value, Versioned,
 };
 use crate::{
     audit::AuditEntry,
     cluster::{
-        self, ClusterError, ClusterSettings, ClusterStore, CounterValues, Election, Leadership, LeaseEvent,
+        self, ClusterError, ClusterSettings, ClusterStore, CounterValues, Election, Leadership, LeaseEvent, NodeHealth,
         NodeSession, NodeStatus, StateWatch, Timeouts, WatchEvent, WriteBatch,
     },
     config::ServiceConfig,
-    rollout::Rollout,
+    rollout::{Rollout, Snapshot as Counters},
 };
 
 /// File name of the local copy of the last applied cluster state, under `agent.state_dir`.
@@ -214,6 +218,8 @@ pub async fn start(settings: &ClusterSettings, state_dir: &Path) -> Result<Start
         detail: String::new(),
     };
     let (status_tx, status_rx) = watch::channel(status);
+    let (health_tx, health) = watch::channel(live_health(&mirror));
+    let (published_tx, published_rx) = watch::channel(None);
     let (to_core, changes) = mpsc::channel(1024);
     let (persist, persisted) = std::sync::mpsc::channel();
     std::thread::Builder::new()
@@ -234,6 +240,8 @@ pub async fn start(settings: &ClusterSettings, state_dir: &Path) -> Result<Start
             persist,
             refusals,
             node: settings.node.clone(),
+            health,
+            published: published_tx,
         },
         handle: ClusterHandle {
             node: settings.node.clone(),
@@ -241,8 +249,15 @@ pub async fn start(settings: &ClusterSettings, state_dir: &Path) -> Result<Start
             view,
             leadership: leadership.clone(),
         },
-        follow: Follow { watch, mirror, to_core, view: view_tx },
-        presence: Presence { store, status: status_rx, leadership: leadership_tx },
+        follow: Follow {
+            watch,
+            mirror,
+            to_core,
+            view: view_tx,
+            health: health_tx,
+            layout: cluster::KeyLayout::new(&settings.prefix),
+        },
+        presence: Presence { store, status: status_rx, leadership: leadership_tx, health: published_rx },
     })
 }
 
@@ -264,6 +279,10 @@ pub struct EtcdStore {
     /// change (the kill switch included) on every node.
     refusals: crate::audit::AuditFile,
     node: String,
+    /// The live nodes' published counters (their `health` keys), kept by [`Follow`].
+    health: watch::Receiver<BTreeMap<String, NodeHealth>>,
+    /// This node's counters, for [`Presence`] to publish under the node's lease.
+    published: watch::Sender<Option<NodeHealth>>,
 }
 
 impl EtcdStore {
@@ -292,6 +311,27 @@ impl Store for EtcdStore {
 
     fn leads(&self) -> bool {
         self.leadership.borrow().is_some()
+    }
+
+    fn node_counters(&self, service: &str) -> Option<NodeCounters> {
+        let health = self.health.borrow();
+        let others = health
+            .iter()
+            .filter(|(node, _)| **node != self.node)
+            .filter_map(|(node, h)| Some((node.clone(), *h.services.get(service)?)))
+            .collect();
+        let mut present: BTreeSet<String> = self.view.borrow().nodes.keys().cloned().collect();
+        present.extend(health.keys().cloned());
+        present.insert(self.node.clone());
+        Some(NodeCounters { me: self.node.clone(), others, present })
+    }
+
+    fn publish_counters(&mut self, services: BTreeMap<String, Counters>) {
+        self.published.send_replace(Some(NodeHealth {
+            node: self.node.clone(),
+            at_unix_ms: cluster::unix_ms(),
+            services,
+        }));
     }
 
     async fn load(&mut self) -> Result<Loaded, StoreError> {
@@ -549,6 +589,16 @@ pub struct Follow {
     mirror: cluster::Snapshot,
     to_core: mpsc::Sender<RemoteChange>,
     view: watch::Sender<ClusterView>,
+    /// The live nodes' counters, for the leader's gates ([`Store::node_counters`]).
+    health: watch::Sender<BTreeMap<String, NodeHealth>>,
+    layout: cluster::KeyLayout,
+}
+
+/// The published counters of the nodes whose keys are in `snapshot` (the live ones: the keys
+/// are under the nodes' leases). A value under no lease was not published by an agent (written
+/// by hand, say): it is left out.
+fn live_health(snapshot: &cluster::Snapshot) -> BTreeMap<String, NodeHealth> {
+    snapshot.health.iter().filter(|(_, v)| v.lease != 0).map(|(node, v)| (node.clone(), v.value.clone())).collect()
 }
 
 impl Follow {
@@ -590,7 +640,17 @@ impl Follow {
                             self.publish_members();
                             None
                         }
-                        cluster::Key::Health(_) | cluster::Key::Audit(_) => None,
+                        cluster::Key::Health(node) => {
+                            if self.mirror.health.get(node).is_some_and(|v| v.lease == 0) {
+                                log::warn!(
+                                    "ignoring the counters at {}: not under a lease, so not published by an agent",
+                                    self.layout.key(&change.key)
+                                );
+                            }
+                            self.health.send_replace(live_health(&self.mirror));
+                            None
+                        }
+                        cluster::Key::Audit(_) => None,
                     }
                 }
                 WatchEvent::Invalid(invalid) => {
@@ -611,6 +671,7 @@ impl Follow {
                     self.mirror.revision = newer.revision;
                     self.connected(true, None);
                     self.publish_members();
+                    self.health.send_replace(live_health(&self.mirror));
                     Some(RemoteChange::Resync(desired_state(&self.mirror)))
                 }
                 WatchEvent::Disconnected { error } => {
@@ -674,6 +735,8 @@ pub struct Presence {
     store: ClusterStore,
     status: watch::Receiver<NodeStatus>,
     leadership: watch::Sender<Option<Leadership>>,
+    /// This node's counters to publish ([`Store::publish_counters`]).
+    health: watch::Receiver<Option<NodeHealth>>,
 }
 
 type Pending<T> = Option<Pin<Box<dyn Future<Output = T> + Send>>>;
@@ -705,6 +768,9 @@ impl Presence {
         log::info!("node {} registered in etcd", self.store.node());
         // The status may have changed while registering.
         session.publish_status(self.status.borrow_and_update().clone());
+        if let Some(health) = self.health.borrow_and_update().clone() {
+            session.publish_health(health);
+        }
         let election = Election::new(&self.store);
         let mut campaign: Pending<Result<Leadership, ClusterError>> = None;
         let mut lost: Pending<()> = None;
@@ -729,6 +795,11 @@ impl Presence {
                         return;
                     }
                     session.publish_status(self.status.borrow_and_update().clone());
+                }
+                Ok(()) = self.health.changed() => {
+                    if let Some(health) = self.health.borrow_and_update().clone() {
+                        session.publish_health(health);
+                    }
                 }
                 event = session.next_event() => match event {
                     Some(LeaseEvent::Lost { .. }) => {
