@@ -9,6 +9,8 @@
 //!
 //! The tests run one at a time: each starts its own etcd cluster and three agents.
 
+mod gates_common;
+
 use std::{
     collections::BTreeMap,
     io::{BufRead, Write},
@@ -20,6 +22,7 @@ use e2e::{
     etcd::EtcdCluster, require_root, serve, spawn_probe, tcp_connects, unique_name, Agent, Cgroup, NetNs, Placement,
     Spawned, TcpReport,
 };
+use gates_common::{Behaviour, Receiver};
 use serde_json::{json, Value};
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -87,6 +90,11 @@ struct Lab {
 
 impl Lab {
     fn new() -> Self {
+        Self::with_agent_extra("")
+    }
+
+    /// Like `new`, with `agent_extra` added to every agent's `[agent]` table.
+    fn with_agent_extra(agent_extra: &str) -> Self {
         require_root();
         let etcd = EtcdCluster::start();
         let netns = NetNs::new();
@@ -102,7 +110,7 @@ impl Lab {
             config.lease_ttl_seconds = LEASE_TTL_SECONDS;
             let cluster = toml::to_string(&BTreeMap::from([("cluster", config)])).expect("[cluster] as TOML");
             let cgroup = Cgroup::new();
-            let mut agent = Agent::configure(&cgroup, TOKENS, &cluster);
+            let mut agent = Agent::configure(&cgroup, &format!("{agent_extra}\n{TOKENS}"), &cluster);
             agent.token = Some(RELEASE.into());
             agent.spawn();
             nodes.push(Node { name: name.into(), agent, cgroup });
@@ -250,7 +258,9 @@ fn health_value(node: &str, failed: u64) -> Value {
 #[test]
 fn a_rollout_started_on_one_node_is_driven_once_and_every_node_steers_each_step() {
     let _serial = serial();
-    let lab = Lab::new();
+    // A webhook check every node may call: only the leader does, once before each step passes.
+    let check = Receiver::start(Behaviour::Answer(200));
+    let lab = Lab::with_agent_extra(&format!("webhook_allow = [\"{}\"]", check.allow()));
     let invalid = |node: &Node| node.metric("sockshift_cluster_invalid_values_total");
     let invalid_before: Vec<f64> = lab.nodes.iter().map(invalid).collect();
     // A counter above 2^53: refused by every node.
@@ -265,7 +275,10 @@ fn a_rollout_started_on_one_node_is_driven_once_and_every_node_steers_each_step(
     let steps = [10.0, 50.0, 100.0];
     // 12 s steps: the three nodes' samples (in parallel, a few seconds on a loaded machine) fit
     // inside one step with room to spare; the check after each sample proves they did.
-    let plan = json!({ "steps": steps, "step_seconds": 12 });
+    let plan = json!({
+        "steps": steps, "step_seconds": 12,
+        "gates": { "webhooks": [{ "name": "acceptance", "url": check.url("/check"), "timeout_seconds": 5 }] },
+    });
     let started = lab.start_rollout("node-b", &plan);
     assert_eq!(started["state"], "running", "{started}");
     // 2,600 connections per node and step: 5 binomial standard deviations at 50 % are 4.9 points,
@@ -328,6 +341,12 @@ fn a_rollout_started_on_one_node_is_driven_once_and_every_node_steers_each_step(
     assert!(events(&r, "node_left").is_empty(), "no node left, none was dropped from the sum: {r}");
     assert_eq!(r["counted_nodes"], json!(NODES), "the gates sum every node's counters: {r}");
     assert_eq!(r["harm"]["canary_failed_connections"], json!(0), "{r}");
+    // The webhook check was called once per step, by one node (three nodes calling would make
+    // nine calls), and each call saw the step it was about.
+    let calls = check.requests.lock().unwrap().clone();
+    let called_steps: Vec<Value> =
+        calls.iter().map(|(_, body)| serde_json::from_slice::<Value>(body).unwrap()["step"].clone()).collect();
+    assert_eq!(called_steps, [json!(0), json!(1), json!(2)], "one check call per step, from the leader alone");
     // The gates judged every node's counters: the last judgement's window holds more canary
     // attempts than any one node made at that step.
     let judged = r["last_gates"]["canary_attempts"].as_u64().unwrap_or(0);
