@@ -269,6 +269,60 @@ fn drop_syns_to_canary(lab: &Lab) {
     );
 }
 
+/// Issue 9 item 12: a canary that loses every other SYN still establishes (nearly) every
+/// connection (clients wait 5 s), so the failure comparisons see nothing wrong; the plan's
+/// `max_rto_connection_ratio` sees that every canary connection needed a retransmission timeout
+/// and rolls it back.
+#[test]
+fn a_canary_whose_connections_need_retransmission_timeouts_is_rolled_back_by_the_rto_gate() {
+    let lab = Lab::with_service(&web_service(""));
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &lab.netns.name,
+            "iptables",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            "127.0.0.1",
+            "--dport",
+            "8002",
+            "--syn",
+            "-m",
+            "statistic",
+            "--mode",
+            "nth",
+            "--every",
+            "2",
+            "--packet",
+            "0",
+            "-j",
+            "DROP",
+        ],
+    );
+    let load = Load::start(lab.inside(), FRONTEND4, 40, 12.0, 5000);
+    let plan = json!({ "steps": [50, 100], "step_seconds": 4, "gates": { "max_rto_connection_ratio": 0.2 } });
+    start(&lab, "web", &plan);
+    let r = wait_rollout(&lab, "rolled back", Duration::from_secs(30), |r| {
+        assert_ne!(r["state"], "promoted", "a canary whose every connection retransmitted its SYN was promoted: {r}");
+        r["state"] == "rolled_back"
+    });
+    let gates = &r["last_gates"];
+    let failures: Vec<&str> = gates["failures"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+    assert!(failures.iter().any(|f| f.starts_with("max_rto_connection_ratio: ")), "{r}");
+    assert!(!failures.iter().any(|f| f.starts_with("failed_attempts")), "no connection failed: {r}");
+    assert!(gates["rto_connection_ratio"].as_f64().unwrap() > 0.2, "{r}");
+    // The DROP rule counts SYNs of all connections together, so now and then two concurrent
+    // attempts line up and one loses its retransmission too; nearly all establish.
+    let report = load.report();
+    let failed: u64 = report["errors"].as_object().unwrap().values().filter_map(Value::as_u64).sum();
+    assert!(failed * 20 <= report["attempts"].as_u64().unwrap(), "at most 5 % failed: {report}");
+}
+
 /// Issue 11 item 5: a canary that black-holes SYNs, with clients that give up after 1 s (as Go,
 /// Envoy and Java clients do, long before the kernel's own SYN timeout), is rolled back. The
 /// kernel never reports these attempts as failed: the gates see them as abandoned attempts (the

@@ -199,7 +199,8 @@ pub enum RolloutAction {
         /// The whole plan as JSON (as for `POST /v1/services/{name}/rollout`; `-` reads stdin),
         /// e.g. with metric gates and webhook checks; instead of the flags below.
         #[arg(long, conflicts_with_all = ["steps", "every", "confidence", "failed_attempts_tolerance",
-            "resets_tolerance", "max_failed_attempt_ratio", "max_reset_ratio", "max_srtt_ratio", "min_connections",
+            "resets_tolerance", "max_failed_attempt_ratio", "max_reset_ratio", "max_srtt_ratio",
+            "max_rto_connection_ratio", "min_connections",
             "no_gates", "failure_threshold", "approval", "webhooks", "terminate_connections"])]
         plan: Option<PathBuf>,
         /// Canary weights in percent, increasing: 1,5,25,50,100.
@@ -224,12 +225,15 @@ pub enum RolloutAction {
         max_reset_ratio: Option<f64>,
         #[arg(long)]
         max_srtt_ratio: Option<f64>,
+        /// Most canary connections with a retransmission timeout, per connection established.
+        #[arg(long)]
+        max_rto_connection_ratio: Option<f64>,
         /// Canary connection attempts a step needs before it is judged.
         #[arg(long, default_value_t = 0)]
         min_connections: u64,
         /// A timed rollout: judge nothing, promote whatever the canary does (`"gates": "none"`).
         #[arg(long, conflicts_with_all = ["confidence", "failed_attempts_tolerance", "resets_tolerance",
-            "max_failed_attempt_ratio", "max_reset_ratio", "max_srtt_ratio"])]
+            "max_failed_attempt_ratio", "max_reset_ratio", "max_srtt_ratio", "max_rto_connection_ratio"])]
         no_gates: bool,
         /// Failed checks in a row before rolling back.
         #[arg(long, default_value_t = 1)]
@@ -565,6 +569,7 @@ fn run_rollout(action: RolloutAction) -> anyhow::Result<()> {
             max_failed_attempt_ratio,
             max_reset_ratio,
             max_srtt_ratio,
+            max_rto_connection_ratio,
             min_connections,
             no_gates,
             failure_threshold,
@@ -600,6 +605,7 @@ fn run_rollout(action: RolloutAction) -> anyhow::Result<()> {
                         max_failed_attempt_ratio: *max_failed_attempt_ratio,
                         max_reset_ratio: *max_reset_ratio,
                         max_srtt_ratio: *max_srtt_ratio,
+                        max_rto_connection_ratio: *max_rto_connection_ratio,
                         min_connections: *min_connections,
                         ..Gates::default()
                     })

@@ -200,10 +200,11 @@ pub fn rollout(r: &crate::api::types::RolloutView) {
             continue;
         };
         println!(
-            "  {title:<12} {}  {}  {}  canary attempts {} (min {})  observed canary {}  verdict {}",
+            "  {title:<12} {}  {}  {}  {}  canary attempts {} (min {})  observed canary {}  verdict {}",
             show("failed-attempt ratio", window.failed_attempt_ratio, gates.max_failed_attempt_ratio),
             show("reset ratio", window.reset_ratio, gates.max_reset_ratio),
             show("srtt ratio", window.srtt_ratio, gates.max_srtt_ratio),
+            show("rto ratio", window.rto_connection_ratio, gates.max_rto_connection_ratio),
             window.canary_attempts,
             gates.min_connections,
             observed(window),

@@ -193,6 +193,7 @@ fn check_counters(health: &NodeHealth) -> Result<(), String> {
                 ("resets", c.resets),
                 ("srtt_sum_us", c.srtt_sum_us),
                 ("srtt_samples", c.srtt_samples),
+                ("rto_connections", c.rto_connections),
             ];
             if let Some((field, value)) = fields.iter().find(|(_, v)| *v > MAX_COUNTER) {
                 return Err(format!(

@@ -169,6 +169,7 @@ pub fn check_rollout(rollout: &Rollout) -> Result<(), String> {
                 side.resets,
                 side.srtt_sum_us,
                 side.srtt_samples,
+                side.rto_connections,
             ];
             if counters.iter().any(|c| *c > MAX_PLAUSIBLE_COUNTER) {
                 return Err(format!("the {name} baseline holds a counter above 2^53"));

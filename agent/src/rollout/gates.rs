@@ -123,6 +123,10 @@ pub struct Gates {
     /// Canary average SRTT / stable average SRTT.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_srtt_ratio: Option<f64>,
+    /// Canary connections that had at least one retransmission timeout / canary connections
+    /// established (a lossy or overloaded canary that still answers).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_rto_connection_ratio: Option<f64>,
     /// Canary connection attempts a window needs before it is judged at its end (a quieter
     /// window is extended until it has them).
     pub min_connections: u64,
@@ -145,6 +149,7 @@ impl Default for Gates {
             max_failed_attempt_ratio: None,
             max_reset_ratio: None,
             max_srtt_ratio: None,
+            max_rto_connection_ratio: None,
             min_connections: 0,
             metrics: Vec::new(),
             on_missing: OnMissing::default(),
@@ -161,7 +166,10 @@ impl Gates {
     }
 
     fn has_fixed_ratios(&self) -> bool {
-        self.max_failed_attempt_ratio.is_some() || self.max_reset_ratio.is_some() || self.max_srtt_ratio.is_some()
+        self.max_failed_attempt_ratio.is_some()
+            || self.max_reset_ratio.is_some()
+            || self.max_srtt_ratio.is_some()
+            || self.max_rto_connection_ratio.is_some()
     }
 }
 
@@ -179,6 +187,8 @@ pub struct SideSnapshot {
     pub resets: u64,
     pub srtt_sum_us: u64,
     pub srtt_samples: u64,
+    /// Connections that had at least one retransmission timeout.
+    pub rto_connections: u64,
 }
 
 impl From<&SideCounters> for SideSnapshot {
@@ -192,6 +202,7 @@ impl From<&SideCounters> for SideSnapshot {
             resets: c.resets,
             srtt_sum_us: c.srtt_sum_us,
             srtt_samples: c.srtt_samples,
+            rto_connections: c.rto_connections,
         }
     }
 }
@@ -209,6 +220,7 @@ impl SideSnapshot {
             resets: self.resets.saturating_sub(earlier.resets),
             srtt_sum_us: self.srtt_sum_us.saturating_sub(earlier.srtt_sum_us),
             srtt_samples: self.srtt_samples.saturating_sub(earlier.srtt_samples),
+            rto_connections: self.rto_connections.saturating_sub(earlier.rto_connections),
         }
     }
 
@@ -249,6 +261,7 @@ impl Add for SideSnapshot {
             resets: self.resets.saturating_add(other.resets),
             srtt_sum_us: self.srtt_sum_us.saturating_add(other.srtt_sum_us),
             srtt_samples: self.srtt_samples.saturating_add(other.srtt_samples),
+            rto_connections: self.rto_connections.saturating_add(other.rto_connections),
         }
     }
 }
@@ -324,6 +337,9 @@ pub struct GateReadings {
     pub failed_attempt_ratio: Option<f64>,
     pub reset_ratio: Option<f64>,
     pub srtt_ratio: Option<f64>,
+    /// Canary connections with a retransmission timeout / canary connections established.
+    #[serde(default)]
+    pub rto_connection_ratio: Option<f64>,
     /// Observed canary share of connections in the window, percent.
     pub observed_canary_percent: Option<f64>,
     /// Canary against stable (absent for `"gates": "none"`).
@@ -414,6 +430,7 @@ pub fn judge(policy: &GatePolicy, counts: &WindowCounts, estimates: bool) -> Gat
         canary_resets: canary.resets,
         failed_attempt_ratio: ratio(canary.failures(), canary.attempts()),
         reset_ratio: ratio(canary.resets, canary.established),
+        rto_connection_ratio: ratio(canary.rto_connections.min(canary.established), canary.established),
         srtt_ratio: match (srtt(canary), srtt(stable)) {
             (Some(c), Some(s)) if s > 0.0 => Some(c / s),
             _ => None,
@@ -508,6 +525,7 @@ pub fn judge(policy: &GatePolicy, counts: &WindowCounts, estimates: bool) -> Gat
         check("max_failed_attempt_ratio", readings.failed_attempt_ratio, gates.max_failed_attempt_ratio);
         check("max_reset_ratio", readings.reset_ratio, gates.max_reset_ratio);
         check("max_srtt_ratio", readings.srtt_ratio, gates.max_srtt_ratio);
+        check("max_rto_connection_ratio", readings.rto_connection_ratio, gates.max_rto_connection_ratio);
     }
     readings.verdict = if !failures.is_empty() {
         Verdict::Fail
@@ -605,6 +623,20 @@ mod tests {
         assert_eq!(failing.verdict, Verdict::Fail);
         assert!(!failing.canary_worse(), "one failure in ten is no statistical evidence");
         assert!(failing.failures[0].starts_with("max_failed_attempt_ratio"));
+    }
+
+    #[test]
+    fn the_rto_ratio_gate_fails_a_canary_whose_connections_time_out_and_retransmit() {
+        let gates = GatePolicy::Judged(Gates { max_rto_connection_ratio: Some(0.2), ..Gates::default() });
+        let lossy = SideSnapshot { rto_connections: 200, ..side(400, 0, 0, 0) };
+        let failing = judge(&gates, &counts(lossy, side(7600, 0, 0, 0)), false);
+        assert_eq!(failing.rto_connection_ratio, Some(0.5));
+        assert_eq!(failing.verdict, Verdict::Fail);
+        assert!(failing.failures[0].starts_with("max_rto_connection_ratio: 0.5000 > 0.2"), "{:?}", failing.failures);
+        // Enough attempts for the comparisons with stable to pass too.
+        let fine = SideSnapshot { rto_connections: 40, ..side(400, 0, 0, 0) };
+        let passing = judge(&gates, &counts(fine, side(7600, 0, 0, 0)), false);
+        assert_eq!(passing.verdict, Verdict::Pass, "{:?}", passing.failures);
     }
 
     #[test]

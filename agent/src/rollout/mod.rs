@@ -199,6 +199,7 @@ fn went_back(now: &Snapshot, earlier: &Snapshot) -> bool {
             || n.resets < e.resets
             || n.srtt_sum_us < e.srtt_sum_us
             || n.srtt_samples < e.srtt_samples
+            || n.rto_connections < e.rto_connections
     };
     back(&now.stable, &earlier.stable) || back(&now.canary, &earlier.canary)
 }

@@ -129,6 +129,7 @@ impl Plan {
                 ("gates.max_failed_attempt_ratio", gates.max_failed_attempt_ratio),
                 ("gates.max_reset_ratio", gates.max_reset_ratio),
                 ("gates.max_srtt_ratio", gates.max_srtt_ratio),
+                ("gates.max_rto_connection_ratio", gates.max_rto_connection_ratio),
             ] {
                 if let Some(v) = value {
                     if !v.is_finite() || v < 0.0 {
