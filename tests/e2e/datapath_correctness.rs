@@ -416,7 +416,8 @@ fn connected_udp_sockets_on_a_rolled_back_or_removed_backend_are_destroyed() {
         let expected = if canary.contains(&i) && !told.contains(&i) { Some(libc::ECONNABORTED) } else { None };
         assert_eq!(*error, expected, "socket {i}: the application is told its socket was aborted: {pending:?}");
     }
-    assert!(tags(&session(&mut sockets, "send")).iter().all(|t| t.as_deref() == Some("stable")), "reconnected at 0 %");
+    let after = session(&mut sockets, "send");
+    assert!(tags(&after).iter().all(|t| t.as_deref() == Some("stable")), "reconnected at 0 %: {after}");
 
     // Back to 50 %, connected again: then the canary backend is replaced.
     lab.agent.set_percent("udp", 50.0);
