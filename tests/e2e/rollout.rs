@@ -245,28 +245,15 @@ fn refusing_canary_is_rolled_back_within_3s_of_a_60s_step() {
     );
 }
 
-/// Drops SYNs to the lab's canary backend inside the lab's namespace.
-fn drop_syns_to_canary(lab: &Lab) {
-    run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &lab.netns.name,
-            "iptables",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-d",
-            "127.0.0.1",
-            "--dport",
-            "8002",
-            "--syn",
-            "-j",
-            "DROP",
-        ],
-    );
+/// Drops SYNs to the lab's canary backend inside the lab's namespace; `only` narrows the rule
+/// with more iptables matches (e.g. every other SYN).
+fn drop_syns_to_canary(lab: &Lab, only: &[&str]) {
+    let netns = lab.netns.name.as_str();
+    let mut args = vec!["netns", "exec", netns, "iptables", "-A", "OUTPUT", "-p", "tcp", "-d", "127.0.0.1"];
+    args.extend(["--dport", "8002", "--syn"]);
+    args.extend_from_slice(only);
+    args.extend(["-j", "DROP"]);
+    run("ip", &args);
 }
 
 /// Issue 9 item 12: a canary that loses every other SYN still establishes (nearly) every
@@ -276,34 +263,7 @@ fn drop_syns_to_canary(lab: &Lab) {
 #[test]
 fn a_canary_whose_connections_need_retransmission_timeouts_is_rolled_back_by_the_rto_gate() {
     let lab = Lab::with_service(&web_service(""));
-    run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &lab.netns.name,
-            "iptables",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-d",
-            "127.0.0.1",
-            "--dport",
-            "8002",
-            "--syn",
-            "-m",
-            "statistic",
-            "--mode",
-            "nth",
-            "--every",
-            "2",
-            "--packet",
-            "0",
-            "-j",
-            "DROP",
-        ],
-    );
+    drop_syns_to_canary(&lab, &["-m", "statistic", "--mode", "nth", "--every", "2", "--packet", "0"]);
     let load = Load::start(lab.inside(), FRONTEND4, 40, 12.0, 5000);
     let plan = json!({ "steps": [50, 100], "step_seconds": 4, "gates": { "max_rto_connection_ratio": 0.2 } });
     start(&lab, "web", &plan);
@@ -330,7 +290,7 @@ fn a_canary_whose_connections_need_retransmission_timeouts_is_rolled_back_by_the
 #[test]
 fn canary_that_drops_syns_is_rolled_back_when_clients_give_up() {
     let lab = Lab::with_service(&web_service(""));
-    drop_syns_to_canary(&lab);
+    drop_syns_to_canary(&lab, &[]);
     let load = Load::start(lab.inside(), FRONTEND4, 50, 10.0, 1000);
     start(&lab, "web", &json!({ "steps": [10, 50, 100], "step_seconds": 60 }));
     let r = wait_rollout(&lab, "rolled back", Duration::from_secs(8), |r| r["state"] == "rolled_back");
@@ -351,7 +311,7 @@ fn canary_that_drops_syns_is_rolled_back_when_clients_give_up() {
 #[test]
 fn canary_that_drops_syns_is_rolled_back_when_the_kernel_times_out() {
     let lab = Lab::with_service(&web_service(""));
-    drop_syns_to_canary(&lab);
+    drop_syns_to_canary(&lab, &[]);
     run("ip", &["netns", "exec", &lab.netns.name, "sh", "-c", "echo 1 > /proc/sys/net/ipv4/tcp_syn_retries"]);
     let load = Load::start(lab.inside(), FRONTEND4, 50, 10.0, 30_000);
     start(&lab, "web", &json!({ "steps": [10, 50, 100], "step_seconds": 60 }));
