@@ -16,7 +16,7 @@ pub const MAP_BACKENDS: &str = "BACKENDS_V1";
 pub const MAP_SOCKETS: &str = "SOCKETS_V1";
 /// `socket_slots(cookie)` -> the record of a steered socket (`SocketSlot`): the socket table.
 pub const MAP_SOCKET_SLOTS: &str = "SOCKET_SLOTS_V1";
-/// `SOCKET_TABLE_*` -> whether the spill table may hold records.
+/// `SOCKET_TABLE_LEGACY` -> whether the spill table may hold records of an older agent.
 pub const MAP_SOCKET_TABLE: &str = "SOCKET_TABLE_V1";
 /// (socket cookie, slot) -> one reply translation of an unconnected UDP socket.
 pub const MAP_UDP_FLOWS: &str = "UDP_FLOWS_V1";
@@ -176,13 +176,17 @@ const _: () = assert!(core::mem::size_of::<SocketEntry>() == 44);
 /// One slot of SOCKET_SLOTS: the record of the socket whose cookie it holds; cookie 0: free.
 /// A program takes a free slot with a compare-and-swap of the cookie (0 -> its cookie) and frees
 /// it with the reverse swap, so two sockets never share a slot and a record is forgotten once.
-/// 64 B: one cache line a slot.
+/// 64 B: one cache line a slot, so taking a slot touches one line.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct SocketSlot {
     pub cookie: u64,
+    /// Records of sockets whose first slot this is but which are elsewhere (their second slot or
+    /// the spill table), because this one was taken when they connected. While it is 0, a socket
+    /// this slot does not hold has no record at all: one line read tells.
+    pub overflow: u64,
     pub entry: SocketEntry,
-    pub _pad: [u32; 3],
+    pub _pad: u32,
 }
 const _: () = assert!(core::mem::size_of::<SocketSlot>() == 64);
 
@@ -202,15 +206,11 @@ pub fn socket_slot_count(capacity: u32) -> u32 {
     capacity.max(2).checked_next_power_of_two().unwrap_or(1 << 31)
 }
 
-/// SOCKET_TABLE slots (u64 each). Readers that miss a socket's slots look in the spill table
-/// (SOCKETS) only when one of them is non-zero, so most misses cost no hash lookup.
-/// Records in the spill table that programs put there (atomic adds: +1 before an insert, -1
-/// after a delete); they carry `SOCKET_SPILLED`.
-pub const SOCKET_TABLE_SPILLED: u32 = 0;
-/// Non-zero while the spill table may still hold records an older agent's programs made (never
-/// counted in the spilled slot). Written by the agent only.
-pub const SOCKET_TABLE_LEGACY: u32 = 1;
-pub const SOCKET_TABLE_SLOTS: u32 = 2;
+/// SOCKET_TABLE slot 0: non-zero while the spill table may still hold records an older agent's
+/// programs made (they are counted in no slot's `overflow`, so without it they would not be looked
+/// for). Written by the agent only.
+pub const SOCKET_TABLE_LEGACY: u32 = 0;
+pub const SOCKET_TABLE_SLOTS: u32 = 1;
 
 /// `SocketEntry::flags`: the TCP connection reached ESTABLISHED, so a reset from now on is a
 /// reset of an established connection (not a refused attempt).
@@ -228,8 +228,8 @@ pub const SOCKET_UDP: u16 = 1 << 3;
 pub const SOCKET_HAD_RTO: u16 = 1 << 4;
 /// `SocketEntry::flags`: the record is counted in NETNS_SOCKETS for the socket's namespace.
 pub const SOCKET_NETNS_COUNTED: u16 = 1 << 5;
-/// `SocketEntry::flags`: the record is in the spill table and counted in
-/// `SocketTableState::spilled` (records an older agent made there lack it).
+/// `SocketEntry::flags`: the record is in the spill table and counted in its first slot's
+/// `overflow` (records an older agent made there lack it).
 pub const SOCKET_SPILLED: u16 = 1 << 6;
 
 /// Key of UDP_FLOWS: slot 0..UDP_FLOW_SLOTS of one unconnected UDP socket. Slots fill from 0 up,

@@ -1,11 +1,10 @@
-//! The socket table: a steered socket's record lives in one of its two slots of SOCKET_SLOTS
-//! (`socket_slots(cookie)`), or, when both are taken by other sockets, in the spill table
-//! SOCKETS. Taking a slot is one compare-and-swap on an array element the verifier inlines: no
-//! helper call, no bucket lock, no free list; that is what keeps a steered `connect()` cheap.
+//! The socket table: a steered socket's record lives in its first slot of SOCKET_SLOTS
+//! (`socket_slots(cookie)`), or, when another socket holds that one, in its second slot or the
+//! spill table SOCKETS; the first slot then counts it in `overflow`. Taking a slot is one
+//! compare-and-swap on an array element the verifier inlines: no helper call, no bucket lock, no
+//! free list, one cache line; that is what keeps a steered `connect()` cheap.
 
-use agent_common::{
-    socket_slots, SocketEntry, SocketSlot, MAX_STEERED_SOCKETS, SOCKET_SPILLED, SOCKET_TABLE_LEGACY, SOCKET_TABLE_SPILLED,
-};
+use agent_common::{socket_slots, SocketEntry, SocketSlot, MAX_STEERED_SOCKETS, SOCKET_SPILLED, SOCKET_TABLE_LEGACY};
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 
 use crate::{
@@ -26,8 +25,18 @@ fn slot_count() -> u32 {
 }
 
 #[inline(always)]
-fn slot_cookie(slot: *mut SocketSlot) -> u64 {
+fn holder(slot: *mut SocketSlot) -> u64 {
     unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*slot).cookie)) }
+}
+
+#[inline(always)]
+fn overflow(slot: *mut SocketSlot) -> u64 {
+    unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*slot).overflow)) }
+}
+
+#[inline(always)]
+fn count_overflow(first: *mut SocketSlot, delta: u64) {
+    atomic_add(unsafe { core::ptr::addr_of_mut!((*first).overflow) }, delta);
 }
 
 /// Swaps the slot's cookie from `old` to `new`; true if it held `old` (the caller won).
@@ -43,178 +52,187 @@ fn swap_cookie(slot: *mut SocketSlot, old: u64, new: u64) -> bool {
     }
 }
 
-/// The socket's two slots (either may be missing if the table is smaller than the agent said).
+/// Whether the spill table may hold records of an older agent (counted in no `overflow`).
 #[inline(always)]
-fn slots_of(cookie: u64) -> (Option<*mut SocketSlot>, Option<*mut SocketSlot>) {
-    let (first, second) = socket_slots(cookie, slot_count());
-    (SOCKET_SLOTS.get_ptr_mut(first), SOCKET_SLOTS.get_ptr_mut(second))
+fn legacy() -> bool {
+    match SOCKET_TABLE.get_ptr(SOCKET_TABLE_LEGACY) {
+        Some(value) => (unsafe { core::ptr::read_volatile(value) }) != 0,
+        None => true,
+    }
 }
 
-/// The slot that holds the socket's record, if one does.
+/// Where a socket's record is.
+#[derive(Clone, Copy)]
+enum Place {
+    First(*mut SocketSlot),
+    /// In its second slot; the first counts it.
+    Second { slot: *mut SocketSlot, first: *mut SocketSlot },
+    /// In the spill table; the first slot counts it if the record says `SOCKET_SPILLED`.
+    Spill { entry: *mut SocketEntry, first: *mut SocketSlot },
+}
+
+/// Finds the socket's record: its first slot tells whether to look further.
 #[inline(always)]
-fn held_slot(cookie: u64) -> Option<*mut SocketSlot> {
-    let (first, second) = slots_of(cookie);
-    if let Some(slot) = first {
-        if slot_cookie(slot) == cookie {
-            return Some(slot);
+fn locate(cookie: u64) -> Option<Place> {
+    let (first_index, second_index) = socket_slots(cookie, slot_count());
+    let first = SOCKET_SLOTS.get_ptr_mut(first_index)?;
+    if holder(first) == cookie {
+        return Some(Place::First(first));
+    }
+    let elsewhere = overflow(first) != 0;
+    if elsewhere {
+        if let Some(slot) = SOCKET_SLOTS.get_ptr_mut(second_index) {
+            if holder(slot) == cookie {
+                return Some(Place::Second { slot, first });
+            }
         }
     }
-    if let Some(slot) = second {
-        if slot_cookie(slot) == cookie {
-            return Some(slot);
+    if elsewhere || legacy() {
+        if let Some(entry) = SOCKETS.get_ptr_mut(cookie) {
+            return Some(Place::Spill { entry, first });
         }
     }
     None
-}
-
-/// Whether the spill table may hold records: when it holds none, a socket its slots miss has no
-/// record, and no hash lookup is needed to tell.
-#[inline(always)]
-fn spill_in_use() -> bool {
-    let nonzero = |slot| match SOCKET_TABLE.get_ptr(slot) {
-        Some(value) => (unsafe { core::ptr::read_volatile(value) }) != 0,
-        None => true,
-    };
-    nonzero(SOCKET_TABLE_SPILLED) || nonzero(SOCKET_TABLE_LEGACY)
-}
-
-#[inline(always)]
-fn count_spilled(delta: u64) {
-    if let Some(spilled) = SOCKET_TABLE.get_ptr_mut(SOCKET_TABLE_SPILLED) {
-        atomic_add(spilled, delta);
-    }
 }
 
 /// The socket's record, to read and to update its flags in place.
 #[inline(always)]
 pub fn find(cookie: u64) -> Option<*mut SocketEntry> {
-    if let Some(slot) = held_slot(cookie) {
-        return Some(unsafe { core::ptr::addr_of_mut!((*slot).entry) });
-    }
-    if spill_in_use() {
-        return SOCKETS.get_ptr_mut(cookie);
-    }
-    None
+    Some(match locate(cookie)? {
+        Place::First(slot) | Place::Second { slot, .. } => unsafe { core::ptr::addr_of_mut!((*slot).entry) },
+        Place::Spill { entry, .. } => entry,
+    })
 }
 
 /// A copy of the socket's record. A slot's copy is checked to still be this socket's after it
 /// was taken (a reset may free the slot and another socket take it meanwhile).
 #[inline(always)]
 pub fn get(cookie: u64) -> Option<SocketEntry> {
-    if let Some(slot) = held_slot(cookie) {
-        let entry = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*slot).entry)) };
-        return if slot_cookie(slot) == cookie { Some(entry) } else { None };
+    match locate(cookie)? {
+        Place::First(slot) | Place::Second { slot, .. } => {
+            let entry = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*slot).entry)) };
+            (holder(slot) == cookie).then_some(entry)
+        }
+        Place::Spill { entry, .. } => Some(unsafe { *entry }),
     }
-    if spill_in_use() {
-        return unsafe { SOCKETS.get(cookie) }.copied();
-    }
-    None
 }
 
 /// What `insert` did.
 pub enum Inserted {
     /// The socket had no record.
     New,
-    /// The socket had a record (it connects again): this was it.
+    /// The socket had a record (it connects again): this was it. The new one took its place.
     Replaced(SocketEntry),
     /// Its slots were taken and the spill table is full: no record.
     Full,
 }
 
-/// Records the socket (replacing its record if it has one in its slots or, when those are
-/// taken, in the spill table).
 #[inline(always)]
-pub fn insert(cookie: u64, entry: &SocketEntry) -> Inserted {
-    let (first, second) = slots_of(cookie);
-    // Connecting again: the record is replaced where it is.
-    if let Some(slot) = first {
-        if slot_cookie(slot) == cookie {
-            let old = unsafe { (*slot).entry };
-            unsafe { (*slot).entry = *entry };
-            return Inserted::Replaced(old);
-        }
-    }
-    if let Some(slot) = second {
-        if slot_cookie(slot) == cookie {
-            let old = unsafe { (*slot).entry };
-            unsafe { (*slot).entry = *entry };
-            return Inserted::Replaced(old);
-        }
-    }
-    // A free slot is taken by swapping its cookie from 0: of two sockets racing for it, one wins.
-    // The entry is written after: no other path reads this socket's record before its connect
-    // returns. (A record this socket left in the spill table before stays until it closes.)
-    if let Some(slot) = first {
-        if slot_cookie(slot) == 0 && swap_cookie(slot, 0, cookie) {
-            unsafe { (*slot).entry = *entry };
-            return Inserted::New;
-        }
-    }
-    if let Some(slot) = second {
-        if slot_cookie(slot) == 0 && swap_cookie(slot, 0, cookie) {
-            unsafe { (*slot).entry = *entry };
-            return Inserted::New;
-        }
-    }
-    spill(cookie, entry)
+fn replace_in_slot(slot: *mut SocketSlot, entry: &SocketEntry) -> Inserted {
+    let old = unsafe { (*slot).entry };
+    unsafe { (*slot).entry = *entry };
+    Inserted::Replaced(old)
 }
 
-/// Both slots are taken: the record goes to the spill table.
+/// Takes a free slot: of two sockets racing for it, one wins. The entry is written after: no
+/// other path reads this socket's record before its connect returns.
 #[inline(always)]
-fn spill(cookie: u64, entry: &SocketEntry) -> Inserted {
+fn take(slot: *mut SocketSlot, cookie: u64, entry: &SocketEntry) -> bool {
+    if holder(slot) == 0 && swap_cookie(slot, 0, cookie) {
+        unsafe { (*slot).entry = *entry };
+        true
+    } else {
+        false
+    }
+}
+
+/// Records the socket, replacing its record if it has one (it connects again).
+#[inline(always)]
+pub fn insert(cookie: u64, entry: &SocketEntry) -> Inserted {
+    let (first_index, second_index) = socket_slots(cookie, slot_count());
+    let Some(first) = SOCKET_SLOTS.get_ptr_mut(first_index) else { return Inserted::Full };
+    if holder(first) == cookie {
+        return replace_in_slot(first, entry);
+    }
+    let second = SOCKET_SLOTS.get_ptr_mut(second_index);
+    // Only when the first slot counts records elsewhere can this socket have one there.
+    if overflow(first) != 0 || legacy() {
+        if let Some(slot) = second {
+            if holder(slot) == cookie {
+                return replace_in_slot(slot, entry);
+            }
+        }
+        if let Some(old) = unsafe { SOCKETS.get(cookie) }.copied() {
+            let mut entry = *entry;
+            entry.flags |= old.flags & SOCKET_SPILLED; // counted in the first slot as it was
+            return if SOCKETS.insert(cookie, &entry, BPF_ANY as u64).is_ok() {
+                Inserted::Replaced(old)
+            } else {
+                Inserted::Full
+            };
+        }
+    }
+    // The common case: the first slot is free.
+    if take(first, cookie, entry) {
+        return Inserted::New;
+    }
+    // Counted before the record is elsewhere, so that no reader skips looking for it.
+    count_overflow(first, 1);
+    if let Some(slot) = second {
+        if take(slot, cookie, entry) {
+            return Inserted::New;
+        }
+    }
     let mut entry = *entry;
     entry.flags |= SOCKET_SPILLED;
-    // Counted before it is there, so that no reader skips the table while it holds it.
-    count_spilled(1);
     match SOCKETS.insert(cookie, &entry, BPF_NOEXIST as u64) {
         Ok(()) => Inserted::New,
         Err(err) if err == -EEXIST => {
+            // A record no slot counted (an older agent's, or one made between the checks above by
+            // a path that cannot run now): replaced, and counted from now on.
             let old = unsafe { SOCKETS.get(cookie) }.copied();
-            let old_counted = old.is_some_and(|old| old.flags & SOCKET_SPILLED != 0);
-            if old_counted {
-                count_spilled(u64::MAX); // one record either way, counted already
-            }
-            if SOCKETS.insert(cookie, &entry, BPF_ANY as u64).is_err() {
-                if !old_counted {
-                    count_spilled(u64::MAX);
+            match (old, SOCKETS.insert(cookie, &entry, BPF_ANY as u64)) {
+                (Some(old), Ok(())) => {
+                    if old.flags & SOCKET_SPILLED != 0 {
+                        count_overflow(first, u64::MAX); // it was counted already
+                    }
+                    Inserted::Replaced(old)
                 }
-                return Inserted::Full;
-            }
-            match old {
-                Some(old) => Inserted::Replaced(old),
-                None => Inserted::New,
+                (None, Ok(())) => Inserted::New,
+                (_, Err(_)) => {
+                    count_overflow(first, u64::MAX);
+                    Inserted::Full
+                }
             }
         }
         Err(_) => {
-            count_spilled(u64::MAX);
+            count_overflow(first, u64::MAX);
             Inserted::Full
         }
     }
 }
 
-/// Removes the socket's record from its slot: true for the one caller that removed it (a TCP
-/// socket's record may be forgotten by sock_ops and sock_release at the same time).
+/// Forgets the socket's record: true for the one caller that removed it (a TCP socket's record
+/// may be forgotten by sock_ops and sock_release at the same time).
 #[inline(always)]
-pub fn remove_from_slot(cookie: u64) -> bool {
-    match held_slot(cookie) {
-        Some(slot) => swap_cookie(slot, cookie, 0),
+pub fn remove(cookie: u64) -> bool {
+    match locate(cookie) {
+        Some(Place::First(slot)) => swap_cookie(slot, cookie, 0),
+        Some(Place::Second { slot, first }) => {
+            let removed = swap_cookie(slot, cookie, 0);
+            if removed {
+                count_overflow(first, u64::MAX);
+            }
+            removed
+        }
+        Some(Place::Spill { entry, first }) => {
+            let spilled = unsafe { (*entry).flags } & SOCKET_SPILLED != 0;
+            let removed = SOCKETS.remove(cookie).is_ok();
+            if removed && spilled {
+                count_overflow(first, u64::MAX);
+            }
+            removed
+        }
         None => false,
     }
-}
-
-/// Removes the socket's record from the spill table, if it is there: its copy, for the one
-/// caller that removed it.
-#[inline(always)]
-pub fn remove_from_spill(cookie: u64) -> Option<SocketEntry> {
-    if !spill_in_use() {
-        return None;
-    }
-    let old = unsafe { SOCKETS.get(cookie) }.copied()?;
-    if SOCKETS.remove(cookie).is_err() {
-        return None; // removed meanwhile by another path
-    }
-    if old.flags & SOCKET_SPILLED != 0 {
-        count_spilled(u64::MAX);
-    }
-    Some(old)
 }

@@ -93,25 +93,12 @@ pub fn atomic_add(counter: *mut u64, delta: u64) {
 pub fn forget_socket(
     cookie: u64,
     entry: &SocketEntry,
-    netns: impl Fn() -> u64,
+    netns: impl FnOnce() -> u64,
     update: impl FnOnce(*mut SideCounters),
 ) {
-    let from_slot = socket_table::remove_from_slot(cookie);
-    if !from_slot && socket_table::remove_from_spill(cookie).is_none() {
+    if !socket_table::remove(cookie) {
         return; // deleted meanwhile by another path: counted there
     }
-    count_closed(entry, &netns, update);
-    if from_slot {
-        // A record the socket left in the spill table before it connected again (rare: only
-        // when both its slots were taken then and one was free at the second connect).
-        if let Some(stale) = socket_table::remove_from_spill(cookie) {
-            count_closed(&stale, &netns, |_| {});
-        }
-    }
-}
-
-#[inline(always)]
-fn count_closed(entry: &SocketEntry, netns: &impl Fn() -> u64, update: impl FnOnce(*mut SideCounters)) {
     bump(entry.service_id, entry.side, |c| {
         count!(c, socket_records_closed);
         update(c);

@@ -100,16 +100,13 @@ pub struct SocketRecords {
 }
 
 impl SocketRecords {
-    /// Every record with its socket's cookie. A socket with a record in a slot and an older one
-    /// left in the spill table (it connected again) is listed with the slot's, its current one.
+    /// Every record with its socket's cookie (a socket has one record, in a slot or in the spill
+    /// table). Read slot by slot while the programs change them: a slot taken meanwhile may show
+    /// its new cookie with the entry of the socket before, which `destroy_sockets` then leaves
+    /// alone, as it checks each socket's peer against the record's backend.
     pub fn records(&self) -> HashMap<u64, SocketEntry> {
-        let mut records: HashMap<u64, SocketEntry> =
-            self.spill.iter().filter_map(Result::ok).collect();
-        for slot in self.slots.iter().filter_map(Result::ok) {
-            if slot.cookie != 0 {
-                records.insert(slot.cookie, slot.entry);
-            }
-        }
+        let mut records: HashMap<u64, SocketEntry> = self.spill.iter().filter_map(Result::ok).collect();
+        records.extend(self.slots.iter().filter_map(Result::ok).filter(|s| s.cookie != 0).map(|s| (s.cookie, s.entry)));
         records
     }
 }
