@@ -286,8 +286,8 @@ fn sockshift_services(services: usize) -> String {
 /// set in the script's `setup`), so one connection per thread is what lets `direct_split` choose
 /// a backend per connection, as the steering peers do, rather than per group of connections that
 /// one thread's event loop serves together (with 5 threads of 8 connections, one thread serving
-/// only the canary, the floor ran 1.5 × direct with keep-alive and every steering peer 0.7–0.8 of
-/// it; BENCHMARKS.md).
+/// only the canary, the floor ran 1.3–1.6 × direct with keep-alive, and sockshift and iptables
+/// 0.6–1.0 of it; BENCHMARKS.md).
 const CLIENT_THREADS: u32 = 40;
 const CLIENT_CONNECTIONS: u32 = CLIENT_THREADS;
 /// Threads, and so connections, that `direct_split` points at the canary: the weight's share,
