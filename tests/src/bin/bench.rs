@@ -172,7 +172,7 @@ impl Backends {
         }
         let backends = Self { netns, _nginx: nginx, dir };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while backends.requests().is_none() {
+        while backends.served().is_none() {
             assert!(
                 Instant::now() < deadline,
                 "nginx did not start: {}",
@@ -184,7 +184,7 @@ impl Backends {
     }
 
     /// Requests and connections served so far by (stable, canary), from nginx's stub_status.
-    fn requests(&self) -> Option<(Served, Served)> {
+    fn served(&self) -> Option<(Served, Served)> {
         let read = |addr: &str| -> Option<Served> {
             let text = in_netns(&self.netns, {
                 let addr = addr.to_string();
@@ -404,13 +404,13 @@ fn run_peer(peer: Peer, services: usize, keepalive: bool, seconds: u32) -> Value
     }
     let url = format!("http://{target}/");
     args.push(&url);
-    let before = backends.requests().unwrap_or_default();
+    let before = backends.served().unwrap_or_default();
     let mut wrk = std::process::Command::new("wrk");
     wrk.args(&args).stdout(std::process::Stdio::piped());
     place(&mut wrk, client);
     let output = wrk.spawn().expect("run wrk").wait_with_output().expect("wrk");
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    let after = backends.requests().unwrap_or(before);
+    let after = backends.served().unwrap_or(before);
     let (stable, canary) = (after.0.since(before.0), after.1.since(before.1));
     let share = |canary: u64, stable: u64| {
         if stable + canary > 0 {
