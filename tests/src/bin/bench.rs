@@ -3,6 +3,8 @@
 //! conntrack left over from the previous peer); all traffic stays inside it. Writes
 //! `results.json`, `results.md` and `plot.png` to the output directory and prints a summary.
 //! `--smoke` runs every section for about a second, to check that it works, not how fast.
+//! `--only SECTION` runs one section; `--rounds N` sets the throughput section's interleaved
+//! rounds (3 by default, 1 with `--smoke`).
 
 use std::{
     collections::BTreeMap,
@@ -53,7 +55,17 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("target/bench"));
     std::fs::create_dir_all(&out).expect("output directory");
-    let settings = Settings { smoke, rounds: if smoke { 1 } else { 3 }, seconds: if smoke { 1 } else { 5 }, out };
+    let rounds = match args.iter().position(|a| a == "--rounds").map(|i| args.get(i + 1).map(|n| n.parse::<usize>())) {
+        None => None,
+        Some(Some(Ok(n))) if n > 0 => Some(n),
+        Some(_) => panic!("--rounds takes a number of rounds, at least 1"),
+    };
+    let settings = Settings {
+        smoke,
+        rounds: rounds.unwrap_or(if smoke { 1 } else { 3 }),
+        seconds: if smoke { 1 } else { 5 },
+        out,
+    };
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1");
 
     let mut results = BTreeMap::new();
@@ -109,6 +121,25 @@ struct Backends {
     dir: PathBuf,
 }
 
+/// One nginx's counters. Each stub_status read is itself one connection and one request, counted
+/// by the nginx it reads.
+#[derive(Clone, Copy, Default)]
+struct Served {
+    connections: u64,
+    requests: u64,
+}
+
+impl Served {
+    /// What was served from `before` to `self` (a read taken after `before`), less the read that
+    /// took `self`.
+    fn since(self, before: Served) -> Served {
+        Served {
+            connections: self.connections.saturating_sub(before.connections + 1),
+            requests: self.requests.saturating_sub(before.requests + 1),
+        }
+    }
+}
+
 impl Backends {
     fn start() -> Self {
         let netns = NetNs::new();
@@ -141,7 +172,7 @@ impl Backends {
         }
         let backends = Self { netns, _nginx: nginx, dir };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while backends.requests().is_none() {
+        while backends.served().is_none() {
             assert!(
                 Instant::now() < deadline,
                 "nginx did not start: {}",
@@ -152,9 +183,9 @@ impl Backends {
         backends
     }
 
-    /// Requests served so far by (stable, canary), from nginx's stub_status.
-    fn requests(&self) -> Option<(u64, u64)> {
-        let read = |addr: &str| -> Option<u64> {
+    /// Requests and connections served so far by (stable, canary), from nginx's stub_status.
+    fn served(&self) -> Option<(Served, Served)> {
+        let read = |addr: &str| -> Option<Served> {
             let text = in_netns(&self.netns, {
                 let addr = addr.to_string();
                 move || {
@@ -166,12 +197,14 @@ impl Backends {
                 }
             })?;
             // "server accepts handled requests\n 1 1 1"
-            text.lines()
+            let counts: Vec<u64> = text
+                .lines()
                 .find(|l| l.split_whitespace().count() == 3 && l.trim().starts_with(char::is_numeric))?
                 .split_whitespace()
-                .nth(2)?
-                .parse()
-                .ok()
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .ok()?;
+            Some(Served { connections: counts[0], requests: counts[2] })
         };
         Some((read("127.0.0.1:9081")?, read("127.0.0.1:9082")?))
     }
@@ -248,11 +281,25 @@ fn sockshift_services(services: usize) -> String {
     config
 }
 
+/// The client every peer gets in the throughput and scale sections: one wrk process with one
+/// connection per thread. wrk points all of a thread's connections at one address (`thread.addr`,
+/// set in the script's `setup`), so one connection per thread is what lets `direct_split` choose
+/// a backend per connection, as the steering peers do, rather than per group of connections that
+/// one thread's event loop serves together (with 5 threads of 8 connections, one thread serving
+/// only the canary, the floor ran 1.3–1.6 × direct with keep-alive, and sockshift and iptables
+/// 0.6–1.0 of it; BENCHMARKS.md).
+const CLIENT_THREADS: u32 = 40;
+const CLIENT_CONNECTIONS: u32 = CLIENT_THREADS;
+/// Threads, and so connections, that `direct_split` points at the canary: the weight's share,
+/// exactly.
+const CANARY_THREADS: u32 = 8;
+const _: () = assert!(CANARY_THREADS as f64 * 100.0 / CLIENT_THREADS as f64 == TARGET_PERCENT);
+
 #[derive(Clone, Copy, PartialEq)]
 enum Peer {
     Direct,
-    /// The fair floor: no translation either, but the client itself spreads its connections
-    /// over both backends by the weight, as the steering peers do.
+    /// The fair floor for keep-alive: no translation either, but the client itself points the
+    /// weight's share of its connections at the canary, as the steering peers do.
     DirectSplit,
     Iptables,
     Haproxy,
@@ -271,7 +318,38 @@ impl Peer {
     }
 }
 
-/// One wrk run against a peer in a fresh namespace: req/s, p50, p99 (µs), canary share (%).
+/// The wrk script every peer runs, which gives thread `i` (in wrk's creation order) the address
+/// `addresses[i]`, and sends that address as the `Host` header.
+fn wrk_script(addresses: &[&str]) -> String {
+    let list: Vec<String> = addresses.iter().map(|a| format!("\"{a}\"")).collect();
+    format!(
+        r#"local addresses = {{ {} }}
+local threads = 0
+
+-- wrk's own resolve opens and closes a connection to check the address before the run, which
+-- the backends would count as one of the client's connections; look the address up only.
+function wrk.resolve(host, service)
+   wrk.addrs = wrk.lookup(host, service)
+end
+
+function setup(thread)
+   threads = threads + 1
+   local address = addresses[threads]
+   local host, port = address:match("^(.+):(%d+)$")
+   thread.addr = wrk.lookup(host, port)[1]
+   thread:set("address", address)
+end
+
+function init(args)
+   wrk.headers["Host"] = address
+end
+"#,
+        list.join(", ")
+    )
+}
+
+/// One wrk run against a peer in a fresh namespace: req/s, p50, p99 (µs), canary share of
+/// requests and of connections (%).
 fn run_peer(peer: Peer, services: usize, keepalive: bool, seconds: u32) -> Value {
     check_interrupted();
     let backends = Backends::start();
@@ -309,46 +387,39 @@ fn run_peer(peer: Peer, services: usize, keepalive: bool, seconds: u32) -> Value
             FRONTEND
         }
     };
-    let before = backends.requests().unwrap_or((0, 0));
-    // Direct is the floor: the same client straight to one backend, no translation at all. The
-    // split floor sends the weight's share of the 32 connections straight to the canary.
-    let canary_connections = ((32.0 * TARGET_PERCENT / 100.0) as u32).to_string();
-    let stable_connections = (32 - (32.0 * TARGET_PERCENT / 100.0) as u32).to_string();
-    let jobs: Vec<(String, &str, &str)> = if peer == Peer::DirectSplit {
-        vec![
-            (format!("http://{STABLE}/"), "1", stable_connections.as_str()),
-            (format!("http://{CANARY}/"), "1", canary_connections.as_str()),
-        ]
-    } else {
-        vec![(format!("http://{target}/"), "2", "32")]
+    // Every peer runs the same client. Direct is the floor: every connection straight to one
+    // backend, no translation at all. The split floor points the first CANARY_THREADS threads'
+    // connections (the weight's share) straight at the canary.
+    let addresses: Vec<&str> = (0..CLIENT_THREADS)
+        .map(|thread| if peer == Peer::DirectSplit && thread < CANARY_THREADS { CANARY } else { target })
+        .collect();
+    let script = backends.dir.join("client.lua");
+    std::fs::write(&script, wrk_script(&addresses)).unwrap();
+    let (threads, connections, duration) =
+        (CLIENT_THREADS.to_string(), CLIENT_CONNECTIONS.to_string(), format!("{seconds}s"));
+    let script = script.display().to_string();
+    let mut args = vec!["-t", &threads, "-c", &connections, "-d", &duration, "--latency", "-s", &script];
+    if !keepalive {
+        args.extend(["-H", "Connection: close"]);
+    }
+    let url = format!("http://{target}/");
+    args.push(&url);
+    let before = backends.served().unwrap_or_default();
+    let mut wrk = std::process::Command::new("wrk");
+    wrk.args(&args).stdout(std::process::Stdio::piped());
+    place(&mut wrk, client);
+    let output = wrk.spawn().expect("run wrk").wait_with_output().expect("wrk");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let after = backends.served().unwrap_or(before);
+    let (stable, canary) = (after.0.since(before.0), after.1.since(before.1));
+    let share = |canary: u64, stable: u64| {
+        if stable + canary > 0 {
+            canary as f64 * 100.0 / (stable + canary) as f64
+        } else {
+            0.0
+        }
     };
-    let duration = format!("{seconds}s");
-    let children: Vec<_> = jobs
-        .iter()
-        .map(|(url, threads, connections)| {
-            let mut args = vec!["-t", threads, "-c", connections, "-d", &duration, "--latency"];
-            if !keepalive {
-                args.extend(["-H", "Connection: close"]);
-            }
-            args.push(url);
-            let mut wrk = std::process::Command::new("wrk");
-            wrk.args(&args).stdout(std::process::Stdio::piped());
-            place(&mut wrk, client);
-            wrk.spawn().expect("run wrk")
-        })
-        .collect();
-    let outputs: Vec<String> = children
-        .into_iter()
-        .map(|c| String::from_utf8_lossy(&c.wait_with_output().expect("wrk").stdout).into_owned())
-        .collect();
-    // Latency from the busiest wrk (the stable share for direct).
-    let text = outputs[0].clone();
-    let after = backends.requests().unwrap_or(before);
-    let (stable, canary) = (after.0 - before.0, after.1 - before.1);
-    let rps: f64 = outputs
-        .iter()
-        .map(|o| parse_after(o, "Requests/sec:").and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0))
-        .sum();
+    let rps = parse_after(&text, "Requests/sec:").and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     let errors =
         text.lines().find(|l| l.contains("Socket errors") || l.contains("Non-2xx")).unwrap_or("").trim().to_string();
     json!({
@@ -358,8 +429,10 @@ fn run_peer(peer: Peer, services: usize, keepalive: bool, seconds: u32) -> Value
         "requests_per_second": rps,
         "p50_us": latency(&text, "50%"),
         "p99_us": latency(&text, "99%"),
-        "canary_percent": if stable + canary > 0 { canary as f64 * 100.0 / (stable + canary) as f64 } else { 0.0 },
-        "requests": stable + canary,
+        "canary_percent": share(canary.requests, stable.requests),
+        "canary_connection_percent": share(canary.connections, stable.connections),
+        "requests": stable.requests + canary.requests,
+        "connections": stable.connections + canary.connections,
         "errors": errors,
     })
 }
@@ -445,6 +518,10 @@ fn throughput(settings: &Settings) -> Value {
             let mut p99: Vec<f64> = (0..settings.rounds).filter_map(|r| of(peer, r)["p99_us"].as_f64()).collect();
             let mut share: Vec<f64> =
                 (0..settings.rounds).map(|r| of(peer, r)["canary_percent"].as_f64().unwrap()).collect();
+            let mut connection_share: Vec<f64> =
+                (0..settings.rounds).map(|r| of(peer, r)["canary_connection_percent"].as_f64().unwrap()).collect();
+            let (share_lo, share_hi) = spread(&share);
+            let (connection_share_lo, connection_share_hi) = spread(&connection_share);
             // Against the fair floor (the same split, sent directly by the client).
             let mut vs_split: Vec<f64> = (0..settings.rounds)
                 .map(|r| {
@@ -464,6 +541,11 @@ fn throughput(settings: &Settings) -> Value {
                 "p50_us": median(&mut p50),
                 "p99_us": median(&mut p99),
                 "canary_percent": median(&mut share),
+                "canary_percent_min": share_lo,
+                "canary_percent_max": share_hi,
+                "canary_connection_percent": median(&mut connection_share),
+                "canary_connection_percent_min": connection_share_lo,
+                "canary_connection_percent_max": connection_share_hi,
                 "ratio_to_direct": median(&mut ratios),
                 "ratio_to_direct_min": lo,
                 "ratio_to_direct_max": hi,
@@ -471,7 +553,10 @@ fn throughput(settings: &Settings) -> Value {
             }));
         }
     }
-    json!({ "runs": runs, "summary": summary, "rounds": settings.rounds, "seconds": settings.seconds, "connections": 32 })
+    json!({ "runs": runs, "summary": summary, "rounds": settings.rounds, "seconds": settings.seconds,
+        "threads": CLIENT_THREADS,
+        "connections": CLIENT_CONNECTIONS,
+    })
 }
 
 /// Nanoseconds per connect(): no program, program attached but not matching, program steering;
@@ -930,14 +1015,20 @@ fn render(r: &Value) -> (String, String) {
     ));
     let t = &r["throughput"];
     md.push_str(&format!(
-        "## Throughput and latency\n\nwrk, 2 threads, {} connections, {} s per run, {} interleaved rounds, each run in a fresh network namespace; nginx backends. Medians over rounds; the ratio's range is min–max over rounds. Canary share target: {TARGET_PERCENT} %.\n\n",
-        t["connections"], t["seconds"], t["rounds"]
+        "## Throughput and latency\n\nThe same client for every peer: one wrk, {} threads with {} connection each ({} in all), {} s per run, {} interleaved rounds, each run in a fresh network namespace; nginx backends. Medians over rounds; ranges are min–max over rounds. Canary share target: {TARGET_PERCENT} %, counted by the two nginx (requests served, connections accepted).\n\n",
+        t["threads"],
+        t["connections"].as_u64().unwrap_or(0) / t["threads"].as_u64().unwrap_or(1).max(1),
+        t["connections"],
+        t["seconds"],
+        t["rounds"]
     ));
-    md.push_str("`direct_split` is the fair floor for keep-alive: the client sends the weight's share of its connections straight to the canary (no translation), so it drives both backends as the steering peers do.\n\n");
-    md.push_str("| mode | peer | req/s | ratio to direct (range) | ratio to direct_split (range) | ratio to haproxy | p50 µs | p99 µs | canary share % |\n|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str(&format!(
+        "`direct` is the floor for a new connection per request: every thread straight to the stable backend, no translation. `direct_split` is the fair floor for keep-alive: the same client with {CANARY_THREADS} of its {CLIENT_THREADS} connections (the weight's share; wrk gives each thread one address, so one connection per thread makes the choice per connection) pointed straight at the canary, no translation, so it drives both backends as the steering peers do; the steering peers' share of connections varies around the weight (a hash per connection). With keep-alive a connection to the less loaded backend completes more requests, so for every peer that splits the canary's share of requests is above its share of connections. With a new connection per request `direct_split`'s threads reconnect each at the pace of their own backend, so its share of connections is not the weight there; the steering peers choose per connection.\n\n"
+    ));
+    md.push_str("| mode | peer | req/s | ratio to direct (range) | ratio to direct_split (range) | ratio to haproxy | p50 µs | p99 µs | canary % of requests (range) | canary % of connections (range) |\n|---|---|---|---|---|---|---|---|---|---|\n");
     for s in t["summary"].as_array().into_iter().flatten() {
         md.push_str(&format!(
-            "| {} | {} | {} | {} ({}–{}) | {} ({}–{}) | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} ({}–{}) | {} ({}–{}) | {} | {} | {} | {} ({}–{}) | {} ({}–{}) |\n",
             if s["keepalive"] == json!(true) { "keep-alive" } else { "new conn/request" },
             s["peer"].as_str().unwrap(),
             f(&s["requests_per_second"], 0),
@@ -951,6 +1042,11 @@ fn render(r: &Value) -> (String, String) {
             f(&s["p50_us"], 0),
             f(&s["p99_us"], 0),
             f(&s["canary_percent"], 1),
+            f(&s["canary_percent_min"], 1),
+            f(&s["canary_percent_max"], 1),
+            f(&s["canary_connection_percent"], 1),
+            f(&s["canary_connection_percent_min"], 1),
+            f(&s["canary_connection_percent_max"], 1),
         ));
     }
     let c = &r["connect_cost"];
@@ -969,7 +1065,7 @@ fn render(r: &Value) -> (String, String) {
         f(&c["kernel_steering_extra_ns"], 0)
     ));
     let sc = &r["scale"];
-    md.push_str(&format!("\n## Scale: new connections per second to one service\n\nwrk, new connection per request, median of {} rounds (sizes run in alternating order). iptables holds the services as kube-proxy does (one KUBE-SERVICES rule each, walked in order; the measured service last).\n\n| services | iptables req/s | sockshift req/s | sockshift / iptables |\n|---|---|---|---|\n", sc["rounds"]));
+    md.push_str(&format!("\n## Scale: new connections per second to one service\n\nThe throughput section's client ({CLIENT_THREADS} threads, {CLIENT_CONNECTIONS} connections), new connection per request, median of {} rounds (sizes run in alternating order). iptables holds the services as kube-proxy does (one KUBE-SERVICES rule each, walked in order; the measured service last).\n\n| services | iptables req/s | sockshift req/s | sockshift / iptables |\n|---|---|---|---|\n", sc["rounds"]));
     let mut sizes: Vec<u64> =
         sc["medians"].as_array().into_iter().flatten().filter_map(|r| r["services"].as_u64()).collect();
     sizes.dedup();
