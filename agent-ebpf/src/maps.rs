@@ -4,8 +4,8 @@
 
 use agent_common::{
     BackendKey, BackendValue, CohortKey, FrontendKey, FrontendValue, Settings, SideCounters, SocketEntry, SocketSlot,
-    UdpFlow, UdpFlowKey, SOCKET_TABLE_SLOTS, COUNTER_SLOTS, MAX_BACKEND_SLOTS, MAX_COHORT_ENTRIES, MAX_FRONTENDS, MAX_STEERED_SOCKETS,
-    NETNS_BUCKETS,
+    UdpFlow, UdpFlowKey, COUNTER_SLOTS, MAX_BACKEND_SLOTS, MAX_COHORT_ENTRIES, MAX_FRONTENDS, MAX_STEERED_SOCKETS,
+    NETNS_BUCKETS, SOCKET_TABLE_SLOTS,
 };
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,

@@ -10,8 +10,8 @@ use aya_ebpf::{
 
 use crate::{
     kernel::current_cookie,
-    socket_table,
     sockaddr::{set_user_ip4, set_user_ip6, set_user_port_be, user_ip4, user_ip6, user_port_be},
+    socket_table,
     steer::{forget_flows, forget_socket, reverse_socket, socket_cookie},
 };
 

@@ -66,9 +66,15 @@ fn legacy() -> bool {
 enum Place {
     First(*mut SocketSlot),
     /// In its second slot; the first counts it.
-    Second { slot: *mut SocketSlot, first: *mut SocketSlot },
+    Second {
+        slot: *mut SocketSlot,
+        first: *mut SocketSlot,
+    },
     /// In the spill table; the first slot counts it if the record says `SOCKET_SPILLED`.
-    Spill { entry: *mut SocketEntry, first: *mut SocketSlot },
+    Spill {
+        entry: *mut SocketEntry,
+        first: *mut SocketSlot,
+    },
 }
 
 /// Finds the socket's record: its first slot tells whether to look further.
