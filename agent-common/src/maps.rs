@@ -10,8 +10,14 @@ use bytemuck::{Pod, Zeroable};
 pub const MAP_FRONTENDS: &str = "FRONTENDS_V1";
 /// (revision, side, family, index) -> backend address.
 pub const MAP_BACKENDS: &str = "BACKENDS_V1";
-/// Socket cookie -> what a steered socket (TCP, or UDP that connected) was translated from and to.
+/// Socket cookie -> what a steered socket (TCP, or UDP that connected) was translated from and to:
+/// the spill table, for records whose slots in SOCKET_SLOTS are taken (and records an agent
+/// before the slot table made).
 pub const MAP_SOCKETS: &str = "SOCKETS_V1";
+/// `socket_slots(cookie)` -> the record of a steered socket (`SocketSlot`): the socket table.
+pub const MAP_SOCKET_SLOTS: &str = "SOCKET_SLOTS_V1";
+/// `SOCKET_TABLE_LEGACY` -> whether the spill table may hold records of an older agent.
+pub const MAP_SOCKET_TABLE: &str = "SOCKET_TABLE_V1";
 /// (socket cookie, slot) -> one reply translation of an unconnected UDP socket.
 pub const MAP_UDP_FLOWS: &str = "UDP_FLOWS_V1";
 /// Network namespace bucket -> SOCKETS records its sockets hold (the per-namespace bound).
@@ -167,6 +173,45 @@ pub struct SocketEntry {
 }
 const _: () = assert!(core::mem::size_of::<SocketEntry>() == 44);
 
+/// One slot of SOCKET_SLOTS: the record of the socket whose cookie it holds; cookie 0: free.
+/// A program takes a free slot with a compare-and-swap of the cookie (0 -> its cookie) and frees
+/// it with the reverse swap, so two sockets never share a slot and a record is forgotten once.
+/// 64 B: one cache line a slot, so taking a slot touches one line.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SocketSlot {
+    pub cookie: u64,
+    /// Records of sockets whose first slot this is but which are elsewhere (their second slot or
+    /// the spill table), because this one was taken when they connected. While it is 0, a socket
+    /// this slot does not hold has no record at all: one line read tells.
+    pub overflow: u64,
+    pub entry: SocketEntry,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<SocketSlot>() == 64);
+
+/// The two slots a socket's record may take, in the order they are tried: the cookie's low bits,
+/// then the slot half the table away. `slots` is a power of two (at least 2). Cookies are handed
+/// out in ascending runs per CPU, so the records of sockets opened one after another sit side by
+/// side in memory (the few pages a connect touches stay in the TLB); a long-lived socket blocks
+/// only the cookies that fall on its slot, and those take their second slot.
+#[inline(always)]
+pub fn socket_slots(cookie: u64, slots: u32) -> (u32, u32) {
+    let first = (cookie as u32) & (slots - 1);
+    (first, first ^ (slots >> 1))
+}
+
+/// Slots of SOCKET_SLOTS for a socket table of `capacity` records: the next power of two.
+pub fn socket_slot_count(capacity: u32) -> u32 {
+    capacity.max(2).checked_next_power_of_two().unwrap_or(1 << 31)
+}
+
+/// SOCKET_TABLE slot 0: non-zero while the spill table may still hold records an older agent's
+/// programs made (they are counted in no slot's `overflow`, so without it they would not be looked
+/// for). Written by the agent only.
+pub const SOCKET_TABLE_LEGACY: u32 = 0;
+pub const SOCKET_TABLE_SLOTS: u32 = 1;
+
 /// `SocketEntry::flags`: the TCP connection reached ESTABLISHED, so a reset from now on is a
 /// reset of an established connection (not a refused attempt).
 pub const SOCKET_ESTABLISHED: u16 = 1 << 0;
@@ -183,6 +228,9 @@ pub const SOCKET_UDP: u16 = 1 << 3;
 pub const SOCKET_HAD_RTO: u16 = 1 << 4;
 /// `SocketEntry::flags`: the record is counted in NETNS_SOCKETS for the socket's namespace.
 pub const SOCKET_NETNS_COUNTED: u16 = 1 << 5;
+/// `SocketEntry::flags`: the record is in the spill table and counted in its first slot's
+/// `overflow` (records an older agent made there lack it).
+pub const SOCKET_SPILLED: u16 = 1 << 6;
 
 /// Key of UDP_FLOWS: slot 0..UDP_FLOW_SLOTS of one unconnected UDP socket. Slots fill from 0 up,
 /// so a lookup stops at the first empty slot.
@@ -378,6 +426,7 @@ mod user {
     unsafe impl aya::Pod for super::BackendKey {}
     unsafe impl aya::Pod for super::BackendValue {}
     unsafe impl aya::Pod for super::SocketEntry {}
+    unsafe impl aya::Pod for super::SocketSlot {}
     unsafe impl aya::Pod for super::UdpFlowKey {}
     unsafe impl aya::Pod for super::UdpFlow {}
     unsafe impl aya::Pod for super::CounterKey {}
@@ -392,6 +441,8 @@ mod user {
 /// programs ask for every socket's cookie, as they did before.
 pub const SK_COOKIE_OFFSET_GLOBAL: &str = "SK_COOKIE_OFFSET";
 pub const SOCK_OPS_SK_OFFSET_GLOBAL: &str = "SOCK_OPS_SK_OFFSET";
+/// Read-only global: SOCKET_SLOTS' size (a power of two), patched at load to the table's size.
+pub const SOCKET_SLOT_COUNT_GLOBAL: &str = "SOCKET_SLOT_COUNT";
 
 /// aya-log's level global in the object: the agent patches it at load (`agent.datapath_log`). It
 /// lives in read-only data, so the verifier knows its value and removes every log statement above
@@ -428,6 +479,21 @@ pub const LOG_CALL_DATAGRAM: u8 = 1;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn socket_slots_are_in_the_table_and_apart() {
+        assert_eq!(socket_slot_count(65_536), 65_536);
+        assert_eq!(socket_slot_count(1000), 1024);
+        assert_eq!(socket_slot_count(1), 2);
+        assert_eq!(socket_slots(5, 1024), (5, 517));
+        assert_eq!(socket_slots(1024 + 600, 1024), (600, 88));
+        for cookie in [1u64, 4095, 4096, u64::MAX, 1 << 40] {
+            let (a, b) = socket_slots(cookie, 256);
+            assert!(a < 256 && b < 256 && a != b, "{cookie}: {a} {b}");
+        }
+        // Sockets opened one after another take neighbouring slots.
+        assert_eq!(socket_slots(70_001, 65_536).0 + 1, socket_slots(70_002, 65_536).0);
+    }
 
     #[test]
     fn counter_slots_are_dense_and_bounded() {

@@ -3,7 +3,7 @@
 //! untouched (fail open), and the reason is counted, never logged.
 #![no_std]
 #![no_main]
-// atomic_xadd: the one atomic add the BPF target offers (see steer::atomic_add).
+// atomic_xadd and atomic_cxchg (see steer::atomic_add and socket_table).
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
@@ -12,6 +12,7 @@ mod kernel;
 mod maps;
 mod peer;
 mod sockaddr;
+mod socket_table;
 mod sockops;
 mod steer;
 mod udp;

@@ -3,9 +3,9 @@
 //! The agent checks each pinned map against these definitions before it adopts it.
 
 use agent_common::{
-    BackendKey, BackendValue, CohortKey, FrontendKey, FrontendValue, Settings, SideCounters, SocketEntry, UdpFlow,
-    UdpFlowKey, COUNTER_SLOTS, MAX_BACKEND_SLOTS, MAX_COHORT_ENTRIES, MAX_FRONTENDS, MAX_STEERED_SOCKETS,
-    NETNS_BUCKETS,
+    BackendKey, BackendValue, CohortKey, FrontendKey, FrontendValue, Settings, SideCounters, SocketEntry, SocketSlot,
+    UdpFlow, UdpFlowKey, COUNTER_SLOTS, MAX_BACKEND_SLOTS, MAX_COHORT_ENTRIES, MAX_FRONTENDS, MAX_STEERED_SOCKETS,
+    NETNS_BUCKETS, SOCKET_TABLE_SLOTS,
 };
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
@@ -25,14 +25,30 @@ pub static FRONTENDS: HashMap<FrontendKey, FrontendValue> = HashMap::pinned(MAX_
 #[map(name = "BACKENDS_V1")]
 pub static BACKENDS: HashMap<BackendKey, BackendValue> = HashMap::pinned(MAX_BACKEND_SLOTS, BPF_F_NO_PREALLOC);
 
-/// Socket cookie -> translation of a steered TCP or connected UDP socket. Writers: connect4/6
-/// insert; sock_ops deletes when the kernel closes a TCP socket, sock_release deletes the others;
-/// so entries are bounded by the steered sockets that are open. Readers: recvmsg4/6,
-/// getpeername4/6, sock_ops, the reset tracepoint, and the agent (rollback termination).
-/// Preallocated: an insert on the connect path takes a slot from a per-CPU free list instead of
-/// allocating (about 0.4 µs less per steered connect), at the price of its slots of kernel memory
-/// up front. The agent sets the size (`agent.steered_socket_capacity`); a full table never stops
-/// a connection from being steered, it only goes unrecorded (counted).
+/// The socket table: `socket_slots(cookie)` -> the record (translation, service, side, flags) of
+/// a steered TCP or connected UDP socket. Writers: connect4/6 take a free slot by a
+/// compare-and-swap of its cookie; sock_ops frees it when the kernel closes a TCP socket,
+/// sock_release the others; so slots are held only by steered sockets that are open. Readers:
+/// recvmsg4/6, getpeername4/6, sock_ops, the reset tracepoint, and the agent (rollback
+/// termination). An array: its lookup is inlined, it takes no lock and no free list, and cookies
+/// handed out one after another land side by side. The agent sets the size (the next power of
+/// two of `agent.steered_socket_capacity`, patched into SOCKET_SLOT_COUNT).
+#[map(name = "SOCKET_SLOTS_V1")]
+pub static SOCKET_SLOTS: Array<SocketSlot> = Array::pinned(MAX_STEERED_SOCKETS, 0);
+
+/// Whether the spill table may hold records (`SOCKET_TABLE_*`). Writers: the programs (the
+/// spilled count, atomic adds) and the agent (the legacy mark; a slot of its own, so that its
+/// write never races the programs' adds). Readers: every program that looks a socket up, when
+/// its slots do not hold it.
+#[map(name = "SOCKET_TABLE_V1")]
+pub static SOCKET_TABLE: Array<u64> = Array::pinned(SOCKET_TABLE_SLOTS, 0);
+
+/// The spill table: socket cookie -> the record of a steered socket whose two slots in
+/// SOCKET_SLOTS were both taken (and records an agent before the slot table made). Same writers
+/// and readers as SOCKET_SLOTS, only when the slots miss. Preallocated: an insert takes an entry
+/// from a per-CPU free list instead of allocating. The agent sets the size
+/// (`agent.steered_socket_capacity`); a full table never stops a connection from being steered,
+/// it only goes unrecorded (counted).
 #[map(name = "SOCKETS_V1")]
 pub static SOCKETS: HashMap<u64, SocketEntry> = HashMap::pinned(MAX_STEERED_SOCKETS, 0);
 

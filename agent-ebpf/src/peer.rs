@@ -10,8 +10,8 @@ use aya_ebpf::{
 
 use crate::{
     kernel::current_cookie,
-    maps::SOCKETS,
     sockaddr::{set_user_ip4, set_user_ip6, set_user_port_be, user_ip4, user_ip6, user_port_be},
+    socket_table,
     steer::{forget_flows, forget_socket, reverse_socket, socket_cookie},
 };
 
@@ -50,8 +50,8 @@ pub fn sock_release(ctx: SockContext) -> i32 {
     if protocol == IPPROTO_UDP {
         forget_flows(cookie);
     }
-    // A lookup takes no lock; most sockets were never steered and end here.
-    let Some(entry) = SOCKETS.get_ptr_mut(cookie) else { return 1 };
+    // Its slots, then the spill table only if it holds anything: no lock either way.
+    let Some(entry) = socket_table::find(cookie) else { return 1 };
     let record = unsafe { *entry };
     if kept_past_release(record.flags, state) {
         unsafe { (*entry).flags |= SOCKET_RELEASED };

@@ -17,7 +17,7 @@ use aya_ebpf::{
 
 use crate::{
     kernel::{current_cookie, sock_ops_current_cookie},
-    maps::SOCKETS,
+    socket_table,
     steer::{bump, count, forget_socket},
 };
 
@@ -42,7 +42,7 @@ pub fn sock_health(ctx: SockOpsContext) -> u32 {
         Some(cookie) => cookie,
         None => unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
     };
-    let Some(entry) = SOCKETS.get_ptr_mut(cookie) else {
+    let Some(entry) = socket_table::find(cookie) else {
         return 1; // not a steered socket
     };
     let record = unsafe { *entry };
@@ -124,7 +124,7 @@ pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
         Some(cookie) => cookie,
         None => unsafe { bpf_get_socket_cookie(sk) },
     };
-    if let Some(entry) = unsafe { SOCKETS.get(cookie) } {
+    if let Some(entry) = socket_table::get(cookie) {
         if entry.flags & SOCKET_ESTABLISHED != 0 {
             bump(entry.service_id, entry.side, |c| count!(c, resets));
         }

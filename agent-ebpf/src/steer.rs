@@ -9,7 +9,7 @@ use agent_common::{
     LOG_REASON_TABLE_FULL, MAX_COHORT_DEPTH, SETTING_HOST_NETNS_ONLY, SOCKET_NETNS_COUNTED, SOCKET_UDP, UDP_FLOW_SLOTS,
 };
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST},
+    bindings::BPF_ANY,
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
     },
@@ -18,9 +18,11 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, info};
 
-use crate::maps::{BACKENDS, COHORTS, COUNTERS, FRONTENDS, NETNS_SOCKETS, SETTINGS, SOCKETS, UDP_FLOWS};
+use crate::{
+    maps::{BACKENDS, COHORTS, COUNTERS, FRONTENDS, NETNS_SOCKETS, SETTINGS, UDP_FLOWS},
+    socket_table::{self, Inserted},
+};
 
-const EEXIST: i32 = 17;
 const IPPROTO_UDP: u32 = 17;
 
 /// Which call is being steered: it decides what is recorded and which counter moves. Its value
@@ -94,7 +96,7 @@ pub fn forget_socket(
     netns: impl FnOnce() -> u64,
     update: impl FnOnce(*mut SideCounters),
 ) {
-    if SOCKETS.remove(cookie).is_err() {
+    if !socket_table::remove(cookie) {
         return; // deleted meanwhile by another path: counted there
     }
     bump(entry.service_id, entry.side, |c| {
@@ -293,7 +295,7 @@ enum Recorded {
     NetnsFull,
 }
 
-/// Inserts the socket record, within the namespace's share of the table.
+/// Records the socket, within the namespace's share of the table.
 #[inline(always)]
 fn record_socket(ctx: &SockAddrContext, cookie: u64, settings: &Settings, mut entry: SocketEntry) -> Recorded {
     let mut netns_count: Option<*mut u64> = None;
@@ -304,7 +306,7 @@ fn record_socket(ctx: &SockAddrContext, cookie: u64, settings: &Settings, mut en
             if unsafe { core::ptr::read_volatile(count) } as i64 >= settings.sockets_per_netns as i64 {
                 // A socket connecting again must not keep its old record (another service's or
                 // side's, which would be charged with this connection).
-                if let Some(old) = unsafe { SOCKETS.get(cookie) }.copied() {
+                if let Some(old) = socket_table::get(cookie) {
                     forget_socket(cookie, &old, || netns, |_| {});
                 }
                 return Recorded::NetnsFull;
@@ -313,32 +315,33 @@ fn record_socket(ctx: &SockAddrContext, cookie: u64, settings: &Settings, mut en
             netns_count = Some(count);
         }
     }
-    match SOCKETS.insert(cookie, entry, BPF_NOEXIST as u64) {
-        Ok(()) => {
+    match socket_table::insert(cookie, &entry) {
+        Inserted::New => {
             if let Some(count) = netns_count {
                 atomic_add(count, 1);
             }
             Recorded::Yes
         }
-        Err(err) if err == -EEXIST => {
+        Inserted::Replaced(old) => {
             // The socket connects again (after a failed attempt, or a UDP socket re-connecting):
-            // its new record replaces the old, which is counted closed where it was opened.
-            if let Some(old) = unsafe { SOCKETS.get(cookie) }.copied() {
-                // Counted closed where it was opened; the new record is counted opened below.
-                bump(old.service_id, old.side, |c| count!(c, socket_records_closed));
-                if old.flags & SOCKET_NETNS_COUNTED != 0 {
-                    entry.flags |= SOCKET_NETNS_COUNTED; // same socket, same namespace: same share
-                } else if let Some(count) = netns_count {
+            // its old record is counted closed where it was opened, the new one opened below.
+            // Same socket, same namespace: the share it held stays held.
+            bump(old.service_id, old.side, |c| count!(c, socket_records_closed));
+            if old.flags & SOCKET_NETNS_COUNTED == 0 {
+                if let Some(count) = netns_count {
                     atomic_add(count, 1);
                 }
+            } else if netns_count.is_none() {
+                // No bound any more: the share the old record held is given back.
+                if let Some(count) =
+                    NETNS_SOCKETS.get_ptr_mut(netns_bucket(unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }))
+                {
+                    atomic_add(count, u64::MAX);
+                }
             }
-            if SOCKETS.insert(cookie, entry, BPF_ANY as u64).is_ok() {
-                Recorded::Yes
-            } else {
-                Recorded::TableFull
-            }
+            Recorded::Yes
         }
-        Err(_) => Recorded::TableFull,
+        Inserted::Full => Recorded::TableFull,
     }
 }
 
@@ -398,7 +401,7 @@ fn same_flow(a: &UdpFlow, b: &UdpFlow) -> bool {
 /// backend, the frontend it was steered from.
 #[inline(always)]
 pub fn reverse_socket(cookie: u64, addr_be: &[u32; 4], port_be: u16) -> Option<([u32; 4], u16)> {
-    let entry = unsafe { SOCKETS.get(cookie) }?;
+    let entry = socket_table::get(cookie)?;
     if entry.backend_port_be == port_be && same_addr(&entry.backend_addr_be, addr_be) {
         Some((entry.frontend_addr_be, entry.frontend_port_be))
     } else {

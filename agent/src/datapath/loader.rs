@@ -10,7 +10,10 @@ use std::{
     path::Path,
 };
 
-use agent_common::{LOG_LEVEL_GLOBAL, MAP_SOCKETS, MAP_UDP_FLOWS, SK_COOKIE_OFFSET_GLOBAL, SOCK_OPS_SK_OFFSET_GLOBAL};
+use agent_common::{
+    socket_slot_count, LOG_LEVEL_GLOBAL, MAP_SOCKETS, MAP_SOCKET_SLOTS, MAP_UDP_FLOWS, SK_COOKIE_OFFSET_GLOBAL,
+    SOCKET_SLOT_COUNT_GLOBAL, SOCK_OPS_SK_OFFSET_GLOBAL,
+};
 use aya::{
     maps::MapInfo,
     programs::{
@@ -173,7 +176,7 @@ fn mismatch_hint(name: &str, field: &str, pinned: u64, bpffs: &Path) -> String {
          and open steered sockets lose their translation)",
         bpffs.display()
     );
-    if field == "max entries" && name == MAP_SOCKETS {
+    if field == "max entries" && (name == MAP_SOCKETS || name == MAP_SOCKET_SLOTS) {
         format!(
             "the socket table was created with agent.steered_socket_capacity = {pinned} and a map cannot be resized \
              in place: set agent.steered_socket_capacity = {pinned} again (or leave it unset: the pinned size is then \
@@ -187,6 +190,7 @@ fn mismatch_hint(name: &str, field: &str, pinned: u64, bpffs: &Path) -> String {
 fn configured_max_entries(sizes: &TableSizes, name: &str) -> Option<u32> {
     match name {
         MAP_SOCKETS => Some(sizes.sockets),
+        MAP_SOCKET_SLOTS => Some(socket_slot_count(sizes.sockets)),
         MAP_UDP_FLOWS => Some(sizes.udp_flows),
         _ => None,
     }
@@ -205,13 +209,16 @@ pub fn load_object(options: &DatapathOptions, sizes: &TableSizes) -> Result<Ebpf
             "the kernel's BTF does not say where a socket's cookie is: closing an unsteered socket takes a map lookup"
         );
     }
+    let slots = socket_slot_count(sizes.sockets);
     let mut loader = EbpfLoader::new();
     loader
         .override_global(LOG_LEVEL_GLOBAL, &level, true)
+        .override_global(SOCKET_SLOT_COUNT_GLOBAL, &slots, true)
         .override_global(SK_COOKIE_OFFSET_GLOBAL, &sk_cookie, true)
         .override_global(SOCK_OPS_SK_OFFSET_GLOBAL, &sock_ops_sk, true)
         .default_map_pin_directory(&options.bpffs)
         .map_max_entries(MAP_SOCKETS, sizes.sockets)
+        .map_max_entries(MAP_SOCKET_SLOTS, slots)
         .map_max_entries(MAP_UDP_FLOWS, sizes.udp_flows);
     Ok(loader.load(EBPF_OBJECT)?)
 }

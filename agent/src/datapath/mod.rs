@@ -39,8 +39,9 @@ use agent_common::{
     counter_slot, service_seed, v4_mapped, BackendKey, BackendValue, CohortKey, CounterKey, FrontendKey, FrontendValue,
     Settings, SideCounters, SideCountersV1, COHORT_ALWAYS_CANARY, COHORT_NEVER_CANARY, COUNTER_SLOTS, FAMILY_V4,
     FAMILY_V6, FLAG_AFFINITY_CLIENT, FLAG_HAS_COHORTS, MAP_BACKENDS, MAP_COHORTS, MAP_COUNTERS, MAP_COUNTERS_V1,
-    MAP_COUNTERS_V2, MAP_FRONTENDS, MAP_SETTINGS, MAP_SETTINGS_V1, MAP_SOCKETS, MAP_UDP_FLOWS, MAX_BACKEND_SLOTS,
-    MAX_FRONTENDS, MAX_SERVICES, MAX_STEERED_SOCKETS, SETTING_HOST_NETNS_ONLY, SIDE_CANARY, SIDE_STABLE,
+    MAP_COUNTERS_V2, MAP_FRONTENDS, MAP_SETTINGS, MAP_SETTINGS_V1, MAP_SOCKETS, MAP_SOCKET_SLOTS, MAP_SOCKET_TABLE,
+    MAP_UDP_FLOWS, MAX_BACKEND_SLOTS, MAX_FRONTENDS, MAX_SERVICES, MAX_STEERED_SOCKETS, SETTING_HOST_NETNS_ONLY,
+    SIDE_CANARY, SIDE_STABLE, SOCKET_SPILLED, SOCKET_TABLE_LEGACY,
 };
 use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuHashMap},
@@ -334,10 +335,16 @@ impl Datapath {
 
         let sizes = options.table_sizes()?;
         loader::check_pinned_maps(options, &sizes)?;
+        // An agent before the socket slot table left SOCKETS_V1 and no SOCKET_TABLE_V1: the
+        // records its programs made (and make until the links are updated) are in SOCKETS_V1.
+        let legacy_records_possible =
+            options.bpffs.join(MAP_SOCKETS).exists() && !options.bpffs.join(MAP_SOCKET_TABLE).exists();
         let mut ebpf = loader::load_object(options, &sizes)?;
         let frontends: HashMap<MapData, FrontendKey, FrontendValue> = take_map(&mut ebpf, MAP_FRONTENDS)?;
         let backends: HashMap<MapData, BackendKey, BackendValue> = take_map(&mut ebpf, MAP_BACKENDS)?;
         let sockets: HashMap<MapData, u64, agent_common::SocketEntry> = take_map(&mut ebpf, MAP_SOCKETS)?;
+        let socket_slots: Array<MapData, agent_common::SocketSlot> = take_map(&mut ebpf, MAP_SOCKET_SLOTS)?;
+        let mut socket_table: Array<MapData, u64> = take_map(&mut ebpf, MAP_SOCKET_TABLE)?;
         let udp_flows: HashMap<MapData, agent_common::UdpFlowKey, agent_common::UdpFlow> =
             take_map(&mut ebpf, MAP_UDP_FLOWS)?;
         let mut counters: Array<MapData, SideCounters> = take_map(&mut ebpf, MAP_COUNTERS)?;
@@ -350,6 +357,9 @@ impl Datapath {
             flags: if options.host_netns_only { SETTING_HOST_NETNS_ONLY } else { 0 },
         };
         settings.set(0, value, 0).map_err(map_err(MAP_SETTINGS))?;
+        // Before the new programs run: they look in the spill table for records an older agent
+        // made only while this mark is set.
+        mark_legacy_socket_records(&mut socket_table, &sockets, legacy_records_possible)?;
 
         // What an earlier run left, read before anything changes.
         let frontend_table: StdHashMap<FrontendKey, FrontendValue> = frontends.iter().filter_map(Result::ok).collect();
@@ -439,7 +449,10 @@ impl Datapath {
             sizes,
             links: links.into_iter().collect(),
             foreign,
-            terminator: sockets::Terminator::start(options.cgroup.clone(), sockets),
+            terminator: sockets::Terminator::start(
+                options.cgroup.clone(),
+                sockets::SocketRecords { slots: socket_slots, spill: sockets },
+            ),
         })
     }
 
@@ -1076,6 +1089,31 @@ fn migrate_counters(bpffs: &Path, counters: &mut Array<MapData, SideCounters>) -
 /// The real size of a pinned map (0 if it cannot be read).
 fn sockets_capacity(pin: &Path) -> u32 {
     aya::maps::MapInfo::from_pin(pin).map(|info| info.max_entries()).unwrap_or(0)
+}
+
+/// Sets the socket table's legacy mark when the spill table may hold records an older agent's
+/// programs made (they are not counted as spilled, so without the mark the new programs would not
+/// look for them), and clears it once it holds none: those records are never made again.
+fn mark_legacy_socket_records(
+    table: &mut Array<MapData, u64>,
+    spill: &HashMap<MapData, u64, agent_common::SocketEntry>,
+    legacy_records_possible: bool,
+) -> Result<(), DatapathError> {
+    let marked = table.get(&SOCKET_TABLE_LEGACY, 0).map_err(map_err(MAP_SOCKET_TABLE))? != 0;
+    let mark = if legacy_records_possible {
+        true
+    } else if marked {
+        spill.iter().filter_map(Result::ok).any(|(_, entry)| entry.flags & SOCKET_SPILLED == 0)
+    } else {
+        false
+    };
+    if mark != marked {
+        table.set(SOCKET_TABLE_LEGACY, u64::from(mark), 0).map_err(map_err(MAP_SOCKET_TABLE))?;
+        if mark {
+            log::info!("socket records of an older agent are in {MAP_SOCKETS}: looked up there until they are gone");
+        }
+    }
+    Ok(())
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>

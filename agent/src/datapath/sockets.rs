@@ -1,4 +1,5 @@
-//! Finding the steered sockets a change leaves on the wrong backend, by their records in SOCKETS,
+//! Finding the steered sockets a change leaves on the wrong backend, by their records in the
+//! socket table (SOCKET_SLOTS and its spill table SOCKETS),
 //! and destroying exactly those, on a worker thread of their own so that the control path never
 //! waits for it.
 
@@ -10,8 +11,8 @@ use std::{
     time::Duration,
 };
 
-use agent_common::{is_v4_mapped, SocketEntry, SOCKET_UDP};
-use aya::maps::{HashMap as BpfHashMap, MapData};
+use agent_common::{is_v4_mapped, SocketEntry, SocketSlot, SOCKET_UDP};
+use aya::maps::{Array as BpfArray, HashMap as BpfHashMap, MapData};
 
 use super::{addr_words, TERMINATION_TIMEOUT};
 use crate::terminate::{destroy_sockets, Destroyed};
@@ -92,13 +93,32 @@ struct Job {
     outcome: Option<Sender<Destroyed>>,
 }
 
-/// The worker: one thread that takes jobs in order. It reads SOCKETS through its own handle.
+/// The socket table, read by the agent: the slots and the spill table.
+pub struct SocketRecords {
+    pub slots: BpfArray<MapData, SocketSlot>,
+    pub spill: BpfHashMap<MapData, u64, SocketEntry>,
+}
+
+impl SocketRecords {
+    /// Every record with its socket's cookie (a socket has one record, in a slot or in the spill
+    /// table). Read slot by slot while the programs change them: a slot taken meanwhile may show
+    /// its new cookie with the entry of the socket before, which `destroy_sockets` then leaves
+    /// alone, as it checks each socket's peer against the record's backend.
+    pub fn records(&self) -> HashMap<u64, SocketEntry> {
+        let mut records: HashMap<u64, SocketEntry> = self.spill.iter().filter_map(Result::ok).collect();
+        records.extend(self.slots.iter().filter_map(Result::ok).filter(|s| s.cookie != 0).map(|s| (s.cookie, s.entry)));
+        records
+    }
+}
+
+/// The worker: one thread that takes jobs in order. It reads the socket table through its own
+/// handles.
 pub struct Terminator {
     jobs: Sender<Job>,
 }
 
 impl Terminator {
-    pub fn start(cgroup: PathBuf, sockets: BpfHashMap<MapData, u64, SocketEntry>) -> Self {
+    pub fn start(cgroup: PathBuf, sockets: SocketRecords) -> Self {
         let (jobs, queue) = channel::<Job>();
         std::thread::Builder::new()
             .name("sockshift-terminate".into())
@@ -108,8 +128,8 @@ impl Terminator {
                     // Each chosen socket with the backend it was steered to: a socket now
                     // connected elsewhere (a UDP socket that connected again) is left alone.
                     let chosen: HashMap<u64, SocketAddr> = sockets
-                        .iter()
-                        .filter_map(Result::ok)
+                        .records()
+                        .into_iter()
                         .filter(|(_, entry)| job.selection.matches(entry))
                         .map(|(cookie, entry)| (cookie, backend_of(&entry)))
                         .collect();
