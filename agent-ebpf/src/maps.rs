@@ -36,10 +36,10 @@ pub static BACKENDS: HashMap<BackendKey, BackendValue> = HashMap::pinned(MAX_BAC
 #[map(name = "SOCKET_SLOTS_V1")]
 pub static SOCKET_SLOTS: Array<SocketSlot> = Array::pinned(MAX_STEERED_SOCKETS, 0);
 
-/// Whether the spill table may hold records (`SOCKET_TABLE_*`). Writers: the programs (the
-/// spilled count, atomic adds) and the agent (the legacy mark; a slot of its own, so that its
-/// write never races the programs' adds). Readers: every program that looks a socket up, when
-/// its slots do not hold it.
+/// The legacy mark (`SOCKET_TABLE_LEGACY`): whether the spill table may hold records an older
+/// agent's programs made, which no slot's `overflow` counts. Writer: the agent, at start. Readers:
+/// every program that looks a socket up, when its first slot neither holds it nor counts an
+/// overflow.
 #[map(name = "SOCKET_TABLE_V1")]
 pub static SOCKET_TABLE: Array<u64> = Array::pinned(SOCKET_TABLE_SLOTS, 0);
 

@@ -841,8 +841,7 @@ fn hex_args(bytes: &[u8]) -> Vec<String> {
 #[test]
 fn socket_records_of_an_agent_before_the_slot_table_are_still_found() {
     let mut lab = Lab::new_with_agent(0.0, "steered_socket_capacity = 256");
-    let held = spawn_probe(lab.inside(), &["hold", "--target", FRONTEND4, "--count", "10"]);
-    let mut held = held;
+    let mut held = spawn_probe(lab.inside(), &["hold", "--target", FRONTEND4, "--count", "10"]);
     assert_eq!(held_tags(&mut held)["stable"], json!(10));
     lab.agent.stop_with(libc::SIGTERM);
 
@@ -1125,15 +1124,16 @@ fn srtt_skips_zero_samples_and_rtos_are_counted_per_connection() {
          [\"127.0.0.1:8002\"]\ncanary_percent = 100\n",
     );
     in_netns(&lab.netns, &["sysctl", "-qw", "net.ipv4.tcp_timestamps=0", "net.ipv4.tcp_no_metrics_save=1"]);
-    // First to stable, with no SYN lost: each connection is sampled when it is established and
-    // again when it closes.
-    lab.agent.set_percent("lossy", 0.0);
-    let report = TcpReport {
+    let five_requests = || TcpReport {
         raw: probe(
             lab.inside(),
             &["tcp", "--target", "127.1.0.6:80", "--count", "5", "--request", "--connect-timeout-ms", "5000"],
         ),
     };
+    // First to stable, with no SYN lost: each connection is sampled when it is established and
+    // again when it closes.
+    lab.agent.set_percent("lossy", 0.0);
+    let report = five_requests();
     assert_eq!(report.tag("stable"), 5, "{:?}", report.raw);
     let state = lab.agent.service("lossy");
     assert_eq!(side(&state, "stable", "health.established"), 5, "{state}");
@@ -1165,12 +1165,7 @@ fn srtt_skips_zero_samples_and_rtos_are_counted_per_connection() {
             "DROP",
         ],
     );
-    let report = TcpReport {
-        raw: probe(
-            lab.inside(),
-            &["tcp", "--target", "127.1.0.6:80", "--count", "5", "--request", "--connect-timeout-ms", "5000"],
-        ),
-    };
+    let report = five_requests();
     assert_eq!(report.tag("canary"), 5, "{:?}", report.raw);
     let state = lab.agent.service("lossy");
     assert_eq!(side(&state, "canary", "health.established"), 5, "{state}");

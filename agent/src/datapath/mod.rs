@@ -1092,8 +1092,9 @@ fn sockets_capacity(pin: &Path) -> u32 {
 }
 
 /// Sets the socket table's legacy mark when the spill table may hold records an older agent's
-/// programs made (they are not counted as spilled, so without the mark the new programs would not
-/// look for them), and clears it once it holds none: those records are never made again.
+/// programs made (they lack `SOCKET_SPILLED` and no slot's `overflow` counts them, so without the
+/// mark the new programs would not look for them), and clears it once it holds none: those records
+/// are never made again.
 fn mark_legacy_socket_records(
     table: &mut Array<MapData, u64>,
     spill: &HashMap<MapData, u64, agent_common::SocketEntry>,
