@@ -625,6 +625,14 @@ fn udp_session(target: SocketAddr, count: u32, connected: bool) {
                     .map(|socket| {
                         let error = socket.take_error().expect("SO_ERROR").and_then(|e| e.raw_os_error());
                         socket.connect(target).expect("connect");
+                        // What came while the socket was not connected (the late reply to an
+                        // exchange its destruction interrupted) answers nothing it sends next.
+                        // Connected, it receives only from its peer: what is queued now is all
+                        // there is to drop.
+                        socket.set_nonblocking(true).expect("non-blocking");
+                        let mut buf = [0u8; 1500];
+                        while socket.recv(&mut buf).is_ok() {}
+                        socket.set_nonblocking(false).expect("blocking");
                         error
                     })
                     .collect();
