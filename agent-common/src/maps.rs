@@ -6,10 +6,11 @@
 
 use bytemuck::{Pod, Zeroable};
 
-/// Frontend `ip:port` -> the service's current split and backend revision.
-pub const MAP_FRONTENDS: &str = "FRONTENDS_V1";
-/// (revision, side, family, index) -> backend address.
-pub const MAP_BACKENDS: &str = "BACKENDS_V1";
+/// Frontend `ip:port` -> the service's current split and backend revision (`FrontendValue`).
+pub const MAP_FRONTENDS: &str = "FRONTENDS_V2";
+/// Backend slot -> backend address: an array, each revision a run of slots starting at the
+/// revision's number (`FrontendValue::backend_slot`).
+pub const MAP_BACKENDS: &str = "BACKENDS_V2";
 /// Socket cookie -> what a steered socket (TCP, or UDP that connected) was translated from and to:
 /// the spill table, for records whose slots in SOCKET_SLOTS are taken (and records an agent
 /// before the slot table made).
@@ -37,6 +38,11 @@ pub const MAP_COUNTERS_V1: &str = "COUNTERS_V1";
 /// 10,000 services on a 96-CPU node).
 pub const MAP_COUNTERS_V2: &str = "COUNTERS_V2";
 pub const MAP_SETTINGS_V1: &str = "SETTINGS_V1";
+/// FRONTENDS and BACKENDS of an agent before the backend array: the same frontend value, whose
+/// revision was a number keying a hash of backends (`BackendKeyV1`). The agent copies both into
+/// the current maps before its programs run and unpins them once they do.
+pub const MAP_FRONTENDS_V1: &str = "FRONTENDS_V1";
+pub const MAP_BACKENDS_V1: &str = "BACKENDS_V1";
 
 /// Most services the datapath holds (frontends may be several per service).
 pub const MAX_SERVICES: u32 = 65_536;
@@ -46,8 +52,9 @@ pub const COUNTER_SLOTS: u32 = 2 * MAX_SERVICES;
 pub const MAX_FRONTENDS: u32 = 4 * MAX_SERVICES;
 /// Most backends per side of one service (per address family).
 pub const MAX_BACKENDS_PER_SIDE: u32 = 1_024;
-/// Backend slots in the kernel: every backend of every live and retiring revision.
-pub const MAX_BACKEND_SLOTS: u32 = 1 << 20;
+/// Slots of BACKENDS: every backend of every live and retiring revision (slot 0 is never used,
+/// so a zeroed frontend value points at no backend). Preallocated at 24 B a slot: 12 MiB.
+pub const MAX_BACKEND_SLOTS: u32 = 1 << 19;
 /// Default size of the socket table: steered TCP and connected UDP sockets open at the same
 /// time (`agent.steered_socket_capacity`). Also the default size of the UDP flow table. Both are
 /// preallocated at about 120 B a slot, so 65,536 is 7.5 MiB each; a node with more steered
@@ -103,7 +110,8 @@ const _: () = assert!(core::mem::size_of::<FrontendKey>() == 20);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct FrontendValue {
     pub service_id: u32,
-    /// Backend revision: the BACKENDS entries of this revision are never changed once published.
+    /// Backend revision: the BACKENDS slot of its first backend (never 0). Its backends follow
+    /// in `backend_slot` order and are never changed once published.
     pub revision: u32,
     /// Canary weight in parts per million, 0..=1_000_000.
     pub canary_ppm: u32,
@@ -130,20 +138,41 @@ impl FrontendValue {
             _ => self.canary_v6,
         }
     }
+
+    /// The BACKENDS slot of backend `index` of `side` and `family`: a revision's backends lie
+    /// side by side from `revision` on, stable before canary, IPv4 before IPv6 within a side.
+    #[inline(always)]
+    pub fn backend_slot(&self, side: u8, family: u8, index: u16) -> u32 {
+        let stable = self.stable_v4 as u32 + self.stable_v6 as u32;
+        let before = match (side, family) {
+            (SIDE_STABLE, FAMILY_V4) => 0,
+            (SIDE_STABLE, _) => self.stable_v4 as u32,
+            (_, FAMILY_V4) => stable,
+            _ => stable + self.canary_v4 as u32,
+        };
+        self.revision.wrapping_add(before).wrapping_add(index as u32)
+    }
+
+    /// Slots the revision takes.
+    #[inline(always)]
+    pub fn backend_slots(&self) -> u32 {
+        self.stable_v4 as u32 + self.stable_v6 as u32 + self.canary_v4 as u32 + self.canary_v6 as u32
+    }
 }
 
-/// Key of BACKENDS.
+/// Key of BACKENDS_V1 (an agent before the backend array): a hash keyed by revision number and
+/// place.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct BackendKey {
+pub struct BackendKeyV1 {
     pub revision: u32,
     pub side: u8,
     pub family: u8,
     pub index: u16,
 }
-const _: () = assert!(core::mem::size_of::<BackendKey>() == 8);
+const _: () = assert!(core::mem::size_of::<BackendKeyV1>() == 8);
 
-/// Value of BACKENDS: one pod address.
+/// Value of BACKENDS: one pod address. A slot no revision holds is all zero (port 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct BackendValue {
@@ -319,7 +348,8 @@ pub struct SideCounters {
     /// Steered without a socket record because the client's network namespace holds its share of
     /// the table (`agent.steered_sockets_per_netns`); otherwise as `socket_table_full`.
     pub socket_netns_full: u64,
-    /// Fail-open: the chosen backend slot was missing (a revision being retired).
+    /// Fail-open: the chosen backend slot was outside BACKENDS or empty (never, unless the agent
+    /// wrote a frontend before its revision).
     pub fail_open_backend_missing: u64,
 }
 const _: () = assert!(core::mem::size_of::<SideCounters>() == 136);
@@ -423,7 +453,7 @@ mod user {
     // Sound: bytemuck::Pod on each type proves it has no padding and any bit pattern is valid.
     unsafe impl aya::Pod for super::FrontendKey {}
     unsafe impl aya::Pod for super::FrontendValue {}
-    unsafe impl aya::Pod for super::BackendKey {}
+    unsafe impl aya::Pod for super::BackendKeyV1 {}
     unsafe impl aya::Pod for super::BackendValue {}
     unsafe impl aya::Pod for super::SocketEntry {}
     unsafe impl aya::Pod for super::SocketSlot {}
@@ -464,7 +494,7 @@ pub const LOG_KEY_CGROUP: u8 = 2;
 /// `reason=` of a fail-open record: the frontend has no backend of the destination's family on
 /// the side it would take, so the connection goes on untouched.
 pub const LOG_REASON_NO_BACKEND_FAMILY: u8 = 0;
-/// The revision's backend slot is missing (the connection goes on untouched).
+/// The revision's backend slot is outside BACKENDS or empty (the connection goes on untouched).
 pub const LOG_REASON_BACKEND_MISSING: u8 = 1;
 /// Steered, but the socket table was full: no record (getpeername shows the backend, no health).
 pub const LOG_REASON_TABLE_FULL: u8 = 2;
@@ -493,6 +523,32 @@ mod tests {
         }
         // Sockets opened one after another take neighbouring slots.
         assert_eq!(socket_slots(70_001, 65_536).0 + 1, socket_slots(70_002, 65_536).0);
+    }
+
+    #[test]
+    fn a_revisions_backends_lie_side_by_side_in_layout_order() {
+        let value = FrontendValue {
+            revision: 100,
+            stable_v4: 3,
+            stable_v6: 2,
+            canary_v4: 1,
+            canary_v6: 4,
+            ..Default::default()
+        };
+        assert_eq!(value.backend_slots(), 10);
+        let slots: [u32; 10] = [
+            value.backend_slot(SIDE_STABLE, FAMILY_V4, 0),
+            value.backend_slot(SIDE_STABLE, FAMILY_V4, 1),
+            value.backend_slot(SIDE_STABLE, FAMILY_V4, 2),
+            value.backend_slot(SIDE_STABLE, FAMILY_V6, 0),
+            value.backend_slot(SIDE_STABLE, FAMILY_V6, 1),
+            value.backend_slot(SIDE_CANARY, FAMILY_V4, 0),
+            value.backend_slot(SIDE_CANARY, FAMILY_V6, 0),
+            value.backend_slot(SIDE_CANARY, FAMILY_V6, 1),
+            value.backend_slot(SIDE_CANARY, FAMILY_V6, 2),
+            value.backend_slot(SIDE_CANARY, FAMILY_V6, 3),
+        ];
+        assert_eq!(slots, core::array::from_fn(|i| 100 + i as u32));
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! The agent checks each pinned map against these definitions before it adopts it.
 
 use agent_common::{
-    BackendKey, BackendValue, CohortKey, FrontendKey, FrontendValue, Settings, SideCounters, SocketEntry, SocketSlot,
-    UdpFlow, UdpFlowKey, COUNTER_SLOTS, MAX_BACKEND_SLOTS, MAX_COHORT_ENTRIES, MAX_FRONTENDS, MAX_STEERED_SOCKETS,
+    BackendValue, CohortKey, FrontendKey, FrontendValue, Settings, SideCounters, SocketEntry, SocketSlot, UdpFlow,
+    UdpFlowKey, COUNTER_SLOTS, MAX_BACKEND_SLOTS, MAX_COHORT_ENTRIES, MAX_FRONTENDS, MAX_STEERED_SOCKETS,
     NETNS_BUCKETS, SOCKET_TABLE_SLOTS,
 };
 use aya_ebpf::{
@@ -16,14 +16,15 @@ use aya_ebpf::{
 /// Frontend ip:port -> split and backend revision. Writer: agent. Readers: connect4/6,
 /// sendmsg4/6. Sized for MAX_SERVICES services with a few frontends each; not preallocated, so
 /// an idle node pays only for what it holds.
-#[map(name = "FRONTENDS_V1")]
+#[map(name = "FRONTENDS_V2")]
 pub static FRONTENDS: HashMap<FrontendKey, FrontendValue> = HashMap::pinned(MAX_FRONTENDS, BPF_F_NO_PREALLOC);
 
-/// (revision, side, family, index) -> backend. Writer: agent (a revision is written whole before
-/// any frontend points at it, and deleted only when no frontend has pointed at it for a grace
-/// period). Readers: connect4/6, sendmsg4/6.
-#[map(name = "BACKENDS_V1")]
-pub static BACKENDS: HashMap<BackendKey, BackendValue> = HashMap::pinned(MAX_BACKEND_SLOTS, BPF_F_NO_PREALLOC);
+/// Backend slot (`FrontendValue::backend_slot`) -> backend. Writer: agent (a revision's run of
+/// slots is written whole before any frontend points at it, and cleared and handed out again only
+/// when no frontend has pointed at it for a grace period). Readers: connect4/6, sendmsg4/6. An
+/// array: its lookup is inlined (no helper call, no hashing, no bucket walk) on the connect path.
+#[map(name = "BACKENDS_V2")]
+pub static BACKENDS: Array<BackendValue> = Array::pinned(MAX_BACKEND_SLOTS, 0);
 
 /// The socket table: `socket_slots(cookie)` -> the record (translation, service, side, flags) of
 /// a steered TCP or connected UDP socket. Writers: connect4/6 take a free slot by a

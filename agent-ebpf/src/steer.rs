@@ -2,7 +2,7 @@
 //! record or UDP flow, counters. Each returns `None` to leave the call untouched.
 
 use agent_common::{
-    backend_index, counter_slot, family_of, netns_bucket, pick_side, split_bucket, BackendKey, BackendValue, CohortKey,
+    backend_index, counter_slot, family_of, netns_bucket, pick_side, split_bucket, BackendValue, CohortKey,
     FrontendKey, FrontendValue, Settings, SideCounters, SocketEntry, UdpFlow, UdpFlowKey, FLAG_AFFINITY_CLIENT,
     FLAG_HAS_COHORTS, LOG_CALL_CONNECT, LOG_CALL_DATAGRAM, LOG_KEY_CGROUP, LOG_KEY_CONNECTION, LOG_KEY_NETNS,
     LOG_REASON_BACKEND_MISSING, LOG_REASON_FLOW_TABLE_FULL, LOG_REASON_NETNS_FULL, LOG_REASON_NO_BACKEND_FAMILY,
@@ -196,18 +196,20 @@ pub fn steer<const DATAGRAM: bool>(ctx: &SockAddrContext, dst_be: &[u32; 4], por
     };
     let count = frontend.backend_count(side, family);
     let index = backend_index(cookie, frontend.seed, count);
-    let slot = BackendKey { revision: frontend.revision, side, family, index };
-    let Some(backend) = (unsafe { BACKENDS.get(slot).copied() }) else {
+    let slot = frontend.backend_slot(side, family, index);
+    // A slot no revision holds is zero (port 0): never reached unless a frontend were written
+    // before its revision.
+    let Some(backend) = BACKENDS.get(slot).copied().filter(|b| b.port_be != 0) else {
         bump(frontend.service_id, side, |c| count!(c, fail_open_backend_missing));
         info!(
             ctx,
-            "fail_open service_id={} call={} side={} reason={} revision={} index={}",
+            "fail_open service_id={} call={} side={} reason={} revision={} slot={}",
             frontend.service_id,
             call as u8,
             side,
             LOG_REASON_BACKEND_MISSING,
             frontend.revision,
-            index
+            slot
         );
         return None;
     };

@@ -1,10 +1,11 @@
 //! The one owner of the eBPF programs and map handles. HTTP handlers (and anything else) change
 //! the datapath only through the intent-level methods here.
 //!
-//! Update order is what makes changes atomic for a connecting socket: a new backend revision is
-//! written whole before any frontend points at it; each frontend value (weight, flags, revision,
-//! counts) is replaced in one map update; a revision's backends are deleted only when no
-//! frontend has pointed at it for `REVISION_GRACE`.
+//! Update order is what makes changes atomic for a connecting socket: a new backend revision (a
+//! run of BACKENDS slots, named by its first) is written whole before any frontend points at it;
+//! each frontend value (weight, flags, revision, counts) is replaced in one map update; a
+//! revision's slots are cleared and handed out again only when no frontend has pointed at it for
+//! `REVISION_GRACE`.
 //!
 //! A change is computed as a whole: `sync` works out the complete frontend table (and cohort
 //! table) every service wants, writes what differs, then deletes only the keys absent from it. A
@@ -20,7 +21,7 @@
 //! still one split, one set of counters and one cohort table.
 //!
 //! Module layout: `loader` checks pinned maps and links and attaches the programs, `registry`
-//! hands out service ids and revisions, `sockets` finds and destroys chosen steered sockets.
+//! hands out service ids and backend slots, `sockets` finds and destroys chosen steered sockets.
 
 mod kernel_btf;
 mod loader;
@@ -36,12 +37,12 @@ use std::{
 };
 
 use agent_common::{
-    counter_slot, service_seed, v4_mapped, BackendKey, BackendValue, CohortKey, CounterKey, FrontendKey, FrontendValue,
-    Settings, SideCounters, SideCountersV1, COHORT_ALWAYS_CANARY, COHORT_NEVER_CANARY, COUNTER_SLOTS, FAMILY_V4,
-    FAMILY_V6, FLAG_AFFINITY_CLIENT, FLAG_HAS_COHORTS, MAP_BACKENDS, MAP_COHORTS, MAP_COUNTERS, MAP_COUNTERS_V1,
-    MAP_COUNTERS_V2, MAP_FRONTENDS, MAP_SETTINGS, MAP_SETTINGS_V1, MAP_SOCKETS, MAP_SOCKET_SLOTS, MAP_SOCKET_TABLE,
-    MAP_UDP_FLOWS, MAX_BACKEND_SLOTS, MAX_FRONTENDS, MAX_SERVICES, MAX_STEERED_SOCKETS, SETTING_HOST_NETNS_ONLY,
-    SIDE_CANARY, SIDE_STABLE, SOCKET_SPILLED, SOCKET_TABLE_LEGACY,
+    counter_slot, service_seed, v4_mapped, BackendKeyV1, BackendValue, CohortKey, CounterKey, FrontendKey,
+    FrontendValue, Settings, SideCounters, SideCountersV1, COHORT_ALWAYS_CANARY, COHORT_NEVER_CANARY, COUNTER_SLOTS,
+    FAMILY_V4, FAMILY_V6, FLAG_AFFINITY_CLIENT, FLAG_HAS_COHORTS, MAP_BACKENDS, MAP_BACKENDS_V1, MAP_COHORTS,
+    MAP_COUNTERS, MAP_COUNTERS_V1, MAP_COUNTERS_V2, MAP_FRONTENDS, MAP_FRONTENDS_V1, MAP_SETTINGS, MAP_SETTINGS_V1,
+    MAP_SOCKETS, MAP_SOCKET_SLOTS, MAP_SOCKET_TABLE, MAP_UDP_FLOWS, MAX_BACKEND_SLOTS, MAX_FRONTENDS, MAX_SERVICES,
+    MAX_STEERED_SOCKETS, SETTING_HOST_NETNS_ONLY, SIDE_CANARY, SIDE_STABLE, SOCKET_SPILLED, SOCKET_TABLE_LEGACY,
 };
 use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuHashMap},
@@ -50,7 +51,7 @@ use aya::{
 };
 pub use loader::{detach_link_pin, ForeignProgram, LinkOutcome, MapMemory};
 pub use program_log::RecordFeed;
-use registry::{Revisions, ServiceIds};
+use registry::{BackendSlots, ServiceIds};
 pub use sockets::{Selection, Termination};
 
 pub use crate::config::DatapathLog;
@@ -112,6 +113,11 @@ pub enum DatapathError {
          theirs {REVISION_GRACE:?} after the change that replaced them)"
     )]
     TooManyBackendSlots { needed: usize, free: usize },
+    #[error(
+        "a backend set of {needed} needs as many neighbouring backend slots, and the longest free run is {longest} \
+         ({free} free in all; replaced revisions free theirs {REVISION_GRACE:?} after the change that replaced them)"
+    )]
+    BackendSlotsFragmented { needed: u32, longest: u32, free: u32 },
     #[error(
         "agent.steered_sockets_per_netns = {per_netns} is more than the socket table holds ({capacity}, the size \
          already pinned or the default, as agent.steered_socket_capacity is not set)"
@@ -226,9 +232,17 @@ impl Installed {
 #[derive(Debug, Clone)]
 struct InstalledGroup {
     frontends: Vec<FrontendKey>,
-    /// The group's backend slots (revision 0), to find the revision again when an update keeps them.
-    layout: Vec<(BackendKey, BackendValue)>,
+    /// The group's backends in slot order, to find the revision again when an update keeps them.
+    layout: Vec<(BackendPlace, BackendValue)>,
     value: FrontendValue,
+}
+
+/// Where a backend sits in its revision: `FrontendValue::backend_slot`'s arguments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BackendPlace {
+    side: u8,
+    family: u8,
+    index: u16,
 }
 
 /// Frontends that share backends: the whole of a hand-written service, or one port of a
@@ -285,8 +299,8 @@ pub struct DatapathStatus {
 
 /// What an earlier run pinned, kept until the first `sync` has adopted what it can.
 struct PinnedStart {
-    /// Each pinned revision's backend slots, sorted.
-    revisions: StdHashMap<u32, Vec<(BackendKey, BackendValue)>>,
+    /// Each revision pinned frontends point at, with its backends in slot order.
+    revisions: StdHashMap<u32, Vec<(BackendPlace, BackendValue)>>,
 }
 
 pub struct Datapath {
@@ -296,7 +310,7 @@ pub struct Datapath {
     log_reader: program_log::LogReader,
     options: DatapathOptions,
     frontends: HashMap<MapData, FrontendKey, FrontendValue>,
-    backends: HashMap<MapData, BackendKey, BackendValue>,
+    backends: Array<MapData, BackendValue>,
     udp_flows: HashMap<MapData, agent_common::UdpFlowKey, agent_common::UdpFlow>,
     counters: Array<MapData, SideCounters>,
     cohorts: HashMap<MapData, CohortKey, u32>,
@@ -305,13 +319,13 @@ pub struct Datapath {
     frontend_table: StdHashMap<FrontendKey, FrontendValue>,
     /// What COHORTS holds.
     cohort_table: StdHashMap<CohortKey, u32>,
-    /// The backend slots of each revision BACKENDS holds.
-    revisions: StdHashMap<u32, Vec<BackendKey>>,
+    /// Each revision BACKENDS holds (its first slot) and the slots it takes.
+    revisions: StdHashMap<u32, u32>,
     /// Revisions no service refers to any more, since when.
     retired: BTreeMap<u32, Instant>,
     pinned_start: Option<PinnedStart>,
     ids: ServiceIds,
-    revision_ids: Revisions,
+    backend_slots: BackendSlots,
     socket_capacity: u32,
     udp_flow_capacity: u32,
     /// The table sizes this run loaded with (reloads use the same).
@@ -339,9 +353,13 @@ impl Datapath {
         // records its programs made (and make until the links are updated) are in SOCKETS_V1.
         let legacy_records_possible =
             options.bpffs.join(MAP_SOCKETS).exists() && !options.bpffs.join(MAP_SOCKET_TABLE).exists();
+        // An agent before the backend array left FRONTENDS_V1 and BACKENDS_V1 (and no FRONTENDS_V2):
+        // its services are copied over before the new programs run.
+        let upgrade_frontends =
+            options.bpffs.join(MAP_FRONTENDS_V1).exists() && !options.bpffs.join(MAP_FRONTENDS).exists();
         let mut ebpf = loader::load_object(options, &sizes)?;
-        let frontends: HashMap<MapData, FrontendKey, FrontendValue> = take_map(&mut ebpf, MAP_FRONTENDS)?;
-        let backends: HashMap<MapData, BackendKey, BackendValue> = take_map(&mut ebpf, MAP_BACKENDS)?;
+        let mut frontends: HashMap<MapData, FrontendKey, FrontendValue> = take_map(&mut ebpf, MAP_FRONTENDS)?;
+        let mut backends: Array<MapData, BackendValue> = take_map(&mut ebpf, MAP_BACKENDS)?;
         let sockets: HashMap<MapData, u64, agent_common::SocketEntry> = take_map(&mut ebpf, MAP_SOCKETS)?;
         let socket_slots: Array<MapData, agent_common::SocketSlot> = take_map(&mut ebpf, MAP_SOCKET_SLOTS)?;
         let mut socket_table: Array<MapData, u64> = take_map(&mut ebpf, MAP_SOCKET_TABLE)?;
@@ -361,18 +379,23 @@ impl Datapath {
         // made only while this mark is set.
         mark_legacy_socket_records(&mut socket_table, &sockets, legacy_records_possible)?;
 
-        // What an earlier run left, read before anything changes.
+        let upgraded =
+            if upgrade_frontends { upgrade_backends(&options.bpffs, &mut frontends, &mut backends)? } else { 0 };
+
+        // What an earlier run left, read before anything changes: the revisions pinned frontends
+        // point at (a revision no frontend points at is free: nothing reads it).
         let frontend_table: StdHashMap<FrontendKey, FrontendValue> = frontends.iter().filter_map(Result::ok).collect();
         let cohort_table: StdHashMap<CohortKey, u32> = cohorts.iter().filter_map(Result::ok).collect();
-        let mut pinned_revisions: StdHashMap<u32, Vec<(BackendKey, BackendValue)>> = StdHashMap::new();
-        for (key, value) in backends.iter().filter_map(Result::ok) {
-            pinned_revisions.entry(key.revision).or_default().push((key, value));
+        let mut revisions: StdHashMap<u32, u32> = StdHashMap::new();
+        let mut pinned_revisions: StdHashMap<u32, Vec<(BackendPlace, BackendValue)>> = StdHashMap::new();
+        for value in frontend_table.values() {
+            if value.revision == 0 || revisions.contains_key(&value.revision) {
+                continue;
+            }
+            revisions.insert(value.revision, value.backend_slots().max(1));
+            pinned_revisions.insert(value.revision, pinned_backends(&backends, value));
         }
-        for slots in pinned_revisions.values_mut() {
-            slots.sort_by_key(|(k, _)| (k.side, k.family, k.index));
-        }
-        let revisions: StdHashMap<u32, Vec<BackendKey>> =
-            pinned_revisions.iter().map(|(r, slots)| (*r, slots.iter().map(|(k, _)| *k).collect())).collect();
+        let backend_slots = BackendSlots::new(MAX_BACKEND_SLOTS, revisions.iter().map(|(r, len)| (*r, *len)));
         let migrated = migrate_counters(&options.bpffs, &mut counters)?;
         // Ids with counts are ids of services an earlier run held (or still draining).
         let counted_ids = (0..COUNTER_SLOTS)
@@ -389,7 +412,7 @@ impl Datapath {
         log_reader.follow((options.log != DatapathLog::Off).then_some(&mut ebpf));
         let loader::Attached { links, foreign } = loader::attach_programs(&mut ebpf, options)?;
         // The new programs run now: maps only older programs used can go.
-        for name in [MAP_COUNTERS_V1, MAP_COUNTERS_V2, MAP_SETTINGS_V1] {
+        for name in [MAP_COUNTERS_V1, MAP_COUNTERS_V2, MAP_SETTINGS_V1, MAP_FRONTENDS_V1, MAP_BACKENDS_V1] {
             let pin = options.bpffs.join(name);
             if pin.exists() {
                 if let Err(err) = std::fs::remove_file(&pin) {
@@ -399,6 +422,12 @@ impl Datapath {
         }
         if migrated > 0 {
             log::info!("carried the counters of {migrated} service sides over from an older counters map");
+        }
+        if upgrade_frontends {
+            log::info!(
+                "carried {upgraded} frontends over from {MAP_FRONTENDS_V1} and {MAP_BACKENDS_V1} into {MAP_FRONTENDS} and \
+                 {MAP_BACKENDS}"
+            );
         }
         let updated = links.iter().filter(|(_, o)| *o == LinkOutcome::Updated).count();
         if updated > 0 {
@@ -426,7 +455,6 @@ impl Datapath {
 
         let socket_capacity = sockets_capacity(&options.bpffs.join(MAP_SOCKETS));
         let udp_flow_capacity = sockets_capacity(&options.bpffs.join(MAP_UDP_FLOWS));
-        let highest_revision = revisions.keys().max().copied();
         Ok(Self {
             ebpf_object: ebpf,
             log_reader,
@@ -443,7 +471,7 @@ impl Datapath {
             retired: BTreeMap::new(),
             pinned_start: Some(PinnedStart { revisions: pinned_revisions }),
             ids: ServiceIds::new(MAX_SERVICES, pinned_ids),
-            revision_ids: Revisions::new(highest_revision),
+            backend_slots,
             socket_capacity,
             udp_flow_capacity,
             sizes,
@@ -709,7 +737,7 @@ impl Datapath {
                     None => match self.adoptable_revision(&frontends, id, seed, &layout) {
                         Some(r) if *adopted.entry(r).or_insert(id) == id => r,
                         _ => {
-                            new_slots += layout.len();
+                            new_slots += layout.len().max(1);
                             0 // written below, once the total is known to fit
                         }
                     },
@@ -722,8 +750,7 @@ impl Datapath {
             }
             plans.push(Plan { spec: spec.clone(), id, groups, cohorts: Vec::new() });
         }
-        let used: usize = self.revisions.values().map(Vec::len).sum();
-        let free = (MAX_BACKEND_SLOTS as usize).saturating_sub(used);
+        let free = self.backend_slots.free_slots() as usize;
         if new_slots > free {
             return Err(DatapathError::TooManyBackendSlots { needed: new_slots, free });
         }
@@ -763,8 +790,8 @@ impl Datapath {
                 }
                 let mut value =
                     FrontendValue { service_id: id, revision, canary_ppm, flags, seed, ..Default::default() };
-                for (key, _) in &group.layout {
-                    match (key.side, key.family) {
+                for (place, _) in &group.layout {
+                    match (place.side, place.family) {
                         (SIDE_STABLE, FAMILY_V4) => value.stable_v4 += 1,
                         (SIDE_STABLE, _) => value.stable_v6 += 1,
                         (_, FAMILY_V4) => value.canary_v4 += 1,
@@ -803,7 +830,7 @@ impl Datapath {
         frontends: &[FrontendKey],
         id: u32,
         seed: u32,
-        layout: &[(BackendKey, BackendValue)],
+        layout: &[(BackendPlace, BackendValue)],
     ) -> Option<u32> {
         let start = self.pinned_start.as_ref()?;
         let mut revision = None;
@@ -816,28 +843,37 @@ impl Datapath {
         }
         let revision = revision?;
         let pinned = start.revisions.get(&revision)?;
-        let same = pinned.len() == layout.len()
-            && pinned
-                .iter()
-                .zip(layout)
-                .all(|((pk, pv), (k, v))| (pk.side, pk.family, pk.index) == (k.side, k.family, k.index) && pv == v);
-        same.then_some(revision)
+        (pinned.as_slice() == layout).then_some(revision)
     }
 
-    /// Writes a new revision's backends; returns the revision.
-    fn write_revision(&mut self, layout: &[(BackendKey, BackendValue)], undo: &mut Undo) -> Result<u32, DatapathError> {
-        let revisions = &self.revisions;
-        let revision = self.revision_ids.allocate(|r| revisions.contains_key(&r));
-        let mut slots = Vec::with_capacity(layout.len());
-        self.revisions.insert(revision, Vec::new());
+    /// Writes a new revision's backends into a free run of slots (in layout order, which is
+    /// `FrontendValue::backend_slot` order); returns the revision (its first slot).
+    fn write_revision(
+        &mut self,
+        layout: &[(BackendPlace, BackendValue)],
+        undo: &mut Undo,
+    ) -> Result<u32, DatapathError> {
+        let len = u32::try_from(layout.len()).unwrap_or(u32::MAX).max(1);
+        let revision = self.backend_slots.allocate(len).ok_or_else(|| DatapathError::BackendSlotsFragmented {
+            needed: len,
+            longest: self.backend_slots.longest_run(),
+            free: self.backend_slots.free_slots(),
+        })?;
+        self.revisions.insert(revision, len);
         undo.revisions.push(revision);
-        for (key, value) in layout {
-            let key = BackendKey { revision, ..*key };
-            self.backends.insert(key, value, 0).map_err(map_err(MAP_BACKENDS))?;
-            slots.push(key);
-            self.revisions.insert(revision, slots.clone());
+        for (slot, (_, value)) in (revision..).zip(layout) {
+            self.backends.set(slot, value, 0).map_err(map_err(MAP_BACKENDS))?;
         }
         Ok(revision)
+    }
+
+    /// Clears a revision's slots and hands them out again (nothing points at it any more).
+    fn free_revision(&mut self, revision: u32) {
+        let Some(len) = self.revisions.remove(&revision) else { return };
+        for slot in revision..revision.saturating_add(len) {
+            let _ = self.backends.set(slot, BackendValue::default(), 0);
+        }
+        self.backend_slots.release(revision, len);
     }
 
     /// Reverts what `plan` wrote.
@@ -855,9 +891,7 @@ impl Datapath {
             }
         }
         for revision in undo.revisions {
-            for key in self.revisions.remove(&revision).unwrap_or_default() {
-                let _ = self.backends.remove(&key);
-            }
+            self.free_revision(revision);
         }
         for id in undo.ids {
             self.ids.unallocate(id);
@@ -993,9 +1027,7 @@ impl Datapath {
             if referenced.contains(&revision) {
                 continue; // adopted again at start
             }
-            for key in self.revisions.remove(&revision).unwrap_or_default() {
-                let _ = self.backends.remove(&key);
-            }
+            self.free_revision(revision);
         }
         if let Some(drained_before) = now.checked_sub(REVISION_GRACE) {
             for id in self.ids.draining_since(drained_before) {
@@ -1028,7 +1060,7 @@ struct Plan {
 /// One backend group's part of a `Plan`.
 struct PlannedGroup {
     frontends: Vec<FrontendKey>,
-    layout: Vec<(BackendKey, BackendValue)>,
+    layout: Vec<(BackendPlace, BackendValue)>,
     /// Revision 0 until the group's new revision is written.
     value: FrontendValue,
 }
@@ -1161,18 +1193,102 @@ fn backend_groups(spec: &ServiceSpec) -> Vec<BackendGroup<'_>> {
         .collect()
 }
 
-/// A backend group's slots (revision 0: filled in when written), in the order the programs
-/// index them: per side and family, in the order the spec lists them.
-fn backend_layout(stable: &[SocketAddr], canary: &[SocketAddr]) -> Vec<(BackendKey, BackendValue)> {
+/// A backend group's backends in the order of their slots (`FrontendValue::backend_slot`): per
+/// side and family, in the order the spec lists them.
+fn backend_layout(stable: &[SocketAddr], canary: &[SocketAddr]) -> Vec<(BackendPlace, BackendValue)> {
     let mut layout = Vec::new();
     for (side, addrs) in [(SIDE_STABLE, stable), (SIDE_CANARY, canary)] {
         for family in [FAMILY_V4, FAMILY_V6] {
             for (index, addr) in addrs.iter().filter(|a| family_of(a) == family).enumerate() {
-                layout.push((BackendKey { revision: 0, side, family, index: index as u16 }, backend_value(addr)));
+                layout.push((BackendPlace { side, family, index: index as u16 }, backend_value(addr)));
             }
         }
     }
     layout
+}
+
+/// The places of a revision's slots, in slot order, from the counts in a frontend value.
+fn places_of(value: &FrontendValue) -> Vec<BackendPlace> {
+    let mut places = Vec::new();
+    for (side, family, count) in [
+        (SIDE_STABLE, FAMILY_V4, value.stable_v4),
+        (SIDE_STABLE, FAMILY_V6, value.stable_v6),
+        (SIDE_CANARY, FAMILY_V4, value.canary_v4),
+        (SIDE_CANARY, FAMILY_V6, value.canary_v6),
+    ] {
+        places.extend((0..count).map(|index| BackendPlace { side, family, index }));
+    }
+    places
+}
+
+/// The backends of the revision a pinned frontend value points at, as `backend_layout` lists
+/// them (empty if a slot cannot be read: such a revision is never adopted).
+fn pinned_backends(
+    backends: &Array<MapData, BackendValue>,
+    value: &FrontendValue,
+) -> Vec<(BackendPlace, BackendValue)> {
+    let read: Option<Vec<(BackendPlace, BackendValue)>> = places_of(value)
+        .into_iter()
+        .map(|place| {
+            let slot = value.backend_slot(place.side, place.family, place.index);
+            backends.get(&slot, 0).ok().map(|backend| (place, backend))
+        })
+        .collect();
+    read.unwrap_or_default()
+}
+
+/// Copies the services of an agent before the backend array (FRONTENDS_V1, and BACKENDS_V1: a
+/// hash keyed by revision number and place) into FRONTENDS and BACKENDS, both new and empty,
+/// before the new programs run: each revision gets a run of slots from 1 on, and each frontend
+/// its value with the revision's first slot. A frontend whose revision is incomplete is left out
+/// (its connections went untouched before, and the first sync writes it). Returns how many
+/// frontends were carried over.
+fn upgrade_backends(
+    bpffs: &Path,
+    frontends: &mut HashMap<MapData, FrontendKey, FrontendValue>,
+    backends: &mut Array<MapData, BackendValue>,
+) -> Result<usize, DatapathError> {
+    let open = |name: &str| {
+        let pin = bpffs.join(name);
+        MapData::from_pin(&pin).map_err(|source| DatapathError::PinnedMap { path: pin, source })
+    };
+    let pinned = |name: &str, source: MapError| DatapathError::PinnedMap { path: bpffs.join(name), source };
+    let old_frontends: HashMap<MapData, FrontendKey, FrontendValue> =
+        HashMap::try_from(Map::HashMap(open(MAP_FRONTENDS_V1)?)).map_err(|e| pinned(MAP_FRONTENDS_V1, e))?;
+    let old_backends: HashMap<MapData, BackendKeyV1, BackendValue> =
+        HashMap::try_from(Map::HashMap(open(MAP_BACKENDS_V1)?)).map_err(|e| pinned(MAP_BACKENDS_V1, e))?;
+    let mut old_revisions: StdHashMap<u32, StdHashMap<(u8, u8, u16), BackendValue>> = StdHashMap::new();
+    for (key, value) in old_backends.iter().filter_map(Result::ok) {
+        old_revisions.entry(key.revision).or_default().insert((key.side, key.family, key.index), value);
+    }
+    let mut slots = BackendSlots::new(MAX_BACKEND_SLOTS, []);
+    // Old revision number -> its first slot now.
+    let mut moved: StdHashMap<u32, u32> = StdHashMap::new();
+    let mut carried = 0;
+    for (key, value) in old_frontends.iter().filter_map(Result::ok) {
+        let first = match moved.get(&value.revision) {
+            Some(first) => *first,
+            None => {
+                let Some(old) = old_revisions.get(&value.revision) else { continue };
+                let places = places_of(&value);
+                let Some(backends_in_order) =
+                    places.iter().map(|p| old.get(&(p.side, p.family, p.index)).copied()).collect::<Option<Vec<_>>>()
+                else {
+                    continue;
+                };
+                let len = u32::try_from(places.len()).unwrap_or(u32::MAX).max(1);
+                let Some(first) = slots.allocate(len) else { continue };
+                for (slot, backend) in (first..).zip(&backends_in_order) {
+                    backends.set(slot, backend, 0).map_err(map_err(MAP_BACKENDS))?;
+                }
+                moved.insert(value.revision, first);
+                first
+            }
+        };
+        frontends.insert(key, FrontendValue { revision: first, ..value }, 0).map_err(map_err(MAP_FRONTENDS))?;
+        carried += 1;
+    }
+    Ok(carried)
 }
 
 /// Backends `old` had that `new` does not, on either side.

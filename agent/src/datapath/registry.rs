@@ -1,4 +1,4 @@
-//! Service ids and backend revisions: which are in use, which may be handed out.
+//! Service ids and backend slots: which are in use, which may be handed out.
 //!
 //! A service id names a service's counters and cohort entries, and every socket record of the
 //! service carries it. An id is therefore never handed to another service while anything may
@@ -106,26 +106,76 @@ impl ServiceIds {
     }
 }
 
-/// Backend revisions: never 0 (a zeroed value cannot match a real revision), never one whose
-/// slots are still in the map.
+/// BACKENDS slots: which runs are free. A revision is a run of slots, named by its first; slot 0
+/// is never handed out (a zeroed frontend value names no revision). Runs are handed out first-fit
+/// (low slots are reused first) and merged with their free neighbours when given back.
 #[derive(Debug)]
-pub struct Revisions {
-    next: u32,
+pub struct BackendSlots {
+    /// Free runs: first slot -> length.
+    free: BTreeMap<u32, u32>,
+    capacity: u32,
 }
 
-impl Revisions {
-    pub fn new(highest_pinned: Option<u32>) -> Self {
-        Self { next: highest_pinned.map_or(1, |r| r.wrapping_add(1).max(1)) }
+impl BackendSlots {
+    /// Slots `1..capacity`, less the runs (first slot, length) pinned state uses.
+    pub fn new(capacity: u32, taken: impl IntoIterator<Item = (u32, u32)>) -> Self {
+        let mut taken: Vec<(u32, u32)> = taken.into_iter().filter(|(_, len)| *len > 0).collect();
+        taken.sort_unstable();
+        let mut free = BTreeMap::new();
+        let mut next = 1u32;
+        for (start, len) in taken {
+            let start = start.clamp(1, capacity);
+            if start > next {
+                free.insert(next, start - next);
+            }
+            next = next.max(start.saturating_add(len).min(capacity));
+        }
+        if capacity > next {
+            free.insert(next, capacity - next);
+        }
+        Self { free, capacity }
     }
 
-    pub fn allocate(&mut self, taken: impl Fn(u32) -> bool) -> u32 {
-        loop {
-            let revision = self.next;
-            self.next = self.next.wrapping_add(1).max(1);
-            if !taken(revision) {
-                return revision;
+    /// The first slot of a free run of `len` slots (at least one), now taken; `None` if no free
+    /// run is that long.
+    pub fn allocate(&mut self, len: u32) -> Option<u32> {
+        let len = len.max(1);
+        let (&start, &run) = self.free.iter().find(|(_, run)| **run >= len)?;
+        self.free.remove(&start);
+        if run > len {
+            self.free.insert(start + len, run - len);
+        }
+        Some(start)
+    }
+
+    /// Gives back the run `allocate(len)` returned.
+    pub fn release(&mut self, start: u32, len: u32) {
+        let len = len.max(1);
+        if start == 0 || start.saturating_add(len) > self.capacity {
+            return;
+        }
+        let (mut start, mut len) = (start, len);
+        if let Some((&before, &run)) = self.free.range(..start).next_back() {
+            if before + run == start {
+                self.free.remove(&before);
+                start = before;
+                len += run;
             }
         }
+        if let Some(run) = self.free.remove(&(start + len)) {
+            len += run;
+        }
+        self.free.insert(start, len);
+    }
+
+    /// Free slots in all.
+    pub fn free_slots(&self) -> u32 {
+        self.free.values().sum()
+    }
+
+    /// The longest free run: the most slots one revision can take now.
+    pub fn longest_run(&self) -> u32 {
+        self.free.values().copied().max().unwrap_or(0)
     }
 }
 
@@ -167,9 +217,26 @@ mod tests {
     }
 
     #[test]
-    fn revisions_skip_zero_and_taken() {
-        let mut revisions = Revisions::new(Some(u32::MAX));
-        assert_eq!(revisions.allocate(|_| false), 1);
-        assert_eq!(revisions.allocate(|r| r == 2 || r == 3), 4);
+    fn backend_slots_are_runs_that_merge_when_given_back() {
+        let mut slots = BackendSlots::new(16, [(4, 2), (10, 1)]);
+        assert_eq!(slots.free_slots(), 12, "1..16 less 4, 5 and 10");
+        assert_eq!(slots.allocate(3), Some(1), "first fit: slots 1..4");
+        assert_eq!(slots.allocate(0), Some(6), "an empty revision still takes a slot of its own");
+        assert_eq!(slots.allocate(4), Some(11));
+        assert_eq!(slots.allocate(2), Some(7));
+        assert_eq!(slots.longest_run(), 1, "slots 9 and 15 are left");
+        assert_eq!(slots.allocate(2), None, "no run of two is free");
+        slots.release(7, 2);
+        slots.release(11, 4);
+        assert_eq!(slots.allocate(3), Some(7), "7..10 merged with 9");
+        slots.release(1, 3);
+        slots.release(4, 2);
+        slots.release(6, 0);
+        slots.release(7, 3);
+        slots.release(10, 1);
+        assert_eq!((slots.free_slots(), slots.longest_run()), (15, 15), "everything merged back into 1..16");
+        slots.release(0, 1);
+        slots.release(15, 5);
+        assert_eq!(slots.free_slots(), 15, "runs outside the table are ignored");
     }
 }
