@@ -897,6 +897,126 @@ fn socket_records_of_an_agent_before_the_slot_table_are_still_found() {
     assert_eq!((report.tags_total(), report.peer_is_target()), (50, 50), "{:?}", report.raw);
 }
 
+/// One value of a pinned map, read with bpftool.
+fn map_lookup(pin: &std::path::Path, key: &[u8]) -> Vec<u8> {
+    let mut args = vec!["-j".to_string(), "map".into(), "lookup".into(), "pinned".into(), pin.display().to_string()];
+    args.extend(["key".into(), "hex".into()]);
+    args.extend(hex_args(key));
+    let out = Command::new("bpftool").args(&args).output().unwrap();
+    assert!(out.status.success(), "bpftool map lookup {}: {}", pin.display(), String::from_utf8_lossy(&out.stderr));
+    let entry: Value = serde_json::from_slice(&out.stdout).unwrap();
+    entry["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| u8::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16).unwrap())
+        .collect()
+}
+
+/// Writes one entry of a pinned map with bpftool.
+fn map_update(pin: &std::path::Path, key: &[u8], value: &[u8]) {
+    let mut args = vec!["map".to_string(), "update".into(), "pinned".into(), pin.display().to_string()];
+    args.extend(["key".into(), "hex".into()]);
+    args.extend(hex_args(key));
+    args.extend(["value".into(), "hex".into()]);
+    args.extend(hex_args(value));
+    run("bpftool", &args.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+/// An upgrade from an agent that kept backends in a hash (BACKENDS_V1, keyed by revision number,
+/// side, family and index, which FRONTENDS_V1 values named): its services are carried into the
+/// backend array before the new programs run, so every connection made during the upgrade is
+/// steered, IPv4 and IPv6, to both sides, each to a backend of its own family, and the old maps
+/// are unpinned. Later changes use the array. (The older agent is stood in for by its maps, made
+/// with bpftool in its layout from what this agent pinned, under revision numbers the array
+/// never uses; this agent's FRONTENDS_V2 and BACKENDS_V2 are unpinned, as that agent had none, and
+/// the programs left running read them until the new ones replace them, as that agent's programs
+/// read its maps.)
+#[test]
+fn services_of_an_agent_before_the_backend_array_carry_over() {
+    let mut lab = Lab::new(50.0);
+    lab.agent.stop_with(libc::SIGTERM);
+    let bpffs = lab.agent.bpffs.clone();
+    let (frontends_v1, backends_v1) = (bpffs.join("FRONTENDS_V1"), bpffs.join("BACKENDS_V1"));
+    for (pin, key, value, entries) in [(&frontends_v1, "20", "28", "262144"), (&backends_v1, "8", "20", "1048576")] {
+        let name = pin.file_name().unwrap().to_str().unwrap();
+        let pin = pin.display().to_string();
+        let args = ["map", "create", &pin, "type", "hash", "key", key, "value", value, "entries", entries];
+        run("bpftool", &[&args[..], &["name", name, "flags", "1"]].concat());
+    }
+    let frontends = map_entries(&bpffs.join("FRONTENDS_V2"));
+    assert_eq!(frontends.len(), 2, "web's IPv4 and IPv6 frontends");
+    let mut carried_backends = 0;
+    for (key, value) in &frontends {
+        let revision = u32::from_ne_bytes(value[4..8].try_into().unwrap());
+        let old_revision = 7_000_000 + revision;
+        let count = |at: usize| u16::from_ne_bytes(value[at..at + 2].try_into().unwrap());
+        // The array's order: stable IPv4, stable IPv6, canary IPv4, canary IPv6, from `revision` on.
+        let mut slot = revision;
+        for (side, family, count) in [(0u8, 4u8, count(20)), (0, 6, count(22)), (1, 4, count(24)), (1, 6, count(26))] {
+            for index in 0..count {
+                let backend = map_lookup(&bpffs.join("BACKENDS_V2"), &slot.to_ne_bytes());
+                let mut old_key = old_revision.to_ne_bytes().to_vec();
+                old_key.extend([side, family]);
+                old_key.extend(index.to_ne_bytes());
+                map_update(&backends_v1, &old_key, &backend);
+                carried_backends += 1;
+                slot += 1;
+            }
+        }
+        let mut old_value = value.clone();
+        old_value[4..8].copy_from_slice(&old_revision.to_ne_bytes());
+        map_update(&frontends_v1, key, &old_value);
+    }
+    assert_eq!(carried_backends, 8, "each frontend's revision holds two backends per side and family");
+    std::fs::remove_file(bpffs.join("FRONTENDS_V2")).unwrap();
+    std::fs::remove_file(bpffs.join("BACKENDS_V2")).unwrap();
+
+    // Clients connecting flat out across the upgrade.
+    let clients: Vec<Spawned> = [FRONTEND4, FRONTEND6]
+        .iter()
+        .map(|target| {
+            spawn_probe(lab.inside(), &["tcp", "--target", target, "--count", "100000000", "--max-seconds", "5"])
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    lab.agent.spawn();
+    let log = lab.agent.log();
+    assert!(log.contains("carried 2 frontends over from FRONTENDS_V1 and BACKENDS_V1"), "{log}");
+    assert!(!frontends_v1.exists() && !backends_v1.exists(), "the old maps are unpinned once the new programs run");
+    for (mut client, tags) in clients.into_iter().zip([["stable", "canary"], ["stable6", "canary6"]]) {
+        let mut line = String::new();
+        client.stdout.as_mut().unwrap().read_line(&mut line).unwrap();
+        let report: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(report["errors"], json!({}), "connections failed during the upgrade: {report}");
+        let seen = report["tags"].as_object().unwrap();
+        assert!(seen.keys().all(|t| tags.contains(&t.as_str())), "a connection reached another family: {report}");
+        assert!(tags.iter().all(|t| seen.get(*t).and_then(Value::as_u64).unwrap_or(0) > 100), "{report}");
+        let total: u64 = seen.values().map(|v| v.as_u64().unwrap()).sum();
+        assert_eq!(report["peer_is_target"].as_u64(), Some(total), "{report}");
+    }
+
+    // The array serves later changes: the kill switch, and a new backend set (a new revision).
+    let (status, body) = lab.agent.call("PUT", "/v1/services/web/canary", Some(&json!({ "percent": 0 })));
+    assert_eq!(status, 200, "{body}");
+    let report = tcp_connects(lab.inside(), FRONTEND4, 100);
+    assert_eq!((report.tag("stable"), report.peer_is_target()), (100, 100), "{:?}", report.raw);
+    let revision = lab.agent.service("web")["revision"].as_u64().unwrap();
+    let body = json!({
+        "frontends": [FRONTEND4, FRONTEND6],
+        "stable": ["127.0.0.1:8002", "[::1]:8002"],
+        "canary": ["127.0.0.1:8001"],
+        "canary_percent": 0,
+    });
+    let (status, reply) = lab.agent.call("PUT", "/v1/services/web", Some(&body));
+    assert_eq!(status, 200, "{reply}");
+    assert_ne!(lab.agent.service("web")["revision"].as_u64().unwrap(), revision, "a new backend set, a new revision");
+    let report = tcp_connects(lab.inside(), FRONTEND4, 100);
+    assert_eq!((report.tag("canary"), report.peer_is_target()), (100, 100), "stable is now :8002: {:?}", report.raw);
+    let report = tcp_connects(lab.inside(), FRONTEND6, 100);
+    assert_eq!(report.tag("canary6"), 100, "{:?}", report.raw);
+}
+
 /// An upgrade from an agent that kept per-CPU counters (COUNTERS_V2): each service's counts
 /// carry over into the shared COUNTERS_V3, summed over CPUs, before the new programs run, and
 /// the old map is unpinned. (The older agent is stood in for by its map, made with bpftool in
