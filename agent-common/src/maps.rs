@@ -150,7 +150,9 @@ impl FrontendValue {
             (_, FAMILY_V4) => stable,
             _ => stable + self.canary_v4 as u32,
         };
-        self.revision.wrapping_add(before).wrapping_add(index as u32)
+        // Saturating: a garbage revision near the end never wraps into live slots (the lookup
+        // of u32::MAX misses and the connection goes on untouched).
+        self.revision.saturating_add(before).saturating_add(index as u32)
     }
 
     /// Slots the revision takes.

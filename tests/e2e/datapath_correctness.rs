@@ -968,7 +968,7 @@ fn services_of_an_agent_before_the_backend_array_carry_over() {
         old_value[4..8].copy_from_slice(&old_revision.to_ne_bytes());
         map_update(&frontends_v1, key, &old_value);
     }
-    assert_eq!(carried_backends, 8, "each frontend's revision holds two backends per side and family");
+    assert_eq!(carried_backends, 8, "one backend per side and family, once for each of the two frontends");
     std::fs::remove_file(bpffs.join("FRONTENDS_V2")).unwrap();
     std::fs::remove_file(bpffs.join("BACKENDS_V2")).unwrap();
 

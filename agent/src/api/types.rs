@@ -137,8 +137,9 @@ pub struct ServiceState {
     pub stable: Vec<String>,
     pub canary: Vec<String>,
     pub cohorts: Vec<CohortConfig>,
-    /// The datapath revision of the service's backend set (changes when backends, affinity or
-    /// cohorts change, not with the weight).
+    /// The datapath revision of the service's backend set: its first slot in the backend array
+    /// (changes when backends, affinity or cohorts change, not with the weight; a number is
+    /// reused once the revision that had it is gone, so compare for inequality only).
     pub revision: u32,
     /// A Kubernetes service's table and discovery status; null for services written with
     /// addresses.

@@ -109,8 +109,9 @@ pub enum DatapathError {
     #[error("{count} frontends in all, at most {MAX_FRONTENDS} are supported")]
     TooManyFrontends { count: usize },
     #[error(
-        "the change needs {needed} backend slots but {free} of {MAX_BACKEND_SLOTS} are free (replaced revisions free \
-         theirs {REVISION_GRACE:?} after the change that replaced them)"
+        "the change needs {needed} backend slots but {free} of {} are free (a service without backends takes one; \
+         replaced revisions free theirs {REVISION_GRACE:?} after the change that replaced them)",
+        MAX_BACKEND_SLOTS - 1
     )]
     TooManyBackendSlots { needed: usize, free: usize },
     #[error(
@@ -353,10 +354,6 @@ impl Datapath {
         // records its programs made (and make until the links are updated) are in SOCKETS_V1.
         let legacy_records_possible =
             options.bpffs.join(MAP_SOCKETS).exists() && !options.bpffs.join(MAP_SOCKET_TABLE).exists();
-        // An agent before the backend array left FRONTENDS_V1 and BACKENDS_V1 (and no FRONTENDS_V2):
-        // its services are copied over before the new programs run.
-        let upgrade_frontends =
-            options.bpffs.join(MAP_FRONTENDS_V1).exists() && !options.bpffs.join(MAP_FRONTENDS).exists();
         let mut ebpf = loader::load_object(options, &sizes)?;
         let mut frontends: HashMap<MapData, FrontendKey, FrontendValue> = take_map(&mut ebpf, MAP_FRONTENDS)?;
         let mut backends: Array<MapData, BackendValue> = take_map(&mut ebpf, MAP_BACKENDS)?;
@@ -379,8 +376,15 @@ impl Datapath {
         // made only while this mark is set.
         mark_legacy_socket_records(&mut socket_table, &sockets, legacy_records_possible)?;
 
-        let upgraded =
-            if upgrade_frontends { upgrade_backends(&options.bpffs, &mut frontends, &mut backends)? } else { 0 };
+        // An agent before the backend array left FRONTENDS_V1 and BACKENDS_V1: its services are
+        // copied over before the new programs run, unless an earlier start already did (the V1
+        // pins go only once the new programs run, so a start that failed in between copies again).
+        let upgrade_frontends = options.bpffs.join(MAP_FRONTENDS_V1).exists() && frontends.keys().next().is_none();
+        let upgraded = if upgrade_frontends {
+            upgrade_backends(&options.bpffs, &mut frontends, &mut backends)?
+        } else {
+            Upgraded::default()
+        };
 
         // What an earlier run left, read before anything changes: the revisions pinned frontends
         // point at (a revision no frontend points at is free: nothing reads it).
@@ -389,11 +393,13 @@ impl Datapath {
         let mut revisions: StdHashMap<u32, u32> = StdHashMap::new();
         let mut pinned_revisions: StdHashMap<u32, Vec<(BackendPlace, BackendValue)>> = StdHashMap::new();
         for value in frontend_table.values() {
-            if value.revision == 0 || revisions.contains_key(&value.revision) {
+            if value.revision == 0 {
                 continue;
             }
-            revisions.insert(value.revision, value.backend_slots().max(1));
-            pinned_revisions.insert(value.revision, pinned_backends(&backends, value));
+            let len = revisions.entry(value.revision).or_insert(0);
+            // The longest any frontend gives it (they agree unless the map was tampered with).
+            *len = (*len).max(value.backend_slots().max(1));
+            pinned_revisions.entry(value.revision).or_insert_with(|| pinned_backends(&backends, value));
         }
         let backend_slots = BackendSlots::new(MAX_BACKEND_SLOTS, revisions.iter().map(|(r, len)| (*r, *len)));
         let migrated = migrate_counters(&options.bpffs, &mut counters)?;
@@ -425,9 +431,17 @@ impl Datapath {
         }
         if upgrade_frontends {
             log::info!(
-                "carried {upgraded} frontends over from {MAP_FRONTENDS_V1} and {MAP_BACKENDS_V1} into {MAP_FRONTENDS} and \
-                 {MAP_BACKENDS}"
+                "carried {} frontends over from {MAP_FRONTENDS_V1} and {MAP_BACKENDS_V1} into {MAP_FRONTENDS} and \
+                 {MAP_BACKENDS}",
+                upgraded.carried
             );
+            if upgraded.left_out > 0 {
+                log::warn!(
+                    "{} frontends of {MAP_FRONTENDS_V1} were not carried over (their backends were incomplete or did \
+                     not fit {MAP_BACKENDS}): unsteered until the first sync writes them",
+                    upgraded.left_out
+                );
+            }
         }
         let updated = links.iter().filter(|(_, o)| *o == LinkOutcome::Updated).count();
         if updated > 0 {
@@ -602,16 +616,23 @@ impl Datapath {
                 continue;
             }
             if let Err(err) = self.frontends.insert(key, value, 0) {
-                // Put the frontends switched so far back, then undo the rest: nothing changed.
+                // Put the frontends switched so far back, then undo the rest: nothing changed. A
+                // frontend that cannot be put back (the memory pressure that failed the switch)
+                // keeps its new value, and the table says so: its revision counts as referenced
+                // (`referenced_revisions`), so its slots are never handed to another service. The
+                // new revisions are retired, not freed: freed after the grace unless referenced.
                 for (key, previous) in written.into_iter().rev() {
-                    match previous {
-                        Some(value) => {
-                            let _ = self.frontends.insert(key, value, 0);
-                        }
-                        None => {
-                            let _ = self.frontends.remove(&key);
-                        }
+                    let restored = match previous {
+                        Some(value) => self.frontends.insert(key, value, 0),
+                        None => self.frontends.remove(&key),
+                    };
+                    if let Err(restore) = restored {
+                        log::error!("putting frontend {key:?} back after a failed change: {restore}");
+                        self.frontend_table.insert(key, target[&key]);
                     }
+                }
+                for revision in std::mem::take(&mut undo.revisions) {
+                    self.retired.insert(revision, now);
                 }
                 self.undo(undo);
                 return Err(map_err(MAP_FRONTENDS)(err));
@@ -689,7 +710,7 @@ impl Datapath {
             if self.pinned_start.take().is_some() {
                 self.ids.drain_unclaimed(now);
             }
-            let referenced: HashSet<u32> = self.services.values().flat_map(Installed::revisions).collect();
+            let referenced = self.referenced_revisions();
             for revision in self.revisions.keys() {
                 if !referenced.contains(revision) {
                     self.retired.entry(*revision).or_insert(now);
@@ -1015,7 +1036,7 @@ impl Datapath {
     /// socket record of theirs is open (deleting their counters).
     pub fn reap_retired(&mut self) {
         let now = Instant::now();
-        let referenced: HashSet<u32> = self.services.values().flat_map(Installed::revisions).collect();
+        let referenced = self.referenced_revisions();
         let due: Vec<u32> = self
             .retired
             .iter()
@@ -1036,6 +1057,16 @@ impl Datapath {
                 }
             }
         }
+    }
+
+    /// Revisions a frontend points at, in the kernel (`frontend_table` mirrors it) or in what the
+    /// services hold: their slots must not be handed out.
+    fn referenced_revisions(&self) -> HashSet<u32> {
+        self.frontend_table
+            .values()
+            .map(|v| v.revision)
+            .chain(self.services.values().flat_map(Installed::revisions))
+            .collect()
     }
 
     /// Zeroes both sides' counters of `id` (an id handed to a new service, or freed).
@@ -1237,17 +1268,40 @@ fn pinned_backends(
     read.unwrap_or_default()
 }
 
+/// What `upgrade_backends` carried over.
+#[derive(Debug, Default)]
+struct Upgraded {
+    carried: usize,
+    left_out: usize,
+}
+
 /// Copies the services of an agent before the backend array (FRONTENDS_V1, and BACKENDS_V1: a
-/// hash keyed by revision number and place) into FRONTENDS and BACKENDS, both new and empty,
-/// before the new programs run: each revision gets a run of slots from 1 on, and each frontend
-/// its value with the revision's first slot. A frontend whose revision is incomplete is left out
-/// (its connections went untouched before, and the first sync writes it). Returns how many
-/// frontends were carried over.
+/// hash keyed by revision number and place) into FRONTENDS and BACKENDS (FRONTENDS empty) before
+/// the new programs run: each revision gets a run of slots from 1 on, and each frontend its value
+/// with the revision's first slot. A frontend whose revision is incomplete is left out (counted;
+/// the first sync writes it). On error the frontends copied so far are removed again, so that the
+/// next start copies them whole.
 fn upgrade_backends(
     bpffs: &Path,
     frontends: &mut HashMap<MapData, FrontendKey, FrontendValue>,
     backends: &mut Array<MapData, BackendValue>,
-) -> Result<usize, DatapathError> {
+) -> Result<Upgraded, DatapathError> {
+    let mut copied: Vec<FrontendKey> = Vec::new();
+    let result = copy_v1_services(bpffs, frontends, backends, &mut copied);
+    if result.is_err() {
+        for key in copied {
+            let _ = frontends.remove(&key);
+        }
+    }
+    result
+}
+
+fn copy_v1_services(
+    bpffs: &Path,
+    frontends: &mut HashMap<MapData, FrontendKey, FrontendValue>,
+    backends: &mut Array<MapData, BackendValue>,
+    copied: &mut Vec<FrontendKey>,
+) -> Result<Upgraded, DatapathError> {
     let open = |name: &str| {
         let pin = bpffs.join(name);
         MapData::from_pin(&pin).map_err(|source| DatapathError::PinnedMap { path: pin, source })
@@ -1255,40 +1309,50 @@ fn upgrade_backends(
     let pinned = |name: &str, source: MapError| DatapathError::PinnedMap { path: bpffs.join(name), source };
     let old_frontends: HashMap<MapData, FrontendKey, FrontendValue> =
         HashMap::try_from(Map::HashMap(open(MAP_FRONTENDS_V1)?)).map_err(|e| pinned(MAP_FRONTENDS_V1, e))?;
-    let old_backends: HashMap<MapData, BackendKeyV1, BackendValue> =
-        HashMap::try_from(Map::HashMap(open(MAP_BACKENDS_V1)?)).map_err(|e| pinned(MAP_BACKENDS_V1, e))?;
+    // Without BACKENDS_V1 no revision has backends: only empty ones carry over.
     let mut old_revisions: StdHashMap<u32, StdHashMap<(u8, u8, u16), BackendValue>> = StdHashMap::new();
-    for (key, value) in old_backends.iter().filter_map(Result::ok) {
-        old_revisions.entry(key.revision).or_default().insert((key.side, key.family, key.index), value);
+    if bpffs.join(MAP_BACKENDS_V1).exists() {
+        let old_backends: HashMap<MapData, BackendKeyV1, BackendValue> =
+            HashMap::try_from(Map::HashMap(open(MAP_BACKENDS_V1)?)).map_err(|e| pinned(MAP_BACKENDS_V1, e))?;
+        for (key, value) in old_backends.iter().filter_map(Result::ok) {
+            old_revisions.entry(key.revision).or_default().insert((key.side, key.family, key.index), value);
+        }
     }
+    let no_backends = StdHashMap::new();
     let mut slots = BackendSlots::new(MAX_BACKEND_SLOTS, []);
     // Old revision number -> its first slot now.
     let mut moved: StdHashMap<u32, u32> = StdHashMap::new();
-    let mut carried = 0;
+    let mut upgraded = Upgraded::default();
     for (key, value) in old_frontends.iter().filter_map(Result::ok) {
         let first = match moved.get(&value.revision) {
-            Some(first) => *first,
+            Some(first) => Some(*first),
             None => {
-                let Some(old) = old_revisions.get(&value.revision) else { continue };
+                let old = old_revisions.get(&value.revision).unwrap_or(&no_backends);
                 let places = places_of(&value);
-                let Some(backends_in_order) =
-                    places.iter().map(|p| old.get(&(p.side, p.family, p.index)).copied()).collect::<Option<Vec<_>>>()
-                else {
-                    continue;
-                };
+                let in_order: Option<Vec<BackendValue>> =
+                    places.iter().map(|p| old.get(&(p.side, p.family, p.index)).copied()).collect();
                 let len = u32::try_from(places.len()).unwrap_or(u32::MAX).max(1);
-                let Some(first) = slots.allocate(len) else { continue };
-                for (slot, backend) in (first..).zip(&backends_in_order) {
-                    backends.set(slot, backend, 0).map_err(map_err(MAP_BACKENDS))?;
+                match in_order.zip(slots.allocate(len)) {
+                    Some((in_order, first)) => {
+                        for (slot, backend) in (first..).zip(&in_order) {
+                            backends.set(slot, backend, 0).map_err(map_err(MAP_BACKENDS))?;
+                        }
+                        moved.insert(value.revision, first);
+                        Some(first)
+                    }
+                    None => None,
                 }
-                moved.insert(value.revision, first);
-                first
             }
         };
+        let Some(first) = first else {
+            upgraded.left_out += 1;
+            continue;
+        };
         frontends.insert(key, FrontendValue { revision: first, ..value }, 0).map_err(map_err(MAP_FRONTENDS))?;
-        carried += 1;
+        copied.push(key);
+        upgraded.carried += 1;
     }
-    Ok(carried)
+    Ok(upgraded)
 }
 
 /// Backends `old` had that `new` does not, on either side.

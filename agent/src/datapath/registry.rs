@@ -148,10 +148,16 @@ impl BackendSlots {
         Some(start)
     }
 
-    /// Gives back the run `allocate(len)` returned.
+    /// Gives back the run `allocate(len)` returned. A run outside the table, or one that overlaps
+    /// a free run (given back twice), is ignored: no slot is ever free twice.
     pub fn release(&mut self, start: u32, len: u32) {
         let len = len.max(1);
         if start == 0 || start.saturating_add(len) > self.capacity {
+            return;
+        }
+        let end = start + len;
+        let overlaps_before = self.free.range(..end).next_back().is_some_and(|(&s, &run)| s + run > start);
+        if overlaps_before {
             return;
         }
         let (mut start, mut len) = (start, len);
@@ -238,5 +244,10 @@ mod tests {
         slots.release(0, 1);
         slots.release(15, 5);
         assert_eq!(slots.free_slots(), 15, "runs outside the table are ignored");
+        assert_eq!(slots.allocate(4), Some(1));
+        slots.release(1, 4);
+        slots.release(1, 4);
+        slots.release(3, 2);
+        assert_eq!((slots.free_slots(), slots.longest_run()), (15, 15), "a run given back twice is free once");
     }
 }
