@@ -32,6 +32,12 @@ pub fn sock_health(ctx: SockOpsContext) -> u32 {
     {
         return 1;
     }
+    // Of the state changes (steered sockets only), only the close matters: the others (a
+    // connection's ESTABLISHED, FIN_WAIT, CLOSE_WAIT, LAST_ACK, TIME_WAIT...) end here, before
+    // the record's line is read.
+    if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) != BPF_TCP_CLOSE {
+        return 1;
+    }
     // An unsteered socket has no cookie yet (connect4 asks for one only when it steers): asking
     // for it here would make one for every TCP connection and take a lookup that misses.
     // State and RTO callbacks come only for steered sockets (their connect callback asked for
@@ -69,10 +75,7 @@ pub fn sock_health(ctx: SockOpsContext) -> u32 {
             });
         }
         BPF_SOCK_OPS_STATE_CB => {
-            if ctx.arg(1) != BPF_TCP_CLOSE {
-                return 1;
-            }
-            // The kernel closes the socket: count how the attempt ended (refused or timed out
+            // The kernel closes the socket (the only state change that gets here): count how the attempt ended (refused or timed out
             // while the client waited, or given up by the client), take the connection's
             // last RTT, and forget the record.
             let outcome = attempt_outcome(record.flags, ctx.arg(0));
