@@ -398,7 +398,7 @@ impl Datapath {
             }
             let len = revisions.entry(value.revision).or_insert(0);
             // The longest any frontend gives it (they agree unless the map was tampered with).
-            *len = (*len).max(value.backend_slots().max(1));
+            *len = (*len).max(BackendSlots::run_len(value.backend_slots() as usize));
             pinned_revisions.entry(value.revision).or_insert_with(|| pinned_backends(&backends, value));
         }
         let backend_slots = BackendSlots::new(MAX_BACKEND_SLOTS, revisions.iter().map(|(r, len)| (*r, *len)));
@@ -758,7 +758,7 @@ impl Datapath {
                     None => match self.adoptable_revision(&frontends, id, seed, &layout) {
                         Some(r) if *adopted.entry(r).or_insert(id) == id => r,
                         _ => {
-                            new_slots += layout.len().max(1);
+                            new_slots += BackendSlots::run_len(layout.len()) as usize;
                             0 // written below, once the total is known to fit
                         }
                     },
@@ -874,7 +874,7 @@ impl Datapath {
         layout: &[(BackendPlace, BackendValue)],
         undo: &mut Undo,
     ) -> Result<u32, DatapathError> {
-        let len = u32::try_from(layout.len()).unwrap_or(u32::MAX).max(1);
+        let len = BackendSlots::run_len(layout.len());
         let revision = self.backend_slots.allocate(len).ok_or_else(|| DatapathError::BackendSlotsFragmented {
             needed: len,
             longest: self.backend_slots.longest_run(),
@@ -1331,8 +1331,11 @@ fn copy_v1_services(
                 let places = places_of(&value);
                 let in_order: Option<Vec<BackendValue>> =
                     places.iter().map(|p| old.get(&(p.side, p.family, p.index)).copied()).collect();
-                let len = u32::try_from(places.len()).unwrap_or(u32::MAX).max(1);
-                match in_order.zip(slots.allocate(len)) {
+                // Slots only for a revision that is whole.
+                let run = in_order.and_then(|in_order| {
+                    slots.allocate(BackendSlots::run_len(places.len())).map(|first| (in_order, first))
+                });
+                match run {
                     Some((in_order, first)) => {
                         for (slot, backend) in (first..).zip(&in_order) {
                             backends.set(slot, backend, 0).map_err(map_err(MAP_BACKENDS))?;

@@ -117,6 +117,12 @@ pub struct BackendSlots {
 }
 
 impl BackendSlots {
+    /// Slots a revision of `backends` backends takes: one each, and one for an empty set too, so
+    /// that every revision has a first slot of its own to be named by.
+    pub fn run_len(backends: usize) -> u32 {
+        u32::try_from(backends).unwrap_or(u32::MAX).max(1)
+    }
+
     /// Slots `1..capacity`, less the runs (first slot, length) pinned state uses.
     pub fn new(capacity: u32, taken: impl IntoIterator<Item = (u32, u32)>) -> Self {
         let mut taken: Vec<(u32, u32)> = taken.into_iter().filter(|(_, len)| *len > 0).collect();
@@ -224,6 +230,7 @@ mod tests {
 
     #[test]
     fn backend_slots_are_runs_that_merge_when_given_back() {
+        assert_eq!((BackendSlots::run_len(0), BackendSlots::run_len(3)), (1, 3));
         let mut slots = BackendSlots::new(16, [(4, 2), (10, 1)]);
         assert_eq!(slots.free_slots(), 12, "1..16 less 4, 5 and 10");
         assert_eq!(slots.allocate(3), Some(1), "first fit: slots 1..4");
