@@ -24,19 +24,23 @@ pub const MAP_UDP_FLOWS: &str = "UDP_FLOWS_V1";
 /// Network namespace bucket -> SOCKETS records its sockets hold (the per-namespace bound).
 pub const MAP_NETNS_SOCKETS: &str = "NETNS_SOCKETS_V1";
 /// `counter_slot(service id, side)` -> the side's counters, one copy shared by every CPU.
-pub const MAP_COUNTERS: &str = "COUNTERS_V3";
+pub const MAP_COUNTERS: &str = "COUNTERS_V4";
 /// (client cgroup id, service id) -> cohort override.
 pub const MAP_COHORTS: &str = "COHORTS_V1";
 /// Single slot of node-wide settings the agent writes at start.
 pub const MAP_SETTINGS: &str = "SETTINGS_V2";
 
 /// Maps an earlier agent pinned under names this one no longer uses. The agent reads what it
-/// still needs from them (COUNTERS_V1 and COUNTERS_V2: the counts of every service) and unpins
-/// them once its own programs run.
+/// still needs from them (COUNTERS_V1, COUNTERS_V2 and COUNTERS_V3: the counts of every service)
+/// and unpins them once its own programs run.
 pub const MAP_COUNTERS_V1: &str = "COUNTERS_V1";
 /// Per-CPU hash keyed by `CounterKey`: its memory grew with services × CPUs (about 250 MiB at
 /// 10,000 services on a 96-CPU node).
 pub const MAP_COUNTERS_V2: &str = "COUNTERS_V2";
+/// The shared counters array before COUNTERS_V4 (`SideCountersV3`): every steered `connect()`
+/// made two atomic adds in it (`connections_steered` and `socket_records_opened`), where one
+/// now derives the other.
+pub const MAP_COUNTERS_V3: &str = "COUNTERS_V3";
 pub const MAP_SETTINGS_V1: &str = "SETTINGS_V1";
 /// FRONTENDS and BACKENDS of an agent before the backend array: the same frontend value, whose
 /// revision was a number keying a hash of backends (`BackendKeyV1`). The agent copies both into
@@ -311,22 +315,40 @@ const _: () = assert!(core::mem::size_of::<CounterKey>() == 8);
 
 /// Value of COUNTERS: what the kernel saw for one side of one service. One copy for all CPUs,
 /// every field moved by atomic adds: a per-CPU copy would multiply the map by the CPU count
-/// (136 B × 2 sides × CPUs a service), and the programs add at most a few times per connection.
+/// (136 B × 2 sides × CPUs a service). A steered `connect()` makes one add (to
+/// `connections_steered`, plus one only when its socket goes unrecorded): the records it opened
+/// are derived (`socket_records_opened`). The fields the connecting process moves come first, those
+/// the TCP stack moves (often on another CPU) after them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct SideCounters {
-    /// `connect()` calls steered (TCP, and UDP sockets that connect).
+    /// `connect()` calls steered (TCP, and UDP sockets that connect). Each opened a socket record
+    /// unless it is counted in `socket_table_full` or `socket_netns_full`.
     pub connections_steered: u64,
     /// Datagrams steered on unconnected UDP sockets.
     pub datagrams_steered: u64,
+    /// `connect()` calls steered without a socket record because the socket table was full: the
+    /// connection goes to its backend, but `getpeername()` shows the backend and its health is not
+    /// counted.
+    pub socket_table_full: u64,
+    /// Steered without a socket record because the client's network namespace holds its share of
+    /// the table (`agent.steered_sockets_per_netns`); otherwise as `socket_table_full`.
+    pub socket_netns_full: u64,
+    /// Datagrams steered without a reply translation (the UDP flow could not be recorded).
+    pub flow_table_full: u64,
+    /// Fail-open: the chosen backend slot was outside BACKENDS or empty (never, unless the agent
+    /// wrote a frontend before its revision).
+    pub fail_open_backend_missing: u64,
+    /// TCP connection attempts the client gave up (closed the socket in SYN_SENT: a connect
+    /// timeout, a cancelled request). A canary that drops SYNs shows up here.
+    pub abandoned_attempts: u64,
+    /// Socket records deleted (TCP and connected UDP).
+    pub socket_records_closed: u64,
     /// TCP connections that reached ESTABLISHED.
     pub established: u64,
     /// TCP connection attempts the kernel ended before ESTABLISHED (refused, reset in SYN_SENT,
     /// unreachable, or timed out by the kernel) while the application still held the socket.
     pub failed_attempts: u64,
-    /// TCP connection attempts the client gave up (closed the socket in SYN_SENT: a connect
-    /// timeout, a cancelled request). A canary that drops SYNs shows up here.
-    pub abandoned_attempts: u64,
     /// Established TCP connections closed by a reset.
     pub resets: u64,
     /// Retransmission timeouts.
@@ -340,25 +362,93 @@ pub struct SideCounters {
     /// The at-close part of the above.
     pub srtt_close_sum_us: u64,
     pub srtt_close_samples: u64,
-    /// Socket records created and deleted (TCP and connected UDP): the difference is the open
-    /// steered sockets still attributed to this service.
-    pub socket_records_opened: u64,
-    pub socket_records_closed: u64,
-    /// Steered without a socket record because the socket table was full: the connection goes to
-    /// its backend, but `getpeername()` shows the backend and its health is not counted.
-    pub socket_table_full: u64,
-    /// Steered without a socket record because the client's network namespace holds its share of
-    /// the table (`agent.steered_sockets_per_netns`); otherwise as `socket_table_full`.
-    pub socket_netns_full: u64,
-    /// Fail-open: the chosen backend slot was outside BACKENDS or empty (never, unless the agent
-    /// wrote a frontend before its revision).
-    pub fail_open_backend_missing: u64,
 }
 const _: () = assert!(core::mem::size_of::<SideCounters>() == 136);
 
 impl SideCounters {
+    /// Socket records created: every steered `connect()` but those that went unrecorded.
+    pub fn socket_records_opened(&self) -> u64 {
+        self.connections_steered.saturating_sub(self.socket_table_full).saturating_sub(self.socket_netns_full)
+    }
+
+    /// Steered sockets whose records are still open (a record is often created on one CPU and
+    /// deleted on another; the counts are shared, so the difference holds).
+    pub fn open_socket_records(&self) -> u64 {
+        self.socket_records_opened().saturating_sub(self.socket_records_closed)
+    }
+
+    /// Steered sockets or datagrams that went without a record because a table was full: the
+    /// socket table, or the UDP flow table.
+    pub fn table_full(&self) -> u64 {
+        self.socket_table_full.saturating_add(self.flow_table_full)
+    }
+}
+
+impl From<SideCountersV3> for SideCounters {
+    /// Exact for counts the V3 programs made: each steered `connect()` added to
+    /// `connections_steered` and to exactly one of `socket_records_opened`, `socket_table_full`
+    /// and `socket_netns_full`; datagrams whose flow went unrecorded also went to
+    /// `socket_table_full`. The records open at the upgrade stay open.
+    fn from(v3: SideCountersV3) -> Self {
+        let socket_table_full = v3
+            .connections_steered
+            .saturating_sub(v3.socket_records_opened)
+            .saturating_sub(v3.socket_netns_full)
+            .min(v3.socket_table_full);
+        let mut v4 = SideCounters {
+            connections_steered: v3.connections_steered,
+            datagrams_steered: v3.datagrams_steered,
+            socket_table_full,
+            socket_netns_full: v3.socket_netns_full,
+            flow_table_full: v3.socket_table_full - socket_table_full,
+            fail_open_backend_missing: v3.fail_open_backend_missing,
+            abandoned_attempts: v3.abandoned_attempts,
+            socket_records_closed: 0,
+            established: v3.established,
+            failed_attempts: v3.failed_attempts,
+            resets: v3.resets,
+            rto: v3.rto,
+            rto_connections: v3.rto_connections,
+            srtt_sum_us: v3.srtt_sum_us,
+            srtt_samples: v3.srtt_samples,
+            srtt_close_sum_us: v3.srtt_close_sum_us,
+            srtt_close_samples: v3.srtt_close_samples,
+        };
+        let open = v3.socket_records_opened.saturating_sub(v3.socket_records_closed);
+        v4.socket_records_closed = v4.socket_records_opened().saturating_sub(open);
+        v4
+    }
+}
+
+/// Value of COUNTERS_V3 and COUNTERS_V2 (per-CPU there), the layout agents before COUNTERS_V4
+/// wrote; read once at an upgrade so that every service's counts carry on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SideCountersV3 {
+    pub connections_steered: u64,
+    pub datagrams_steered: u64,
+    pub established: u64,
+    pub failed_attempts: u64,
+    pub abandoned_attempts: u64,
+    pub resets: u64,
+    pub rto: u64,
+    pub rto_connections: u64,
+    pub srtt_sum_us: u64,
+    pub srtt_samples: u64,
+    pub srtt_close_sum_us: u64,
+    pub srtt_close_samples: u64,
+    pub socket_records_opened: u64,
+    pub socket_records_closed: u64,
+    /// Connects without a record and datagrams without a flow, both.
+    pub socket_table_full: u64,
+    pub socket_netns_full: u64,
+    pub fail_open_backend_missing: u64,
+}
+const _: () = assert!(core::mem::size_of::<SideCountersV3>() == 136);
+
+impl SideCountersV3 {
     /// Adds another CPU's counters.
-    pub fn add(&mut self, other: &SideCounters) {
+    pub fn add(&mut self, other: &SideCountersV3) {
         self.connections_steered += other.connections_steered;
         self.datagrams_steered += other.datagrams_steered;
         self.established += other.established;
@@ -376,12 +466,6 @@ impl SideCounters {
         self.socket_table_full += other.socket_table_full;
         self.socket_netns_full += other.socket_netns_full;
         self.fail_open_backend_missing += other.fail_open_backend_missing;
-    }
-
-    /// Steered sockets whose records are still open (summed over CPUs first: a record is often
-    /// created on one CPU and deleted on another).
-    pub fn open_socket_records(&self) -> u64 {
-        self.socket_records_opened.saturating_sub(self.socket_records_closed)
     }
 }
 
@@ -403,9 +487,26 @@ pub struct SideCountersV1 {
 }
 const _: () = assert!(core::mem::size_of::<SideCountersV1>() == 80);
 
+impl SideCountersV1 {
+    /// Adds another CPU's counters.
+    pub fn add(&mut self, other: &SideCountersV1) {
+        self.connections_steered += other.connections_steered;
+        self.datagrams_steered += other.datagrams_steered;
+        self.established += other.established;
+        self.failed_attempts += other.failed_attempts;
+        self.resets += other.resets;
+        self.rto += other.rto;
+        self.srtt_sum_us += other.srtt_sum_us;
+        self.srtt_samples += other.srtt_samples;
+        self.fail_open_backend_missing += other.fail_open_backend_missing;
+        self.fail_open_socket_table_full += other.fail_open_socket_table_full;
+    }
+}
+
 impl From<SideCountersV1> for SideCounters {
+    /// V1 kept no socket records' counts: none is open after the upgrade.
     fn from(v1: SideCountersV1) -> Self {
-        SideCounters {
+        let mut v4 = SideCounters {
             connections_steered: v1.connections_steered,
             datagrams_steered: v1.datagrams_steered,
             established: v1.established,
@@ -415,9 +516,11 @@ impl From<SideCountersV1> for SideCounters {
             srtt_sum_us: v1.srtt_sum_us,
             srtt_samples: v1.srtt_samples,
             fail_open_backend_missing: v1.fail_open_backend_missing,
-            socket_table_full: v1.fail_open_socket_table_full,
+            socket_table_full: v1.fail_open_socket_table_full.min(v1.connections_steered),
             ..Default::default()
-        }
+        };
+        v4.socket_records_closed = v4.socket_records_opened();
+        v4
     }
 }
 
@@ -463,6 +566,7 @@ mod user {
     unsafe impl aya::Pod for super::UdpFlow {}
     unsafe impl aya::Pod for super::CounterKey {}
     unsafe impl aya::Pod for super::SideCounters {}
+    unsafe impl aya::Pod for super::SideCountersV3 {}
     unsafe impl aya::Pod for super::SideCountersV1 {}
     unsafe impl aya::Pod for super::CohortKey {}
     unsafe impl aya::Pod for super::Settings {}
@@ -561,5 +665,57 @@ mod tests {
         assert_eq!(counter_slot(MAX_SERVICES - 1, SIDE_CANARY), Some(COUNTER_SLOTS - 1));
         assert_eq!(counter_slot(MAX_SERVICES, SIDE_STABLE), None);
         assert_eq!(counter_slot(3, 2), None);
+    }
+
+    #[test]
+    fn v3_counters_carry_over_exactly() {
+        // 10 connects: 6 recorded (2 still open), 3 with the table full, 1 with the namespace
+        // full; and 4 datagrams whose flow went unrecorded, in the same V3 field.
+        let v3 = SideCountersV3 {
+            connections_steered: 10,
+            datagrams_steered: 50,
+            socket_records_opened: 6,
+            socket_records_closed: 4,
+            socket_table_full: 3 + 4,
+            socket_netns_full: 1,
+            established: 5,
+            srtt_close_samples: 2,
+            ..Default::default()
+        };
+        let v4 = SideCounters::from(v3);
+        assert_eq!(v4.connections_steered, 10);
+        assert_eq!(v4.socket_records_opened(), 6);
+        assert_eq!(v4.open_socket_records(), 2);
+        assert_eq!((v4.socket_table_full, v4.flow_table_full, v4.table_full()), (3, 4, 7));
+        assert_eq!((v4.socket_netns_full, v4.datagrams_steered, v4.established), (1, 50, 5));
+        assert_eq!(v4.srtt_close_samples, 2);
+        // Counts no V3 program could make (tampered): nothing underflows, nothing is invented.
+        let odd = SideCounters::from(SideCountersV3 { socket_records_opened: 9, socket_table_full: 2, ..v3 });
+        assert_eq!((odd.socket_table_full, odd.flow_table_full), (0, 2));
+        assert!(odd.open_socket_records() <= 5);
+    }
+
+    #[test]
+    fn v1_counters_carry_over_with_no_record_open() {
+        let v1 = SideCountersV1 {
+            connections_steered: 8,
+            fail_open_socket_table_full: 3,
+            established: 4,
+            ..Default::default()
+        };
+        let v4 = SideCounters::from(v1);
+        assert_eq!((v4.connections_steered, v4.socket_table_full, v4.established), (8, 3, 4));
+        assert_eq!(v4.open_socket_records(), 0);
+    }
+
+    #[test]
+    fn a_connect_opens_a_record_unless_it_is_counted_unrecorded() {
+        let mut c =
+            SideCounters { connections_steered: 5, socket_table_full: 1, socket_netns_full: 1, ..Default::default() };
+        assert_eq!(c.socket_records_opened(), 3);
+        c.socket_records_closed = 2;
+        assert_eq!(c.open_socket_records(), 1);
+        c.flow_table_full = 4;
+        assert_eq!((c.table_full(), c.socket_records_opened()), (5, 3), "datagrams open no socket record");
     }
 }

@@ -70,10 +70,10 @@ pub static NETNS_SOCKETS: Array<u64> = Array::pinned(NETNS_BUCKETS, 0);
 
 /// `counter_slot(service, side)` -> counters. Writers: every program, by atomic adds (one copy
 /// for all CPUs: per-CPU copies would multiply the map by the CPU count, about 250 MiB at 10,000
-/// services on 96 CPUs); the agent zeroes a slot before it hands its id to a new service. Reader:
-/// the agent. An array: its lookup is inlined on the hot path (no helper call, no hashing), at
-/// a fixed 136 B a slot (17 MiB for every possible service id).
-#[map(name = "COUNTERS_V3")]
+/// services on 96 CPUs; a steered `connect()` makes one); the agent zeroes a slot before it hands
+/// its id to a new service. Reader: the agent. An array: its lookup is inlined on the hot path (no
+/// helper call, no hashing), at a fixed 136 B a slot (17 MiB for every possible service id).
+#[map(name = "COUNTERS_V4")]
 pub static COUNTERS: Array<SideCounters> = Array::pinned(COUNTER_SLOTS, 0);
 
 /// (client cgroup id, service) -> COHORT_ALWAYS_CANARY / COHORT_NEVER_CANARY. Writer: agent.

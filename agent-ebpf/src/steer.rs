@@ -258,10 +258,12 @@ pub fn steer<const DATAGRAM: bool>(ctx: &SockAddrContext, dst_be: &[u32; 4], por
                     if matches!(recorded, Recorded::TableFull) { LOG_REASON_TABLE_FULL } else { LOG_REASON_NETNS_FULL }
                 ),
             }
+            // One add for a recorded socket: the records opened are the connections steered
+            // less those counted unrecorded (`SideCounters::socket_records_opened`).
             bump(frontend.service_id, side, |c| {
                 count!(c, connections_steered);
                 match recorded {
-                    Recorded::Yes => count!(c, socket_records_opened),
+                    Recorded::Yes => {}
                     Recorded::TableFull => count!(c, socket_table_full),
                     Recorded::NetnsFull => count!(c, socket_netns_full),
                 }
@@ -282,7 +284,7 @@ pub fn steer<const DATAGRAM: bool>(ctx: &SockAddrContext, dst_be: &[u32; 4], por
             bump(frontend.service_id, side, |c| {
                 count!(c, datagrams_steered);
                 if !recorded {
-                    count!(c, socket_table_full);
+                    count!(c, flow_table_full);
                 }
             });
         }
@@ -326,7 +328,8 @@ fn record_socket(ctx: &SockAddrContext, cookie: u64, settings: &Settings, mut en
         }
         Inserted::Replaced(old) => {
             // The socket connects again (after a failed attempt, or a UDP socket re-connecting):
-            // its old record is counted closed where it was opened, the new one opened below.
+            // its old record is counted closed where it was opened, the new one opened (as a
+            // connection steered) by the caller.
             // Same socket, same namespace: the share it held stays held.
             bump(old.service_id, old.side, |c| count!(c, socket_records_closed));
             if old.flags & SOCKET_NETNS_COUNTED == 0 {

@@ -149,9 +149,7 @@ pub fn render(services: &[ServiceMetrics], denied: &[(&str, u64)], cluster: Opti
             let labels =
                 FailOpenLabels { service: name.clone(), side: side.to_string(), reason: "backend_missing".into() };
             fail_open.get_or_create(&labels).inc_by(c.fail_open_backend_missing);
-            for (reason, value) in
-                [("socket_table_full", c.socket_table_full), ("socket_netns_full", c.socket_netns_full)]
-            {
+            for (reason, value) in [("socket_table_full", c.table_full()), ("socket_netns_full", c.socket_netns_full)] {
                 let labels =
                     FailOpenLabels { service: name.clone(), side: side.to_string(), reason: reason.to_string() };
                 unrecorded.get_or_create(&labels).inc_by(value);

@@ -1018,7 +1018,7 @@ fn services_of_an_agent_before_the_backend_array_carry_over() {
 }
 
 /// An upgrade from an agent that kept per-CPU counters (COUNTERS_V2): each service's counts
-/// carry over into the shared COUNTERS_V3, summed over CPUs, before the new programs run, and
+/// carry over into the shared COUNTERS_V4, summed over CPUs, before the new programs run, and
 /// the old map is unpinned. (The older agent is stood in for by its map, made with bpftool in
 /// the layout it had: a per-CPU hash of (service id, side) to 136-byte counters.)
 #[test]
@@ -1081,10 +1081,83 @@ fn per_cpu_counters_of_an_older_agent_carry_over() {
     assert!(agent.log().contains("carried the counters of 1 service sides over"), "{}", agent.log());
     let memory = datapath(&agent);
     let names: Vec<&str> = memory["maps"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
-    assert!(names.contains(&"COUNTERS_V3") && !names.contains(&"COUNTERS_V2"), "{memory}");
+    assert!(names.contains(&"COUNTERS_V4") && !names.contains(&"COUNTERS_V2"), "{memory}");
     let total: u64 = memory["maps"].as_array().unwrap().iter().map(|m| m["bytes"].as_u64().unwrap()).sum();
     assert_eq!(memory["map_memory_bytes"], json!(total), "{memory}");
     assert!(total > 17 << 20, "the counters array alone is 17 MiB: {memory}");
+}
+
+/// An upgrade from an agent whose programs made two counter adds per steered `connect()`
+/// (COUNTERS_V3: `connections_steered` and `socket_records_opened`, where one now derives the
+/// other): every count carries over exactly, the records of connections still open under the old
+/// programs stay open and are counted closed by the new ones when those connections close, a
+/// table-full count that mixed connects and datagrams keeps its total, and the old map is
+/// unpinned. (The older agent is stood in for by its map, made with bpftool in its layout from
+/// what this agent counted; this agent's COUNTERS_V4 is unpinned, as that agent had none.)
+#[test]
+fn shared_counters_of_an_agent_before_the_derived_record_count_carry_over() {
+    let mut lab = Lab::new(0.0);
+    let report = tcp_connects(lab.inside(), FRONTEND4, 20);
+    assert_eq!(report.tag("stable"), 20, "{:?}", report.raw);
+    let mut held = spawn_probe(lab.inside(), &["hold", "--target", FRONTEND4, "--count", "5"]);
+    assert_eq!(held_tags(&mut held)["stable"], json!(5));
+    wait_for("the 20 closed connections' records counted closed", Duration::from_secs(5), || {
+        side(&lab.agent.service("web"), "stable", "open_socket_records") == 5
+    });
+    let before = lab.agent.service("web");
+    assert_eq!(side(&before, "stable", "connections_steered"), 25, "{before}");
+    assert_eq!(side(&before, "stable", "open_socket_records"), 5, "{before}");
+    let established = side(&before, "stable", "health.established");
+    lab.agent.stop_with(libc::SIGTERM);
+
+    let bpffs = lab.agent.bpffs.clone();
+    let frontends = map_entries(&bpffs.join("FRONTENDS_V2"));
+    let service_id = u32::from_ne_bytes(frontends[0].1[0..4].try_into().unwrap());
+    let slot = (service_id * 2).to_ne_bytes(); // the stable side
+    let v4 = map_lookup(&bpffs.join("COUNTERS_V4"), &slot);
+    let field = |at: usize| u64::from_ne_bytes(v4[at * 8..at * 8 + 8].try_into().unwrap());
+    let (steered, closed) = (field(0), field(7));
+    assert_eq!((steered, closed), (25, 20), "COUNTERS_V4: connections_steered, socket_records_closed");
+    // The same counts in the V3 layout, as the older programs kept them, plus what they counted
+    // that this test cannot provoke: 3 connects with the socket table full and 4 datagrams with
+    // the flow table full, both in V3's one socket_table_full.
+    let mut v3 = [0u64; 17];
+    v3[0] = steered + 3; // connections_steered
+    v3[2] = established;
+    v3[12] = steered; // socket_records_opened
+    v3[13] = closed; // socket_records_closed
+    v3[14] = 3 + 4; // socket_table_full
+    let v3_pin = bpffs.join("COUNTERS_V3");
+    let v3_arg = v3_pin.display().to_string();
+    let args = ["map", "create", &v3_arg, "type", "array", "key", "4", "value", "136", "entries", "131072"];
+    run("bpftool", &[&args[..], &["name", "COUNTERS_V3"]].concat());
+    map_update(&v3_pin, &slot, &v3.iter().flat_map(|f| f.to_ne_bytes()).collect::<Vec<u8>>());
+    std::fs::remove_file(bpffs.join("COUNTERS_V4")).unwrap();
+
+    lab.agent.spawn();
+    assert!(lab.agent.log().contains("carried the counters of 1 service sides over"), "{}", lab.agent.log());
+    assert!(!v3_pin.exists(), "the old counters map is unpinned once the new programs run");
+    let web = lab.agent.service("web");
+    assert_eq!(side(&web, "stable", "connections_steered"), 28, "{web}");
+    assert_eq!(side(&web, "stable", "open_socket_records"), 5, "the held connections' records: {web}");
+    assert_eq!(side(&web, "stable", "unrecorded.socket_table_full"), 7, "{web}");
+    assert_eq!(side(&web, "stable", "unrecorded.socket_netns_full"), 0, "{web}");
+    assert_eq!(side(&web, "stable", "health.established"), established, "{web}");
+
+    // The new programs count on: the old connections' closes, and new connections with one add.
+    let released = release_hold(held);
+    assert_eq!(released["stable"]["open"], json!(5), "{released}");
+    wait_for("the held connections counted closed", Duration::from_secs(5), || {
+        side(&lab.agent.service("web"), "stable", "open_socket_records") == 0
+    });
+    let report = tcp_connects(lab.inside(), FRONTEND4, 10);
+    assert_eq!((report.tag("stable"), report.peer_is_target()), (10, 10), "{:?}", report.raw);
+    let web = lab.agent.service("web");
+    assert_eq!(side(&web, "stable", "connections_steered"), 38, "{web}");
+    assert_eq!(side(&web, "stable", "health.established"), established + 10, "{web}");
+    wait_for("the new connections' records closed", Duration::from_secs(5), || {
+        side(&lab.agent.service("web"), "stable", "open_socket_records") == 0
+    });
 }
 
 // ---------------------------------------------------------------------------------------------

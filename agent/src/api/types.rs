@@ -205,7 +205,8 @@ pub struct SideHealth {
 /// `getpeername()` shows the backend and its health is not counted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Unrecorded {
-    /// The socket table was full (`agent.steered_socket_capacity`).
+    /// The socket table was full (`agent.steered_socket_capacity`); for datagrams of unconnected
+    /// UDP sockets, the UDP flow table.
     pub socket_table_full: u64,
     /// The client's network namespace held its share of the table
     /// (`agent.steered_sockets_per_netns`).
@@ -238,7 +239,7 @@ impl From<&SideCounters> for SideState {
                 srtt_close_sum_us: c.srtt_close_sum_us,
                 srtt_close_samples: c.srtt_close_samples,
             },
-            unrecorded: Unrecorded { socket_table_full: c.socket_table_full, socket_netns_full: c.socket_netns_full },
+            unrecorded: Unrecorded { socket_table_full: c.table_full(), socket_netns_full: c.socket_netns_full },
             fail_open: FailOpen { backend_missing: c.fail_open_backend_missing },
         }
     }

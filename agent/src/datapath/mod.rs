@@ -38,11 +38,12 @@ use std::{
 
 use agent_common::{
     counter_slot, service_seed, v4_mapped, BackendKeyV1, BackendValue, CohortKey, CounterKey, FrontendKey,
-    FrontendValue, Settings, SideCounters, SideCountersV1, COHORT_ALWAYS_CANARY, COHORT_NEVER_CANARY, COUNTER_SLOTS,
-    FAMILY_V4, FAMILY_V6, FLAG_AFFINITY_CLIENT, FLAG_HAS_COHORTS, MAP_BACKENDS, MAP_BACKENDS_V1, MAP_COHORTS,
-    MAP_COUNTERS, MAP_COUNTERS_V1, MAP_COUNTERS_V2, MAP_FRONTENDS, MAP_FRONTENDS_V1, MAP_SETTINGS, MAP_SETTINGS_V1,
-    MAP_SOCKETS, MAP_SOCKET_SLOTS, MAP_SOCKET_TABLE, MAP_UDP_FLOWS, MAX_BACKEND_SLOTS, MAX_FRONTENDS, MAX_SERVICES,
-    MAX_STEERED_SOCKETS, SETTING_HOST_NETNS_ONLY, SIDE_CANARY, SIDE_STABLE, SOCKET_SPILLED, SOCKET_TABLE_LEGACY,
+    FrontendValue, Settings, SideCounters, SideCountersV1, SideCountersV3, COHORT_ALWAYS_CANARY, COHORT_NEVER_CANARY,
+    COUNTER_SLOTS, FAMILY_V4, FAMILY_V6, FLAG_AFFINITY_CLIENT, FLAG_HAS_COHORTS, MAP_BACKENDS, MAP_BACKENDS_V1,
+    MAP_COHORTS, MAP_COUNTERS, MAP_COUNTERS_V1, MAP_COUNTERS_V2, MAP_COUNTERS_V3, MAP_FRONTENDS, MAP_FRONTENDS_V1,
+    MAP_SETTINGS, MAP_SETTINGS_V1, MAP_SOCKETS, MAP_SOCKET_SLOTS, MAP_SOCKET_TABLE, MAP_UDP_FLOWS, MAX_BACKEND_SLOTS,
+    MAX_FRONTENDS, MAX_SERVICES, MAX_STEERED_SOCKETS, SETTING_HOST_NETNS_ONLY, SIDE_CANARY, SIDE_STABLE,
+    SOCKET_SPILLED, SOCKET_TABLE_LEGACY,
 };
 use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuHashMap},
@@ -418,7 +419,9 @@ impl Datapath {
         log_reader.follow((options.log != DatapathLog::Off).then_some(&mut ebpf));
         let loader::Attached { links, foreign } = loader::attach_programs(&mut ebpf, options)?;
         // The new programs run now: maps only older programs used can go.
-        for name in [MAP_COUNTERS_V1, MAP_COUNTERS_V2, MAP_SETTINGS_V1, MAP_FRONTENDS_V1, MAP_BACKENDS_V1] {
+        for name in
+            [MAP_COUNTERS_V1, MAP_COUNTERS_V2, MAP_COUNTERS_V3, MAP_SETTINGS_V1, MAP_FRONTENDS_V1, MAP_BACKENDS_V1]
+        {
             let pin = options.bpffs.join(name);
             if pin.exists() {
                 if let Err(err) = std::fs::remove_file(&pin) {
@@ -1106,9 +1109,10 @@ struct Undo {
     cohorts: Vec<(CohortKey, Option<u32>)>,
 }
 
-/// Carries the counters an older agent kept (COUNTERS_V2, per-CPU, or COUNTERS_V1, per-CPU in an
-/// older layout) over into COUNTERS, summed over CPUs, for sides that have no counts there yet,
-/// before the new programs run, so rollout windows and totals carry on across the upgrade.
+/// Carries the counters an older agent kept (COUNTERS_V3, shared, in the layout before the
+/// derived record count; COUNTERS_V2, per-CPU; or COUNTERS_V1, per-CPU in an older layout) over
+/// into COUNTERS, summed over CPUs, for sides that have no counts there yet, before the new
+/// programs run, so rollout windows, totals and open socket records carry on across the upgrade.
 /// Events counted between this copy and the program switch (milliseconds) are lost.
 fn migrate_counters(bpffs: &Path, counters: &mut Array<MapData, SideCounters>) -> Result<usize, DatapathError> {
     let mut migrated = 0;
@@ -1123,16 +1127,27 @@ fn migrate_counters(bpffs: &Path, counters: &mut Array<MapData, SideCounters>) -
         migrated += 1;
         Ok(())
     };
+    let pin = bpffs.join(MAP_COUNTERS_V3);
+    if pin.exists() {
+        let data = MapData::from_pin(&pin).map_err(|source| DatapathError::PinnedMap { path: pin.clone(), source })?;
+        let old: Array<MapData, SideCountersV3> =
+            Array::try_from(Map::Array(data)).map_err(|source| DatapathError::PinnedMap { path: pin, source })?;
+        for slot in 0..old.len().min(COUNTER_SLOTS) {
+            let Ok(value) = old.get(&slot, 0) else { continue };
+            if value != SideCountersV3::default() {
+                carry(CounterKey { service_id: slot / 2, side: slot % 2 }, SideCounters::from(value))?;
+            }
+        }
+    }
     let pin = bpffs.join(MAP_COUNTERS_V2);
     if pin.exists() {
         let data = MapData::from_pin(&pin).map_err(|source| DatapathError::PinnedMap { path: pin.clone(), source })?;
-        let old: PerCpuHashMap<MapData, CounterKey, SideCounters> =
-            PerCpuHashMap::try_from(Map::PerCpuHashMap(data))
-                .map_err(|source| DatapathError::PinnedMap { path: pin, source })?;
+        let old: PerCpuHashMap<MapData, CounterKey, SideCountersV3> = PerCpuHashMap::try_from(Map::PerCpuHashMap(data))
+            .map_err(|source| DatapathError::PinnedMap { path: pin, source })?;
         for (key, values) in old.iter().filter_map(Result::ok) {
-            let mut total = SideCounters::default();
+            let mut total = SideCountersV3::default();
             values.iter().for_each(|cpu| total.add(cpu));
-            carry(key, total)?;
+            carry(key, SideCounters::from(total))?;
         }
     }
     let pin = bpffs.join(MAP_COUNTERS_V1);
@@ -1141,9 +1156,9 @@ fn migrate_counters(bpffs: &Path, counters: &mut Array<MapData, SideCounters>) -
         let old: PerCpuHashMap<MapData, CounterKey, SideCountersV1> = PerCpuHashMap::try_from(Map::PerCpuHashMap(data))
             .map_err(|source| DatapathError::PinnedMap { path: pin, source })?;
         for (key, values) in old.iter().filter_map(Result::ok) {
-            let mut total = SideCounters::default();
-            values.iter().for_each(|cpu| total.add(&SideCounters::from(*cpu)));
-            carry(key, total)?;
+            let mut total = SideCountersV1::default();
+            values.iter().for_each(|cpu| total.add(cpu));
+            carry(key, SideCounters::from(total))?;
         }
     }
     Ok(migrated)
