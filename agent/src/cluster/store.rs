@@ -173,6 +173,9 @@ pub struct ClusterStore {
     timeouts: Timeouts,
     counters: Arc<ClusterCounters>,
     audit: Arc<AuditIds>,
+    /// Whether a failed attempt is tried again within `timeouts.request` (see
+    /// [`Self::single_try`]).
+    retries: bool,
 }
 
 /// Audit ids unique across this node's restarts: time, node, a per-process nonce, a sequence.
@@ -222,6 +225,7 @@ impl ClusterStore {
             timeouts,
             counters: Arc::default(),
             audit: Arc::new(AuditIds { nonce: random_u32(), seq: AtomicU64::new(0) }),
+            retries: true,
         })
     }
 
@@ -267,6 +271,13 @@ impl ClusterStore {
     /// The same client with other timeouts (its counters and audit ids shared).
     pub fn with_timeouts(&self, timeouts: Timeouts) -> Self {
         Self { timeouts, ..self.clone() }
+    }
+
+    /// The same client making one attempt per request, never a retry: for a writer that tries
+    /// again by itself with a fresh value (the rollout clock, whose every write carries the time
+    /// it was decided; a retry could commit that value long after, once etcd answers again).
+    pub fn single_try(&self) -> Self {
+        Self { retries: false, ..self.clone() }
     }
 
     pub fn layout(&self) -> &KeyLayout {
@@ -346,7 +357,7 @@ impl ClusterStore {
                     (format!("no answer within {:?}", left.min(self.timeouts.attempt)), None)
                 }
             };
-            if Instant::now() + RETRY_DELAY >= deadline {
+            if !self.retries || Instant::now() + RETRY_DELAY >= deadline {
                 let detail = if maybe_applied { format!("{detail} (the outcome is unknown)") } else { detail };
                 return Err(ClusterError::Etcd { what, detail, source });
             }

@@ -24,7 +24,7 @@
 //!   etcd compacted catches up from the current state directly (no flap through older ones).
 //! - **Leadership.** [`Presence`] campaigns for the rollout leadership on the node's lease; only
 //!   the leader ticks rollouts, and its rollout commits are fenced on the leadership
-//!   ([`Commit::leader_only`]).
+//!   ([`Commit::leader_only`]) and get one attempt each (the next tick decides again).
 //! - **Cluster-wide health.** The core hands this node's counters of the services with an active
 //!   rollout to [`Store::publish_counters`]; [`Presence`] writes them to `health/<node>` under
 //!   the node's lease. [`Follow`] keeps every live node's from the watch, which the leader's
@@ -230,6 +230,7 @@ pub async fn start(settings: &ClusterSettings, state_dir: &Path) -> Result<Start
     Ok(Started {
         store: EtcdStore {
             quick: store.with_timeouts(QUICK_TIMEOUTS),
+            clock: store.with_timeouts(QUICK_TIMEOUTS).single_try(),
             store: store.clone(),
             prefix: settings.prefix.clone(),
             initial: Some(Loaded { snapshot: initial, recovered }),
@@ -266,6 +267,12 @@ pub struct EtcdStore {
     store: ClusterStore,
     /// The same client with [`QUICK_TIMEOUTS`].
     quick: ClusterStore,
+    /// The same client with [`QUICK_TIMEOUTS`] and one attempt per commit, for the rollout
+    /// clock's commits ([`Commit::leader_only`]): the next tick tries again with the time and the
+    /// counters then, so a rollout's history never holds a decision etcd committed long after it
+    /// was dated (a retry would commit it once etcd's quorum returns), and an etcd without quorum
+    /// holds the core for one attempt per tick, not for the full request timeout.
+    clock: ClusterStore,
     prefix: String,
     initial: Option<Loaded>,
     changes: Option<mpsc::Receiver<RemoteChange>>,
@@ -369,7 +376,13 @@ impl Store for EtcdStore {
                 None => return Err(StoreError::NotLeader("this node does not lead the rollouts".into())),
             };
         }
-        let store = if outage.is_some() { &self.quick } else { &self.store };
+        let store = if commit.leader_only {
+            &self.clock
+        } else if outage.is_some() {
+            &self.quick
+        } else {
+            &self.store
+        };
         match store.commit(&batch).await {
             Ok(revision) => Ok(revision as Revision),
             Err(ClusterError::Conflict(conflicts)) => Err(conflict(conflicts)),
