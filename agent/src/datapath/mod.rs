@@ -496,7 +496,11 @@ impl Datapath {
             foreign,
             terminator: sockets::Terminator::start(
                 options.cgroup.clone(),
-                sockets::SocketRecords { slots: socket_slots, spill: sockets },
+                sockets::SocketRecords {
+                    slots: socket_slots,
+                    spill: sockets,
+                    counters: counters_handle(&options.bpffs),
+                },
             ),
         })
     }
@@ -1162,6 +1166,13 @@ fn migrate_counters(bpffs: &Path, counters: &mut Array<MapData, SideCounters>) -
         }
     }
     Ok(migrated)
+}
+
+/// A second handle to the pinned counters, for the termination worker (`None` if it cannot be
+/// opened: the worker then reads the socket table for every job).
+fn counters_handle(bpffs: &Path) -> Option<Array<MapData, SideCounters>> {
+    let data = MapData::from_pin(bpffs.join(MAP_COUNTERS)).ok()?;
+    Array::try_from(Map::Array(data)).ok()
 }
 
 /// The real size of a pinned map (0 if it cannot be read).
