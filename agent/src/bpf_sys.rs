@@ -1,6 +1,6 @@
 //! The bpf(2) commands aya 0.14 does not expose: opening a pin as a raw fd, atomically replacing
-//! the program behind a link, reading a link's attachment (its cgroup), and asking a cgroup
-//! which programs run on one of its hooks.
+//! the program behind a link, reading a link's attachment (its cgroup), asking a cgroup which
+//! programs run on one of its hooks, and reading an array map in batches.
 
 use std::{
     ffi::CString,
@@ -14,6 +14,7 @@ const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_DETACH: libc::c_long = 34;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
 /// `BPF_PROG_QUERY` flag: the programs that run for the cgroup (its own and those inherited from
 /// its ancestors), in the order they run.
@@ -50,6 +51,50 @@ fn bpf(cmd: libc::c_long, attr: &mut BpfAttr) -> io::Result<libc::c_long> {
         Err(io::Error::last_os_error())
     } else {
         Ok(ret)
+    }
+}
+
+/// Reads every element of the array map `map` (values of type `V`, which must be the map's value
+/// type) with `BPF_MAP_LOOKUP_BATCH`, `per_call` elements a call, handing each batch to `batch` in
+/// index order: one syscall per batch instead of one per element, and no more memory than one
+/// batch. The elements are copied one by one while the programs may change them.
+pub fn array_lookup_batches<V: bytemuck::Pod>(
+    map: BorrowedFd<'_>,
+    len: u32,
+    per_call: usize,
+    mut batch: impl FnMut(&[V]),
+) -> io::Result<()> {
+    let per_call = per_call.clamp(1, len.max(1) as usize);
+    let mut keys = vec![0u32; per_call];
+    let mut values = vec![V::zeroed(); per_call];
+    // The kernel's cursor: the last index of the previous batch (none before the first).
+    let mut cursor: Option<u32> = None;
+    let mut next: u32 = 0;
+    let mut read = 0usize;
+    loop {
+        let mut attr = BpfAttr::new();
+        // struct { __aligned_u64 in_batch; __aligned_u64 out_batch; __aligned_u64 keys;
+        //          __aligned_u64 values; __u32 count; __u32 map_fd; __u64 elem_flags; __u64 flags; }
+        attr.put_u64(0, cursor.as_ref().map_or(0, |c| c as *const u32 as u64));
+        attr.put_u64(8, &mut next as *mut u32 as u64);
+        attr.put_u64(16, keys.as_mut_ptr() as u64);
+        attr.put_u64(24, values.as_mut_ptr() as u64);
+        attr.put_u32(32, per_call as u32);
+        attr.put_u32(36, map.as_raw_fd() as u32);
+        // ENOENT: there is nothing after this batch (whose count may still be above 0).
+        let last = match bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) {
+            Ok(_) => false,
+            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => true,
+            Err(err) => return Err(err),
+        };
+        // The kernel writes back how many it copied.
+        let count = (attr.u32_at(32) as usize).min(per_call);
+        batch(&values[..count]);
+        read += count;
+        if last || count < per_call || read >= len as usize {
+            return Ok(());
+        }
+        cursor = Some(next);
     }
 }
 

@@ -446,6 +446,40 @@ fn connected_udp_sockets_on_a_rolled_back_or_removed_backend_are_destroyed() {
     assert!(after.iter().any(|t| t.as_deref() == Some("canary2")), "{after:?}");
 }
 
+/// A weight change undone at once (0, then back) leaves connected UDP sockets alone: the agent
+/// destroys a dropped side's sockets a moment after the drop (it collects a run of changes into
+/// one read of the socket table), and a change that puts the weight back before then takes them
+/// out of that work. Without it, sockets steered to the canary while it was back at 50 % would
+/// be destroyed for a weight that no longer holds.
+#[test]
+fn connected_udp_sockets_survive_a_weight_drop_undone_at_once() {
+    let lab = UdpLab::new(50.0);
+    let mut sockets =
+        spawn_probe(lab.inside(), &["udp-session", "--target", "127.1.0.71:7100", "--sockets", "40", "--connected"]);
+    sockets.wait_for_line("ready");
+    let first = tags(&session(&mut sockets, "send"));
+    assert!(first.iter().any(|t| t.as_deref() == Some("canary")), "{first:?}");
+    assert!(first.iter().all(|t| t.is_some()), "{first:?}");
+
+    lab.agent.set_percent("udp", 0.0);
+    lab.agent.set_percent("udp", 50.0);
+    // Well past the moment the drop's work would have run.
+    std::thread::sleep(Duration::from_secs(2));
+    let after = tags(&session(&mut sockets, "send"));
+    // A destroyed socket would fail its send (no tag).
+    assert_eq!(after, first, "every socket keeps its backend and none was destroyed");
+
+    // A drop that stays is still carried out.
+    lab.agent.set_percent("udp", 0.0);
+    let canary: Vec<usize> =
+        first.iter().enumerate().filter(|(_, t)| t.as_deref() == Some("canary")).map(|(i, _)| i).collect();
+    let mut round = Value::Null;
+    wait_for("the canary's connected sockets destroyed", Duration::from_secs(5), || {
+        round = session(&mut sockets, "send");
+        canary.iter().all(|i| round[i]["error"].is_string())
+    });
+}
+
 // ---------------------------------------------------------------------------------------------
 // 4. One UDP socket, several frontends
 

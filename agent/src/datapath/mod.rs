@@ -691,6 +691,14 @@ impl Datapath {
                 if old.spec.canary_ppm > 0 && plan.spec.canary_ppm == 0 {
                     self.terminator.destroy_connected_udp(Selection::side(old.id, SIDE_CANARY));
                 }
+                // Undoes what a job above may still be waiting to do.
+                let added_backends = removed(&plan.spec, &old.spec);
+                if !added_backends.is_empty() {
+                    self.terminator.keep_connected_udp(Selection::backends(old.id, added_backends));
+                }
+                if old.spec.canary_ppm == 0 && plan.spec.canary_ppm > 0 {
+                    self.terminator.keep_connected_udp(Selection::side(old.id, SIDE_CANARY));
+                }
                 let kept: HashSet<u32> = plan.groups.iter().map(|g| g.value.revision).collect();
                 for revision in old.revisions().filter(|r| !kept.contains(r)) {
                     self.retired.entry(revision).or_insert(now);
@@ -959,6 +967,8 @@ impl Datapath {
         installed.spec.source.canary_percent = agent_common::ppm_to_percent(canary_ppm);
         if was > 0 && canary_ppm == 0 {
             self.terminator.destroy_connected_udp(Selection::side(installed.id, SIDE_CANARY));
+        } else if was == 0 && canary_ppm > 0 {
+            self.terminator.keep_connected_udp(Selection::side(installed.id, SIDE_CANARY));
         }
         Ok(())
     }

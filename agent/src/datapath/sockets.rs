@@ -6,7 +6,7 @@
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, Ipv6Addr, SocketAddr},
-    os::fd::{AsFd, AsRawFd},
+    os::fd::AsFd,
     path::PathBuf,
     sync::mpsc::{channel, Receiver, Sender},
     time::{Duration, Instant},
@@ -16,7 +16,6 @@ use agent_common::{
     counter_slot, is_v4_mapped, SideCounters, SocketEntry, SocketSlot, SIDE_CANARY, SIDE_STABLE, SOCKET_UDP,
 };
 use aya::maps::{Array as BpfArray, HashMap as BpfHashMap, IterableMap, MapData};
-use aya_obj::generated::{bpf_attr, bpf_cmd};
 
 use super::{addr_words, TERMINATION_TIMEOUT};
 use crate::terminate::{destroy_sockets, Destroyed};
@@ -95,6 +94,34 @@ impl Termination {
 struct Job {
     selection: Selection,
     outcome: Option<Sender<Destroyed>>,
+    queued: Instant,
+}
+
+/// What the worker is sent.
+enum Work {
+    Destroy(Job),
+    /// The sockets this selection picks are wanted again (the side's weight rose from 0, the
+    /// backends came back): a background job queued before and not yet run no longer picks them.
+    Keep(Selection),
+}
+
+impl Selection {
+    /// This selection without what `keep` picks again: `None` when nothing is left. Only the
+    /// exact shapes the datapath queues are narrowed (a side by its side, backends by backends);
+    /// anything else is left as it is, which errs on the side of destroying.
+    fn without(self, keep: &Selection) -> Option<Selection> {
+        if self.service_id != keep.service_id || self.tcp != keep.tcp {
+            return Some(self);
+        }
+        match (&self.side, &self.backends, &keep.side, &keep.backends) {
+            (Some(side), None, Some(kept), None) if side == kept => None,
+            (None, Some(backends), None, Some(kept)) => {
+                let left: HashSet<([u32; 4], u16)> = backends.difference(kept).copied().collect();
+                (!left.is_empty()).then_some(Selection { backends: Some(left), ..self })
+            }
+            _ => Some(self),
+        }
+    }
 }
 
 /// The socket table, read by the agent: the slots and the spill table; and the counters, which
@@ -131,13 +158,19 @@ impl SocketRecords {
     /// each socket's peer against the record's backend.
     pub fn records(&self) -> HashMap<u64, SocketEntry> {
         let mut records: HashMap<u64, SocketEntry> = self.spill.iter().filter_map(Result::ok).collect();
-        let taken = |slot: &SocketSlot| slot.cookie != 0;
-        match read_slots_batched(&self.slots) {
-            Ok(slots) => records.extend(slots.iter().filter(|s| taken(s)).map(|s| (s.cookie, s.entry))),
+        let taken = |slot: &&SocketSlot| slot.cookie != 0;
+        let mut batched = HashMap::new();
+        let read = for_each_slot_batch(&self.slots, |batch| {
+            batched.extend(batch.iter().filter(taken).map(|s| (s.cookie, s.entry)));
+        });
+        match read {
+            Ok(()) => records.extend(batched),
             Err(err) => {
-                // A kernel without batch lookups on arrays (before 5.6): one syscall per slot.
-                log::debug!("reading the socket slots in batches: {err}; reading them one by one");
-                records.extend(self.slots.iter().filter_map(Result::ok).filter(taken).map(|s| (s.cookie, s.entry)));
+                // Should a kernel refuse batch lookups on this array: one syscall per slot.
+                log::warn!("reading the socket slots in batches: {err}; reading them one by one");
+                records.extend(
+                    self.slots.iter().filter_map(Result::ok).filter(|s| s.cookie != 0).map(|s| (s.cookie, s.entry)),
+                );
             }
         }
         records
@@ -147,144 +180,160 @@ impl SocketRecords {
 /// Slots read per `BPF_MAP_LOOKUP_BATCH` call: 64 KiB of slots.
 const SLOTS_PER_BATCH: usize = 1024;
 
-/// Every slot of the socket slot table, read with `BPF_MAP_LOOKUP_BATCH` (aya 0.14 has no batch
-/// operations): one syscall per 1,024 slots instead of one per slot. The table's 65,536 default
-/// slots take 64 syscalls and 10-14 ms of CPU (the kernel still copies slot by slot), where
-/// reading them one by one took 37-41 ms (measured on the 2-CPU test VM).
-fn read_slots_batched(slots: &BpfArray<MapData, SocketSlot>) -> std::io::Result<Vec<SocketSlot>> {
-    let fd = slots.map().fd().as_fd().as_raw_fd();
-    let mut all = Vec::with_capacity(slots.len() as usize);
-    let mut keys = vec![0u32; SLOTS_PER_BATCH];
-    let mut values = vec![SocketSlot::default(); SLOTS_PER_BATCH];
-    // The kernel's cursor: where the previous batch stopped (none before the first).
-    let mut cursor: Option<u32> = None;
-    let mut next: u32 = 0;
-    loop {
-        // SAFETY: an all-zero bpf_attr is valid (the kernel requires unused fields to be zero),
-        // and only its `batch` member is written and read; the pointers it carries stay valid
-        // for the call and their buffers hold `count` keys and values.
-        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
-        let result = unsafe {
-            attr.batch.in_batch = cursor.as_ref().map_or(0, |c| c as *const u32 as u64);
-            attr.batch.out_batch = &mut next as *mut u32 as u64;
-            attr.batch.keys = keys.as_mut_ptr() as u64;
-            attr.batch.values = values.as_mut_ptr() as u64;
-            attr.batch.count = SLOTS_PER_BATCH as u32;
-            attr.batch.map_fd = fd as u32;
-            libc::syscall(
-                libc::SYS_bpf,
-                bpf_cmd::BPF_MAP_LOOKUP_BATCH as libc::c_long,
-                &mut attr as *mut bpf_attr,
-                std::mem::size_of::<bpf_attr>(),
-            )
-        };
-        // ENOENT: the last batch (its count may still be above 0).
-        let last = if result < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::ENOENT) {
-                return Err(err);
-            }
-            true
-        } else {
-            false
-        };
-        // SAFETY: the kernel wrote the count it copied back into the same member.
-        let count = (unsafe { attr.batch.count } as usize).min(SLOTS_PER_BATCH);
-        all.extend_from_slice(&values[..count]);
-        if last || count == 0 {
-            return Ok(all);
-        }
-        cursor = Some(next);
-    }
+/// Every slot of the socket slot table, batch by batch, read with `BPF_MAP_LOOKUP_BATCH` (aya 0.14
+/// has no batch operations): one syscall per 1,024 slots instead of one per slot, and one batch in
+/// memory at a time. The table's 65,536 default slots take 10-14 ms of CPU (the kernel still
+/// copies slot by slot), where reading them one by one took 37-41 ms (measured on the 2-CPU test
+/// VM).
+fn for_each_slot_batch(slots: &BpfArray<MapData, SocketSlot>, batch: impl FnMut(&[SocketSlot])) -> std::io::Result<()> {
+    crate::bpf_sys::array_lookup_batches(slots.map().fd().as_fd(), slots.len(), SLOTS_PER_BATCH, batch)
 }
 
 /// How long a background job (one nobody waits on: connected UDP sockets after a weight drop or a
-/// backend removal) waits for the jobs queued after it, so that they share one read of the socket
-/// table. A read of the default 65,536 slots takes 10-14 ms of CPU even in batches; without the
-/// wait, a run of weight changes (a job each) kept one of 2 CPUs reading and put the 99th
-/// percentile from a weight change to its effect at 8-9 ms (2.3-2.6 ms with it). A job somebody
-/// waits on (a rollback's termination) never waits.
+/// backend removal) waits, from when it was queued, for the jobs queued after it, so that they
+/// share one read of the socket table. A read of the default 65,536 slots takes 10-14 ms of CPU
+/// even in batches; without the wait, a run of weight changes (a job each) kept one of 2 CPUs
+/// reading and put the 99th percentile from a weight change to its effect at 8-12 ms (2.4-3.9 ms
+/// with it, release build). A change that undoes the job's cause meanwhile (the weight back above
+/// 0, the backend back) takes its sockets out of it (`Work::Keep`). A job somebody waits on (a
+/// rollback's termination) never waits.
 const BACKGROUND_SETTLE: Duration = Duration::from_millis(250);
+
+/// Jobs taken together: background ones waiting to settle, and any that somebody waits on.
+#[derive(Default)]
+struct Batch {
+    jobs: Vec<Job>,
+}
+
+impl Batch {
+    fn take(&mut self, work: Work) {
+        match work {
+            Work::Destroy(job) => self.jobs.push(job),
+            Work::Keep(keep) => {
+                // Only background jobs: a job somebody waits on was asked for as it is.
+                self.jobs = std::mem::take(&mut self.jobs)
+                    .into_iter()
+                    .filter_map(|job| match job.outcome {
+                        Some(_) => Some(job),
+                        None => job.selection.without(&keep).map(|selection| Job { selection, ..job }),
+                    })
+                    .collect();
+            }
+        }
+    }
+
+    fn anyone_waits(&self) -> bool {
+        self.jobs.iter().any(|job| job.outcome.is_some())
+    }
+
+    /// When the oldest background job has settled.
+    fn settled(&self) -> Option<Instant> {
+        self.jobs.iter().map(|job| job.queued).min().map(|queued| queued + BACKGROUND_SETTLE)
+    }
+}
+
+/// Logs a destruction that did something (or failed).
+fn log_outcome(services: &str, outcome: &Destroyed) {
+    if outcome.sockets > 0 || !outcome.errors.is_empty() || outcome.not_found > 0 {
+        log::info!(
+            "service id {services}: destroyed {} steered sockets ({} chosen ones not found, searched {} network \
+             namespaces){}",
+            outcome.sockets,
+            outcome.not_found,
+            outcome.namespaces,
+            if outcome.errors.is_empty() { String::new() } else { format!("; {}", outcome.errors.join("; ")) }
+        );
+    }
+}
 
 /// The worker: one thread that takes jobs in order. It reads the socket table through its own
 /// handles.
 pub struct Terminator {
-    jobs: Sender<Job>,
+    work: Sender<Work>,
 }
 
 impl Terminator {
     pub fn start(cgroup: PathBuf, sockets: SocketRecords) -> Self {
-        let (jobs, queue) = channel::<Job>();
+        let (work, queue) = channel::<Work>();
         std::thread::Builder::new()
             .name("sockshift-terminate".into())
             .spawn(move || {
-                // Ends when the Datapath (the only sender) is dropped. Jobs queued while one ran
-                // are taken together and share one read of the socket table: a run of weight
-                // changes queues a job each.
+                // Ends when the Datapath (the only sender) is dropped.
                 while let Ok(first) = queue.recv() {
-                    let mut jobs = vec![first];
-                    // A job nobody waits on (connected UDP sockets after a weight drop) waits a
-                    // moment for those a run of changes queues after it, so that they share one
-                    // read; a job somebody waits on (a rollback's termination) ends the wait.
-                    let settled = Instant::now() + BACKGROUND_SETTLE;
-                    while jobs.iter().all(|job| job.outcome.is_none()) {
+                    let mut batch = Batch::default();
+                    batch.take(first);
+                    // Background jobs wait until the oldest has settled, unless somebody waits.
+                    while let Some(settled) = batch.settled().filter(|_| !batch.anyone_waits()) {
                         match queue.recv_timeout(settled.saturating_duration_since(Instant::now())) {
-                            Ok(job) => jobs.push(job),
+                            Ok(work) => batch.take(work),
                             Err(_) => break,
                         }
                     }
-                    jobs.extend(queue.try_iter());
+                    for work in queue.try_iter() {
+                        batch.take(work);
+                    }
                     let mut records: Option<HashMap<u64, SocketEntry>> = None;
-                    for job in jobs {
-                        let chosen: HashMap<u64, SocketAddr> = if sockets.may_hold(&job.selection) {
-                            // Each chosen socket with the backend it was steered to: a socket now
-                            // connected elsewhere (a UDP socket that connected again) is left
-                            // alone.
-                            records
-                                .get_or_insert_with(|| sockets.records())
-                                .iter()
-                                .filter(|(_, entry)| job.selection.matches(entry))
-                                .map(|(cookie, entry)| (*cookie, backend_of(entry)))
-                                .collect()
-                        } else {
-                            HashMap::new()
-                        };
-                        let outcome = destroy_sockets(&cgroup, &chosen, TERMINATION_TIMEOUT);
-                        if outcome.sockets > 0 || !outcome.errors.is_empty() || outcome.not_found > 0 {
-                            log::info!(
-                                "service id {}: destroyed {} steered sockets ({} chosen ones not found, searched \
-                                 {} network namespaces){}",
-                                job.selection.service_id,
-                                outcome.sockets,
-                                outcome.not_found,
-                                outcome.namespaces,
-                                if outcome.errors.is_empty() {
-                                    String::new()
-                                } else {
-                                    format!("; {}", outcome.errors.join("; "))
-                                }
-                            );
+                    let mut choose = |selection: &Selection| -> HashMap<u64, SocketAddr> {
+                        if !sockets.may_hold(selection) {
+                            return HashMap::new();
                         }
+                        // Each chosen socket with the backend it was steered to: a socket now
+                        // connected elsewhere (a UDP socket that connected again) is left alone.
+                        records
+                            .get_or_insert_with(|| sockets.records())
+                            .iter()
+                            .filter(|(_, entry)| selection.matches(entry))
+                            .map(|(cookie, entry)| (*cookie, backend_of(entry)))
+                            .collect()
+                    };
+                    // Those somebody waits on first, each on its own; then every background job's
+                    // sockets in one pass (the same socket chosen twice is destroyed once).
+                    let (waited, background): (Vec<Job>, Vec<Job>) =
+                        batch.jobs.into_iter().partition(|job| job.outcome.is_some());
+                    let mut destroyed = HashSet::new();
+                    for job in waited {
+                        let chosen = choose(&job.selection);
+                        destroyed.extend(chosen.keys().copied());
+                        let outcome = destroy_sockets(&cgroup, &chosen, TERMINATION_TIMEOUT);
+                        log_outcome(&job.selection.service_id.to_string(), &outcome);
                         if let Some(reply) = job.outcome {
                             let _ = reply.send(outcome);
                         }
                     }
+                    let mut chosen = HashMap::new();
+                    let mut services = std::collections::BTreeSet::new();
+                    for job in &background {
+                        services.insert(job.selection.service_id);
+                        chosen.extend(
+                            choose(&job.selection).into_iter().filter(|(cookie, _)| !destroyed.contains(cookie)),
+                        );
+                    }
+                    let outcome = destroy_sockets(&cgroup, &chosen, TERMINATION_TIMEOUT);
+                    let services: Vec<String> = services.iter().map(u32::to_string).collect();
+                    log_outcome(&services.join(", "), &outcome);
                 }
             })
             .expect("spawning the termination worker");
-        Self { jobs }
+        Self { work }
     }
 
     /// Destroys the selected sockets; the handle tells how many.
     pub fn destroy(&self, selection: Selection) -> Termination {
         let (outcome, receiver) = channel();
-        let _ = self.jobs.send(Job { selection, outcome: Some(outcome) });
+        let _ = self.work.send(Work::Destroy(Job { selection, outcome: Some(outcome), queued: Instant::now() }));
         Termination { outcome: receiver }
     }
 
     /// Destroys the selected connected UDP sockets, without waiting.
     pub fn destroy_connected_udp(&self, selection: Selection) {
-        let _ = self.jobs.send(Job { selection: Selection { tcp: false, ..selection }, outcome: None });
+        let selection = Selection { tcp: false, ..selection };
+        let _ = self.work.send(Work::Destroy(Job { selection, outcome: None, queued: Instant::now() }));
+    }
+
+    /// The connected UDP sockets `selection` picks are wanted again (the weight rose from 0, the
+    /// backends are back): background jobs still waiting leave them alone.
+    pub fn keep_connected_udp(&self, selection: Selection) {
+        let _ = self.work.send(Work::Keep(Selection { tcp: false, ..selection }));
     }
 }
 
@@ -318,11 +367,63 @@ mod tests {
                 slots.set(i, slot, 0).unwrap();
             }
             let one_by_one: Vec<SocketSlot> = slots.iter().map(Result::unwrap).collect();
-            let batched = read_slots_batched(&slots).expect("BPF_MAP_LOOKUP_BATCH on an array");
+            let mut batched = Vec::new();
+            let mut batches = 0;
+            for_each_slot_batch(&slots, |batch| {
+                assert!(batch.len() <= SLOTS_PER_BATCH);
+                batches += 1;
+                batched.extend_from_slice(batch);
+            })
+            .expect("BPF_MAP_LOOKUP_BATCH on an array");
+            assert_eq!(batches, (len as usize).div_ceil(SLOTS_PER_BATCH), "{len} slots");
             assert_eq!(batched.len(), len as usize);
             assert_eq!(batched, one_by_one, "{len} slots");
             assert_eq!(batched.iter().filter(|s| s.cookie != 0).count(), len.div_ceil(7) as usize);
         }
+    }
+
+    fn background(selection: Selection) -> Work {
+        Work::Destroy(Job { selection, outcome: None, queued: Instant::now() })
+    }
+
+    fn addr(backend: &str) -> SocketAddr {
+        backend.parse().unwrap()
+    }
+
+    /// A weight back above 0, or a backend back, before a background job ran: the job no longer
+    /// picks those sockets (it would destroy UDP sockets steered there since); other jobs, and
+    /// jobs somebody waits on, are untouched.
+    #[test]
+    fn a_change_undone_before_its_job_ran_takes_its_sockets_out_of_it() {
+        let mut batch = Batch::default();
+        batch.take(background(Selection::side(7, SIDE_CANARY)));
+        batch.take(background(Selection::side(8, SIDE_CANARY)));
+        batch.take(background(Selection::backends(7, vec![addr("10.0.0.1:53"), addr("10.0.0.2:53")])));
+        let (reply, _answer) = channel();
+        batch.take(Work::Destroy(Job {
+            selection: Selection::side(7, SIDE_CANARY).with_tcp(),
+            outcome: Some(reply),
+            queued: Instant::now(),
+        }));
+        assert!(batch.anyone_waits());
+        batch.take(Work::Keep(Selection::side(7, SIDE_CANARY)));
+        batch.take(Work::Keep(Selection::backends(7, vec![addr("10.0.0.2:53")])));
+        let left: Vec<&Selection> = batch.jobs.iter().map(|job| &job.selection).collect();
+        assert_eq!(
+            left,
+            [
+                &Selection::side(8, SIDE_CANARY),
+                &Selection::backends(7, vec![addr("10.0.0.1:53")]),
+                &Selection::side(7, SIDE_CANARY).with_tcp(),
+            ]
+        );
+        batch.take(Work::Keep(Selection::backends(7, vec![addr("10.0.0.1:53")])));
+        assert_eq!(batch.jobs.len(), 2, "a job with no backend left is dropped");
+        // A job queued after the keep is a new drop: it stays.
+        batch.take(background(Selection::side(7, SIDE_CANARY)));
+        batch.take(Work::Keep(Selection::side(7, SIDE_STABLE)));
+        assert_eq!(batch.jobs.len(), 3);
+        assert!(batch.settled().is_some());
     }
 
     #[test]
