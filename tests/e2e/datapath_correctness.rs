@@ -102,6 +102,11 @@ fn tags(round: &Value) -> Vec<Option<String>> {
     round.as_array().unwrap().iter().map(|r| r["tag"].as_str().map(String::from)).collect()
 }
 
+/// The sockets of a `send` round (by index) that got `tag`.
+fn on(tags: &[Option<String>], tag: &str) -> BTreeSet<usize> {
+    tags.iter().enumerate().filter(|(_, t)| t.as_deref() == Some(tag)).map(|(i, _)| i).collect()
+}
+
 /// udp-session's `reconnect`: each socket's pending errno, if any.
 fn reconnect(probe: &mut Spawned) -> Vec<Option<i32>> {
     writeln!(probe.child.stdin.as_mut().unwrap(), "reconnect").unwrap();
@@ -315,6 +320,17 @@ impl UdpLab {
         Placement { netns: Some(&self.netns), cgroup: Some(&self.cgroup) }
     }
 
+    /// 40 connected UDP sockets to the service (udp-session), and the tag each got first.
+    fn connected_sockets(&self) -> (Spawned, Vec<Option<String>>) {
+        let mut sockets = spawn_probe(
+            self.inside(),
+            &["udp-session", "--target", "127.1.0.71:7100", "--sockets", "40", "--connected"],
+        );
+        sockets.wait_for_line("ready");
+        let first = tags(&session(&mut sockets, "send"));
+        (sockets, first)
+    }
+
     fn put_canary(&self, canary: &str, percent: f64) {
         let body = json!({ "frontends": ["127.1.0.71:7100"], "stable": ["127.0.0.1:7101"], "canary": [canary], "canary_percent": percent });
         let (status, reply) = self.agent.call("PUT", "/v1/services/udp", Some(&body));
@@ -369,13 +385,7 @@ fn unconnected_udp_sockets_follow_the_weight_and_backend_changes() {
 #[test]
 fn connected_udp_sockets_on_a_rolled_back_or_removed_backend_are_destroyed() {
     let lab = UdpLab::new(50.0);
-    let mut sockets =
-        spawn_probe(lab.inside(), &["udp-session", "--target", "127.1.0.71:7100", "--sockets", "40", "--connected"]);
-    sockets.wait_for_line("ready");
-    let first = tags(&session(&mut sockets, "send"));
-    let on = |tags: &[Option<String>], tag: &str| -> BTreeSet<usize> {
-        tags.iter().enumerate().filter(|(_, t)| t.as_deref() == Some(tag)).map(|(i, _)| i).collect()
-    };
+    let (mut sockets, first) = lab.connected_sockets();
     let canary = on(&first, "canary");
     let stable = on(&first, "stable");
     assert!(!canary.is_empty() && canary.len() + stable.len() == 40, "{first:?}");
@@ -454,10 +464,7 @@ fn connected_udp_sockets_on_a_rolled_back_or_removed_backend_are_destroyed() {
 #[test]
 fn connected_udp_sockets_survive_a_weight_drop_undone_at_once() {
     let lab = UdpLab::new(50.0);
-    let mut sockets =
-        spawn_probe(lab.inside(), &["udp-session", "--target", "127.1.0.71:7100", "--sockets", "40", "--connected"]);
-    sockets.wait_for_line("ready");
-    let first = tags(&session(&mut sockets, "send"));
+    let (mut sockets, first) = lab.connected_sockets();
     assert!(first.iter().any(|t| t.as_deref() == Some("canary")), "{first:?}");
     assert!(first.iter().all(|t| t.is_some()), "{first:?}");
 
@@ -471,8 +478,7 @@ fn connected_udp_sockets_survive_a_weight_drop_undone_at_once() {
 
     // A drop that stays is still carried out.
     lab.agent.set_percent("udp", 0.0);
-    let canary: Vec<usize> =
-        first.iter().enumerate().filter(|(_, t)| t.as_deref() == Some("canary")).map(|(i, _)| i).collect();
+    let canary = on(&first, "canary");
     let mut round = Value::Null;
     wait_for("the canary's connected sockets destroyed", Duration::from_secs(5), || {
         round = session(&mut sockets, "send");

@@ -158,19 +158,16 @@ impl SocketRecords {
     /// each socket's peer against the record's backend.
     pub fn records(&self) -> HashMap<u64, SocketEntry> {
         let mut records: HashMap<u64, SocketEntry> = self.spill.iter().filter_map(Result::ok).collect();
-        let taken = |slot: &&SocketSlot| slot.cookie != 0;
+        // A slot's record, if the slot is taken.
+        let record = |slot: &SocketSlot| (slot.cookie != 0).then_some((slot.cookie, slot.entry));
         let mut batched = HashMap::new();
-        let read = for_each_slot_batch(&self.slots, |batch| {
-            batched.extend(batch.iter().filter(taken).map(|s| (s.cookie, s.entry)));
-        });
+        let read = for_each_slot_batch(&self.slots, |batch| batched.extend(batch.iter().filter_map(record)));
         match read {
             Ok(()) => records.extend(batched),
             Err(err) => {
                 // Should a kernel refuse batch lookups on this array: one syscall per slot.
                 log::warn!("reading the socket slots in batches: {err}; reading them one by one");
-                records.extend(
-                    self.slots.iter().filter_map(Result::ok).filter(|s| s.cookie != 0).map(|s| (s.cookie, s.entry)),
-                );
+                records.extend(self.slots.iter().filter_map(Result::ok).filter_map(|slot| record(&slot)));
             }
         }
         records
@@ -226,7 +223,7 @@ impl Batch {
         self.jobs.iter().any(|job| job.outcome.is_some())
     }
 
-    /// When the oldest background job has settled.
+    /// When the oldest job has settled (the worker asks only while nobody waits).
     fn settled(&self) -> Option<Instant> {
         self.jobs.iter().map(|job| job.queued).min().map(|queued| queued + BACKGROUND_SETTLE)
     }
