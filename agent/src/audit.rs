@@ -125,6 +125,19 @@ impl AuditFile {
     /// `max_bytes`. Returns the file's length before the append, so that a change that fails
     /// later can take its entry back with [`AuditFile::truncate_to`].
     pub fn append(&mut self, entry: &AuditEntry) -> std::io::Result<u64> {
+        let before = self.append_unsynced(entry)?;
+        if let Err(err) = self.sync() {
+            let _ = self.truncate_to(before);
+            return Err(err);
+        }
+        Ok(before)
+    }
+
+    /// [`AuditFile::append`] without the sync: the caller calls [`AuditFile::sync`] (and takes
+    /// the entry back with [`AuditFile::truncate_to`] if that fails). The file store writes the
+    /// entry and the new state first and syncs them after, so the filesystem can commit both in
+    /// one journal transaction.
+    pub fn append_unsynced(&mut self, entry: &AuditEntry) -> std::io::Result<u64> {
         let mut line = serde_json::to_vec(entry).map_err(std::io::Error::other)?;
         line.push(b'\n');
         let mut before = self.file.metadata()?.len();
@@ -132,12 +145,17 @@ impl AuditFile {
             self.rotate()?;
             before = 0;
         }
-        if let Err(err) = self.file.write_all(&line).and_then(|()| self.file.sync_data()) {
+        if let Err(err) = self.file.write_all(&line) {
             // A partial line would be skipped by readers, but it is noise: take it back.
             let _ = self.truncate_to(before);
             return Err(err);
         }
         Ok(before)
+    }
+
+    /// Syncs what was appended (data and the file's length).
+    pub fn sync(&mut self) -> std::io::Result<()> {
+        self.file.sync_data()
     }
 
     /// `audit.log` becomes `audit.log.1` (older ones shift up, the oldest beyond `keep` goes)

@@ -249,14 +249,17 @@ pub trait Store: Send + 'static {
 
     /// Writes `commit` atomically: every [`Write::expect`] is compared first, and on any
     /// mismatch nothing is written ([`StoreError::Conflict`]). On success every written key has
-    /// the returned revision. The audit entry is durable when this returns.
+    /// the returned revision. The audit entry is durable when this returns; so is the state,
+    /// except for the file store's directory sync, which waits for [`Store::applied`] (or the
+    /// next commit) so that it does not delay the datapath. The core calls `applied` after every
+    /// commit (also after putting a refused one back), before it answers.
     fn commit(&mut self, commit: Commit) -> impl Future<Output = Result<Revision, StoreError>> + Send;
 
     /// The datapath now holds `snapshot`: every change of the store up to `snapshot.revision`,
     /// and this node's own commits (at their keys' revisions). `problems` says why the datapath
     /// differs from the store (changes it refused), empty when it does not. A shared store
     /// persists the snapshot locally and publishes the node's progress and health; the file
-    /// store has nothing to do (its commit already wrote the same state).
+    /// store syncs the directory its commit renamed the state in.
     fn applied(
         &mut self,
         snapshot: &Snapshot,

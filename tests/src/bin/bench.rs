@@ -778,8 +778,8 @@ fn control_plane(settings: &Settings) -> Value {
         }
     });
     // The connector starts probing as the request is sent: the latency is from sending the
-    // request to the first connection the datapath steers the new way (the agent updates the
-    // map before it persists the change and answers).
+    // request to the first connection the datapath steers the new way (the agent persists the
+    // change, updates the map, then answers).
     let mut latencies = Vec::with_capacity(updates);
     for i in 0..updates {
         check_interrupted();

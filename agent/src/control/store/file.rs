@@ -1,11 +1,16 @@
 //! The single-node store: `state.json` and `audit.log` under `agent.state_dir`.
 //!
 //! - A commit writes the whole state to a new temporary file (created exclusively, never
-//!   following a link), syncs it, appends and syncs the audit entry, keeps the current
-//!   `state.json` as `state.json.prev` (hard link, then rename: there is always a `state.json`),
-//!   renames the new file over `state.json` and syncs the directory. A crash leaves the old state
-//!   or the new one, never a torn file; a failure at any step leaves the old state and takes the
-//!   audit entry back.
+//!   following a link) and starts writing it out, appends the audit entry, syncs both, gives the
+//!   current `state.json` a second name (a hard link: there is always a `state.json`) and renames
+//!   the new file over `state.json`. A crash leaves the old state or the new one, never a torn
+//!   file; a failure at any step leaves the old state and takes the audit entry back.
+//! - Once the change is applied, before the core answers ([`Store::applied`], or at the next
+//!   commit), the replaced state moves to `state.json.prev` (replacing the older one, which
+//!   deletes a file: the slowest metadata step) and the directory is synced. Neither can refuse
+//!   a change any more (the new state is in place), so neither delays the datapath. Writing the
+//!   state out before the audit entry lets the filesystem commit both with the entry's sync, so
+//!   the state's own sync usually finds nothing left to do.
 //! - A `state.json` that cannot be read as state (corrupt, truncated, a version this agent does
 //!   not know) is moved aside to `state.json.corrupt-<time>` and the agent starts from its config
 //!   file alone: refusing to start would leave the node without a kill switch. The previous good
@@ -111,6 +116,15 @@ pub struct FileStore {
     /// What `state.json` holds.
     state: Snapshot,
     audit: AuditFile,
+    /// The last commit's work left for [`FileStore::settle`].
+    unsettled: Option<Unsettled>,
+}
+
+/// A commit whose new `state.json` is in place, with its backup still to move and the
+/// directory still to sync.
+struct Unsettled {
+    /// A second name of the state the commit replaced (none for the first commit).
+    backup: Option<PathBuf>,
 }
 
 impl FileStore {
@@ -128,7 +142,7 @@ impl FileStore {
             }
         }
         let audit = AuditFile::open(state_dir)?;
-        Ok(Self { dir: state_dir.to_owned(), state: Snapshot::default(), audit })
+        Ok(Self { dir: state_dir.to_owned(), state: Snapshot::default(), audit, unsettled: None })
     }
 
     /// Rotates `audit.log` by size (`agent.audit_max_bytes`, `agent.audit_keep`).
@@ -188,15 +202,15 @@ impl FileStore {
 
     /// Writes `next` as the new `state.json` with `audit` appended to the log: all or nothing.
     fn write(&mut self, next: &Snapshot, audit: Option<&AuditEntry>) -> std::io::Result<()> {
+        self.settle();
         let bytes = render_state(next).map_err(std::io::Error::other)?;
         let (tmp, mut file) = self.temporary()?;
-        let written = file.write_all(&bytes).and_then(|()| file.sync_all());
-        drop(file);
-        if let Err(err) = written {
+        if let Err(err) = file.write_all(&bytes) {
             let _ = fs::remove_file(&tmp);
             return Err(err);
         }
-        let audit_len = match audit.map(|entry| self.audit.append(entry)).transpose() {
+        write_out(&file);
+        let audit_len = match audit.map(|entry| self.audit.append_unsynced(entry)).transpose() {
             Ok(len) => len,
             Err(err) => {
                 let _ = fs::remove_file(&tmp);
@@ -212,26 +226,63 @@ impl FileStore {
             }
             err
         };
-        let current = self.path();
-        if current.exists() {
-            // link(2) never replaces an existing name, so a planted file or link there fails it.
-            let link = self.temporary_name();
-            let backed_up = fs::hard_link(&current, &link).and_then(|()| fs::rename(&link, self.dir.join(BACKUP_FILE)));
-            if let Err(err) = backed_up {
-                let _ = fs::remove_file(&link);
-                return Err(undo(self, err));
-            }
-        }
-        if let Err(err) = fs::rename(&tmp, &current) {
+        let audit_synced = if audit_len.is_some() { self.audit.sync() } else { Ok(()) };
+        if let Err(err) = audit_synced.and_then(|()| file.sync_all()) {
             return Err(undo(self, err));
         }
-        // The new state is in place; a failed directory sync only weakens its durability across a
-        // power loss, it does not undo it.
+        drop(file);
+        let current = self.path();
+        // The current state gets a second name, so that the rename below does not drop it; it
+        // becomes `state.json.prev` in `settle`. link(2) never replaces an existing name, so a
+        // planted file or link there fails it.
+        let backup = if current.exists() {
+            let link = self.temporary_name();
+            if let Err(err) = fs::hard_link(&current, &link) {
+                return Err(undo(self, err));
+            }
+            Some(link)
+        } else {
+            None
+        };
+        if let Err(err) = fs::rename(&tmp, &current) {
+            if let Some(link) = &backup {
+                let _ = fs::remove_file(link);
+            }
+            return Err(undo(self, err));
+        }
+        self.unsettled = Some(Unsettled { backup });
+        Ok(())
+    }
+
+    /// Finishes the last commit off the datapath's path: its backup becomes `state.json.prev`
+    /// (which removes the older one, the slow part) and the directory is synced. The new state
+    /// is in place either way: a failure here only leaves an older `state.json.prev` or weakens
+    /// the new state's durability across a power loss; it does not undo the change.
+    fn settle(&mut self) {
+        let Some(Unsettled { backup }) = self.unsettled.take() else {
+            return;
+        };
+        if let Some(link) = backup {
+            if let Err(err) = fs::rename(&link, self.dir.join(BACKUP_FILE)) {
+                log::warn!("keeping the previous state as {}: {err}", self.dir.join(BACKUP_FILE).display());
+                let _ = fs::remove_file(&link);
+            }
+        }
         if let Err(err) = File::open(&self.dir).and_then(|d| d.sync_all()) {
             log::warn!("syncing {}: {err}", self.dir.display());
         }
-        Ok(())
     }
+}
+
+/// Starts writing `file`'s pages to disk and waits for them (`sync_file_range`), without the
+/// journal commit a sync makes: the commit that syncs the audit entry then carries the file's
+/// block allocation too, and the file's own sync has little left to do. Only a hint: errors are
+/// left to that sync.
+fn write_out(file: &File) {
+    use std::os::fd::AsRawFd as _;
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    // SAFETY: sync_file_range reads no memory of this process; the descriptor is open.
+    unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, flags) };
 }
 
 impl Store for FileStore {
@@ -306,6 +357,7 @@ impl Store for FileStore {
     }
 
     async fn applied(&mut self, _snapshot: &Snapshot, _problems: &[String]) -> Result<(), StoreError> {
+        self.settle();
         Ok(())
     }
 
@@ -391,8 +443,18 @@ mod tests {
         let r1 = block_on(store.commit(put("a", 5.0, Expect::Absent))).unwrap();
         assert!(matches!(block_on(store.commit(put("a", 6.0, Expect::Absent))), Err(StoreError::Conflict { .. })));
         assert!(matches!(block_on(store.commit(put("a", 6.0, Expect::At(r1 + 7)))), Err(StoreError::Conflict { .. })));
+        block_on(store.applied(&store.state.clone(), &[])).unwrap();
         let r2 = block_on(store.commit(put("a", 6.0, Expect::At(r1)))).unwrap();
         assert!(r2 > r1);
+        assert_eq!(
+            parse_state(&fs::read(dir.join(STATE_FILE)).unwrap()).unwrap().services["a"].value.canary_percent,
+            6.0,
+            "the new state is in place when the commit returns, before the core applies it"
+        );
+        block_on(store.applied(&store.state.clone(), &[])).unwrap();
+        let names: Vec<String> =
+            fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+        assert!(!names.iter().any(|name| name.ends_with(".tmp")), "no temporary name is left once applied: {names:?}");
         let mut reopened = FileStore::open(&dir).unwrap();
         let loaded = block_on(reopened.load()).unwrap();
         assert!(loaded.recovered.is_empty());
