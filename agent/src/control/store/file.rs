@@ -285,6 +285,13 @@ fn write_out(file: &File) {
     unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, flags) };
 }
 
+impl Drop for FileStore {
+    /// A commit the core never reported applied (it stops) still gets its backup and sync.
+    fn drop(&mut self) {
+        self.settle();
+    }
+}
+
 impl Store for FileStore {
     async fn load(&mut self) -> Result<Loaded, StoreError> {
         let mut recovered = Vec::new();
