@@ -1,7 +1,7 @@
 //! The single-node store: `state.json` and `audit.log` under `agent.state_dir`.
 //!
 //! - A commit writes the whole state to a new temporary file (created exclusively, never
-//!   following a link) and starts writing it out, appends the audit entry, syncs both, gives the
+//!   following a link) and writes it out, appends the audit entry, syncs both, gives the
 //!   current `state.json` a second name (a hard link: there is always a `state.json`) and renames
 //!   the new file over `state.json`. A crash leaves the old state or the new one, never a torn
 //!   file; a failure at any step leaves the old state and takes the audit entry back.
@@ -10,7 +10,9 @@
 //!   deletes a file: the slowest metadata step) and the directory is synced. Neither can refuse
 //!   a change any more (the new state is in place), so neither delays the datapath. Writing the
 //!   state out before the audit entry lets the filesystem commit both with the entry's sync, so
-//!   the state's own sync usually finds nothing left to do.
+//!   the state's own sync usually finds nothing left to do. A stop between the rename and the
+//!   settling leaves the second name (`.state.json.prev.<pid>.<nanos>.<n>.tmp`); the next
+//!   [`FileStore::open`] makes it `state.json.prev`.
 //! - A `state.json` that cannot be read as state (corrupt, truncated, a version this agent does
 //!   not know) is moved aside to `state.json.corrupt-<time>` and the agent starts from its config
 //!   file alone: refusing to start would leave the node without a kill switch. The previous good
@@ -44,6 +46,16 @@ use crate::{
 pub const STATE_FILE: &str = "state.json";
 /// The state before the last commit.
 pub const BACKUP_FILE: &str = "state.json.prev";
+/// Start of the name the replaced state has between a commit and its settling.
+const BACKUP_LINK_PREFIX: &str = ".state.json.prev.";
+
+/// `<pid>.<nanos>.<n>`: unique to this process and call.
+fn unique_suffix() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = jiff::Timestamp::now().subsec_nanosecond();
+    format!("{}.{nanos}.{n}", std::process::id())
+}
 const STATE_VERSION: u32 = 2;
 
 /// `state.json` as written (version 2).
@@ -142,7 +154,9 @@ impl FileStore {
             }
         }
         let audit = AuditFile::open(state_dir)?;
-        Ok(Self { dir: state_dir.to_owned(), state: Snapshot::default(), audit, unsettled: None })
+        let store = Self { dir: state_dir.to_owned(), state: Snapshot::default(), audit, unsettled: None };
+        store.take_up_backup_links()?;
+        Ok(store)
     }
 
     /// Rotates `audit.log` by size (`agent.audit_max_bytes`, `agent.audit_keep`).
@@ -194,10 +208,55 @@ impl FileStore {
 
     /// A name for a temporary file in the state directory, unique to this process and call.
     fn temporary_name(&self) -> PathBuf {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let nanos = jiff::Timestamp::now().subsec_nanosecond();
-        self.dir.join(format!(".{STATE_FILE}.{}.{nanos}.{n}.tmp", std::process::id()))
+        self.dir.join(format!(".{STATE_FILE}.{}.tmp", unique_suffix()))
+    }
+
+    /// A name for the replaced state's second name until it becomes `state.json.prev`
+    /// ([`FileStore::settle`]; one left by a crash is taken up by [`FileStore::open`]).
+    fn backup_name(&self) -> PathBuf {
+        self.dir.join(format!("{BACKUP_LINK_PREFIX}{}.tmp", unique_suffix()))
+    }
+
+    /// A backup link a crash left between a commit and its settling: it holds the state before
+    /// the last change, so it becomes `state.json.prev` (the newest, if there were several). A
+    /// link to `state.json` itself (the crash came before the rename) is only removed.
+    fn take_up_backup_links(&self) -> std::io::Result<()> {
+        use std::os::unix::fs::MetadataExt as _;
+        let current = match fs::symlink_metadata(self.path()) {
+            Ok(meta) => Some((meta.dev(), meta.ino())),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
+            Err(err) => return Err(err),
+        };
+        let mut links = Vec::new();
+        for entry in fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if !(name.starts_with(BACKUP_LINK_PREFIX) && name.ends_with(".tmp")) {
+                continue;
+            }
+            let meta = fs::symlink_metadata(entry.path())?;
+            if !meta.file_type().is_file() {
+                continue;
+            }
+            if current == Some((meta.dev(), meta.ino())) {
+                fs::remove_file(entry.path())?;
+            } else {
+                links.push((meta.modified()?, entry.path()));
+            }
+        }
+        links.sort();
+        if let Some((_, newest)) = links.pop() {
+            fs::rename(&newest, self.dir.join(BACKUP_FILE))?;
+            log::info!(
+                "took up {} as {BACKUP_FILE} (left by a stop between a change and its settling)",
+                newest.display()
+            );
+        }
+        for (_, older) in links {
+            fs::remove_file(older)?;
+        }
+        Ok(())
     }
 
     /// Writes `next` as the new `state.json` with `audit` appended to the log: all or nothing.
@@ -205,11 +264,10 @@ impl FileStore {
         self.settle();
         let bytes = render_state(next).map_err(std::io::Error::other)?;
         let (tmp, mut file) = self.temporary()?;
-        if let Err(err) = file.write_all(&bytes) {
+        if let Err(err) = file.write_all(&bytes).and_then(|()| write_out(&file)) {
             let _ = fs::remove_file(&tmp);
             return Err(err);
         }
-        write_out(&file);
         let audit_len = match audit.map(|entry| self.audit.append_unsynced(entry)).transpose() {
             Ok(len) => len,
             Err(err) => {
@@ -236,7 +294,7 @@ impl FileStore {
         // becomes `state.json.prev` in `settle`. link(2) never replaces an existing name, so a
         // planted file or link there fails it.
         let backup = if current.exists() {
-            let link = self.temporary_name();
+            let link = self.backup_name();
             if let Err(err) = fs::hard_link(&current, &link) {
                 return Err(undo(self, err));
             }
@@ -274,15 +332,24 @@ impl FileStore {
     }
 }
 
-/// Starts writing `file`'s pages to disk and waits for them (`sync_file_range`), without the
-/// journal commit a sync makes: the commit that syncs the audit entry then carries the file's
-/// block allocation too, and the file's own sync has little left to do. Only a hint: errors are
-/// left to that sync.
-fn write_out(file: &File) {
+/// Writes `file`'s pages to disk and waits for them (`sync_file_range`), without the journal
+/// commit a sync makes: the commit that syncs the audit entry then carries the file's block
+/// allocation too, and the file's own sync has little left to do. Its error counts: the wait
+/// reports a write-back error to this descriptor, and the later sync would not see it again.
+/// A filesystem that does not support the call (`EINVAL`, `ESPIPE`, `ENOSYS`) leaves it all to
+/// the sync.
+fn write_out(file: &File) -> std::io::Result<()> {
     use std::os::fd::AsRawFd as _;
     let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
     // SAFETY: sync_file_range reads no memory of this process; the descriptor is open.
-    unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, flags) };
+    if unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, flags) } == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EINVAL | libc::ESPIPE | libc::ENOSYS) => Ok(()),
+        _ => Err(err),
+    }
 }
 
 impl Drop for FileStore {
@@ -468,6 +535,57 @@ mod tests {
         assert_eq!(loaded.snapshot.services["a"], Versioned { revision: r2, value: service("a", 6.0) });
         let backup = parse_state(&fs::read(dir.join(BACKUP_FILE)).unwrap()).unwrap();
         assert_eq!(backup.services["a"].value.canary_percent, 5.0, "the backup holds the state before the last change");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// What `state.json.prev` holds, by the percent of service `a`.
+    fn backup_percent(dir: &Path) -> f64 {
+        parse_state(&fs::read(dir.join(BACKUP_FILE)).unwrap()).unwrap().services["a"].value.canary_percent
+    }
+
+    fn temporary_names(dir: &Path) -> Vec<String> {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.ends_with(".tmp"))
+            .collect()
+    }
+
+    /// The backup moves after the apply (`applied`), or at the next commit, or when the store is
+    /// dropped; one left by a crash between the rename and the settling is taken up at the next
+    /// start, so `state.json.prev` is always the state before the last change.
+    #[test]
+    fn the_backup_settles_after_the_apply_and_survives_a_crash_before_it() {
+        let dir = dir("settle");
+        let mut store = FileStore::open(&dir).unwrap();
+        block_on(store.load()).unwrap();
+        let r1 = block_on(store.commit(put("a", 1.0, Expect::Absent))).unwrap();
+        block_on(store.applied(&store.state.clone(), &[])).unwrap();
+        let r2 = block_on(store.commit(put("a", 2.0, Expect::At(r1)))).unwrap();
+        assert!(!dir.join(BACKUP_FILE).exists(), "the backup waits for the apply");
+        assert_eq!(temporary_names(&dir).len(), 1, "the replaced state has a second name meanwhile");
+        // No `applied` after r2 (a datapath refusal's revert path): the next commit settles it.
+        let r3 = block_on(store.commit(put("a", 3.0, Expect::At(r2)))).unwrap();
+        assert_eq!(backup_percent(&dir), 1.0, "r2's backup (the state at r1) settled at the next commit");
+        drop(store);
+        assert_eq!(backup_percent(&dir), 2.0, "dropping the store settles r3's backup");
+        assert_eq!(temporary_names(&dir), Vec::<String>::new());
+
+        // A crash after the rename, before the settling: the link stays behind.
+        let mut store = FileStore::open(&dir).unwrap();
+        block_on(store.load()).unwrap();
+        block_on(store.commit(put("a", 4.0, Expect::At(r3)))).unwrap();
+        std::mem::forget(store);
+        assert_eq!(backup_percent(&dir), 2.0);
+        assert_eq!(temporary_names(&dir).len(), 1);
+        // A crash between the link and the rename: a second name of `state.json` itself.
+        fs::hard_link(dir.join(STATE_FILE), dir.join(format!("{BACKUP_LINK_PREFIX}1.2.3.tmp"))).unwrap();
+        let mut store = FileStore::open(&dir).unwrap();
+        let loaded = block_on(store.load()).unwrap();
+        assert_eq!(loaded.snapshot.services["a"].value.canary_percent, 4.0);
+        assert_eq!(backup_percent(&dir), 3.0, "the link the crash left is the state before the last change");
+        assert_eq!(temporary_names(&dir), Vec::<String>::new(), "the link to state.json itself is removed");
+        drop(store);
         fs::remove_dir_all(&dir).unwrap();
     }
 
