@@ -1024,18 +1024,19 @@ impl<S: Store> Core<S> {
     /// Tells the store what the datapath now holds (and what it refused), and publishes the
     /// core's progress.
     async fn record_applied(&mut self) {
-        let problems = self.problems();
-        if let Err(err) = self.store.applied(&self.state, &problems).await {
-            log::warn!("recording the applied state: {err}");
-        }
+        self.tell_store_applied().await;
         let applied = self.state.revision;
         let committed = self.committed.max(if self.shared { 0 } else { applied });
         self.progress.send_replace(Progress { committed, applied });
     }
 
-    /// Why the datapath differs from the store: the changes it refused.
-    fn problems(&self) -> Vec<String> {
-        self.refused.iter().map(|(key, why)| format!("{key} not applied: {why}")).collect()
+    /// Tells the store what the datapath now holds, and why it differs from the store (the
+    /// changes it refused).
+    async fn tell_store_applied(&mut self) {
+        let problems: Vec<String> = self.refused.iter().map(|(key, why)| format!("{key} not applied: {why}")).collect();
+        if let Err(err) = self.store.applied(&self.state, &problems).await {
+            log::warn!("recording the applied state: {err}");
+        }
     }
 
     /// The store holds `key` at `revision` now, whatever this node's datapath holds for it: a
@@ -1130,10 +1131,7 @@ impl<S: Store> Core<S> {
                 self.state.revision = reverted;
                 // The datapath holds the old state, and so does the store now: this makes the
                 // revert durable (the file store's directory sync) before the core answers.
-                let problems = self.problems();
-                if let Err(err) = self.store.applied(&self.state, &problems).await {
-                    log::warn!("recording the applied state: {err}");
-                }
+                self.tell_store_applied().await;
             }
             Err(err) => log::error!(
                 "the datapath refused a committed change and the store could not be put back ({err}): the store                  holds a change this node does not apply; the next start applies it"

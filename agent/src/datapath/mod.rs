@@ -688,17 +688,12 @@ impl Datapath {
                 if !removed_backends.is_empty() {
                     self.terminator.destroy_connected_udp(Selection::backends(old.id, removed_backends));
                 }
-                if old.spec.canary_ppm > 0 && plan.spec.canary_ppm == 0 {
-                    self.terminator.destroy_connected_udp(Selection::side(old.id, SIDE_CANARY));
-                }
-                // Undoes what a job above may still be waiting to do.
+                // Backends back undo what a job above may still be waiting to do.
                 let added_backends = removed(&plan.spec, &old.spec);
                 if !added_backends.is_empty() {
                     self.terminator.keep_connected_udp(Selection::backends(old.id, added_backends));
                 }
-                if old.spec.canary_ppm == 0 && plan.spec.canary_ppm > 0 {
-                    self.terminator.keep_connected_udp(Selection::side(old.id, SIDE_CANARY));
-                }
+                self.terminator.canary_weight_changed(old.id, old.spec.canary_ppm, plan.spec.canary_ppm);
                 let kept: HashSet<u32> = plan.groups.iter().map(|g| g.value.revision).collect();
                 for revision in old.revisions().filter(|r| !kept.contains(r)) {
                     self.retired.entry(revision).or_insert(now);
@@ -965,11 +960,7 @@ impl Datapath {
         let was = installed.spec.canary_ppm;
         installed.spec.canary_ppm = canary_ppm;
         installed.spec.source.canary_percent = agent_common::ppm_to_percent(canary_ppm);
-        if was > 0 && canary_ppm == 0 {
-            self.terminator.destroy_connected_udp(Selection::side(installed.id, SIDE_CANARY));
-        } else if was == 0 && canary_ppm > 0 {
-            self.terminator.keep_connected_udp(Selection::side(installed.id, SIDE_CANARY));
-        }
+        self.terminator.canary_weight_changed(installed.id, was, canary_ppm);
         Ok(())
     }
 

@@ -97,6 +97,12 @@ struct Job {
     queued: Instant,
 }
 
+impl Job {
+    fn new(selection: Selection, outcome: Option<Sender<Destroyed>>) -> Self {
+        Self { selection, outcome, queued: Instant::now() }
+    }
+}
+
 /// What the worker is sent.
 enum Work {
     Destroy(Job),
@@ -317,20 +323,30 @@ impl Terminator {
     /// Destroys the selected sockets; the handle tells how many.
     pub fn destroy(&self, selection: Selection) -> Termination {
         let (outcome, receiver) = channel();
-        let _ = self.work.send(Work::Destroy(Job { selection, outcome: Some(outcome), queued: Instant::now() }));
+        let _ = self.work.send(Work::Destroy(Job::new(selection, Some(outcome))));
         Termination { outcome: receiver }
     }
 
     /// Destroys the selected connected UDP sockets, without waiting.
     pub fn destroy_connected_udp(&self, selection: Selection) {
         let selection = Selection { tcp: false, ..selection };
-        let _ = self.work.send(Work::Destroy(Job { selection, outcome: None, queued: Instant::now() }));
+        let _ = self.work.send(Work::Destroy(Job::new(selection, None)));
     }
 
     /// The connected UDP sockets `selection` picks are wanted again (the weight rose from 0, the
     /// backends are back): background jobs still waiting leave them alone.
     pub fn keep_connected_udp(&self, selection: Selection) {
         let _ = self.work.send(Work::Keep(Selection { tcp: false, ..selection }));
+    }
+
+    /// A service's canary weight went from `was_ppm` to `now_ppm`: a drop to 0 destroys the
+    /// canary's connected UDP sockets, a rise from 0 takes them out of a drop still waiting.
+    pub fn canary_weight_changed(&self, service_id: u32, was_ppm: u32, now_ppm: u32) {
+        if was_ppm > 0 && now_ppm == 0 {
+            self.destroy_connected_udp(Selection::side(service_id, SIDE_CANARY));
+        } else if was_ppm == 0 && now_ppm > 0 {
+            self.keep_connected_udp(Selection::side(service_id, SIDE_CANARY));
+        }
     }
 }
 
@@ -380,7 +396,7 @@ mod tests {
     }
 
     fn background(selection: Selection) -> Work {
-        Work::Destroy(Job { selection, outcome: None, queued: Instant::now() })
+        Work::Destroy(Job::new(selection, None))
     }
 
     fn addr(backend: &str) -> SocketAddr {
@@ -397,11 +413,7 @@ mod tests {
         batch.take(background(Selection::side(8, SIDE_CANARY)));
         batch.take(background(Selection::backends(7, vec![addr("10.0.0.1:53"), addr("10.0.0.2:53")])));
         let (reply, _answer) = channel();
-        batch.take(Work::Destroy(Job {
-            selection: Selection::side(7, SIDE_CANARY).with_tcp(),
-            outcome: Some(reply),
-            queued: Instant::now(),
-        }));
+        batch.take(Work::Destroy(Job::new(Selection::side(7, SIDE_CANARY).with_tcp(), Some(reply))));
         assert!(batch.anyone_waits());
         batch.take(Work::Keep(Selection::side(7, SIDE_CANARY)));
         batch.take(Work::Keep(Selection::backends(7, vec![addr("10.0.0.2:53")])));

@@ -526,9 +526,7 @@ mod tests {
             "the new state is in place when the commit returns, before the core applies it"
         );
         block_on(store.applied(&store.state.clone(), &[])).unwrap();
-        let names: Vec<String> =
-            fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
-        assert!(!names.iter().any(|name| name.ends_with(".tmp")), "no temporary name is left once applied: {names:?}");
+        assert_eq!(temporary_names(&dir), Vec::<String>::new(), "no temporary name is left once applied");
         let mut reopened = FileStore::open(&dir).unwrap();
         let loaded = block_on(reopened.load()).unwrap();
         assert!(loaded.recovered.is_empty());
