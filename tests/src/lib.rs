@@ -290,9 +290,18 @@ pub fn tcp_connects(placement: Placement<'_>, target: &str, count: u32) -> TcpRe
     TcpReport { raw: probe(placement, &["tcp", "--target", target, "--count", &count.to_string()]) }
 }
 
-/// A free TCP port on the host's loopback (for the agent's API).
+/// A free TCP port on the host's loopback (for the agent's API, etcd members, ...), never one
+/// this process handed out before: the kernel may give a port just released by a probe to the
+/// next probe, and two members of one etcd cluster were once handed the same peer port.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if HANDED_OUT.lock().unwrap().insert(port) {
+            return port;
+        }
+    }
 }
 
 /// A running `sockshift agent` with its own cgroup attachment, API port and pin directory.
