@@ -486,6 +486,120 @@ fn connected_udp_sockets_survive_a_weight_drop_undone_at_once() {
     });
 }
 
+/// The counts of `GET /v1/datapath` these tests follow: connected UDP sockets open (as the
+/// programs count them), all steered sockets open, whole reads of the socket table.
+fn udp_figures(agent: &Agent) -> (u64, u64, u64) {
+    let status = datapath(agent);
+    let figure = |name: &str| status[name].as_u64().unwrap_or_else(|| panic!("{name}: {status}"));
+    (figure("open_connected_udp_sockets"), figure("open_steered_sockets"), figure("socket_table_reads"))
+}
+
+/// A weight drop to 0 destroys the side's connected UDP sockets, and finding them means reading
+/// the whole socket table (10-14 ms of CPU at the default size). The programs count each side's
+/// open connected UDP sockets, so the agent reads the table only when the side has one: TCP
+/// connections held open on the dropped side cost no read (a weight change leaves them alone),
+/// and neither do connected UDP sockets once closed. With connected UDP sockets on the side, the
+/// drop reads once and destroys them.
+#[test]
+fn a_weight_drop_reads_the_socket_table_only_when_the_side_holds_connected_udp_sockets() {
+    let lab = UdpLab::new(50.0);
+    let _tcp_servers = serve(
+        Placement { netns: Some(&lab.netns), cgroup: None },
+        &["serve-tcp", "--listen", "127.0.0.1:7101=stable", "--listen", "127.0.0.1:7102=canary"],
+    );
+    let mut held = spawn_probe(lab.inside(), &["hold", "--target", "127.1.0.71:7100", "--count", "20"]);
+    let held_canary = held_tags(&mut held)["canary"].as_u64().unwrap_or(0);
+    assert!(held_canary > 0, "some TCP connections are on the canary");
+    let (sockets, first) = lab.connected_sockets();
+    assert!(first.iter().all(|t| t.is_some()), "{first:?}");
+    assert_eq!(udp_figures(&lab.agent), (40, 60, 0), "40 connected UDP sockets and 20 TCP connections open");
+
+    // The UDP sockets close: the count goes back to 0 (TCP stays open).
+    drop(sockets);
+    wait_for("the closed UDP sockets counted closed", Duration::from_secs(5), || udp_figures(&lab.agent) == (0, 20, 0));
+    lab.agent.set_percent("udp", 0.0);
+    // Well past the moment the drop's work runs.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(udp_figures(&lab.agent), (0, 20, 0), "no connected UDP socket on the canary: no read");
+
+    // Connected UDP sockets on the canary again: the next drop reads once and destroys them.
+    lab.agent.set_percent("udp", 50.0);
+    let (mut sockets, first) = lab.connected_sockets();
+    let canary = on(&first, "canary");
+    assert!(!canary.is_empty(), "{first:?}");
+    lab.agent.set_percent("udp", 0.0);
+    wait_for("the canary's connected sockets destroyed", Duration::from_secs(5), || {
+        let round = session(&mut sockets, "send");
+        canary.iter().all(|i| round[i]["error"].is_string())
+    });
+    assert_eq!(udp_figures(&lab.agent).2, 1, "one read of the socket table");
+    let released = release_hold(held);
+    assert_eq!(released["canary"]["open"], json!(held_canary), "the weight drop left TCP alone: {released}");
+}
+
+/// An upgrade from an agent whose programs did not count connected UDP sockets: its sockets'
+/// records are in the socket table but in no count, so until none of them is left, the agent
+/// reads the table for every weight drop, and such a socket on a dropped side is destroyed like
+/// any other. Once a read finds none left, it goes by the count again. (The older agent is stood
+/// in for by its records: this agent's UDP_RECORDS_V1 is unpinned and the records' "counted" flag
+/// cleared with bpftool, as that agent's programs made them.)
+#[test]
+fn connected_udp_sockets_of_an_agent_before_the_udp_count_are_still_destroyed() {
+    let mut lab = UdpLab::new(50.0);
+    let (mut sockets, first) = lab.connected_sockets();
+    let canary = on(&first, "canary");
+    assert!(!canary.is_empty() && canary.len() < 40, "{first:?}");
+    lab.agent.stop_with(libc::SIGTERM);
+
+    let bpffs = lab.agent.bpffs.clone();
+    const FLAGS: usize = 16 + 42; // SocketSlot: cookie, overflow, then the entry; its flags
+    const UDP: u8 = 1 << 3;
+    const UDP_COUNTED: u8 = 1 << 7;
+    let mut uncounted = 0;
+    for (key, mut slot) in map_entries(&bpffs.join("SOCKET_SLOTS_V1")) {
+        if slot[..8] != [0; 8] && slot[FLAGS] & UDP != 0 {
+            assert_ne!(slot[FLAGS] & UDP_COUNTED, 0, "this agent's programs count every connected UDP record");
+            slot[FLAGS] &= !UDP_COUNTED;
+            map_update(&bpffs.join("SOCKET_SLOTS_V1"), &key, &slot);
+            uncounted += 1;
+        }
+    }
+    for (key, mut entry) in map_entries(&bpffs.join("SOCKETS_V1")) {
+        if entry[42] & UDP != 0 {
+            entry[42] &= !UDP_COUNTED;
+            map_update(&bpffs.join("SOCKETS_V1"), &key, &entry);
+            uncounted += 1;
+        }
+    }
+    assert_eq!(uncounted, 40, "every connected UDP socket has a record");
+    std::fs::remove_file(bpffs.join("UDP_RECORDS_V1")).unwrap();
+
+    lab.agent.spawn();
+    assert!(lab.agent.log().contains("connected UDP sockets of an older agent may be open"), "{}", lab.agent.log());
+    assert_eq!(udp_figures(&lab.agent), (0, 40, 0), "the older sockets are open, in no UDP count");
+    lab.agent.set_percent("udp", 0.0);
+    wait_for("the canary's older connected sockets destroyed", Duration::from_secs(5), || {
+        let round = session(&mut sockets, "send");
+        canary.iter().all(|i| round[i]["error"].is_string())
+    });
+    assert_eq!(udp_figures(&lab.agent).2, 1, "{}", lab.agent.log());
+
+    // The older sockets close; the next drop reads once more, finds none of them and says so;
+    // from then on, a drop without connected UDP sockets reads nothing.
+    drop(sockets);
+    wait_for("the older sockets closed", Duration::from_secs(5), || udp_figures(&lab.agent).1 == 0);
+    lab.agent.set_percent("udp", 50.0);
+    lab.agent.set_percent("udp", 0.0);
+    wait_for("a read that finds no older socket", Duration::from_secs(5), || {
+        lab.agent.log().contains("no connected UDP socket of an older agent is left")
+    });
+    assert_eq!(udp_figures(&lab.agent), (0, 0, 2));
+    lab.agent.set_percent("udp", 50.0);
+    lab.agent.set_percent("udp", 0.0);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(udp_figures(&lab.agent), (0, 0, 2), "counted again: no read");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 4. One UDP socket, several frontends
 

@@ -8,12 +8,17 @@ use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
     os::fd::AsFd,
     path::PathBuf,
-    sync::mpsc::{channel, Receiver, Sender},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        mpsc::{channel, Receiver, Sender},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
 use agent_common::{
-    counter_slot, is_v4_mapped, SideCounters, SocketEntry, SocketSlot, SIDE_CANARY, SIDE_STABLE, SOCKET_UDP,
+    counter_slot, is_v4_mapped, SideCounters, SocketEntry, SocketSlot, MAP_UDP_RECORDS, SIDE_CANARY, SIDE_STABLE,
+    SOCKET_UDP, SOCKET_UDP_COUNTED, UDP_RECORDS_LEGACY,
 };
 use aya::maps::{Array as BpfArray, HashMap as BpfHashMap, IterableMap, MapData};
 
@@ -130,39 +135,70 @@ impl Selection {
     }
 }
 
-/// The socket table, read by the agent: the slots and the spill table; and the counters, which
-/// say whether a service side holds any record at all.
+/// The socket table, read by the agent: the slots and the spill table; the counters, which say
+/// whether a service side holds any record at all; and UDP_RECORDS, which says whether it holds a
+/// connected UDP socket's.
 pub struct SocketRecords {
     pub slots: BpfArray<MapData, SocketSlot>,
     pub spill: BpfHashMap<MapData, u64, SocketEntry>,
     pub counters: Option<BpfArray<MapData, SideCounters>>,
+    pub udp_records: Option<BpfArray<MapData, u64>>,
 }
 
 impl SocketRecords {
-    /// Whether the table may hold a record `selection` picks: false only when the counters of
-    /// every side it names say no record is open there. Reading the table takes 10-14 ms of CPU
-    /// for the default 65,536 slots (read in batches); a service side whose weight dropped to 0
-    /// usually has no connected UDP socket at all. Asked when the job runs, after the change that
-    /// queued it: a `connect()` that read the frontend before the change has counted its record
-    /// by then.
+    /// Whether the table may hold a record `selection` picks: false only when every side it
+    /// names holds none, by the counters (open socket records) or, for a selection of connected
+    /// UDP sockets only, by UDP_RECORDS (open connected-UDP records, unless the legacy mark says
+    /// some may be uncounted). Reading the table takes 10-14 ms of CPU for the default 65,536
+    /// slots (read in batches); a service side whose weight dropped to 0 usually has no
+    /// connected UDP socket at all, even when its TCP connections are open. Asked when the job
+    /// runs, after the change that queued it: a `connect()` that read the frontend before the
+    /// change has counted its record by then.
     pub fn may_hold(&self, selection: &Selection) -> bool {
-        let Some(counters) = &self.counters else { return true };
         let sides = match selection.side {
             Some(side) => vec![side],
             None => vec![SIDE_STABLE, SIDE_CANARY],
         };
-        sides.into_iter().any(|side| {
-            counter_slot(selection.service_id, side)
-                .and_then(|slot| counters.get(&slot, 0).ok())
-                .is_none_or(|c| c.open_socket_records() > 0)
-        })
+        let slots = sides.into_iter().map(|side| counter_slot(selection.service_id, side));
+        if !selection.tcp {
+            if let Some(udp_records) = &self.udp_records {
+                if !udp_records.get(&UDP_RECORDS_LEGACY, 0).is_ok_and(|mark| mark == 0) {
+                    return true;
+                }
+                // A count raced below zero (a record of an id's previous service) reads as
+                // non-zero: read.
+                return slots.into_iter().any(|slot| slot.and_then(|slot| udp_records.get(&slot, 0).ok()) != Some(0));
+            }
+        }
+        let Some(counters) = &self.counters else { return true };
+        slots
+            .into_iter()
+            .any(|slot| slot.and_then(|slot| counters.get(&slot, 0).ok()).is_none_or(|c| c.open_socket_records() > 0))
+    }
+
+    /// Clears UDP_RECORDS' legacy mark once `records` (the whole table) holds no connected-UDP
+    /// record without `SOCKET_UDP_COUNTED`: only programs before UDP_RECORDS made those.
+    fn settle_udp_legacy(&mut self, records: &HashMap<u64, SocketEntry>) {
+        let Some(udp_records) = &mut self.udp_records else { return };
+        if udp_records.get(&UDP_RECORDS_LEGACY, 0).is_ok_and(|mark| mark == 0) {
+            return;
+        }
+        let uncounted = |entry: &SocketEntry| entry.flags & SOCKET_UDP != 0 && entry.flags & SOCKET_UDP_COUNTED == 0;
+        if !records.values().any(uncounted) {
+            match udp_records.set(UDP_RECORDS_LEGACY, 0, 0) {
+                Ok(()) => {
+                    log::info!("no connected UDP socket of an older agent is left: {MAP_UDP_RECORDS} counts them all")
+                }
+                Err(err) => log::warn!("clearing the legacy mark of {MAP_UDP_RECORDS}: {err}"),
+            }
+        }
     }
 
     /// Every record with its socket's cookie (a socket has one record, in a slot or in the spill
     /// table). Read while the programs change them: a slot taken meanwhile may show its new cookie
     /// with the entry of the socket before, which `destroy_sockets` then leaves alone, as it checks
     /// each socket's peer against the record's backend.
-    pub fn records(&self) -> HashMap<u64, SocketEntry> {
+    pub fn records(&mut self) -> HashMap<u64, SocketEntry> {
         let mut records: HashMap<u64, SocketEntry> = self.spill.iter().filter_map(Result::ok).collect();
         // A slot's record, if the slot is taken.
         let record = |slot: &SocketSlot| (slot.cookie != 0).then_some((slot.cookie, slot.entry));
@@ -176,6 +212,7 @@ impl SocketRecords {
                 records.extend(self.slots.iter().filter_map(Result::ok).filter_map(|slot| record(&slot)));
             }
         }
+        self.settle_udp_legacy(&records);
         records
     }
 }
@@ -253,11 +290,15 @@ fn log_outcome(services: &str, outcome: &Destroyed) {
 /// handles.
 pub struct Terminator {
     work: Sender<Work>,
+    /// Whole reads of the socket table so far (`GET /v1/datapath`: `socket_table_reads`).
+    table_reads: Arc<AtomicU64>,
 }
 
 impl Terminator {
-    pub fn start(cgroup: PathBuf, sockets: SocketRecords) -> Self {
+    pub fn start(cgroup: PathBuf, mut sockets: SocketRecords) -> Self {
         let (work, queue) = channel::<Work>();
+        let table_reads = Arc::new(AtomicU64::new(0));
+        let reads = table_reads.clone();
         std::thread::Builder::new()
             .name("sockshift-terminate".into())
             .spawn(move || {
@@ -283,7 +324,10 @@ impl Terminator {
                         // Each chosen socket with the backend it was steered to: a socket now
                         // connected elsewhere (a UDP socket that connected again) is left alone.
                         records
-                            .get_or_insert_with(|| sockets.records())
+                            .get_or_insert_with(|| {
+                                reads.fetch_add(1, Ordering::Relaxed);
+                                sockets.records()
+                            })
                             .iter()
                             .filter(|(_, entry)| selection.matches(entry))
                             .map(|(cookie, entry)| (*cookie, backend_of(entry)))
@@ -317,7 +361,13 @@ impl Terminator {
                 }
             })
             .expect("spawning the termination worker");
-        Self { work }
+        Self { work, table_reads }
+    }
+
+    /// Whole reads of the socket table the worker has made (each 10-14 ms of CPU at the default
+    /// size): one per run of jobs that had sockets to look for.
+    pub fn table_reads(&self) -> u64 {
+        self.table_reads.load(Ordering::Relaxed)
     }
 
     /// Destroys the selected sockets; the handle tells how many.
