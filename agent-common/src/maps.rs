@@ -26,7 +26,7 @@ pub const MAP_NETNS_SOCKETS: &str = "NETNS_SOCKETS_V1";
 /// `counter_slot(service id, side)` -> the side's counters, one copy shared by every CPU.
 pub const MAP_COUNTERS: &str = "COUNTERS_V4";
 /// `counter_slot(service id, side)` -> connected UDP sockets steered there whose records are
-/// open (`SOCKET_UDP_COUNTED`); slot `UDP_RECORDS_LEGACY` is the agent's mark.
+/// open (`SOCKET_UDP_COUNTED`); slot `UDP_RECORDS_ALL_COUNTED` is the agent's mark.
 pub const MAP_UDP_RECORDS: &str = "UDP_RECORDS_V1";
 /// (client cgroup id, service id) -> cohort override.
 pub const MAP_COHORTS: &str = "COHORTS_V1";
@@ -250,10 +250,12 @@ pub fn socket_slot_count(capacity: u32) -> u32 {
 pub const SOCKET_TABLE_LEGACY: u32 = 0;
 pub const SOCKET_TABLE_SLOTS: u32 = 1;
 
-/// UDP_RECORDS slot after the last counter slot: non-zero while the socket table may hold
-/// connected-UDP records that no count includes (made by programs before UDP_RECORDS, without
-/// `SOCKET_UDP_COUNTED`). Written by the agent only; the programs never read it.
-pub const UDP_RECORDS_LEGACY: u32 = COUNTER_SLOTS;
+/// UDP_RECORDS slot after the last counter slot: non-zero once the agent knows that every
+/// connected-UDP record in the socket table is counted; 0, as a new map starts, while the table
+/// may hold records that no count includes (made by programs before UDP_RECORDS, without
+/// `SOCKET_UDP_COUNTED`). So an agent stopped between creating the map and marking it leaves the
+/// safe state. Written by the agent only; the programs never read it.
+pub const UDP_RECORDS_ALL_COUNTED: u32 = COUNTER_SLOTS;
 /// Slots of UDP_RECORDS: one per side of every possible service id, and the legacy mark.
 pub const UDP_RECORDS_SLOTS: u32 = COUNTER_SLOTS + 1;
 

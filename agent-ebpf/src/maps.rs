@@ -82,7 +82,7 @@ pub static COUNTERS: Array<SideCounters> = Array::pinned(COUNTER_SLOTS, 0);
 /// CPU; most services have none). Writers: connect4/6 (increment, only for connected UDP: a TCP
 /// connect never touches it), sock_release and a UDP socket connecting again (decrement), shared
 /// by all CPUs (atomic adds); the agent zeroes a service's slots with its counters and owns slot
-/// `UDP_RECORDS_LEGACY`. Reader: the agent.
+/// `UDP_RECORDS_ALL_COUNTED`. Reader: the agent.
 #[map(name = "UDP_RECORDS_V1")]
 pub static UDP_RECORDS: Array<u64> = Array::pinned(UDP_RECORDS_SLOTS, 0);
 

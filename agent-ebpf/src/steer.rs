@@ -347,8 +347,9 @@ fn record_socket(ctx: &SockAddrContext, cookie: u64, settings: &Settings, mut en
             // connection steered) by the caller.
             // Same socket, same namespace: the share it held stays held.
             bump(old.service_id, old.side, |c| count!(c, socket_records_closed));
-            count_udp_record(&old, u64::MAX);
+            // The new count first: a socket connecting again on the same side never reads 0.
             count_udp_record(&entry, 1);
+            count_udp_record(&old, u64::MAX);
             if old.flags & SOCKET_NETNS_COUNTED == 0 {
                 if let Some(count) = netns_count {
                     atomic_add(count, 1);

@@ -486,12 +486,40 @@ fn connected_udp_sockets_survive_a_weight_drop_undone_at_once() {
     });
 }
 
-/// The counts of `GET /v1/datapath` these tests follow: connected UDP sockets open (as the
-/// programs count them), all steered sockets open, whole reads of the socket table.
-fn udp_figures(agent: &Agent) -> (u64, u64, u64) {
+/// What `GET /v1/datapath` says these tests follow.
+#[derive(Debug, PartialEq)]
+struct UdpFigures {
+    /// Connected UDP sockets open, as the programs count them.
+    udp_open: u64,
+    /// Steered sockets open (TCP and connected UDP).
+    open: u64,
+    /// Whole reads of the socket table, and jobs the counts spared one.
+    reads: u64,
+    skipped: u64,
+}
+
+fn udp_figures(agent: &Agent) -> UdpFigures {
     let status = datapath(agent);
     let figure = |name: &str| status[name].as_u64().unwrap_or_else(|| panic!("{name}: {status}"));
-    (figure("open_connected_udp_sockets"), figure("open_steered_sockets"), figure("socket_table_reads"))
+    UdpFigures {
+        udp_open: figure("open_connected_udp_sockets"),
+        open: figure("open_steered_sockets"),
+        reads: figure("socket_table_reads"),
+        skipped: figure("socket_table_reads_skipped"),
+    }
+}
+
+/// TCP servers tagged like the lab's UDP ones, and `count` TCP connections to the service held
+/// open, with how many went to the canary (at least one).
+fn hold_tcp(lab: &UdpLab, count: u32) -> (Spawned, Spawned, u64) {
+    let servers = serve(
+        Placement { netns: Some(&lab.netns), cgroup: None },
+        &["serve-tcp", "--listen", "127.0.0.1:7101=stable", "--listen", "127.0.0.1:7102=canary"],
+    );
+    let mut held = spawn_probe(lab.inside(), &["hold", "--target", "127.1.0.71:7100", "--count", &count.to_string()]);
+    let on_canary = held_tags(&mut held)["canary"].as_u64().unwrap_or(0);
+    assert!(on_canary > 0, "some TCP connections are on the canary");
+    (servers, held, on_canary)
 }
 
 /// A weight drop to 0 destroys the side's connected UDP sockets, and finding them means reading
@@ -499,28 +527,26 @@ fn udp_figures(agent: &Agent) -> (u64, u64, u64) {
 /// open connected UDP sockets, so the agent reads the table only when the side has one: TCP
 /// connections held open on the dropped side cost no read (a weight change leaves them alone),
 /// and neither do connected UDP sockets once closed. With connected UDP sockets on the side, the
-/// drop reads once and destroys them.
+/// drop reads once and destroys them; a socket that connects again stays counted once.
 #[test]
 fn a_weight_drop_reads_the_socket_table_only_when_the_side_holds_connected_udp_sockets() {
     let lab = UdpLab::new(50.0);
-    let _tcp_servers = serve(
-        Placement { netns: Some(&lab.netns), cgroup: None },
-        &["serve-tcp", "--listen", "127.0.0.1:7101=stable", "--listen", "127.0.0.1:7102=canary"],
-    );
-    let mut held = spawn_probe(lab.inside(), &["hold", "--target", "127.1.0.71:7100", "--count", "20"]);
-    let held_canary = held_tags(&mut held)["canary"].as_u64().unwrap_or(0);
-    assert!(held_canary > 0, "some TCP connections are on the canary");
-    let (sockets, first) = lab.connected_sockets();
+    let (_tcp_servers, held, held_canary) = hold_tcp(&lab, 20);
+    let (mut sockets, first) = lab.connected_sockets();
     assert!(first.iter().all(|t| t.is_some()), "{first:?}");
-    assert_eq!(udp_figures(&lab.agent), (40, 60, 0), "40 connected UDP sockets and 20 TCP connections open");
+    let figures = |udp_open, open, reads, skipped| UdpFigures { udp_open, open, reads, skipped };
+    assert_eq!(udp_figures(&lab.agent), figures(40, 60, 0, 0), "40 connected UDP sockets, 20 TCP connections");
+    reconnect(&mut sockets);
+    assert_eq!(udp_figures(&lab.agent), figures(40, 60, 0, 0), "sockets that connected again count once");
 
     // The UDP sockets close: the count goes back to 0 (TCP stays open).
     drop(sockets);
-    wait_for("the closed UDP sockets counted closed", Duration::from_secs(5), || udp_figures(&lab.agent) == (0, 20, 0));
+    wait_for("the closed UDP sockets counted closed", Duration::from_secs(5), || {
+        udp_figures(&lab.agent) == figures(0, 20, 0, 0)
+    });
     lab.agent.set_percent("udp", 0.0);
-    // Well past the moment the drop's work runs.
-    std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(udp_figures(&lab.agent), (0, 20, 0), "no connected UDP socket on the canary: no read");
+    wait_for("the drop's job done", Duration::from_secs(5), || udp_figures(&lab.agent).skipped == 1);
+    assert_eq!(udp_figures(&lab.agent), figures(0, 20, 0, 1), "no connected UDP socket on the canary: no read");
 
     // Connected UDP sockets on the canary again: the next drop reads once and destroys them.
     lab.agent.set_percent("udp", 50.0);
@@ -532,17 +558,17 @@ fn a_weight_drop_reads_the_socket_table_only_when_the_side_holds_connected_udp_s
         let round = session(&mut sockets, "send");
         canary.iter().all(|i| round[i]["error"].is_string())
     });
-    assert_eq!(udp_figures(&lab.agent).2, 1, "one read of the socket table");
+    assert_eq!(udp_figures(&lab.agent).reads, 1, "one read of the socket table");
     let released = release_hold(held);
     assert_eq!(released["canary"]["open"], json!(held_canary), "the weight drop left TCP alone: {released}");
 }
 
 /// An upgrade from an agent whose programs did not count connected UDP sockets: its sockets'
-/// records are in the socket table but in no count, so until none of them is left, the agent
-/// reads the table for every weight drop, and such a socket on a dropped side is destroyed like
-/// any other. Once a read finds none left, it goes by the count again. (The older agent is stood
-/// in for by its records: this agent's UDP_RECORDS_V1 is unpinned and the records' "counted" flag
-/// cleared with bpftool, as that agent's programs made them.)
+/// records are in the socket table but in no count, so until a read finds none of them left the
+/// agent goes by the counters of all socket records, and such a socket on a dropped side is
+/// destroyed like any other. Once a read finds none left, it goes by the UDP count. (The older
+/// agent is stood in for by its records: this agent's UDP_RECORDS_V1 is unpinned and the
+/// records' "counted" flag cleared with bpftool, as that agent's programs made them.)
 #[test]
 fn connected_udp_sockets_of_an_agent_before_the_udp_count_are_still_destroyed() {
     let mut lab = UdpLab::new(50.0);
@@ -576,28 +602,31 @@ fn connected_udp_sockets_of_an_agent_before_the_udp_count_are_still_destroyed() 
 
     lab.agent.spawn();
     assert!(lab.agent.log().contains("connected UDP sockets of an older agent may be open"), "{}", lab.agent.log());
-    assert_eq!(udp_figures(&lab.agent), (0, 40, 0), "the older sockets are open, in no UDP count");
+    let figures = |udp_open, open, reads, skipped| UdpFigures { udp_open, open, reads, skipped };
+    assert_eq!(udp_figures(&lab.agent), figures(0, 40, 0, 0), "the older sockets are open, in no UDP count");
+    let (_tcp_servers, held, _) = hold_tcp(&lab, 20);
     lab.agent.set_percent("udp", 0.0);
     wait_for("the canary's older connected sockets destroyed", Duration::from_secs(5), || {
         let round = session(&mut sockets, "send");
         canary.iter().all(|i| round[i]["error"].is_string())
     });
-    assert_eq!(udp_figures(&lab.agent).2, 1, "{}", lab.agent.log());
+    assert_eq!(udp_figures(&lab.agent).reads, 1, "{}", lab.agent.log());
 
-    // The older sockets close; the next drop reads once more, finds none of them and says so;
-    // from then on, a drop without connected UDP sockets reads nothing.
+    // The older sockets close; the next drop reads (the canary's TCP connections are open), finds
+    // none of them and says so; from then on, a drop goes by the UDP count: no read.
     drop(sockets);
-    wait_for("the older sockets closed", Duration::from_secs(5), || udp_figures(&lab.agent).1 == 0);
+    wait_for("the older sockets closed", Duration::from_secs(5), || udp_figures(&lab.agent).open == 20);
     lab.agent.set_percent("udp", 50.0);
     lab.agent.set_percent("udp", 0.0);
     wait_for("a read that finds no older socket", Duration::from_secs(5), || {
         lab.agent.log().contains("no connected UDP socket of an older agent is left")
     });
-    assert_eq!(udp_figures(&lab.agent), (0, 0, 2));
+    assert_eq!(udp_figures(&lab.agent), figures(0, 20, 2, 0));
     lab.agent.set_percent("udp", 50.0);
     lab.agent.set_percent("udp", 0.0);
-    std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(udp_figures(&lab.agent), (0, 0, 2), "counted again: no read");
+    wait_for("the drop's job done", Duration::from_secs(5), || udp_figures(&lab.agent).skipped == 1);
+    assert_eq!(udp_figures(&lab.agent), figures(0, 20, 2, 1), "counted again: no read");
+    drop(held);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ use agent_common::{
     MAP_COHORTS, MAP_COUNTERS, MAP_COUNTERS_V1, MAP_COUNTERS_V2, MAP_COUNTERS_V3, MAP_FRONTENDS, MAP_FRONTENDS_V1,
     MAP_SETTINGS, MAP_SETTINGS_V1, MAP_SOCKETS, MAP_SOCKET_SLOTS, MAP_SOCKET_TABLE, MAP_UDP_FLOWS, MAP_UDP_RECORDS,
     MAX_BACKEND_SLOTS, MAX_FRONTENDS, MAX_SERVICES, MAX_STEERED_SOCKETS, SETTING_HOST_NETNS_ONLY, SIDE_CANARY,
-    SIDE_STABLE, SOCKET_SPILLED, SOCKET_TABLE_LEGACY, UDP_RECORDS_LEGACY,
+    SIDE_STABLE, SOCKET_SPILLED, SOCKET_TABLE_LEGACY, UDP_RECORDS_ALL_COUNTED,
 };
 use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuHashMap},
@@ -281,8 +281,10 @@ pub struct DatapathStatus {
     pub open_steered_sockets: u64,
     /// The connected UDP sockets among them, as the programs count them (UDP_RECORDS).
     pub open_connected_udp_sockets: u64,
-    /// Whole reads of the socket table by the termination worker since the agent started.
+    /// Whole reads of the socket table by the termination worker since the agent started, and
+    /// its jobs that the counts spared a read.
     pub socket_table_reads: u64,
+    pub socket_table_reads_skipped: u64,
     /// The socket table's real size (the pinned map's), not a constant.
     pub steered_socket_capacity: u32,
     /// The per-namespace bound; 0: none.
@@ -361,10 +363,12 @@ impl Datapath {
         // records its programs made (and make until the links are updated) are in SOCKETS_V1.
         let legacy_records_possible =
             options.bpffs.join(MAP_SOCKETS).exists() && !options.bpffs.join(MAP_SOCKET_TABLE).exists();
-        // An agent before UDP_RECORDS left a socket table and no UDP_RECORDS_V1: its programs
-        // made connected-UDP records that no count includes.
-        let uncounted_udp_records_possible = !options.bpffs.join(MAP_UDP_RECORDS).exists()
-            && (options.bpffs.join(MAP_SOCKETS).exists() || options.bpffs.join(MAP_SOCKET_SLOTS).exists());
+        // No socket table and no UDP_RECORDS_V1 pinned: no record can be uncounted. (An agent
+        // before UDP_RECORDS left a socket table: its programs made connected-UDP records that no
+        // count includes; and so does a start stopped before its mark below.)
+        let no_uncounted_udp_records = !options.bpffs.join(MAP_UDP_RECORDS).exists()
+            && !options.bpffs.join(MAP_SOCKETS).exists()
+            && !options.bpffs.join(MAP_SOCKET_SLOTS).exists();
         let mut ebpf = loader::load_object(options, &sizes)?;
         let mut frontends: HashMap<MapData, FrontendKey, FrontendValue> = take_map(&mut ebpf, MAP_FRONTENDS)?;
         let mut backends: Array<MapData, BackendValue> = take_map(&mut ebpf, MAP_BACKENDS)?;
@@ -387,10 +391,11 @@ impl Datapath {
         // Before the new programs run: they look in the spill table for records an older agent
         // made only while this mark is set.
         mark_legacy_socket_records(&mut socket_table, &sockets, legacy_records_possible)?;
-        // Until the termination worker finds none of them left, it reads the table for every
-        // connected-UDP job (`SocketRecords::may_hold`).
-        if uncounted_udp_records_possible {
-            udp_records.set(UDP_RECORDS_LEGACY, 1, 0).map_err(map_err(MAP_UDP_RECORDS))?;
+        // Until this mark is set, the termination worker reads the table for every connected-UDP
+        // job (`SocketRecords::may_hold`), and sets it once a read finds no uncounted record.
+        if no_uncounted_udp_records {
+            udp_records.set(UDP_RECORDS_ALL_COUNTED, 1, 0).map_err(map_err(MAP_UDP_RECORDS))?;
+        } else if udp_records.get(&UDP_RECORDS_ALL_COUNTED, 0).map_err(map_err(MAP_UDP_RECORDS))? == 0 {
             log::info!("connected UDP sockets of an older agent may be open: not counted in {MAP_UDP_RECORDS}");
         }
 
@@ -517,8 +522,8 @@ impl Datapath {
                 sockets::SocketRecords {
                     slots: socket_slots,
                     spill: sockets,
-                    counters: counters_handle(&options.bpffs),
-                    udp_records: udp_records_handle(&options.bpffs),
+                    counters: array_handle(&options.bpffs, MAP_COUNTERS),
+                    udp_records: array_handle(&options.bpffs, MAP_UDP_RECORDS),
                 },
             ),
         })
@@ -1060,7 +1065,8 @@ impl Datapath {
             cgroup: self.options.cgroup.clone(),
             open_steered_sockets: self.open_steered_sockets(),
             open_connected_udp_sockets: self.open_connected_udp_sockets(),
-            socket_table_reads: self.terminator.table_reads(),
+            socket_table_reads: self.terminator.table_reads().0,
+            socket_table_reads_skipped: self.terminator.table_reads().1,
             steered_socket_capacity: self.socket_capacity,
             steered_sockets_per_netns: self.sizes.sockets_per_netns,
             udp_flows: self.udp_flows.keys().count(),
@@ -1206,17 +1212,11 @@ fn migrate_counters(bpffs: &Path, counters: &mut Array<MapData, SideCounters>) -
     Ok(migrated)
 }
 
-/// A second handle to the pinned counters, for the termination worker (`None` if it cannot be
-/// opened: the worker then reads the socket table for every job).
-fn counters_handle(bpffs: &Path) -> Option<Array<MapData, SideCounters>> {
-    let data = MapData::from_pin(bpffs.join(MAP_COUNTERS)).ok()?;
-    Array::try_from(Map::Array(data)).ok()
-}
-
-/// A second handle to the pinned UDP_RECORDS, for the termination worker (`None` if it cannot be
-/// opened: the worker then goes by the counters).
-fn udp_records_handle(bpffs: &Path) -> Option<Array<MapData, u64>> {
-    let data = MapData::from_pin(bpffs.join(MAP_UDP_RECORDS)).ok()?;
+/// A second handle to a pinned array, for the termination worker: the counters or UDP_RECORDS
+/// (`None` if it cannot be opened: the worker then goes by the counters, or without them reads
+/// the socket table for every job).
+fn array_handle<V: aya::Pod>(bpffs: &Path, name: &str) -> Option<Array<MapData, V>> {
+    let data = MapData::from_pin(bpffs.join(name)).ok()?;
     Array::try_from(Map::Array(data)).ok()
 }
 
