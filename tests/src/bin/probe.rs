@@ -115,6 +115,9 @@ enum Command {
         name: String,
         #[arg(long)]
         rewrite: Option<String>,
+        /// `connect4`, or `sock_release` (a program that does nothing there; no `--rewrite`).
+        #[arg(long, default_value = "connect4")]
+        hook: String,
     },
     /// Opens and closes COUNT UDP sockets that each send one datagram to TARGET, BATCH open at
     /// a time; pauses (printing `paused`) with a batch open every PAUSE_EVERY sockets until a
@@ -407,7 +410,9 @@ fn main() {
             }
             println!("{}", json!({ "replies": replies, "errors": errors }));
         }
-        Command::AttachForeign { cgroup, name, rewrite } => attach_foreign(&cgroup, &name, rewrite.as_deref()),
+        Command::AttachForeign { cgroup, name, rewrite, hook } => {
+            attach_foreign(&cgroup, &name, rewrite.as_deref(), &hook)
+        }
         Command::Churn { target, count, batch, pause_every } => {
             let bind: SocketAddr = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
             let mut done = 0u32;
@@ -645,11 +650,18 @@ fn udp_session(target: SocketAddr, count: u32, connected: bool) {
 
 /// See `Command::AttachForeign`: a hand-assembled program (no compiler needed), loaded and
 /// attached with raw bpf(2) calls.
-fn attach_foreign(cgroup: &std::path::Path, name: &str, rewrite: Option<&str>) {
+fn attach_foreign(cgroup: &std::path::Path, name: &str, rewrite: Option<&str>, hook: &str) {
     const BPF_PROG_LOAD: libc::c_long = 5;
     const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_PROG_TYPE_CGROUP_SOCK: u32 = 9;
     const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
     const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+    const BPF_CGROUP_INET_SOCK_RELEASE: u32 = 34;
+    let (program_type, attach_type) = match hook {
+        "connect4" => (BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_CGROUP_INET4_CONNECT),
+        "sock_release" if rewrite.is_none() => (BPF_PROG_TYPE_CGROUP_SOCK, BPF_CGROUP_INET_SOCK_RELEASE),
+        _ => panic!("--hook {hook}: connect4, or sock_release without --rewrite"),
+    };
     /// One instruction: code, dst and src registers, offset, immediate.
     fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
         let mut raw = [0u8; 8];
@@ -684,20 +696,20 @@ fn attach_foreign(cgroup: &std::path::Path, name: &str, rewrite: Option<&str>) {
     let mut attr = [0u8; 128];
     let put32 = |attr: &mut [u8; 128], at: usize, v: u32| attr[at..at + 4].copy_from_slice(&v.to_ne_bytes());
     let put64 = |attr: &mut [u8; 128], at: usize, v: u64| attr[at..at + 8].copy_from_slice(&v.to_ne_bytes());
-    put32(&mut attr, 0, BPF_PROG_TYPE_CGROUP_SOCK_ADDR);
+    put32(&mut attr, 0, program_type);
     put32(&mut attr, 4, program.len() as u32);
     put64(&mut attr, 8, program.as_ptr() as u64);
     put64(&mut attr, 16, license.as_ptr() as u64);
     let name_bytes = name.as_bytes();
     attr[48..48 + name_bytes.len().min(15)].copy_from_slice(&name_bytes[..name_bytes.len().min(15)]);
-    put32(&mut attr, 68, BPF_CGROUP_INET4_CONNECT);
+    put32(&mut attr, 68, attach_type);
     let prog = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, attr.as_mut_ptr(), attr.len()) };
     assert!(prog >= 0, "BPF_PROG_LOAD: {}", std::io::Error::last_os_error());
     let dir = std::fs::File::open(cgroup).expect("open cgroup");
     let mut attr = [0u8; 128];
     put32(&mut attr, 0, prog as u32);
     put32(&mut attr, 4, std::os::fd::AsRawFd::as_raw_fd(&dir) as u32);
-    put32(&mut attr, 8, BPF_CGROUP_INET4_CONNECT);
+    put32(&mut attr, 8, attach_type);
     let link = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_CREATE, attr.as_mut_ptr(), attr.len()) };
     assert!(link >= 0, "BPF_LINK_CREATE: {}", std::io::Error::last_os_error());
     // The program's id, from /proc/self/fdinfo of its fd.
