@@ -25,9 +25,6 @@ pub const MAP_UDP_FLOWS: &str = "UDP_FLOWS_V1";
 pub const MAP_NETNS_SOCKETS: &str = "NETNS_SOCKETS_V1";
 /// `counter_slot(service id, side)` -> the side's counters, one copy shared by every CPU.
 pub const MAP_COUNTERS: &str = "COUNTERS_V4";
-/// `counter_slot(service id, side)` -> connected UDP sockets steered there whose records are
-/// open (`SOCKET_UDP_COUNTED`); slot `UDP_RECORDS_ALL_COUNTED` is the agent's mark.
-pub const MAP_UDP_RECORDS: &str = "UDP_RECORDS_V1";
 /// (client cgroup id, service id) -> cohort override.
 pub const MAP_COHORTS: &str = "COHORTS_V1";
 /// Single slot of node-wide settings the agent writes at start.
@@ -250,15 +247,6 @@ pub fn socket_slot_count(capacity: u32) -> u32 {
 pub const SOCKET_TABLE_LEGACY: u32 = 0;
 pub const SOCKET_TABLE_SLOTS: u32 = 1;
 
-/// UDP_RECORDS slot after the last counter slot: non-zero once the agent knows that every
-/// connected-UDP record in the socket table is counted; 0, as a new map starts, while the table
-/// may hold records that no count includes (made by programs before UDP_RECORDS, without
-/// `SOCKET_UDP_COUNTED`). So an agent stopped between creating the map and marking it leaves the
-/// safe state. Written by the agent only; the programs never read it.
-pub const UDP_RECORDS_ALL_COUNTED: u32 = COUNTER_SLOTS;
-/// Slots of UDP_RECORDS: one per side of every possible service id, and the legacy mark.
-pub const UDP_RECORDS_SLOTS: u32 = COUNTER_SLOTS + 1;
-
 /// `SocketEntry::flags`: the TCP connection reached ESTABLISHED, so a reset from now on is a
 /// reset of an established connection (not a refused attempt).
 pub const SOCKET_ESTABLISHED: u16 = 1 << 0;
@@ -278,9 +266,6 @@ pub const SOCKET_NETNS_COUNTED: u16 = 1 << 5;
 /// `SocketEntry::flags`: the record is in the spill table and counted in its first slot's
 /// `overflow` (records an older agent made there lack it).
 pub const SOCKET_SPILLED: u16 = 1 << 6;
-/// `SocketEntry::flags`: a connected UDP socket's record counted in UDP_RECORDS for its service
-/// side (records made before UDP_RECORDS lack it, and are not taken off any count).
-pub const SOCKET_UDP_COUNTED: u16 = 1 << 7;
 
 /// Key of UDP_FLOWS: slot 0..UDP_FLOW_SLOTS of one unconnected UDP socket. Slots fill from 0 up,
 /// so a lookup stops at the first empty slot.

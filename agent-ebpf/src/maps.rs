@@ -5,7 +5,7 @@
 use agent_common::{
     BackendValue, CohortKey, FrontendKey, FrontendValue, Settings, SideCounters, SocketEntry, SocketSlot, UdpFlow,
     UdpFlowKey, COUNTER_SLOTS, MAX_BACKEND_SLOTS, MAX_COHORT_ENTRIES, MAX_FRONTENDS, MAX_STEERED_SOCKETS,
-    NETNS_BUCKETS, SOCKET_TABLE_SLOTS, UDP_RECORDS_SLOTS,
+    NETNS_BUCKETS, SOCKET_TABLE_SLOTS,
 };
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
@@ -75,16 +75,6 @@ pub static NETNS_SOCKETS: Array<u64> = Array::pinned(NETNS_BUCKETS, 0);
 /// helper call, no hashing), at a fixed 136 B a slot (17 MiB for every possible service id).
 #[map(name = "COUNTERS_V4")]
 pub static COUNTERS: Array<SideCounters> = Array::pinned(COUNTER_SLOTS, 0);
-
-/// `counter_slot(service, side)` -> connected UDP sockets steered there whose records are open
-/// (flagged `SOCKET_UDP_COUNTED`), so that the agent reads the socket table to destroy a side's
-/// connected UDP sockets only when it has some (a read of the default table takes 10-14 ms of
-/// CPU; most services have none). Writers: connect4/6 (increment, only for connected UDP: a TCP
-/// connect never touches it), sock_release and a UDP socket connecting again (decrement), shared
-/// by all CPUs (atomic adds); the agent zeroes a service's slots with its counters and owns slot
-/// `UDP_RECORDS_ALL_COUNTED`. Reader: the agent.
-#[map(name = "UDP_RECORDS_V1")]
-pub static UDP_RECORDS: Array<u64> = Array::pinned(UDP_RECORDS_SLOTS, 0);
 
 /// (client cgroup id, service) -> COHORT_ALWAYS_CANARY / COHORT_NEVER_CANARY. Writer: agent.
 /// Reader: connect4/6 and sendmsg4/6, only for services flagged FLAG_HAS_COHORTS.

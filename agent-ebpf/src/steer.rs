@@ -6,8 +6,7 @@ use agent_common::{
     FrontendKey, FrontendValue, Settings, SideCounters, SocketEntry, UdpFlow, UdpFlowKey, FLAG_AFFINITY_CLIENT,
     FLAG_HAS_COHORTS, LOG_CALL_CONNECT, LOG_CALL_DATAGRAM, LOG_KEY_CGROUP, LOG_KEY_CONNECTION, LOG_KEY_NETNS,
     LOG_REASON_BACKEND_MISSING, LOG_REASON_FLOW_TABLE_FULL, LOG_REASON_NETNS_FULL, LOG_REASON_NO_BACKEND_FAMILY,
-    LOG_REASON_TABLE_FULL, MAX_COHORT_DEPTH, SETTING_HOST_NETNS_ONLY, SOCKET_NETNS_COUNTED, SOCKET_UDP,
-    SOCKET_UDP_COUNTED, UDP_FLOW_SLOTS,
+    LOG_REASON_TABLE_FULL, MAX_COHORT_DEPTH, SETTING_HOST_NETNS_ONLY, SOCKET_NETNS_COUNTED, SOCKET_UDP, UDP_FLOW_SLOTS,
 };
 use aya_ebpf::{
     bindings::BPF_ANY,
@@ -20,7 +19,7 @@ use aya_ebpf::{
 use aya_log_ebpf::{debug, info};
 
 use crate::{
-    maps::{BACKENDS, COHORTS, COUNTERS, FRONTENDS, NETNS_SOCKETS, SETTINGS, UDP_FLOWS, UDP_RECORDS},
+    maps::{BACKENDS, COHORTS, COUNTERS, FRONTENDS, NETNS_SOCKETS, SETTINGS, UDP_FLOWS},
     socket_table::{self, Inserted},
 };
 
@@ -104,23 +103,10 @@ pub fn forget_socket(
         count!(c, socket_records_closed);
         update(c);
     });
-    count_udp_record(entry, u64::MAX);
     if entry.flags & SOCKET_NETNS_COUNTED != 0 {
         if let Some(count) = NETNS_SOCKETS.get_ptr_mut(netns_bucket(netns())) {
             atomic_add(count, u64::MAX);
         }
-    }
-}
-
-/// Moves the count of open connected-UDP records (UDP_RECORDS) of the record's service side by
-/// `delta` (1, or `u64::MAX` for -1), if the record is counted there.
-#[inline(always)]
-fn count_udp_record(entry: &SocketEntry, delta: u64) {
-    if entry.flags & SOCKET_UDP_COUNTED == 0 {
-        return;
-    }
-    if let Some(count) = counter_slot(entry.service_id, entry.side).and_then(|slot| UDP_RECORDS.get_ptr_mut(slot)) {
-        atomic_add(count, delta);
     }
 }
 
@@ -256,7 +242,7 @@ pub fn steer<const DATAGRAM: bool>(ctx: &SockAddrContext, dst_be: &[u32; 4], por
                 flags: 0,
             };
             if unsafe { (*ctx.sock_addr).protocol } == IPPROTO_UDP {
-                entry.flags |= SOCKET_UDP | SOCKET_UDP_COUNTED;
+                entry.flags |= SOCKET_UDP;
             }
             // The record is for reverse translation and health only: a TCP (or connected UDP)
             // socket reaches its backend without it, so a full table steers anyway.
@@ -338,7 +324,6 @@ fn record_socket(ctx: &SockAddrContext, cookie: u64, settings: &Settings, mut en
             if let Some(count) = netns_count {
                 atomic_add(count, 1);
             }
-            count_udp_record(&entry, 1);
             Recorded::Yes
         }
         Inserted::Replaced(old) => {
@@ -347,9 +332,6 @@ fn record_socket(ctx: &SockAddrContext, cookie: u64, settings: &Settings, mut en
             // connection steered) by the caller.
             // Same socket, same namespace: the share it held stays held.
             bump(old.service_id, old.side, |c| count!(c, socket_records_closed));
-            // The new count first: a socket connecting again on the same side never reads 0.
-            count_udp_record(&entry, 1);
-            count_udp_record(&old, u64::MAX);
             if old.flags & SOCKET_NETNS_COUNTED == 0 {
                 if let Some(count) = netns_count {
                     atomic_add(count, 1);

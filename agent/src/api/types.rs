@@ -255,20 +255,6 @@ pub struct DatapathStatus {
     /// Socket records open now: steered TCP and connected UDP sockets (removed services'
     /// included).
     pub open_steered_sockets: u64,
-    /// The connected UDP sockets among them, as the programs count their records: a socket is
-    /// counted from its `connect()` until it is closed or connects again elsewhere (a socket the
-    /// agent destroyed stays counted until the application closes it; sockets connected under
-    /// an agent before this count are in none). A weight drop to 0 or a removed backend destroys
-    /// that side's connected UDP sockets, which means reading the whole socket table; the agent
-    /// reads it only when the count says the side has one.
-    pub open_connected_udp_sockets: u64,
-    /// Whole reads of the socket table since the agent started (each 10-14 ms of CPU at the
-    /// default `steered_socket_capacity`): one per run of terminations (a rollback's, or
-    /// connected UDP sockets after a weight drop or a backend removal) whose sockets may be
-    /// open by the counts.
-    pub socket_table_reads: u64,
-    /// Terminations the counts spared a read: no socket they pick was open.
-    pub socket_table_reads_skipped: u64,
     /// Size of the socket table as pinned in the kernel (not the configured value, if they
     /// differ); when full, new sockets are still steered but not recorded
     /// (`unrecorded.socket_table_full`).
@@ -305,9 +291,6 @@ impl From<crate::datapath::DatapathStatus> for DatapathStatus {
             services: status.services,
             cgroup: status.cgroup.display().to_string(),
             open_steered_sockets: status.open_steered_sockets,
-            open_connected_udp_sockets: status.open_connected_udp_sockets,
-            socket_table_reads: status.socket_table_reads,
-            socket_table_reads_skipped: status.socket_table_reads_skipped,
             steered_socket_capacity: status.steered_socket_capacity,
             steered_sockets_per_netns: status.steered_sockets_per_netns,
             udp_flows: status.udp_flows,

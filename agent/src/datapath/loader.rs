@@ -247,22 +247,20 @@ pub fn attach_programs(ebpf: &mut Ebpf, options: &DatapathOptions) -> Result<Att
                        attach_new: &mut dyn FnMut() -> std::io::Result<FdLink>| {
         install_cgroup_link(&links_dir, name, hook_type, cgroup_id, program, attach_new)
     };
-    // Every program through the verifier before any link changes, so a program that fails to
-    // load leaves the old ones running together; then the programs that forget records
-    // (sock_release, sock_ops) before those that make them: for a moment during an upgrade, the
-    // new ones forget what the old ones made (they handle older records), never the reverse (an
-    // older sock_release would leave a new record's UDP count behind).
-    for (name, _) in SOCK_ADDR_PROGRAMS {
+    for (name, hook_type) in SOCK_ADDR_PROGRAMS {
         let program: &mut CgroupSockAddr = program_mut(ebpf, name)?;
         program.load().map_err(|source| DatapathError::Program { name, source })?;
+        ours.insert(name, (hook_type, program_id(program.info(), name)?));
+        let fd = program_fd(program.fd(), name)?;
+        let outcome = cgroup_link(name, hook_type, fd, &mut || {
+            let id = program.attach(&cgroup_file, CgroupAttachMode::Single).map_err(std::io::Error::other)?;
+            FdLink::try_from(program.take_link(id).map_err(std::io::Error::other)?).map_err(std::io::Error::other)
+        })?;
+        outcomes.push((name, outcome));
     }
-    let release: &mut CgroupSock = program_mut(ebpf, SOCK_RELEASE_PROGRAM.0)?;
-    release.load().map_err(|source| DatapathError::Program { name: SOCK_RELEASE_PROGRAM.0, source })?;
-    let sock_ops: &mut SockOps = program_mut(ebpf, SOCK_OPS_PROGRAM.0)?;
-    sock_ops.load().map_err(|source| DatapathError::Program { name: SOCK_OPS_PROGRAM.0, source })?;
-
     let (name, hook_type) = SOCK_RELEASE_PROGRAM;
     let release: &mut CgroupSock = program_mut(ebpf, name)?;
+    release.load().map_err(|source| DatapathError::Program { name, source })?;
     ours.insert(name, (hook_type, program_id(release.info(), name)?));
     let fd = program_fd(release.fd(), name)?;
     let outcome = cgroup_link(name, hook_type, fd, &mut || {
@@ -272,6 +270,7 @@ pub fn attach_programs(ebpf: &mut Ebpf, options: &DatapathOptions) -> Result<Att
     outcomes.push((name, outcome));
     let (name, hook_type) = SOCK_OPS_PROGRAM;
     let sock_ops: &mut SockOps = program_mut(ebpf, name)?;
+    sock_ops.load().map_err(|source| DatapathError::Program { name, source })?;
     ours.insert(name, (hook_type, program_id(sock_ops.info(), name)?));
     let fd = program_fd(sock_ops.fd(), name)?;
     let outcome = cgroup_link(name, hook_type, fd, &mut || {
@@ -279,16 +278,6 @@ pub fn attach_programs(ebpf: &mut Ebpf, options: &DatapathOptions) -> Result<Att
         FdLink::try_from(sock_ops.take_link(id).map_err(std::io::Error::other)?).map_err(std::io::Error::other)
     })?;
     outcomes.push((name, outcome));
-    for (name, hook_type) in SOCK_ADDR_PROGRAMS {
-        let program: &mut CgroupSockAddr = program_mut(ebpf, name)?;
-        ours.insert(name, (hook_type, program_id(program.info(), name)?));
-        let fd = program_fd(program.fd(), name)?;
-        let outcome = cgroup_link(name, hook_type, fd, &mut || {
-            let id = program.attach(&cgroup_file, CgroupAttachMode::Single).map_err(std::io::Error::other)?;
-            FdLink::try_from(program.take_link(id).map_err(std::io::Error::other)?).map_err(std::io::Error::other)
-        })?;
-        outcomes.push((name, outcome));
-    }
 
     let btf = Btf::from_sys_fs()?;
     let name = RESET_TRACEPOINT_PROGRAM;

@@ -41,9 +41,9 @@ use agent_common::{
     FrontendValue, Settings, SideCounters, SideCountersV1, SideCountersV3, COHORT_ALWAYS_CANARY, COHORT_NEVER_CANARY,
     COUNTER_SLOTS, FAMILY_V4, FAMILY_V6, FLAG_AFFINITY_CLIENT, FLAG_HAS_COHORTS, MAP_BACKENDS, MAP_BACKENDS_V1,
     MAP_COHORTS, MAP_COUNTERS, MAP_COUNTERS_V1, MAP_COUNTERS_V2, MAP_COUNTERS_V3, MAP_FRONTENDS, MAP_FRONTENDS_V1,
-    MAP_SETTINGS, MAP_SETTINGS_V1, MAP_SOCKETS, MAP_SOCKET_SLOTS, MAP_SOCKET_TABLE, MAP_UDP_FLOWS, MAP_UDP_RECORDS,
-    MAX_BACKEND_SLOTS, MAX_FRONTENDS, MAX_SERVICES, MAX_STEERED_SOCKETS, SETTING_HOST_NETNS_ONLY, SIDE_CANARY,
-    SIDE_STABLE, SOCKET_SPILLED, SOCKET_TABLE_LEGACY, UDP_RECORDS_ALL_COUNTED,
+    MAP_SETTINGS, MAP_SETTINGS_V1, MAP_SOCKETS, MAP_SOCKET_SLOTS, MAP_SOCKET_TABLE, MAP_UDP_FLOWS, MAX_BACKEND_SLOTS,
+    MAX_FRONTENDS, MAX_SERVICES, MAX_STEERED_SOCKETS, SETTING_HOST_NETNS_ONLY, SIDE_CANARY, SIDE_STABLE,
+    SOCKET_SPILLED, SOCKET_TABLE_LEGACY,
 };
 use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuHashMap},
@@ -279,12 +279,6 @@ pub struct DatapathStatus {
     pub cgroup: PathBuf,
     /// Socket records open now (steered TCP and connected UDP sockets).
     pub open_steered_sockets: u64,
-    /// The connected UDP sockets among them, as the programs count them (UDP_RECORDS).
-    pub open_connected_udp_sockets: u64,
-    /// Whole reads of the socket table by the termination worker since the agent started, and
-    /// its jobs that the counts spared a read.
-    pub socket_table_reads: u64,
-    pub socket_table_reads_skipped: u64,
     /// The socket table's real size (the pinned map's), not a constant.
     pub steered_socket_capacity: u32,
     /// The per-namespace bound; 0: none.
@@ -321,8 +315,6 @@ pub struct Datapath {
     backends: Array<MapData, BackendValue>,
     udp_flows: HashMap<MapData, agent_common::UdpFlowKey, agent_common::UdpFlow>,
     counters: Array<MapData, SideCounters>,
-    /// Open connected-UDP records per service side (the termination worker reads them).
-    udp_records: Array<MapData, u64>,
     cohorts: HashMap<MapData, CohortKey, u32>,
     services: BTreeMap<String, Installed>,
     /// What FRONTENDS holds (this process writes it alone).
@@ -363,12 +355,6 @@ impl Datapath {
         // records its programs made (and make until the links are updated) are in SOCKETS_V1.
         let legacy_records_possible =
             options.bpffs.join(MAP_SOCKETS).exists() && !options.bpffs.join(MAP_SOCKET_TABLE).exists();
-        // No socket table and no UDP_RECORDS_V1 pinned: no record can be uncounted. (An agent
-        // before UDP_RECORDS left a socket table: its programs made connected-UDP records that no
-        // count includes; and so does a start stopped before its mark below.)
-        let no_uncounted_udp_records = !options.bpffs.join(MAP_UDP_RECORDS).exists()
-            && !options.bpffs.join(MAP_SOCKETS).exists()
-            && !options.bpffs.join(MAP_SOCKET_SLOTS).exists();
         let mut ebpf = loader::load_object(options, &sizes)?;
         let mut frontends: HashMap<MapData, FrontendKey, FrontendValue> = take_map(&mut ebpf, MAP_FRONTENDS)?;
         let mut backends: Array<MapData, BackendValue> = take_map(&mut ebpf, MAP_BACKENDS)?;
@@ -378,7 +364,6 @@ impl Datapath {
         let udp_flows: HashMap<MapData, agent_common::UdpFlowKey, agent_common::UdpFlow> =
             take_map(&mut ebpf, MAP_UDP_FLOWS)?;
         let mut counters: Array<MapData, SideCounters> = take_map(&mut ebpf, MAP_COUNTERS)?;
-        let mut udp_records: Array<MapData, u64> = take_map(&mut ebpf, MAP_UDP_RECORDS)?;
         let cohorts: HashMap<MapData, CohortKey, u32> = take_map(&mut ebpf, MAP_COHORTS)?;
         let mut settings: Array<MapData, Settings> = take_map(&mut ebpf, MAP_SETTINGS)?;
         // Settings first: the new programs read them from their first run.
@@ -391,13 +376,6 @@ impl Datapath {
         // Before the new programs run: they look in the spill table for records an older agent
         // made only while this mark is set.
         mark_legacy_socket_records(&mut socket_table, &sockets, legacy_records_possible)?;
-        // Until this mark is set, the termination worker reads the table for every connected-UDP
-        // job (`SocketRecords::may_hold`), and sets it once a read finds no uncounted record.
-        if no_uncounted_udp_records {
-            udp_records.set(UDP_RECORDS_ALL_COUNTED, 1, 0).map_err(map_err(MAP_UDP_RECORDS))?;
-        } else if udp_records.get(&UDP_RECORDS_ALL_COUNTED, 0).map_err(map_err(MAP_UDP_RECORDS))? == 0 {
-            log::info!("connected UDP sockets of an older agent may be open: not counted in {MAP_UDP_RECORDS}");
-        }
 
         // An agent before the backend array left FRONTENDS_V1 and BACKENDS_V1: its services are
         // copied over before the new programs run, unless an earlier start already did (the V1
@@ -502,7 +480,6 @@ impl Datapath {
             backends,
             udp_flows,
             counters,
-            udp_records,
             cohorts,
             services: BTreeMap::new(),
             frontend_table,
@@ -522,8 +499,7 @@ impl Datapath {
                 sockets::SocketRecords {
                     slots: socket_slots,
                     spill: sockets,
-                    counters: array_handle(&options.bpffs, MAP_COUNTERS),
-                    udp_records: array_handle(&options.bpffs, MAP_UDP_RECORDS),
+                    counters: counters_handle(&options.bpffs),
                 },
             ),
         })
@@ -1044,29 +1020,12 @@ impl Datapath {
         self.services.values().map(|s| s.id).chain(self.ids.draining_ids()).map(|id| self.open_records(id)).sum()
     }
 
-    /// Connected UDP sockets steered and open now, by UDP_RECORDS (installed and draining ids).
-    /// A count can read below zero for a moment (a record of an id's previous service closing
-    /// after the id was zeroed): the counts are summed as signed numbers, and a negative sum
-    /// reads 0.
-    pub fn open_connected_udp_sockets(&self) -> u64 {
-        let ids = self.services.values().map(|s| s.id).chain(self.ids.draining_ids());
-        let sum: i64 = ids
-            .flat_map(|id| [SIDE_STABLE, SIDE_CANARY].map(|side| counter_slot(id, side)))
-            .flatten()
-            .filter_map(|slot| self.udp_records.get(&slot, 0).ok())
-            .fold(0i64, |sum, count| sum.wrapping_add(count as i64));
-        sum.max(0) as u64
-    }
-
     /// Datapath-wide figures.
     pub fn status(&self) -> DatapathStatus {
         DatapathStatus {
             services: self.services.len(),
             cgroup: self.options.cgroup.clone(),
             open_steered_sockets: self.open_steered_sockets(),
-            open_connected_udp_sockets: self.open_connected_udp_sockets(),
-            socket_table_reads: self.terminator.table_reads().0,
-            socket_table_reads_skipped: self.terminator.table_reads().1,
             steered_socket_capacity: self.socket_capacity,
             steered_sockets_per_netns: self.sizes.sockets_per_netns,
             udp_flows: self.udp_flows.keys().count(),
@@ -1118,13 +1077,11 @@ impl Datapath {
             .collect()
     }
 
-    /// Zeroes both sides' counters of `id` and their counts in UDP_RECORDS (an id handed to a new
-    /// service, or freed).
+    /// Zeroes both sides' counters of `id` (an id handed to a new service, or freed).
     fn zero_counters(&mut self, id: u32) -> Result<(), DatapathError> {
         for side in [SIDE_STABLE, SIDE_CANARY] {
             if let Some(slot) = counter_slot(id, side) {
                 self.counters.set(slot, SideCounters::default(), 0).map_err(map_err(MAP_COUNTERS))?;
-                self.udp_records.set(slot, 0, 0).map_err(map_err(MAP_UDP_RECORDS))?;
             }
         }
         Ok(())
@@ -1212,11 +1169,10 @@ fn migrate_counters(bpffs: &Path, counters: &mut Array<MapData, SideCounters>) -
     Ok(migrated)
 }
 
-/// A second handle to a pinned array, for the termination worker: the counters or UDP_RECORDS
-/// (`None` if it cannot be opened: the worker then goes by the counters, or without them reads
-/// the socket table for every job).
-fn array_handle<V: aya::Pod>(bpffs: &Path, name: &str) -> Option<Array<MapData, V>> {
-    let data = MapData::from_pin(bpffs.join(name)).ok()?;
+/// A second handle to the pinned counters, for the termination worker (`None` if it cannot be
+/// opened: the worker then reads the socket table for every job).
+fn counters_handle(bpffs: &Path) -> Option<Array<MapData, SideCounters>> {
+    let data = MapData::from_pin(bpffs.join(MAP_COUNTERS)).ok()?;
     Array::try_from(Map::Array(data)).ok()
 }
 

@@ -8,17 +8,12 @@ use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
     os::fd::AsFd,
     path::PathBuf,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        mpsc::{channel, Receiver, Sender},
-        Arc,
-    },
+    sync::mpsc::{channel, Receiver, Sender},
     time::{Duration, Instant},
 };
 
 use agent_common::{
-    counter_slot, is_v4_mapped, SideCounters, SocketEntry, SocketSlot, MAP_UDP_RECORDS, SIDE_CANARY, SIDE_STABLE,
-    SOCKET_UDP, SOCKET_UDP_COUNTED, UDP_RECORDS_ALL_COUNTED,
+    counter_slot, is_v4_mapped, SideCounters, SocketEntry, SocketSlot, SIDE_CANARY, SIDE_STABLE, SOCKET_UDP,
 };
 use aya::maps::{Array as BpfArray, HashMap as BpfHashMap, IterableMap, MapData};
 
@@ -135,77 +130,40 @@ impl Selection {
     }
 }
 
-/// The socket table, read by the agent: the slots and the spill table; the counters, which say
-/// whether a service side holds any record at all; and UDP_RECORDS, which says whether it holds a
-/// connected UDP socket's.
+/// The socket table, read by the agent: the slots and the spill table; and the counters, which
+/// say whether a service side holds any record at all.
 pub struct SocketRecords {
     pub slots: BpfArray<MapData, SocketSlot>,
     pub spill: BpfHashMap<MapData, u64, SocketEntry>,
     pub counters: Option<BpfArray<MapData, SideCounters>>,
-    pub udp_records: Option<BpfArray<MapData, u64>>,
 }
 
 impl SocketRecords {
-    /// Whether the table may hold a record `selection` picks: false only when every side it
-    /// names holds none, by UDP_RECORDS for a selection of connected UDP sockets only (once its
-    /// mark says it counts every one), else by the counters (open socket records of any kind).
-    /// Reading the table takes 10-14 ms of CPU for the default 65,536 slots (read in batches); a
-    /// service side whose weight dropped to 0 usually has no connected UDP socket at all, even
-    /// when its TCP connections are open. Asked when the job runs, after the change that queued
-    /// it: a `connect()` that read the frontend before the change has counted its record by then.
+    /// Whether the table may hold a record `selection` picks: false only when the counters of
+    /// every side it names say no record is open there. Reading the table takes 10-14 ms of CPU
+    /// for the default 65,536 slots (read in batches); a service side whose weight dropped to 0
+    /// usually has no connected UDP socket at all. Asked when the job runs, after the change that
+    /// queued it: a `connect()` that read the frontend before the change has counted its record
+    /// by then.
     pub fn may_hold(&self, selection: &Selection) -> bool {
+        let Some(counters) = &self.counters else { return true };
         let sides = match selection.side {
             Some(side) => vec![side],
             None => vec![SIDE_STABLE, SIDE_CANARY],
         };
-        let mut slots = sides.into_iter().map(|side| counter_slot(selection.service_id, side));
-        if let Some(udp_records) = self.udp_records.as_ref().filter(|_| !selection.tcp && self.udp_all_counted()) {
-            // A count raced below zero reads as non-zero: read.
-            return slots.any(|slot| slot.and_then(|slot| udp_records.get(&slot, 0).ok()) != Some(0));
-        }
-        let Some(counters) = &self.counters else { return true };
-        slots.any(|slot| slot.and_then(|slot| counters.get(&slot, 0).ok()).is_none_or(|c| c.open_socket_records() > 0))
-    }
-
-    /// Whether UDP_RECORDS' mark says it counts every connected-UDP record.
-    fn udp_all_counted(&self) -> bool {
-        self.udp_records.as_ref().is_some_and(|map| map.get(&UDP_RECORDS_ALL_COUNTED, 0).is_ok_and(|mark| mark != 0))
-    }
-
-    /// Marks UDP_RECORDS as counting every connected-UDP record once a whole read of the table
-    /// (made while only this agent's programs run) finds none without `SOCKET_UDP_COUNTED`: only
-    /// programs before UDP_RECORDS made those.
-    pub fn mark_udp_all_counted(&mut self, read: &TableRead) {
-        if !read.complete || self.udp_all_counted() {
-            return;
-        }
-        let Some(udp_records) = &mut self.udp_records else { return };
-        let uncounted = |entry: &SocketEntry| entry.flags & SOCKET_UDP != 0 && entry.flags & SOCKET_UDP_COUNTED == 0;
-        if !read.records.values().any(uncounted) {
-            match udp_records.set(UDP_RECORDS_ALL_COUNTED, 1, 0) {
-                Ok(()) => {
-                    log::info!("no connected UDP socket of an older agent is left: {MAP_UDP_RECORDS} counts them all")
-                }
-                Err(err) => log::warn!("marking {MAP_UDP_RECORDS} as counting every connected UDP socket: {err}"),
-            }
-        }
+        sides.into_iter().any(|side| {
+            counter_slot(selection.service_id, side)
+                .and_then(|slot| counters.get(&slot, 0).ok())
+                .is_none_or(|c| c.open_socket_records() > 0)
+        })
     }
 
     /// Every record with its socket's cookie (a socket has one record, in a slot or in the spill
     /// table). Read while the programs change them: a slot taken meanwhile may show its new cookie
     /// with the entry of the socket before, which `destroy_sockets` then leaves alone, as it checks
     /// each socket's peer against the record's backend.
-    pub fn read(&self) -> TableRead {
-        let mut complete = true;
-        let mut records: HashMap<u64, SocketEntry> = HashMap::new();
-        for entry in self.spill.iter() {
-            match entry {
-                Ok((cookie, entry)) => {
-                    records.insert(cookie, entry);
-                }
-                Err(_) => complete = false,
-            }
-        }
+    pub fn records(&self) -> HashMap<u64, SocketEntry> {
+        let mut records: HashMap<u64, SocketEntry> = self.spill.iter().filter_map(Result::ok).collect();
         // A slot's record, if the slot is taken.
         let record = |slot: &SocketSlot| (slot.cookie != 0).then_some((slot.cookie, slot.entry));
         let mut batched = HashMap::new();
@@ -215,23 +173,11 @@ impl SocketRecords {
             Err(err) => {
                 // Should a kernel refuse batch lookups on this array: one syscall per slot.
                 log::warn!("reading the socket slots in batches: {err}; reading them one by one");
-                for slot in self.slots.iter() {
-                    match slot {
-                        Ok(slot) => records.extend(record(&slot)),
-                        Err(_) => complete = false,
-                    }
-                }
+                records.extend(self.slots.iter().filter_map(Result::ok).filter_map(|slot| record(&slot)));
             }
         }
-        TableRead { records, complete }
+        records
     }
-}
-
-/// A whole read of the socket table.
-pub struct TableRead {
-    pub records: HashMap<u64, SocketEntry>,
-    /// No lookup failed (a record may be missing otherwise).
-    pub complete: bool,
 }
 
 /// Slots read per `BPF_MAP_LOOKUP_BATCH` call: 64 KiB of slots.
@@ -307,23 +253,11 @@ fn log_outcome(services: &str, outcome: &Destroyed) {
 /// handles.
 pub struct Terminator {
     work: Sender<Work>,
-    table_reads: Arc<TableReads>,
-}
-
-/// How the worker's jobs went to the socket table so far (`GET /v1/datapath`).
-#[derive(Default)]
-struct TableReads {
-    /// Whole reads of the table: one per run of jobs that had sockets to look for.
-    made: AtomicU64,
-    /// Jobs the counts spared a read (no socket they pick is open).
-    skipped: AtomicU64,
 }
 
 impl Terminator {
-    pub fn start(cgroup: PathBuf, mut sockets: SocketRecords) -> Self {
+    pub fn start(cgroup: PathBuf, sockets: SocketRecords) -> Self {
         let (work, queue) = channel::<Work>();
-        let table_reads = Arc::new(TableReads::default());
-        let reads = table_reads.clone();
         std::thread::Builder::new()
             .name("sockshift-terminate".into())
             .spawn(move || {
@@ -344,18 +278,12 @@ impl Terminator {
                     let mut records: Option<HashMap<u64, SocketEntry>> = None;
                     let mut choose = |selection: &Selection| -> HashMap<u64, SocketAddr> {
                         if !sockets.may_hold(selection) {
-                            reads.skipped.fetch_add(1, Ordering::Relaxed);
                             return HashMap::new();
                         }
                         // Each chosen socket with the backend it was steered to: a socket now
                         // connected elsewhere (a UDP socket that connected again) is left alone.
                         records
-                            .get_or_insert_with(|| {
-                                reads.made.fetch_add(1, Ordering::Relaxed);
-                                let read = sockets.read();
-                                sockets.mark_udp_all_counted(&read);
-                                read.records
-                            })
+                            .get_or_insert_with(|| sockets.records())
                             .iter()
                             .filter(|(_, entry)| selection.matches(entry))
                             .map(|(cookie, entry)| (*cookie, backend_of(entry)))
@@ -389,13 +317,7 @@ impl Terminator {
                 }
             })
             .expect("spawning the termination worker");
-        Self { work, table_reads }
-    }
-
-    /// Whole reads of the socket table the worker has made (each 10-14 ms of CPU at the default
-    /// size), and the jobs the counts spared one.
-    pub fn table_reads(&self) -> (u64, u64) {
-        (self.table_reads.made.load(Ordering::Relaxed), self.table_reads.skipped.load(Ordering::Relaxed))
+        Self { work }
     }
 
     /// Destroys the selected sockets; the handle tells how many.
