@@ -685,17 +685,8 @@ fn connect_cost(settings: &Settings) -> Value {
 /// (run_time_ns, run_cnt) of the program named `name` attached to `cgroup` (bpf_stats_enabled
 /// on): only this agent's, not those of other agents running on the machine.
 fn prog_stats(cgroup: &Cgroup, name: &str) -> (u64, u64) {
-    let json = |args: &[&str]| -> Value {
-        std::process::Command::new("bpftool")
-            .arg("-j")
-            .args(args)
-            .output()
-            .ok()
-            .and_then(|o| serde_json::from_slice(&o.stdout).ok())
-            .unwrap_or(Value::Null)
-    };
     let path = cgroup.path.display().to_string();
-    let attached = json(&["cgroup", "show", &path]);
+    let attached = bpftool_json(&["cgroup", "show", &path]);
     let ids: Vec<u64> = attached
         .as_array()
         .into_iter()
@@ -711,13 +702,19 @@ fn prog_stats(cgroup: &Cgroup, name: &str) -> (u64, u64) {
 
 /// (run_time_ns, run_cnt) of the program with this id (bpf_stats_enabled on).
 fn prog_run_stats(id: u64) -> (u64, u64) {
-    let p: Value = std::process::Command::new("bpftool")
-        .args(["-j", "prog", "show", "id", &id.to_string()])
+    let p = bpftool_json(&["prog", "show", "id", &id.to_string()]);
+    (p["run_time_ns"].as_u64().unwrap_or(0), p["run_cnt"].as_u64().unwrap_or(0))
+}
+
+/// bpftool's JSON answer to `args` (null if it fails).
+fn bpftool_json(args: &[&str]) -> Value {
+    std::process::Command::new("bpftool")
+        .arg("-j")
+        .args(args)
         .output()
         .ok()
         .and_then(|o| serde_json::from_slice(&o.stdout).ok())
-        .unwrap_or(Value::Null);
-    (p["run_time_ns"].as_u64().unwrap_or(0), p["run_cnt"].as_u64().unwrap_or(0))
+        .unwrap_or(Value::Null)
 }
 
 /// Connection rate to one service with 10, 1,000 and 10,000 services installed.
@@ -1003,28 +1000,15 @@ fn footprint(settings: &Settings) -> Value {
         let cpus = possible_cpus() as f64;
         if let Ok(entries) = std::fs::read_dir(&agent.bpffs) {
             for entry in entries.filter_map(Result::ok).filter(|e| e.path().is_file()) {
-                let output = std::process::Command::new("bpftool")
-                    .args(["-j", "map", "show", "pinned"])
-                    .arg(entry.path())
-                    .output();
-                if let Ok(output) = output {
-                    let info: Value = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
-                    let bytes = info["bytes_memlock"].as_u64().unwrap_or(0);
-                    map_bytes += bytes;
-                    map_bytes_96 += bytes as f64;
-                    if info["type"].as_str().is_some_and(|t| t.starts_with("percpu")) {
-                        let dump = std::process::Command::new("bpftool")
-                            .args(["-j", "map", "dump", "pinned"])
-                            .arg(entry.path())
-                            .output();
-                        let entries = dump
-                            .ok()
-                            .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
-                            .and_then(|v| v.as_array().map(Vec::len))
-                            .unwrap_or(0);
-                        let value = info["bytes_value"].as_u64().unwrap_or(0).next_multiple_of(8);
-                        map_bytes_96 += (entries as u64 * value) as f64 * (96.0 - cpus).max(0.0);
-                    }
+                let path = entry.path().display().to_string();
+                let info = bpftool_json(&["map", "show", "pinned", &path]);
+                let bytes = info["bytes_memlock"].as_u64().unwrap_or(0);
+                map_bytes += bytes;
+                map_bytes_96 += bytes as f64;
+                if info["type"].as_str().is_some_and(|t| t.starts_with("percpu")) {
+                    let entries = bpftool_json(&["map", "dump", "pinned", &path]).as_array().map(Vec::len).unwrap_or(0);
+                    let value = info["bytes_value"].as_u64().unwrap_or(0).next_multiple_of(8);
+                    map_bytes_96 += (entries as u64 * value) as f64 * (96.0 - cpus).max(0.0);
                 }
             }
         }
